@@ -1,0 +1,65 @@
+// fa3_jax CPU backend: float <-> IEEE binary16 / bfloat16 conversions.
+//
+// Round-to-nearest-even, exact for subnormals, inf and nan (nan stays a quiet nan of the same
+// sign). Every function is branch-free integer/float arithmetic, so loops over arrays of them
+// auto-vectorize without -march flags, and none relies on subnormal float arithmetic, so the
+// results do not change when the caller runs with flush-to-zero / denormals-are-zero set.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace fa3 {
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t shifted = uint32_t(h & 0x7fffu) << 13;  // exponent and mantissa in float position
+  // Normal numbers only need the exponent rebiased from 15 to 127.
+  const uint32_t normal = shifted + (112u << 23);
+  // Subnormals (m * 2^-24): 2^-14 * (1 + m/1024) - 2^-14 is exact and stays a normal float.
+  const float sub = bits_float(shifted | (113u << 23)) - bits_float(113u << 23);
+  const uint32_t inf_nan = shifted | 0x7f800000u;  // keeps the nan payload
+  uint32_t mag = shifted >= (0x7c00u << 13) ? inf_nan : normal;
+  mag = shifted < (0x0400u << 13) ? float_bits(sub) : mag;
+  return bits_float(sign | mag);
+}
+
+inline uint16_t float_to_fp16(float f) {
+  const uint32_t x = float_bits(f) & 0x7fffffffu;
+  const uint32_t sign = (float_bits(f) >> 16) & 0x8000u;
+  // Below 2^-14 the result is subnormal: adding 0.5 puts the value where one float ulp is
+  // 2^-24, one half subnormal step, so the float adder does the round-to-nearest-even for us.
+  const uint32_t sub = float_bits(bits_float(x) + 0.5f) - 0x3f000000u;
+  // Normal: rebias the exponent (-112 << 23 mod 2^32), add just under half an ulp plus the kept
+  // lowest bit (ties to even); a mantissa carry correctly bumps the exponent.
+  const uint32_t normal = (x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13;
+  const uint32_t nan = 0x7e00u | ((x >> 13) & 0x3ffu);
+  uint32_t h = x < 0x38800000u ? sub : normal;
+  h = x >= 0x477ff000u ? 0x7c00u : h;  // 65520 and above round to inf (the tie goes to even = inf)
+  h = x > 0x7f800000u ? nan : h;
+  return uint16_t(sign | h);
+}
+
+inline float bf16_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
+
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t x = float_bits(f);
+  // Ties to even; overflow past the largest bf16 carries into the exponent and yields inf.
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t nan = (x >> 16) | 0x0040u;  // a nan whose payload sits in the low bits must not round to inf
+  return uint16_t((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+}  // namespace fa3

@@ -1,0 +1,461 @@
+// fa3_jax CPU backend: FlashAttention-2 style forward and backward on float32 tiles.
+//
+// Forward: per (batch, query head, block of kBq query rows) an online softmax over kBk-key tiles
+// of the visible band. Backward, deterministic in two passes: pass A per (batch, query head,
+// query block) computes D_i = rowsum(dout * out) and dQ; pass B per (batch, kv head, key block)
+// recomputes P and dS for every query head of the group and accumulates dK, dV in registers of
+// its own. Nothing of size seqlen_q x seqlen_k is ever allocated; every work item sums in a fixed
+// order, so results are bitwise identical for any thread count.
+//
+// Scores live in the log2 domain (s * log2(e)) so the softmax uses exp2; lse is converted back.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <thread>
+#include <vector>
+
+#include "../flash.h"
+#include "dtype_convert.h"
+
+namespace fa3 {
+namespace {
+
+constexpr int kBq = 64;  // query rows per tile
+constexpr int kBk = 64;  // keys per tile
+// Register block of the tile GEMM: 2 x 16 floats is 8 SSE registers of accumulators, which
+// leaves room for the B row and the broadcast A value in the 16 registers of baseline x86-64.
+constexpr int kMR = 2;
+constexpr int kNR = 16;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// ---- element types ------------------------------------------------------------------------
+
+struct F32 {
+  using T = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+struct F16 {
+  using T = uint16_t;
+  static float load(uint16_t x) { return fp16_to_float(x); }
+  static uint16_t store(float x) { return float_to_fp16(x); }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float load(uint16_t x) { return bf16_to_float(x); }
+  static uint16_t store(float x) { return float_to_bf16(x); }
+};
+
+template <class E>
+void load_row(const typename E::T* __restrict src, int n, float* __restrict dst) {
+  for (int i = 0; i < n; ++i) dst[i] = E::load(src[i]);
+}
+
+// Writes a source row as a column of a transposed tile (dst[i * stride]).
+template <class E>
+void load_col(const typename E::T* __restrict src, int n, float* __restrict dst, int stride) {
+  for (int i = 0; i < n; ++i) dst[int64_t(i) * stride] = E::load(src[i]);
+}
+
+template <class E>
+void store_row(const float* __restrict src, float scale, int n, typename E::T* __restrict dst) {
+  for (int i = 0; i < n; ++i) dst[i] = E::store(src[i] * scale);
+}
+
+// ---- vectorizable math ----------------------------------------------------------------------
+// libm's exp/tanh are opaque calls that stop auto-vectorization, hence these branch-free versions.
+
+// 2^x, relative error ~1e-7; x = -inf (and anything below -126.5) gives 0.
+inline float exp2_approx(float x) {
+  x = std::min(std::max(x, -127.f), 127.f);
+  const float r = (x + 12582912.f) - 12582912.f;  // round to nearest integer (1.5 * 2^23 trick)
+  const float f = x - r;                          // in [-0.5, 0.5]
+  // Taylor series of e^(f ln 2) to degree 7: truncation error below 1e-8 on [-0.5, 0.5].
+  float p = 1.5252733804059838e-05f;
+  p = p * f + 1.5403530393381606e-04f;
+  p = p * f + 1.3333558146428441e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821576e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.f;
+  // n = -127 builds the bit pattern 0, i.e. flushes to zero instead of making a subnormal.
+  const int32_t n = int32_t(r);
+  return p * bits_float(uint32_t(n + 127) << 23);
+}
+
+inline float tanh_approx(float x) {
+  const float ax = std::fabs(x);
+  // 1 - 2 / (e^2|x| + 1) loses digits to cancellation near 0, so small |x| uses the odd Taylor
+  // series, whose first omitted term is below 1e-8 relative for |x| < 0.4.
+  const float x2 = x * x;
+  float t = 3.5921280365724810e-03f;
+  t = t * x2 - 8.8632355299021966e-03f;
+  t = t * x2 + 2.1869488536155203e-02f;
+  t = t * x2 - 5.3968253968253968e-02f;
+  t = t * x2 + 1.3333333333333333e-01f;
+  t = t * x2 - 3.3333333333333333e-01f;
+  const float small = x + x * x2 * t;
+  const float big = 1.f - 2.f / (exp2_approx(2.f * kLog2e * ax) + 1.f);
+  return ax < 0.4f ? small : (x < 0.f ? -big : big);
+}
+
+// Row reductions over kBk values, kept in 16 independent lanes so that they vectorize without
+// reassociation (and so the summation order is fixed).
+inline float row_max(const float* __restrict s) {
+  float lane[16];
+  for (int u = 0; u < 16; ++u) lane[u] = -kInf;
+  for (int c = 0; c < kBk; c += 16)
+    for (int u = 0; u < 16; ++u) lane[u] = std::max(lane[u], s[c + u]);
+  float m = -kInf;
+  for (int u = 0; u < 16; ++u) m = std::max(m, lane[u]);
+  return m;
+}
+
+// s = 2^(s - shift) in place; returns the row sum.
+inline float exp2_row(float* __restrict s, float shift) {
+  float lane[16] = {};
+  for (int c = 0; c < kBk; c += 16)
+    for (int u = 0; u < 16; ++u) {
+      s[c + u] = exp2_approx(s[c + u] - shift);
+      lane[u] += s[c + u];
+    }
+  float sum = 0.f;
+  for (int u = 0; u < 16; ++u) sum += lane[u];
+  return sum;
+}
+
+// ---- tile GEMM ------------------------------------------------------------------------------
+// C[m][0:N] (=|+=) sum_k A(m, k) * B[k][0:N] for m < M, with A(m, k) = A[m * am + k * ak]:
+// the strides let P^T and dS^T be read in place. N must be a multiple of kNR (tiles are padded).
+// Each MR x kNR block of C stays in registers for the whole k loop.
+template <int MR, bool kAccumulate>
+inline void gemm_rows(int K, int N, const float* __restrict A, int am, int ak,
+                      const float* __restrict B, int ldb, float* __restrict C, int ldc) {
+  for (int n0 = 0; n0 < N; n0 += kNR) {
+    float acc[MR][kNR];
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kNR; ++c) acc[r][c] = kAccumulate ? C[r * ldc + n0 + c] : 0.f;
+    for (int k = 0; k < K; ++k) {
+      const float* b = B + int64_t(k) * ldb + n0;
+      for (int r = 0; r < MR; ++r) {
+        const float a = A[r * am + k * ak];
+        for (int c = 0; c < kNR; ++c) acc[r][c] += a * b[c];
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int c = 0; c < kNR; ++c) C[r * ldc + n0 + c] = acc[r][c];
+  }
+}
+
+template <bool kAccumulate>
+void gemm(int M, int K, int N, const float* A, int am, int ak, const float* B, int ldb, float* C,
+          int ldc) {
+  int m = 0;
+  for (; m + kMR <= M; m += kMR)
+    gemm_rows<kMR, kAccumulate>(K, N, A + m * am, am, ak, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) gemm_rows<1, kAccumulate>(K, N, A + m * am, am, ak, B, ldb, C + m * ldc, ldc);
+}
+
+// ---- problem geometry -----------------------------------------------------------------------
+
+struct Geometry {
+  int64_t batch, sq, sk, hq, hkv, group;
+  int d, dv, dp, dvp;  // head dims and their kNR-padded row strides
+  int64_t lo, hi;      // band, clamped so that i + lo and j - hi cannot overflow
+  float scale, softcap;
+  int64_t n_qblocks, n_kblocks;
+
+  explicit Geometry(const FwdParams& p)
+      : batch(p.batch), sq(p.seqlen_q), sk(p.seqlen_k), hq(p.heads_q), hkv(p.heads_kv),
+        group(p.heads_q / p.heads_kv), d(int(p.head_dim)), dv(int(p.head_dim_v)),
+        dp(int((p.head_dim + kNR - 1) / kNR * kNR)),
+        dvp(int((p.head_dim_v + kNR - 1) / kNR * kNR)), scale(p.softmax_scale),
+        softcap(p.softcap), n_qblocks((p.seqlen_q + kBq - 1) / kBq),
+        n_kblocks((p.seqlen_k + kBk - 1) / kBk) {
+    // j - i always lies in [-(sq - 1), sk - 1], so clamping to +-(sq + sk) keeps the meaning.
+    const int64_t bound = sq + sk;
+    lo = std::min(std::max(p.diag_lo, -bound), bound);
+    hi = std::min(std::max(p.diag_hi, -bound), bound);
+  }
+
+  // Keys visible to at least one query row in [i0, i1): [first, second).
+  std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t i1) const {
+    return {std::max<int64_t>(0, i0 + lo), std::min(sk, i1 - 1 + hi + 1)};
+  }
+  // Query rows that see at least one key in [j0, j1).
+  std::pair<int64_t, int64_t> query_range(int64_t j0, int64_t j1) const {
+    return {std::max<int64_t>(0, j0 - hi), std::min(sq, j1 - 1 - lo + 1)};
+  }
+
+  // Raw dot products of query row i against the tile's keys j0 + [0, kBk) become log2-domain
+  // scores, -inf where masked or past the nk loaded keys. With softcap, dtanh receives
+  // 1 - tanh^2 (the softcap's derivative, used by the backward pass).
+  void score_row(float* __restrict s, float* __restrict dtanh, int64_t i, int64_t j0,
+                 int nk) const {
+    const int c_lo = int(std::min<int64_t>(std::max<int64_t>(i + lo - j0, 0), nk));
+    const int c_hi = int(std::min<int64_t>(std::max<int64_t>(i + hi + 1 - j0, 0), nk));
+    if (softcap > 0.f) {
+      const float pre = scale / softcap, post = softcap * kLog2e;
+      for (int c = 0; c < kBk; ++c) {
+        const float t = tanh_approx(s[c] * pre);
+        dtanh[c] = 1.f - t * t;
+        s[c] = (c >= c_lo && c < c_hi) ? t * post : -kInf;
+      }
+    } else {
+      const float mul = scale * kLog2e;
+      for (int c = 0; c < kBk; ++c) s[c] = (c >= c_lo && c < c_hi) ? s[c] * mul : -kInf;
+    }
+  }
+};
+
+// Runs body(item, scratch) for item in [0, n) on up to num_threads threads; each thread makes
+// its scratch once and pulls items from a shared counter (items differ in cost under masks).
+template <class MakeScratch, class Body>
+void parallel_items(int64_t n, int num_threads, const MakeScratch& make_scratch, const Body& body) {
+  if (n <= 0) return;
+  int64_t threads = num_threads > 0 ? num_threads : int64_t(std::thread::hardware_concurrency());
+  threads = std::max<int64_t>(1, std::min(threads, n));
+  std::atomic<int64_t> next{0};
+  auto worker = [&] {
+    auto scratch = make_scratch();
+    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < n;)
+      body(item, scratch);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+}
+
+// Per-thread tile buffers. Vectors start zeroed and padding columns are never written, so the
+// padded GEMM columns only ever see finite values.
+struct Tiles {
+  std::vector<float> q, dout, kt, kr, vt, v, s, dtanh, dp, acc, acc2, m, l, lse2, di;
+  explicit Tiles(const Geometry& g)
+      : q(kBq * g.dp), dout(kBq * g.dvp), kt(int64_t(g.d) * kBk), kr(kBk * g.dp),
+        vt(int64_t(g.dv) * kBk), v(kBk * g.dvp), s(kBq * kBk), dtanh(kBq * kBk),
+        dp(kBq * kBk), acc(std::max(kBq, kBk) * std::max(g.dp, g.dvp)), acc2(kBk * g.dvp),
+        m(kBq), l(kBq), lse2(kBq), di(kBq) {}
+};
+
+// ---- forward --------------------------------------------------------------------------------
+
+template <class E>
+void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
+  using T = typename E::T;
+  const int64_t qb = item % g.n_qblocks, h = item / g.n_qblocks % g.hq;
+  const int64_t b = item / g.n_qblocks / g.hq, hk = h / g.group;
+  const int64_t i0 = qb * kBq;
+  const int mq = int(std::min<int64_t>(kBq, g.sq - i0));
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+
+  for (int r = 0; r < mq; ++r)
+    load_row<E>(q + ((b * g.sq + i0 + r) * g.hq + h) * g.d, g.d, &w.q[r * g.dp]);
+  std::fill(w.m.begin(), w.m.end(), -kInf);
+  std::fill(w.l.begin(), w.l.end(), 0.f);
+  std::fill(w.acc.begin(), w.acc.begin() + mq * g.dvp, 0.f);
+
+  const auto keys = g.key_range(i0, i0 + mq);
+  for (int64_t j0 = keys.first; j0 < keys.second; j0 += kBk) {
+    const int nk = int(std::min<int64_t>(kBk, keys.second - j0));
+    for (int c = 0; c < nk; ++c) {
+      const int64_t row = (b * g.sk + j0 + c) * g.hkv + hk;
+      load_col<E>(k + row * g.d, g.d, &w.kt[c], kBk);
+      load_row<E>(v + row * g.dv, g.dv, &w.v[c * g.dvp]);
+    }
+    gemm<false>(mq, g.d, kBk, w.q.data(), g.dp, 1, w.kt.data(), kBk, w.s.data(), kBk);
+    for (int r = 0; r < mq; ++r) {
+      float* s = &w.s[r * kBk];
+      g.score_row(s, w.dtanh.data(), i0 + r, j0, nk);
+      const float m_new = std::max(w.m[r], row_max(s));
+      // A row with nothing visible yet keeps m = -inf; shifting by 0 then gives p = 0, not nan.
+      const float shift = m_new == -kInf ? 0.f : m_new;
+      const float alpha = exp2_approx(w.m[r] - shift);
+      w.l[r] = w.l[r] * alpha + exp2_row(s, shift);
+      w.m[r] = m_new;
+      float* acc = &w.acc[r * g.dvp];
+      for (int c = 0; c < g.dvp; ++c) acc[c] *= alpha;
+    }
+    gemm<true>(mq, nk, g.dvp, w.s.data(), kBk, 1, w.v.data(), g.dvp, w.acc.data(), g.dvp);
+  }
+
+  for (int r = 0; r < mq; ++r) {
+    const int64_t i = i0 + r;
+    const bool any = w.l[r] > 0.f;
+    store_row<E>(&w.acc[r * g.dvp], any ? 1.f / w.l[r] : 0.f, g.dv,
+                 out + ((b * g.sq + i) * g.hq + h) * g.dv);
+    p.lse[(b * g.hq + h) * g.sq + i] = any ? w.m[r] * kLn2 + std::log(w.l[r]) : -kInf;
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------
+
+// Loads query rows [i0, i0 + mq) of head h with what the backward needs per row: q, dout and the
+// log2-domain lse (+inf for empty rows, so that every p of such a row comes out 0).
+template <class E>
+void load_bwd_queries(const BwdParams& p, const Geometry& g, int64_t b, int64_t h, int64_t i0,
+                      int mq, Tiles& w) {
+  using T = typename E::T;
+  const T* q = static_cast<const T*>(p.q);
+  const T* dout = static_cast<const T*>(p.dout);
+  for (int r = 0; r < mq; ++r) {
+    const int64_t row = (b * g.sq + i0 + r) * g.hq + h;
+    load_row<E>(q + row * g.d, g.d, &w.q[r * g.dp]);
+    load_row<E>(dout + row * g.dv, g.dv, &w.dout[r * g.dvp]);
+    const float lse = p.lse_in[(b * g.hq + h) * g.sq + i0 + r];
+    w.lse2[r] = lse == -kInf ? kInf : lse * kLog2e;
+  }
+}
+
+// With w.q, w.dout, w.lse2, w.di holding mq query rows and w.kt, w.vt the key tile at j0: leaves
+// P in w.s and dS (already times softmax_scale) in w.dp.
+inline void probs_and_dscores(const Geometry& g, int64_t i0, int mq, int64_t j0, int nk,
+                              Tiles& w) {
+  gemm<false>(mq, g.d, kBk, w.q.data(), g.dp, 1, w.kt.data(), kBk, w.s.data(), kBk);
+  gemm<false>(mq, g.dv, kBk, w.dout.data(), g.dvp, 1, w.vt.data(), kBk, w.dp.data(), kBk);
+  for (int r = 0; r < mq; ++r) {
+    float* __restrict s = &w.s[r * kBk];
+    float* __restrict dp = &w.dp[r * kBk];
+    float* __restrict dt = &w.dtanh[r * kBk];
+    g.score_row(s, dt, i0 + r, j0, nk);
+    const float lse2 = w.lse2[r], di = w.di[r];
+    for (int c = 0; c < kBk; ++c) s[c] = exp2_approx(s[c] - lse2);
+    if (g.softcap > 0.f) {
+      for (int c = 0; c < kBk; ++c) dp[c] = s[c] * (dp[c] - di) * dt[c] * g.scale;
+    } else {
+      for (int c = 0; c < kBk; ++c) dp[c] = s[c] * (dp[c] - di) * g.scale;
+    }
+  }
+}
+
+// Loads keys [j0, j0 + nk) of kv head hk transposed (kt, vt) and, if want_rows, row-major (kr).
+template <class E>
+void load_bwd_keys(const BwdParams& p, const Geometry& g, int64_t b, int64_t hk, int64_t j0,
+                   int nk, bool want_rows, Tiles& w) {
+  using T = typename E::T;
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  for (int c = 0; c < nk; ++c) {
+    const int64_t row = (b * g.sk + j0 + c) * g.hkv + hk;
+    load_col<E>(k + row * g.d, g.d, &w.kt[c], kBk);
+    load_col<E>(v + row * g.dv, g.dv, &w.vt[c], kBk);
+    if (want_rows) load_row<E>(k + row * g.d, g.d, &w.kr[c * g.dp]);
+  }
+}
+
+// Pass A: D_i for the block's rows (stored to di_all for pass B) and dQ of those rows.
+template <class E>
+void bwd_dq_item(const BwdParams& p, const Geometry& g, int64_t item, float* di_all, Tiles& w) {
+  using T = typename E::T;
+  const int64_t qb = item % g.n_qblocks, h = item / g.n_qblocks % g.hq;
+  const int64_t b = item / g.n_qblocks / g.hq, hk = h / g.group;
+  const int64_t i0 = qb * kBq;
+  const int mq = int(std::min<int64_t>(kBq, g.sq - i0));
+  const T* out = static_cast<const T*>(p.out_in);
+
+  load_bwd_queries<E>(p, g, b, h, i0, mq, w);
+  float* o = w.acc2.data();  // acc2 is unused in pass A: it holds one row of out at a time
+  for (int r = 0; r < mq; ++r) {
+    load_row<E>(out + ((b * g.sq + i0 + r) * g.hq + h) * g.dv, g.dv, o);
+    float sum = 0.f;
+    for (int c = 0; c < g.dv; ++c) sum += o[c] * w.dout[r * g.dvp + c];
+    w.di[r] = sum;
+    di_all[(b * g.hq + h) * g.sq + i0 + r] = sum;
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + mq * g.dp, 0.f);
+
+  const auto keys = g.key_range(i0, i0 + mq);
+  for (int64_t j0 = keys.first; j0 < keys.second; j0 += kBk) {
+    const int nk = int(std::min<int64_t>(kBk, keys.second - j0));
+    load_bwd_keys<E>(p, g, b, hk, j0, nk, true, w);
+    probs_and_dscores(g, i0, mq, j0, nk, w);
+    gemm<true>(mq, nk, g.dp, w.dp.data(), kBk, 1, w.kr.data(), g.dp, w.acc.data(), g.dp);
+  }
+  T* dq = static_cast<T*>(p.dq);
+  for (int r = 0; r < mq; ++r)
+    store_row<E>(&w.acc[r * g.dp], 1.f, g.d, dq + ((b * g.sq + i0 + r) * g.hq + h) * g.d);
+}
+
+// Pass B: dK and dV of one key block, summed over the query heads of its group.
+template <class E>
+void bwd_dkdv_item(const BwdParams& p, const Geometry& g, int64_t item, const float* di_all,
+                   Tiles& w) {
+  using T = typename E::T;
+  const int64_t kb = item % g.n_kblocks, hk = item / g.n_kblocks % g.hkv;
+  const int64_t b = item / g.n_kblocks / g.hkv;
+  const int64_t j0 = kb * kBk;
+  const int nk = int(std::min<int64_t>(kBk, g.sk - j0));
+  float* dk_acc = w.acc.data();
+  float* dv_acc = w.acc2.data();
+  std::fill(dk_acc, dk_acc + nk * g.dp, 0.f);
+  std::fill(dv_acc, dv_acc + nk * g.dvp, 0.f);
+
+  const auto queries = g.query_range(j0, j0 + nk);
+  if (queries.first < queries.second) load_bwd_keys<E>(p, g, b, hk, j0, nk, false, w);
+  for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
+    for (int64_t i0 = queries.first; i0 < queries.second; i0 += kBq) {
+      const int mq = int(std::min<int64_t>(kBq, queries.second - i0));
+      load_bwd_queries<E>(p, g, b, h, i0, mq, w);
+      std::copy_n(&di_all[(b * g.hq + h) * g.sq + i0], mq, w.di.begin());
+      probs_and_dscores(g, i0, mq, j0, nk, w);
+      // dV += P^T dout and dK += dS^T q: A is read transposed through its strides.
+      gemm<true>(nk, mq, g.dvp, w.s.data(), 1, kBk, w.dout.data(), g.dvp, dv_acc, g.dvp);
+      gemm<true>(nk, mq, g.dp, w.dp.data(), 1, kBk, w.q.data(), g.dp, dk_acc, g.dp);
+    }
+  }
+  T* dk = static_cast<T*>(p.dk);
+  T* dv = static_cast<T*>(p.dv);
+  for (int c = 0; c < nk; ++c) {
+    const int64_t row = (b * g.sk + j0 + c) * g.hkv + hk;
+    store_row<E>(&dk_acc[c * g.dp], 1.f, g.d, dk + row * g.d);
+    store_row<E>(&dv_acc[c * g.dvp], 1.f, g.dv, dv + row * g.dv);
+  }
+}
+
+template <class E>
+void fwd(const FwdParams& p, int num_threads) {
+  const Geometry g(p);
+  const auto tiles = [&] { return Tiles(g); };
+  parallel_items(g.batch * g.hq * g.n_qblocks, num_threads, tiles,
+                 [&](int64_t item, Tiles& w) { fwd_item<E>(p, g, item, w); });
+}
+
+template <class E>
+void bwd(const BwdParams& p, int num_threads) {
+  const Geometry g(p);
+  const auto tiles = [&] { return Tiles(g); };
+  std::vector<float> di_all(size_t(g.batch * g.hq * g.sq));
+  // Pass B reads every D_i of its query heads, so pass A must have finished all of them.
+  parallel_items(g.batch * g.hq * g.n_qblocks, num_threads, tiles,
+                 [&](int64_t item, Tiles& w) { bwd_dq_item<E>(p, g, item, di_all.data(), w); });
+  parallel_items(g.batch * g.hkv * g.n_kblocks, num_threads, tiles,
+                 [&](int64_t item, Tiles& w) { bwd_dkdv_item<E>(p, g, item, di_all.data(), w); });
+}
+
+}  // namespace
+
+void run_fwd_cpu(const FwdParams& p, int num_threads) {
+  switch (p.dtype) {
+    case DType::kFloat32: return fwd<F32>(p, num_threads);
+    case DType::kFloat16: return fwd<F16>(p, num_threads);
+    case DType::kBFloat16: return fwd<BF16>(p, num_threads);
+  }
+}
+
+void run_bwd_cpu(const BwdParams& p, int num_threads) {
+  switch (p.dtype) {
+    case DType::kFloat32: return bwd<F32>(p, num_threads);
+    case DType::kFloat16: return bwd<F16>(p, num_threads);
+    case DType::kBFloat16: return bwd<BF16>(p, num_threads);
+  }
+}
+
+}  // namespace fa3

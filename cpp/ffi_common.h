@@ -1,0 +1,156 @@
+// Buffer validation and params filling shared by the CPU and CUDA FFI handlers.
+// Host-only: includes XLA's FFI API and flash.h, never CuTe. Every failure is an ffi::Error with a
+// message naming the buffer and the shapes seen; handlers never abort.
+#pragma once
+
+#include <string>
+
+#include "flash.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fa3::ffi_util {
+
+namespace ffi = xla::ffi;
+
+inline std::string dims_str(ffi::AnyBuffer::Dimensions d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+inline ffi::Error invalid(const std::string& msg) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "fa3_jax: " + msg);
+}
+
+inline bool to_dtype(ffi::DataType t, DType* out) {
+  switch (t) {
+    case ffi::DataType::F32: *out = DType::kFloat32; return true;
+    case ffi::DataType::F16: *out = DType::kFloat16; return true;
+    case ffi::DataType::BF16: *out = DType::kBFloat16; return true;
+    default: return false;
+  }
+}
+
+// Checks that `b` has rank 4 and the given dims (-1: any) and returns its dims.
+inline ffi::Error check_rank4(const char* name, const ffi::AnyBuffer& b) {
+  if (b.dimensions().size() != 4)
+    return invalid(std::string(name) + " must have rank 4, got shape " + dims_str(b.dimensions()));
+  return ffi::Error::Success();
+}
+
+inline ffi::Error check_shape(const char* name, ffi::AnyBuffer::Dimensions got,
+                              std::initializer_list<int64_t> want) {
+  bool ok = got.size() == want.size();
+  size_t i = 0;
+  for (int64_t w : want) {
+    if (!ok) break;
+    ok = got[i++] == w;
+  }
+  if (ok) return ffi::Error::Success();
+  std::string ws = "[";
+  i = 0;
+  for (int64_t w : want) ws += (i++ ? ", " : "") + std::to_string(w);
+  return invalid(std::string(name) + " has shape " + dims_str(got) + ", expected " + ws + "]");
+}
+
+// Fills the shape/dtype/pointer part of FwdParams from q, k, v and the scalar attributes.
+inline ffi::Error fill_fwd(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                           float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
+                           FwdParams* p) {
+  if (auto e = check_rank4("q", q); e.failure()) return e;
+  if (auto e = check_rank4("k", k); e.failure()) return e;
+  if (auto e = check_rank4("v", v); e.failure()) return e;
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (!to_dtype(q.element_type(), &p->dtype))
+    return invalid("q must be float32, float16 or bfloat16");
+  if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
+    return invalid("q, k and v must share one dtype");
+  p->batch = qd[0];
+  p->seqlen_q = qd[1];
+  p->heads_q = qd[2];
+  p->head_dim = qd[3];
+  p->seqlen_k = kd[1];
+  p->heads_kv = kd[2];
+  p->head_dim_v = vd[3];
+  if (auto e = check_shape("k", kd, {p->batch, p->seqlen_k, p->heads_kv, p->head_dim}); e.failure())
+    return e;
+  if (auto e = check_shape("v", vd, {p->batch, p->seqlen_k, p->heads_kv, p->head_dim_v});
+      e.failure())
+    return e;
+  if (p->heads_kv <= 0 || p->heads_q % p->heads_kv != 0)
+    return invalid("heads_q (" + std::to_string(p->heads_q) + ") must be a multiple of heads_kv (" +
+                   std::to_string(p->heads_kv) + ")");
+  if (!(softcap >= 0.f)) return invalid("softcap must be >= 0");
+  p->softmax_scale = softmax_scale;
+  p->softcap = softcap;
+  p->diag_lo = diag_lo;
+  p->diag_hi = diag_hi;
+  p->q = q.untyped_data();
+  p->k = k.untyped_data();
+  p->v = v.untyped_data();
+  return ffi::Error::Success();
+}
+
+inline ffi::Error fill_fwd_outputs(const FwdParams& p, ffi::AnyBuffer* out, ffi::AnyBuffer* lse) {
+  if (auto e = check_shape("out", out->dimensions(),
+                           {p.batch, p.seqlen_q, p.heads_q, p.head_dim_v});
+      e.failure())
+    return e;
+  if (auto e = check_shape("lse", lse->dimensions(), {p.batch, p.heads_q, p.seqlen_q}); e.failure())
+    return e;
+  if (lse->element_type() != ffi::DataType::F32) return invalid("lse must be float32");
+  return ffi::Error::Success();
+}
+
+// Backward: inputs q, k, v, out, lse, dout, dlse; outputs dq, dk, dv.
+inline ffi::Error fill_bwd(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                           ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
+                           ffi::AnyBuffer dlse, ffi::AnyBuffer dq, ffi::AnyBuffer dk,
+                           ffi::AnyBuffer dv, float softmax_scale, float softcap, int64_t diag_lo,
+                           int64_t diag_hi, bool deterministic, BwdParams* p) {
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, p); e.failure())
+    return e;
+  if (auto e = fill_fwd_outputs(*p, &out, &lse); e.failure()) return e;
+  if (auto e = check_shape("dout", dout.dimensions(),
+                           {p->batch, p->seqlen_q, p->heads_q, p->head_dim_v});
+      e.failure())
+    return e;
+  if (auto e = check_shape("dlse", dlse.dimensions(), {p->batch, p->heads_q, p->seqlen_q});
+      e.failure())
+    return e;
+  if (out.element_type() != q.element_type() || dout.element_type() != q.element_type())
+    return invalid("out and dout must have q's dtype");
+  if (dlse.element_type() != ffi::DataType::F32) return invalid("dlse must be float32");
+  if (auto e = check_shape("dq", dq.dimensions(), {p->batch, p->seqlen_q, p->heads_q, p->head_dim});
+      e.failure())
+    return e;
+  if (auto e = check_shape("dk", dk.dimensions(), {p->batch, p->seqlen_k, p->heads_kv, p->head_dim});
+      e.failure())
+    return e;
+  if (auto e = check_shape("dv", dv.dimensions(),
+                           {p->batch, p->seqlen_k, p->heads_kv, p->head_dim_v});
+      e.failure())
+    return e;
+  p->out_in = out.untyped_data();
+  p->lse_in = static_cast<const float*>(lse.untyped_data());
+  p->dout = dout.untyped_data();
+  p->dlse = static_cast<const float*>(dlse.untyped_data());
+  p->dq = dq.untyped_data();
+  p->dk = dk.untyped_data();
+  p->dv = dv.untyped_data();
+  p->deterministic = deterministic;
+  return ffi::Error::Success();
+}
+
+}  // namespace fa3::ffi_util
+
+// The attribute list shared by both directions and both platforms, in binding order:
+//   softmax_scale  f32   multiplies q.k before softcap and softmax
+//   softcap        f32   0 disables; else s = softcap * tanh(s / softcap)
+//   diag_lo        i64   key j visible to query i iff diag_lo <= j - i ...
+//   diag_hi        i64   ... <= diag_hi (see flash.h)
+#define FA3_JAX_MASK_ATTRS                  \
+  .Attr<float>("softmax_scale")             \
+      .Attr<float>("softcap")               \
+      .Attr<int64_t>("diag_lo")             \
+      .Attr<int64_t>("diag_hi")

@@ -1,0 +1,13 @@
+// The FFI handler symbols the nanobind module exposes (defined in ffi_cpu.cc / ffi_cuda.cc).
+#pragma once
+
+#include "xla/ffi/api/c_api.h"
+
+extern "C" {
+XLA_FFI_Error* fa3_fwd_cpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_bwd_cpu(XLA_FFI_CallFrame* call_frame);
+#ifdef FA3_JAX_WITH_CUDA
+XLA_FFI_Error* fa3_fwd_cuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_bwd_cuda(XLA_FFI_CallFrame* call_frame);
+#endif
+}

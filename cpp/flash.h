@@ -1,0 +1,81 @@
+// fa3_jax: the one interface between the FFI layer (cpp/ffi_*.cc) and the kernels.
+//
+// The FFI layer validates buffers, fills these plain structs and calls the run_* functions
+// declared here. Kernel code (CPU in cpp/cpu/, Hopper in cpp/hopper/) includes nothing from XLA;
+// the FFI layer includes nothing from CuTe.
+//
+// Layouts (all contiguous, row-major, last dimension innermost):
+//   q    [batch, seqlen_q, heads_q,  head_dim]
+//   k    [batch, seqlen_k, heads_kv, head_dim]
+//   v    [batch, seqlen_k, heads_kv, head_dim_v]
+//   out  [batch, seqlen_q, heads_q,  head_dim_v]   (dtype of q)
+//   lse  [batch, heads_q,  seqlen_q]               (float32, natural log; -inf for empty rows)
+// Query head h reads key/value head h / (heads_q / heads_kv) (kv-head-major GQA grouping).
+//
+// Masking is one band on the diagonal offset: key j is visible to query i iff
+//   diag_lo <= j - i <= diag_hi.
+// Python turns causal / window_size (bottom-right aligned) and jax.nn's top-left conventions into
+// this band; kUnbounded (or anything beyond +-seqlen) means "no bound on that side".
+// Scores: s = softmax_scale * (q . k); if softcap > 0, s = softcap * tanh(s / softcap).
+// A query row with no visible key gets out = 0, lse = -inf, and zero gradients.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fa3 {
+
+inline constexpr int64_t kUnbounded = int64_t(1) << 40;
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct FwdParams {
+  int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;
+  int64_t heads_q = 0, heads_kv = 0, head_dim = 0, head_dim_v = 0;
+  float softmax_scale = 1.f;
+  float softcap = 0.f;  // 0 disables
+  int64_t diag_lo = -kUnbounded, diag_hi = kUnbounded;
+  DType dtype = DType::kFloat32;  // q, k, v, out share it
+
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+};
+
+struct BwdParams : FwdParams {
+  const void* dout = nullptr;     // [batch, seqlen_q, heads_q, head_dim_v]
+  const float* lse_in = nullptr;  // forward's lse (FwdParams::lse unused in backward)
+  const void* out_in = nullptr;   // forward's out
+  // Cotangent of the forward's lse [batch, heads_q, seqlen_q] float32, or null for zero. It enters
+  // only through D: D_i = rowsum(dout_i * out_i) - dlse_i (d lse_i / d s_ij = P_ij).
+  const float* dlse = nullptr;
+  void* dq = nullptr;             // like q
+  void* dk = nullptr;             // like k
+  void* dv = nullptr;             // like v
+  bool deterministic = false;
+};
+
+// ---- CPU backend (cpp/cpu/) -------------------------------------------------------------------
+// Multi-threaded over (batch, head) work items; float32 accumulation; no seqlen_q x seqlen_k buffer.
+// num_threads <= 0 means std::thread::hardware_concurrency().
+void run_fwd_cpu(const FwdParams& p, int num_threads);
+void run_bwd_cpu(const BwdParams& p, int num_threads);
+
+// ---- Hopper backend (cpp/hopper/), built only with FA3_JAX_CUDA --------------------------------
+// Each returns nullptr on success or a static, human-readable reason (unsupported head dim or
+// dtype in this build, launch failure). Workspace is device memory the caller allocates (may be
+// 0 bytes); the kernel may not assume it is zeroed.
+#ifdef FA3_JAX_WITH_CUDA
+struct CUstream_st;
+using cudaStream_t_ = CUstream_st*;
+bool sm90_supports_fwd(const FwdParams& p);  // head dims and dtype compiled into this build
+size_t sm90_fwd_workspace_bytes(const FwdParams& p);
+const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stream);
+bool sm90_supports_bwd(const BwdParams& p);
+size_t sm90_bwd_workspace_bytes(const BwdParams& p);
+const char* run_bwd_sm90(const BwdParams& p, void* workspace, cudaStream_t_ stream);
+#endif
+
+}  // namespace fa3

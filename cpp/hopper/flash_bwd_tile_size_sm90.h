@@ -1,0 +1,70 @@
+// fa3_jax Hopper backward: every tile-size and head-dim build choice in one place.
+#pragma once
+
+namespace fa3::sm90_bwd {
+
+// Which head dims this build compiles backward kernels for. -DFA3_JAX_ONLY_HDIM=128 keeps one (fast
+// dev builds); CMake's FA3_JAX_SELECTED_HDIMS + FA3_JAX_HDIM_<d> keeps a list; otherwise all.
+// (192 covers both head_dim_v 192 and 128.)
+#if defined(FA3_JAX_ONLY_HDIM)
+#define FA3_BWD_HDIM64 (FA3_JAX_ONLY_HDIM == 64)
+#define FA3_BWD_HDIM96 (FA3_JAX_ONLY_HDIM == 96)
+#define FA3_BWD_HDIM128 (FA3_JAX_ONLY_HDIM == 128)
+#define FA3_BWD_HDIM192 (FA3_JAX_ONLY_HDIM == 192)
+#define FA3_BWD_HDIM256 (FA3_JAX_ONLY_HDIM == 256)
+#elif defined(FA3_JAX_SELECTED_HDIMS)
+#if defined(FA3_JAX_HDIM_64)
+#define FA3_BWD_HDIM64 1
+#else
+#define FA3_BWD_HDIM64 0
+#endif
+#if defined(FA3_JAX_HDIM_96)
+#define FA3_BWD_HDIM96 1
+#else
+#define FA3_BWD_HDIM96 0
+#endif
+#if defined(FA3_JAX_HDIM_128)
+#define FA3_BWD_HDIM128 1
+#else
+#define FA3_BWD_HDIM128 0
+#endif
+#if defined(FA3_JAX_HDIM_192)
+#define FA3_BWD_HDIM192 1
+#else
+#define FA3_BWD_HDIM192 0
+#endif
+#if defined(FA3_JAX_HDIM_256)
+#define FA3_BWD_HDIM256 1
+#else
+#define FA3_BWD_HDIM256 0
+#endif
+#else
+#define FA3_BWD_HDIM64 1
+#define FA3_BWD_HDIM96 1
+#define FA3_BWD_HDIM128 1
+#define FA3_BWD_HDIM192 1
+#define FA3_BWD_HDIM256 1
+#endif
+
+struct BwdTileSize {
+  int block_m;  // query rows per main-loop step (one 64-row WGMMA M tile for the dQ product)
+  int block_n;  // key rows owned by one CTA (dK, dV stay in registers for the whole CTA)
+};
+
+// Two consumer warpgroups (256 threads) in every configuration. Register budget per thread
+// (255 at 256 threads/CTA) is what bounds the tiles: each thread holds its share of dK and dV for
+// the whole CTA, plus S^T and dP^T for one step.
+//  * hdim <= 128: 64 x 128. Each warpgroup owns 64 keys: S^T/dP^T 32 + 32 regs, dK + dV
+//    2 * hdim/2 regs (128 at hdim 128), so ~200 live accumulator registers at hdim 128; 128 keys
+//    per CTA halves the number of passes over Q/dO compared with 64.
+//  * hdim 192/256: 64 x 64. A 128-key block would need 2 * 192 (or 256) dK+dV registers per
+//    thread; with 64 keys the warpgroups split dK/dV along the head dim instead (128 regs at 256)
+//    and shared memory (Q, dO double-buffered, K, V, P, dS: 208 KB at 256) still fits 227 KB.
+constexpr BwdTileSize bwd_tile_size_sm90(int head_dim, int head_dim_v) {
+  return (head_dim <= 128 && head_dim_v <= 128) ? BwdTileSize{64, 128} : BwdTileSize{64, 64};
+}
+
+// The workspace pads seqlen_q to this for every head dim, so its size does not depend on tiles.
+inline constexpr int kBwdSeqlenQPad = 128;
+
+}  // namespace fa3::sm90_bwd

@@ -1,0 +1,63 @@
+// fa3_jax Hopper forward epilogue: O (input dtype) and LSE (float32, natural log) of one tile,
+// written straight from the accumulator registers with row bounds checks, and the fill of
+// tiles whose rows see no key at all (out 0, lse -inf).
+#pragma once
+
+#include "flash_fwd_traits_sm90.h"
+#include "utils.h"
+
+namespace fa3::sm90 {
+
+template <class Traits>
+struct FwdEpilogue {
+  using Element = typename Traits::Element;
+  using Params = typename Traits::Params;
+  static constexpr int kBlockM = Traits::kBlockM, kHeadDimV = Traits::kHeadDimV;
+
+  template <class TensorO>
+  static CUTLASS_DEVICE void store(Params const& p, TensorO const& tOrO,
+                                   cute::array<float, 2> const& lse, TileCoord t, int mma_tidx) {
+    typename Traits::TiledMmaPV mma_pv;
+    auto thr_pv = mma_pv.get_slice(mma_tidx);
+    Tensor tOcO = thr_pv.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapePV{})));
+    Tensor tOrOe = make_tensor<Element>(tOrO.layout());
+    convert_fragment(tOrO, tOrOe);
+    Tensor o = make_tensor(tOrOe.data(), acc_rowcol(tOrOe.layout()));  // (rows, cols)
+    Tensor c = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+    int const seqlen_q = p.mask.seqlen_q;
+    Element* out = p.out + t.batch * p.out_batch_stride + int64_t(t.head) * kHeadDimV;
+    float* lse_row = p.lse + (int64_t(t.batch) * p.sched.heads + t.head) * seqlen_q;
+    CUTLASS_PRAGMA_UNROLL
+    for (int mi = 0; mi < size<0>(o); ++mi) {
+      int const i = t.m_block * kBlockM + int(get<0>(c(mi, 0)));
+      if (i >= seqlen_q) continue;
+      Element* out_row = out + i * p.out_row_stride;
+      // Columns (ni, ni + 1) are adjacent in memory and in registers: one 4-byte store.
+      CUTLASS_PRAGMA_UNROLL
+      for (int ni = 0; ni < size<1>(o); ni += 2) {
+        *reinterpret_cast<uint32_t*>(out_row + int(get<1>(c(mi, ni)))) =
+            *reinterpret_cast<uint32_t const*>(&o(mi, ni));
+      }
+      if (mma_tidx % 4 == 0) lse_row[i] = lse[mi];
+    }
+  }
+
+  static CUTLASS_DEVICE void store_empty(Params const& p, TileCoord t, int mma_tidx) {
+    int const seqlen_q = p.mask.seqlen_q;
+    Element* out = p.out + t.batch * p.out_batch_stride + int64_t(t.head) * kHeadDimV;
+    constexpr int kChunks = kHeadDimV / 8;  // 16-byte chunks per row
+    for (int idx = mma_tidx; idx < kBlockM * kChunks; idx += Traits::kNumMmaThreads) {
+      int const i = t.m_block * kBlockM + idx / kChunks;
+      if (i < seqlen_q)
+        *reinterpret_cast<uint4*>(out + i * p.out_row_stride + (idx % kChunks) * 8) =
+            make_uint4(0, 0, 0, 0);
+    }
+    float* lse_row = p.lse + (int64_t(t.batch) * p.sched.heads + t.head) * seqlen_q;
+    for (int r = mma_tidx; r < kBlockM; r += Traits::kNumMmaThreads) {
+      int const i = t.m_block * kBlockM + r;
+      if (i < seqlen_q) lse_row[i] = -INFINITY;
+    }
+  }
+};
+
+}  // namespace fa3::sm90

@@ -1,0 +1,175 @@
+// fa3_jax Hopper forward mainloop: the producer's TMA loads and the consumers' WGMMAs with the
+// online softmax, for one (m_block, head, batch) tile.
+//
+// Producer (one thread of warp 0): Q once per tile on its own barrier, then K and V through two
+// rings of kStages slots, in exactly the order the consumers need them: K[n_max-1], then
+// (K[n-1], V[n]) pairs, then V[n_min].
+// Consumers (two warpgroups, 64 query rows each): intra-warpgroup overlap as in FA3 — the
+// S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
+// together, and the softmax of the next block runs while P V is still on the tensor cores.
+// Pingpong: the two warpgroups take turns issuing WGMMAs (named barriers), so one's softmax
+// runs under the other's matrix work.
+#pragma once
+
+#include "flash_fwd_traits_sm90.h"
+#include "named_barrier.h"
+#include "softmax.h"
+#include "utils.h"
+
+namespace fa3::sm90 {
+
+template <class Traits>
+struct FwdMainloop {
+  using Element = typename Traits::Element;
+  using Params = typename Traits::Params;
+  using SharedStorage = typename Traits::SharedStorage;
+  using PipelineK = typename Traits::PipelineK;
+  using PipelineV = typename Traits::PipelineV;
+  using PipelineState = typename Traits::PipelineState;
+  static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
+
+  // Called by a single producer thread. q_tile_count: non-empty tiles this CTA loaded before.
+  static CUTLASS_DEVICE void load(Params const& p, SharedStorage& ss, PipelineK& pipe_k,
+                                  PipelineV& pipe_v, PipelineState& write, int q_tile_count,
+                                  TileCoord t, int n_min, int n_max) {
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});  // (M, D)
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});  // (N, D, PIPE)
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});  // (N, Dv, PIPE)
+
+    int const h_kv = t.head / p.qheads_per_kvhead;
+    Tensor mQ = p.tma_q.get_tma_tensor(p.shape_q)(_, _, t.head, t.batch);  // (Sq, D)
+    Tensor mK = p.tma_k.get_tma_tensor(p.shape_k)(_, _, h_kv, t.batch);    // (Sk, D)
+    Tensor mV = p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, t.batch);    // (Sk, Dv)
+    Tensor gQ = local_tile(mQ, select<0, 2>(typename Traits::TileShapeQK{}),
+                           make_coord(t.m_block, _0{}));  // (M, D)
+    Tensor gK = local_tile(mK, select<1, 2>(typename Traits::TileShapeQK{}),
+                           make_coord(_, _0{}));  // (N, D, n_blocks)
+    Tensor gV = local_tile(mV, select<2, 1>(typename Traits::TileShapePV{}),
+                           make_coord(_, _0{}));  // (N, Dv, n_blocks)
+
+    auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
+                                      group_modes<0, 2>(gQ));
+    auto tK = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                            group_modes<0, 2>(gK));
+    auto tV = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                            group_modes<0, 2>(gV));
+    Tensor tKgK = get<0>(tK);  // (TMA, n_blocks)
+    Tensor tKsK = get<1>(tK);  // (TMA, PIPE)
+    Tensor tVgV = get<0>(tV);  // (TMA, n_blocks)
+    Tensor tVsV = get<1>(tV);  // (TMA, PIPE)
+
+    auto load_k = [&](int n) {
+      pipe_k.producer_acquire(write);
+      copy(p.tma_k.with(*pipe_k.producer_get_barrier(write), 0), tKgK(_, n),
+           tKsK(_, write.index()));
+    };
+    auto load_v = [&](int n, PipelineState const& st) {
+      pipe_v.producer_acquire(st);
+      copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
+    };
+
+    // Q of the previous tile must be dead (its last S WGMMA retired) before it is overwritten.
+    if (q_tile_count > 0) ss.q_empty.wait((q_tile_count - 1) & 1);
+    ss.q_full.arrive_and_expect_tx(Traits::kBytesQ);
+    copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full), 0), tQgQ, tQsQ);
+
+    // K and V of block n share ring slot `write` (both rings advance once per block); V runs one
+    // block behind K, matching the consumers' order.
+    PipelineState write_v = write;
+    load_k(n_max - 1);
+    ++write;
+    for (int n = n_max - 2; n >= n_min; --n) {
+      load_k(n);
+      ++write;
+      load_v(n + 1, write_v);
+      ++write_v;
+    }
+    load_v(n_min, write_v);
+  }
+
+  // Consumer side for one tile. tOrO: output accumulator (cleared here); lse: per-row LSE out.
+  template <class TensorO>
+  static CUTLASS_DEVICE void mma(Params const& p, SharedStorage& ss, PipelineK& pipe_k,
+                                 PipelineV& pipe_v, PipelineState& read, int q_tile_count,
+                                 TileCoord t, int n_min, int n_max, int mma_tidx, TensorO& tOrO,
+                                 cute::array<float, 2>& lse) {
+    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});   // (M, D)
+    Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});   // (N, D, PIPE)
+    Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVt{}); // (Dv, N, PIPE)
+
+    typename Traits::TiledMmaQK mma_qk;
+    typename Traits::TiledMmaPV mma_pv;
+    auto thr_qk = mma_qk.get_slice(mma_tidx);
+    auto thr_pv = mma_pv.get_slice(mma_tidx);
+    Tensor tSrQ = thr_qk.partition_fragment_A(sQ);   // (MMA, MMA_M, MMA_K)
+    Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, PIPE)
+    Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, PIPE)
+    Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
+    Tensor tOrP = make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
+    Tensor tScS = thr_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
+
+    int const wg = mma_tidx / 128;
+    auto scheduler_sync = [&] {
+      named_barrier_sync(Traits::kNumMmaThreads,
+                         static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + wg));
+    };
+    auto scheduler_arrive = [&] {
+      named_barrier_arrive(
+          Traits::kNumMmaThreads,
+          static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + (1 - wg)));
+    };
+    auto score_mod = [&](int n) {
+      if (p.has_softcap) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) tSrS(i) = fast_tanh(tSrS(i) * p.softcap_pre);
+      }
+      if (p.mask.needs_mask(t.m_block, n)) p.mask.apply(tSrS, tScS, t.m_block, n);
+    };
+
+    OnlineSoftmax<2> softmax(p.scale_log2);
+    clear(tOrO);
+    ss.q_full.wait(q_tile_count & 1);
+
+    int n = n_max - 1;
+    scheduler_sync();
+    pipe_k.consumer_wait(read);
+    wgmma_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+    scheduler_arrive();
+    warpgroup_wait<0>();
+    pipe_k.consumer_release(read);
+    score_mod(n);
+    softmax.template step<true>(tSrS);
+    convert_fragment(tSrS, tOrP);
+    PipelineState read_v = read;
+    ++read;
+
+    for (--n; n >= n_min; --n) {
+      scheduler_sync();
+      pipe_k.consumer_wait(read);
+      wgmma_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+      pipe_v.consumer_wait(read_v);
+      wgmma_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+      scheduler_arrive();
+      warpgroup_wait<1>();  // S done; P V may still run
+      pipe_k.consumer_release(read);
+      ++read;
+      score_mod(n);
+      cute::array<float, 2> o_scale = softmax.template step<false>(tSrS);
+      warpgroup_wait<0>();  // P V done: tOrP and the V slot are free
+      pipe_v.consumer_release(read_v);
+      ++read_v;
+      rescale_rows(tOrO, o_scale);
+      convert_fragment(tSrS, tOrP);
+    }
+    // Every S WGMMA of this tile has retired: the producer may load the next tile's Q.
+    ss.q_empty.arrive();
+
+    pipe_v.consumer_wait(read_v);
+    wgmma_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+    pipe_v.consumer_release(read_v);
+    cute::array<float, 2> inv = softmax.finalize(lse);
+    rescale_rows(tOrO, inv);
+  }
+};
+
+}  // namespace fa3::sm90

@@ -1,0 +1,162 @@
+// fa3_jax Hopper forward: the flash.h entry points (sm90_supports_fwd, sm90_fwd_workspace_bytes,
+// run_fwd_sm90) and the one list of compiled instantiations.
+//
+// Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128).
+// -DFA3_JAX_ONLY_HDIM=N keeps only head dim N (both dtypes) to cut build time; the supports
+// query then reports exactly what was built.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "../flash.h"
+#include "flash_fwd_kernel_sm90.h"
+#include "tile_size.h"
+
+#if defined(FA3_JAX_ONLY_HDIM)
+#define FA3_JAX_FWD_HDIM(N) (FA3_JAX_ONLY_HDIM == (N))
+#else
+#define FA3_JAX_FWD_HDIM(N) 1
+#endif
+
+namespace fa3 {
+namespace {
+
+using namespace cute;
+
+struct DeviceInfo {
+  int num_sms = 0, l2_bytes = 0;
+};
+
+DeviceInfo device_info() {
+  static DeviceInfo cache[64];
+  int dev = 0;
+  cudaGetDevice(&dev);
+  DeviceInfo& d = cache[dev & 63];
+  if (d.num_sms == 0) {
+    cudaDeviceGetAttribute(&d.l2_bytes, cudaDevAttrL2CacheSize, dev);
+    cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, dev);
+  }
+  return d;
+}
+
+template <class Element, int kHeadDim, int kHeadDimV>
+const char* launch_fwd(const FwdParams& p, cudaStream_t stream) {
+  constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV);
+  using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages, Element>;
+  using ShapeQKV = typename Traits::ShapeQKV;
+  using StrideQKV = typename Traits::StrideQKV;
+
+  int const b = int(p.batch), sq = int(p.seqlen_q), sk = int(p.seqlen_k);
+  int const hq = int(p.heads_q), hkv = int(p.heads_kv);
+  if (b == 0 || sq == 0 || hq == 0) return nullptr;
+  // TMA boxes need non-empty tensors; with seqlen_k == 0 every tile is empty and none loads.
+  int const sk_tma = std::max(sk, 1);
+
+  typename Traits::Params kp;
+  kp.shape_q = ShapeQKV(sq, kHeadDim, hq, b);
+  kp.shape_k = ShapeQKV(sk_tma, kHeadDim, hkv, b);
+  kp.shape_v = ShapeQKV(sk_tma, kHeadDimV, hkv, b);
+  StrideQKV const stride_q(int64_t(hq) * kHeadDim, _1{}, int64_t(kHeadDim),
+                           int64_t(sq) * hq * kHeadDim);
+  StrideQKV const stride_k(int64_t(hkv) * kHeadDim, _1{}, int64_t(kHeadDim),
+                           int64_t(sk) * hkv * kHeadDim);
+  StrideQKV const stride_v(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
+                           int64_t(sk) * hkv * kHeadDimV);
+  auto gmem = [](const void* ptr) { return make_gmem_ptr(static_cast<Element const*>(ptr)); };
+  kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.q), kp.shape_q, stride_q),
+                           typename Traits::SmemLayoutQ{},
+                           select<0, 2>(typename Traits::TileShapeQK{}), _1{});
+  kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.k), kp.shape_k, stride_k),
+                           take<0, 2>(typename Traits::SmemLayoutK{}),
+                           select<1, 2>(typename Traits::TileShapeQK{}), _1{});
+  kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.v), kp.shape_v, stride_v),
+                           take<0, 2>(typename Traits::SmemLayoutV{}),
+                           select<2, 1>(typename Traits::TileShapePV{}), _1{});
+
+  // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
+  int64_t const lo = std::clamp<int64_t>(p.diag_lo, -int64_t(sq), int64_t(sk));
+  int64_t const hi = std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
+  kp.mask = {sq, sk, int(lo), int(hi)};
+
+  DeviceInfo const dev = device_info();
+  int const qheads_per_kvhead = hq / hkv;
+  int const num_m_blocks = (sq + ts.block_m - 1) / ts.block_m;
+  int const num_hb = hq * b;
+  // K/V bytes one (head, batch) pair pulls through L2 (shared by the query heads of a group).
+  int64_t const kv_bytes =
+      std::max<int64_t>(1, int64_t(sk) * (kHeadDim + kHeadDimV) * sizeof(Element) / qheads_per_kvhead);
+  int const group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
+  kp.sched = {num_m_blocks, hq, num_hb, group, num_m_blocks * num_hb, hi < sk};
+  kp.qheads_per_kvhead = qheads_per_kvhead;
+
+  constexpr float kLog2e = 1.4426950408889634f;
+  kp.has_softcap = p.softcap > 0.f;
+  kp.softcap_pre = kp.has_softcap ? p.softmax_scale / p.softcap : 0.f;
+  kp.scale_log2 = (kp.has_softcap ? p.softcap : p.softmax_scale) * kLog2e;
+  kp.out = static_cast<Element*>(p.out);
+  kp.out_row_stride = int64_t(hq) * kHeadDimV;
+  kp.out_batch_stride = int64_t(sq) * hq * kHeadDimV;
+  kp.lse = p.lse;
+
+  auto kernel = sm90::flash_fwd_kernel_sm90<Traits>;
+  constexpr int kSmemBytes = sizeof(typename Traits::SharedStorage);
+  static bool const attr_ok =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes) ==
+      cudaSuccess;
+  if (!attr_ok) return "fa3_jax: cannot raise the shared-memory limit of the sm90 forward kernel";
+  int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
+  kernel<<<grid, Traits::kNumThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(kp);
+  if (cudaGetLastError() != cudaSuccess) return "fa3_jax: sm90 forward kernel launch failed";
+  return nullptr;
+}
+
+template <class Element>
+const char* dispatch_hdim(const FwdParams& p, cudaStream_t stream) {
+#if FA3_JAX_FWD_HDIM(64)
+  if (p.head_dim == 64 && p.head_dim_v == 64) return launch_fwd<Element, 64, 64>(p, stream);
+#endif
+#if FA3_JAX_FWD_HDIM(96)
+  if (p.head_dim == 96 && p.head_dim_v == 96) return launch_fwd<Element, 96, 96>(p, stream);
+#endif
+#if FA3_JAX_FWD_HDIM(128)
+  if (p.head_dim == 128 && p.head_dim_v == 128) return launch_fwd<Element, 128, 128>(p, stream);
+#endif
+#if FA3_JAX_FWD_HDIM(192)
+  if (p.head_dim == 192 && p.head_dim_v == 192) return launch_fwd<Element, 192, 192>(p, stream);
+  if (p.head_dim == 192 && p.head_dim_v == 128) return launch_fwd<Element, 192, 128>(p, stream);
+#endif
+#if FA3_JAX_FWD_HDIM(256)
+  if (p.head_dim == 256 && p.head_dim_v == 256) return launch_fwd<Element, 256, 256>(p, stream);
+#endif
+  return "fa3_jax: head dim not compiled into the sm90 forward kernel";
+}
+
+bool hdim_compiled(int64_t d, int64_t dv) {
+  return (FA3_JAX_FWD_HDIM(64) && d == 64 && dv == 64) ||
+         (FA3_JAX_FWD_HDIM(96) && d == 96 && dv == 96) ||
+         (FA3_JAX_FWD_HDIM(128) && d == 128 && dv == 128) ||
+         (FA3_JAX_FWD_HDIM(192) && d == 192 && (dv == 192 || dv == 128)) ||
+         (FA3_JAX_FWD_HDIM(256) && d == 256 && dv == 256);
+}
+
+}  // namespace
+
+bool sm90_supports_fwd(const FwdParams& p) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  if (!hdim_compiled(p.head_dim, p.head_dim_v)) return false;
+  if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return false;
+  // Tile coordinates and TMA box coordinates are 32-bit.
+  int64_t const kMax = int64_t(1) << 30;
+  return p.seqlen_q < kMax && p.seqlen_k < kMax && p.batch * p.heads_q < kMax;
+}
+
+size_t sm90_fwd_workspace_bytes(const FwdParams&) { return 0; }
+
+const char* run_fwd_sm90(const FwdParams& p, void* /*workspace*/, cudaStream_t_ stream) {
+  if (!sm90_supports_fwd(p)) return "fa3_jax: unsupported dtype or head dim for the sm90 forward";
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, s);
+  return dispatch_hdim<cutlass::bfloat16_t>(p, s);
+}
+
+}  // namespace fa3

@@ -1,0 +1,122 @@
+// fa3_jax Hopper forward: compile-time configuration (tile shapes, shared-memory layouts,
+// WGMMA and TMA types) and the kernel's runtime parameters.
+//
+// Templated on the element type so that an FP8 variant can reuse the mainloop; for FP8 the
+// P @ V WGMMA needs V K-major, i.e. an in-smem transpose step this 16-bit version avoids by
+// reading the V tile as an MN-major operand.
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cute/atom/copy_traits_sm90_tma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/pipeline/sm90_pipeline.hpp>
+
+#include "mask.h"
+#include "tile_scheduler.h"
+
+namespace fa3::sm90 {
+
+using namespace cute;
+
+template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
+struct FwdTraits {
+  using Element = Element_;
+  using ElementAccum = float;
+  static constexpr int kHeadDim = kHeadDim_, kHeadDimV = kHeadDimV_;
+  static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
+
+  static_assert(sizeof(Element) == 2, "only 16-bit inputs: FP8 needs a V transpose in smem");
+  static_assert(kBlockM == 128, "two consumer warpgroups of 64 query rows each");
+  static_assert(kBlockN % 16 == 0, "block_n is the K dimension of the P @ V WGMMA");
+  static_assert(kHeadDim % 32 == 0 && kHeadDimV % 32 == 0, "head dims in 32-element steps");
+
+  static constexpr int kNumMmaWarpGroups = kBlockM / 64;
+  static constexpr int kNumMmaThreads = kNumMmaWarpGroups * 128;
+  static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup
+  // 24 + 2 * 240 registers per thread-slot: 128 * 24 + 256 * 240 = 64512 <= 65536.
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+
+  using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;   // (M, N, D)
+  using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDimV>, Int<kBlockN>>;  // (M, Dv, N)
+  using AtomLayoutMma = Layout<Shape<Int<kNumMmaWarpGroups>, _1, _1>>;
+
+  // S = Q K^T: both operands K-major in smem.
+  using TiledMmaQK = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, ElementAccum, TileShapeQK>(), AtomLayoutMma{}));
+  // O += P V: P from registers, V^T read MN-major straight from the row-major V tile.
+  using TiledMmaPV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, ElementAccum, TileShapePV, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      AtomLayoutMma{}));
+
+  using SmemLayoutQ = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>,
+                                                          Int<kHeadDim>>(),
+      Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  using SmemLayoutK = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>,
+                                                          Int<kHeadDim>>(),
+      Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutV = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>,
+                                                          Int<kHeadDimV>>(),
+      Shape<Int<kBlockN>, Int<kHeadDimV>, Int<kStages>>{}));
+  // (Dv, N, PIPE) view of the same bytes: the transpose costs nothing but a descriptor bit.
+  using SmemLayoutVt = decltype(composition(
+      SmemLayoutV{}, make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{},
+                                         Step<_2, _1, _3>{})));
+
+  using PipelineK = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineV = cutlass::PipelineTmaAsync<kStages>;
+  using PipelineState = typename PipelineK::PipelineState;
+
+  static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
+  static constexpr uint32_t kBytesV = kBlockN * kHeadDimV * sizeof(Element);
+
+  struct SharedStorage {
+    // 1024-byte alignment: the 128-byte swizzle pattern repeats every 1024 bytes and the WGMMA
+    // descriptors assume a pattern-aligned base.
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> v;
+    cutlass::arch::ClusterTransactionBarrier q_full;  // TMA of Q landed
+    cutlass::arch::ClusterBarrier q_empty;            // consumers done reading Q
+    typename PipelineK::SharedStorage pipe_k;
+    typename PipelineV::SharedStorage pipe_v;
+  };
+  static_assert(sizeof(SharedStorage) <= 227 * 1024, "tile does not fit in shared memory");
+
+  // Global tensors are (seqlen, head_dim, heads, batch); head_dim is contiguous.
+  using ShapeQKV = cute::Shape<int32_t, int32_t, int32_t, int32_t>;
+  using StrideQKV = cute::Stride<int64_t, _1, int64_t, int64_t>;
+  using GmemTensorQKV = decltype(make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)),
+                                             ShapeQKV{}, StrideQKV{}));
+  using TmaQ = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{}, SmemLayoutQ{},
+                                      select<0, 2>(TileShapeQK{}), _1{}));
+  using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
+                                      take<0, 2>(SmemLayoutK{}), select<1, 2>(TileShapeQK{}),
+                                      _1{}));
+  using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
+                                      take<0, 2>(SmemLayoutV{}), select<2, 1>(TileShapePV{}),
+                                      _1{}));
+
+  struct Params {
+    TmaQ tma_q;
+    TmaK tma_k;
+    TmaV tma_v;
+    ShapeQKV shape_q, shape_k, shape_v;
+    BandMask<kBlockM, kBlockN> mask;
+    TileSchedulerParams sched;
+    int qheads_per_kvhead;
+    float scale_log2;   // factor on the (capped) score before exp2
+    float softcap_pre;  // softmax_scale / softcap, used only when has_softcap
+    bool has_softcap;
+    Element* out;
+    int64_t out_row_stride, out_batch_stride;  // in elements
+    float* lse;
+  };
+};
+
+}  // namespace fa3::sm90

@@ -1,0 +1,65 @@
+// fa3_jax Hopper: the one masking policy of the forward kernel.
+//
+// Key j is visible to query i iff j < seqlen_k and diag_lo <= j - i <= diag_hi (flash.h).
+// The policy answers three questions: which key blocks a query block must visit at all
+// (blocks entirely outside the band are skipped), whether a visited block needs per-element
+// masking (only blocks crossing a band edge or the end of the keys), and the masking itself.
+// diag_lo / diag_hi arrive clamped to [-seqlen_q, seqlen_k] so that all arithmetic fits in int.
+#pragma once
+
+#include <cmath>
+
+#include "utils.h"
+
+namespace fa3::sm90 {
+
+template <int kBlockM, int kBlockN>
+struct BandMask {
+  int seqlen_q, seqlen_k;
+  int diag_lo, diag_hi;
+
+  // Key blocks [n_min, n_max) that hold at least one visible key for m_block; empty when
+  // n_max <= n_min.
+  CUTLASS_DEVICE void n_block_range(int m_block, int& n_min, int& n_max) const {
+    int const i_first = m_block * kBlockM;
+    int const i_last = min(i_first + kBlockM, seqlen_q) - 1;
+    int const j_first = max(0, i_first + diag_lo);
+    int const j_last = min(seqlen_k - 1, i_last + diag_hi);
+    if (j_last < j_first) {
+      n_min = n_max = 0;
+      return;
+    }
+    n_min = j_first / kBlockN;
+    n_max = j_last / kBlockN + 1;
+  }
+
+  CUTLASS_DEVICE bool needs_mask(int m_block, int n_block) const {
+    int const i0 = m_block * kBlockM, j0 = n_block * kBlockN;
+    return j0 + kBlockN > seqlen_k                    // past the last key
+           || j0 + kBlockN - 1 - i0 > diag_hi         // crosses the upper band edge
+           || j0 - (i0 + kBlockM - 1) < diag_lo;      // crosses the lower band edge
+  }
+
+  // acc_s: WGMMA accumulator; t_coord: the same partition of an identity tensor over the tile.
+  template <class TensorS, class TensorC>
+  CUTLASS_DEVICE void apply(TensorS& acc_s, TensorC const& t_coord, int m_block,
+                            int n_block) const {
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+    Tensor c = make_tensor(t_coord.data(), acc_rowcol(t_coord.layout()));
+    int const j0 = n_block * kBlockN;
+    CUTLASS_PRAGMA_UNROLL
+    for (int mi = 0; mi < size<0>(s); ++mi) {
+      int const i = m_block * kBlockM + int(get<0>(c(mi, 0)));
+      // Visible columns of this row, relative to the block: [col_lo, col_hi).
+      int const col_hi = min(seqlen_k, i + diag_hi + 1) - j0;
+      int const col_lo = i + diag_lo - j0;
+      CUTLASS_PRAGMA_UNROLL
+      for (int ni = 0; ni < size<1>(s); ++ni) {
+        int const col = int(get<1>(c(mi, ni)));
+        if (col >= col_hi || col < col_lo) s(mi, ni) = -INFINITY;
+      }
+    }
+  }
+};
+
+}  // namespace fa3::sm90

@@ -1,0 +1,42 @@
+// fa3_jax Hopper: static persistent tile scheduler for the forward kernel.
+//
+// The grid is one CTA per SM; CTA c takes tiles c, c + grid, c + 2 * grid, ... Tiles are
+// (m_block, head, batch). The (head, batch) pairs are cut into sections of `group` pairs whose
+// K/V fit in about half of L2; inside a section m_block varies slowest, so the CTAs running at
+// one time share K/V in L2. With a band mask (causal) the query blocks with the most keys come
+// first (longest-processing-time order), so the short ones fill the tail.
+#pragma once
+
+#include <cutlass/cutlass.h>
+
+namespace fa3::sm90 {
+
+struct TileSchedulerParams {
+  int num_m_blocks;
+  int heads;
+  int num_hb;      // heads * batch
+  int group;       // (head, batch) pairs per L2 section
+  int num_tiles;   // num_m_blocks * num_hb
+  bool longest_first;
+};
+
+struct TileCoord {
+  int m_block, head, batch;
+};
+
+CUTLASS_HOST_DEVICE TileCoord decode_tile(TileSchedulerParams const& p, int tile) {
+  int const section_tiles = p.group * p.num_m_blocks;
+  int const section = tile / section_tiles;
+  int const r = tile - section * section_tiles;
+  int const hb_first = section * p.group;
+  int const g = min(p.group, p.num_hb - hb_first);  // the last section may be short
+  int const m_idx = r / g;
+  int const hb = hb_first + (r - m_idx * g);
+  TileCoord t;
+  t.m_block = p.longest_first ? p.num_m_blocks - 1 - m_idx : m_idx;
+  t.batch = hb / p.heads;
+  t.head = hb - t.batch * p.heads;
+  return t;
+}
+
+}  // namespace fa3::sm90

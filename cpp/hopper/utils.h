@@ -1,0 +1,87 @@
+// fa3_jax Hopper: small device helpers shared by the kernels (WGMMA issue, accumulator layout
+// views, quad reductions, fast math).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_conversion.h>
+
+namespace fa3::sm90 {
+
+using namespace cute;
+
+// Issues one warpgroup GEMM tCrC (+)= tCrA * tCrB over all k blocks, then waits until at most
+// kWait WGMMA batches of this warpgroup are still in flight (kWait < 0: do not wait, the caller
+// waits later so that softmax work overlaps the tensor cores).
+template <bool kZeroInit, int kWait, class TiledMma, class TA, class TB, class TC>
+CUTLASS_DEVICE void wgmma_gemm(TiledMma& tiled_mma, TA const& tCrA, TB const& tCrB, TC& tCrC) {
+  // A in registers (RS) when its iterator is not a shared-memory descriptor.
+  constexpr bool kIsRS =
+      !cute::is_base_of<GMMA::DescriptorIterator, typename TA::engine_type::iterator>::value;
+  if constexpr (kIsRS) warpgroup_fence_operand(const_cast<TA&>(tCrA));
+  warpgroup_fence_operand(tCrC);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) tiled_mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTLASS_PRAGMA_UNROLL
+  for (int k = 0; k < size<2>(tCrA); ++k) {
+    cute::gemm(tiled_mma, tCrA(_, _, k), tCrB(_, _, k), tCrC);
+    tiled_mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  if constexpr (kWait >= 0) warpgroup_wait<kWait>();
+  warpgroup_fence_operand(tCrC);
+  if constexpr (kIsRS) warpgroup_fence_operand(const_cast<TA&>(tCrA));
+}
+
+// SM90 accumulator layout ((2, 2, V), MMA_M, MMA_N) viewed as (rows, cols):
+// ((2 row halves, MMA_M), (2 adjacent cols, V col groups, MMA_N)).
+template <class Layout>
+CUTLASS_DEVICE auto acc_rowcol(Layout const& l) {
+  static_assert(decltype(rank(l))::value == 3 && decltype(rank<0>(l))::value == 3);
+  return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
+                     make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
+}
+
+// The same registers seen as the A operand of a 16-bit RS WGMMA: ((2, 2, 2), MMA_M, MMA_K),
+// each k block of 16 columns being two consecutive 8-column groups of the accumulator.
+template <class Layout>
+CUTLASS_DEVICE auto acc_as_a_operand(Layout const& l) {
+  static_assert(decltype(size<0, 2>(l))::value % 2 == 0);
+  auto v = logical_divide(get<0, 2>(l), Tile<_2>{});  // ((2, V / 2))
+  return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0, 0>(v)), get<1>(l),
+                     coalesce(make_layout(get<0, 1>(v), get<2>(l))));
+}
+
+// dst[i] = To(src[i]) over register fragments with the same number of elements.
+template <class TSrc, class TDst>
+CUTLASS_DEVICE void convert_fragment(TSrc const& src, TDst& dst) {
+  using From = typename TSrc::value_type;
+  using To = typename TDst::value_type;
+  constexpr int N = decltype(size(src))::value;
+  static_assert(N == decltype(size(dst))::value);
+  cutlass::NumericArrayConverter<To, From, N> op;
+  *reinterpret_cast<cutlass::Array<To, N>*>(dst.data()) =
+      op(*reinterpret_cast<cutlass::Array<From, N> const*>(src.data()));
+}
+
+// The 4 lanes of a quad hold the columns of the same accumulator rows.
+CUTLASS_DEVICE float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
+}
+CUTLASS_DEVICE float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffff, x, 2);
+  return x + __shfl_xor_sync(0xffffffff, x, 1);
+}
+
+CUTLASS_DEVICE float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+CUTLASS_DEVICE float fast_tanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+}  // namespace fa3::sm90

@@ -1,0 +1,289 @@
+"""Layer 2: the forward and backward primitives.
+
+Each primitive has an abstract evaluation, a batching rule (a vmapped axis folds into the batch
+axis: one kernel launch, no loop) and a lowering. The lowering goes through a
+``custom_partitioning`` function (layer 3, below) so that under a multi-device ``jit`` the kernel
+runs per shard on batch- and head-sharded operands; on one device it lowers straight to the FFI
+call.
+
+Static parameters, shared by both primitives:
+  softmax_scale: float; softcap: float (0 disables);
+  diag_lo, diag_hi: int, the visible band ``diag_lo <= j - i <= diag_hi`` (see cpp/flash.h);
+  deterministic (backward only): bool.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import dispatch as _dispatch
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend import core as jex_core
+from jax.interpreters import batching, mlir
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fa3_jax import _ffi
+
+# A band edge beyond any sequence length; matches fa3::kUnbounded in cpp/flash.h.
+UNBOUNDED = 1 << 40
+
+_FWD_STATIC = ("softmax_scale", "softcap", "diag_lo", "diag_hi")
+_BWD_STATIC = _FWD_STATIC + ("deterministic",)
+
+
+# ---------------------------------------------------------------------------------------------
+# FFI calls (what runs on one device or one shard)
+# ---------------------------------------------------------------------------------------------
+
+def _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi):
+    return dict(softmax_scale=np.float32(softmax_scale), softcap=np.float32(softcap),
+                diag_lo=np.int64(diag_lo), diag_hi=np.int64(diag_hi))
+
+
+def _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi):
+    b, sq, hq, _ = q.shape
+    out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    call = jax.ffi.ffi_call("fa3_fwd", out_types)
+    return tuple(call(q, k, v, **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))
+
+
+def _bwd_ffi(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
+             deterministic):
+    out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype))
+    call = jax.ffi.ffi_call("fa3_bwd", out_types)
+    attrs = _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)
+    return tuple(call(q, k, v, out, lse, dout, dlse, deterministic=bool(deterministic), **attrs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer 3: partitioning. Batch and head axes may stay sharded; sequence and head_dim axes are
+# gathered (``need_replication`` in the Shardy rule). Heads are split kv-head-major: query head
+# h belongs to kv head h // (heads_q // heads_kv), so a shard holding kv heads [a, b) holds query
+# heads [a*g, b*g) and GQA stays local.
+# ---------------------------------------------------------------------------------------------
+
+def _axis_size(mesh, entry) -> int:
+    if entry is None:
+        return 1
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _spec_entry(sharding, dim):
+    if not isinstance(sharding, NamedSharding):
+        return None
+    spec = tuple(sharding.spec)
+    return spec[dim] if dim < len(spec) else None
+
+
+def _batch_head_axes(mesh, q_shape, k_shape):
+    """The mesh axes that shard batch and heads of q, kept only where every operand splits evenly."""
+    batch, heads_kv = q_shape.shape[0], k_shape.shape[2]
+    b_ax = _spec_entry(q_shape.sharding, 0)
+    h_ax = _spec_entry(q_shape.sharding, 2)
+    if b_ax is not None and batch % _axis_size(mesh, b_ax):
+        b_ax = None
+    # A head split must keep whole GQA groups together: it has to divide heads_kv.
+    if h_ax is not None and heads_kv % _axis_size(mesh, h_ax):
+        h_ax = None
+    if b_ax is not None and h_ax is not None:
+        used = set(b_ax if isinstance(b_ax, tuple) else (b_ax,))
+        if used & set(h_ax if isinstance(h_ax, tuple) else (h_ax,)):
+            h_ax = None
+    return b_ax, h_ax
+
+
+def _tensor_sharding(mesh, b_ax, h_ax):
+    return NamedSharding(mesh, P(b_ax, None, h_ax, None))  # [batch, seq, heads, dim]
+
+
+def _lse_sharding(mesh, b_ax, h_ax):
+    return NamedSharding(mesh, P(b_ax, h_ax, None))  # [batch, heads, seq]
+
+
+def _heads_factor(value_types):
+    """Einsum factors for the query-head axis and the kv-head axis."""
+    shapes = [mlir.ir.RankedTensorType(t).shape for t in value_types[:2]]
+    heads_q, heads_kv = shapes[0][2], shapes[1][2]
+    if heads_q == heads_kv:
+        return "h", "h", {}
+    return "(h r)", "h", {"r": heads_q // heads_kv}
+
+
+def _fwd_rule(softmax_scale, softcap, diag_lo, diag_hi, mesh, value_types, result_types):
+    hq, hk, sizes = _heads_factor(value_types)
+    rule = f"b s {hq} d, b t {hk} d, b t {hk} e -> b s {hq} e, b {hq} s"
+    repl = ("s", "t", "d", "e") + (("r",) if sizes else ())
+    return rule, dict(need_replication_factors=repl, **sizes)
+
+
+def _bwd_rule(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh, value_types,
+              result_types):
+    hq, hk, sizes = _heads_factor(value_types)
+    rule = (f"b s {hq} d, b t {hk} d, b t {hk} e, b s {hq} e, b {hq} s, b s {hq} e, b {hq} s"
+            f" -> b s {hq} d, b t {hk} d, b t {hk} e")
+    repl = ("s", "t", "d", "e") + (("r",) if sizes else ())
+    return rule, dict(need_replication_factors=repl, **sizes)
+
+
+def _fwd_partition(softmax_scale, softcap, diag_lo, diag_hi, mesh, arg_shapes, result_shape):
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    t = _tensor_sharding(mesh, b_ax, h_ax)
+    args = (t, t, t)
+    results = (t, _lse_sharding(mesh, b_ax, h_ax))
+
+    def lower_fn(q, k, v):
+        return _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi)
+
+    return mesh, lower_fn, results, args
+
+
+def _fwd_infer(softmax_scale, softcap, diag_lo, diag_hi, mesh, arg_shapes, result_shape):
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    return (_tensor_sharding(mesh, b_ax, h_ax), _lse_sharding(mesh, b_ax, h_ax))
+
+
+def _bwd_partition(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh, arg_shapes,
+                   result_shape):
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    t = _tensor_sharding(mesh, b_ax, h_ax)
+    lse = _lse_sharding(mesh, b_ax, h_ax)
+    args = (t, t, t, t, lse, t, lse)
+
+    def lower_fn(q, k, v, out, lse_, dout, dlse):
+        return _bwd_ffi(q, k, v, out, lse_, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
+                        deterministic)
+
+    return mesh, lower_fn, (t, t, t), args
+
+
+def _bwd_infer(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh, arg_shapes,
+               result_shape):
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    t = _tensor_sharding(mesh, b_ax, h_ax)
+    return (t, t, t)
+
+
+_fwd_partitioned = custom_partitioning(_fwd_ffi, static_argnums=(3, 4, 5, 6))
+_fwd_partitioned.def_partition(partition=_fwd_partition, infer_sharding_from_operands=_fwd_infer,
+                               sharding_rule=_fwd_rule)
+_bwd_partitioned = custom_partitioning(_bwd_ffi, static_argnums=(7, 8, 9, 10, 11))
+_bwd_partitioned.def_partition(partition=_bwd_partition, infer_sharding_from_operands=_bwd_infer,
+                               sharding_rule=_bwd_rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# The primitives
+# ---------------------------------------------------------------------------------------------
+
+fwd_p = jex_core.Primitive("fa3_fwd")
+fwd_p.multiple_results = True
+bwd_p = jex_core.Primitive("fa3_bwd")
+bwd_p.multiple_results = True
+
+
+def _fwd_abstract(q, k, v, **params):
+    b, sq, hq, _ = q.shape
+    return (jax.core.ShapedArray((b, sq, hq, v.shape[3]), q.dtype),
+            jax.core.ShapedArray((b, hq, sq), jnp.float32))
+
+
+def _bwd_abstract(q, k, v, out, lse, dout, dlse, **params):
+    return (jax.core.ShapedArray(q.shape, q.dtype), jax.core.ShapedArray(k.shape, k.dtype),
+            jax.core.ShapedArray(v.shape, v.dtype))
+
+
+def _fwd_lower_impl(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi):
+    return _fwd_partitioned(q, k, v, softmax_scale, softcap, diag_lo, diag_hi)
+
+
+def _bwd_lower_impl(q, k, v, out, lse, dout, dlse, *, softmax_scale, softcap, diag_lo, diag_hi,
+                    deterministic):
+    return _bwd_partitioned(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo,
+                            diag_hi, deterministic)
+
+
+def _fold_batched(args, dims):
+    """Moves each vmapped axis to the front and folds it into the batch axis."""
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    folded = []
+    for a, d in zip(args, dims):
+        if d is batching.not_mapped:
+            a = jnp.broadcast_to(a, (size,) + a.shape)
+        else:
+            a = jnp.moveaxis(a, d, 0)
+        folded.append(a.reshape((size * a.shape[1],) + a.shape[2:]))
+    return size, folded
+
+
+def _unfold(size, outs):
+    return tuple(o.reshape((size, o.shape[0] // size) + o.shape[1:]) for o in outs)
+
+
+def _fwd_batch(args, dims, **params):
+    size, folded = _fold_batched(args, dims)
+    return _unfold(size, fwd_p.bind(*folded, **params)), (0, 0)
+
+
+def _bwd_batch(args, dims, **params):
+    size, folded = _fold_batched(args, dims)
+    return _unfold(size, bwd_p.bind(*folded, **params)), (0, 0, 0)
+
+
+def _check_cuda_lowering(q, v, what):
+    """Platform checks that only the CUDA lowering knows to make (raised at compile time)."""
+    if not _ffi.cuda_built():
+        raise ValueError(
+            f"fa3_jax: {what} on a CUDA device, but this fa3_jax build has no CUDA kernels; "
+            "reinstall with nvcc available (FA3_JAX_CUDA=ON), or run on CPU")
+    if q.dtype not in (jnp.float16, jnp.bfloat16):
+        raise ValueError(
+            f"fa3_jax: the Hopper kernels take float16 or bfloat16 q/k/v, got {q.dtype}; "
+            "float32 is supported on the CPU backend only")
+    hd, hdv = q.shape[3], v.shape[3]
+    built = _ffi.cuda_head_dims()
+    if hd not in built or not (hdv == hd or (hd, hdv) == (192, 128)):
+        raise ValueError(
+            f"fa3_jax: the Hopper kernels support head_dim in {built} with head_dim_v == head_dim "
+            f"(or 192 with 128), got head_dim={hd}, head_dim_v={hdv}")
+
+
+def _cuda_fwd_lowering(ctx, q, k, v, **params):
+    aq, _, av = ctx.avals_in
+    _check_cuda_lowering(aq, av, "attention forward")
+    return mlir.lower_fun(_fwd_lower_impl, multiple_results=True)(ctx, q, k, v, **params)
+
+
+def _cuda_bwd_lowering(ctx, *args, **params):
+    aq, _, av = ctx.avals_in[:3]
+    _check_cuda_lowering(aq, av, "attention backward")
+    return mlir.lower_fun(_bwd_lower_impl, multiple_results=True)(ctx, *args, **params)
+
+
+def _apply(prim, *args, **params):
+    return jax.jit(partial(prim.bind, **params))(*args)
+
+
+# custom_partitioning needs the device assignment while lowering; jit supplies it only for the
+# primitives listed here, and ours hide a custom_partitioning call inside their lowering.
+_dispatch.prim_requires_devices_during_lowering.update({fwd_p, bwd_p})
+
+fwd_p.def_abstract_eval(_fwd_abstract)
+fwd_p.def_impl(partial(_apply, fwd_p))
+batching.primitive_batchers[fwd_p] = _fwd_batch
+mlir.register_lowering(fwd_p, mlir.lower_fun(_fwd_lower_impl, multiple_results=True),
+                       platform="cpu")
+mlir.register_lowering(fwd_p, _cuda_fwd_lowering, platform="cuda")
+
+bwd_p.def_abstract_eval(_bwd_abstract)
+bwd_p.def_impl(partial(_apply, bwd_p))
+batching.primitive_batchers[bwd_p] = _bwd_batch
+mlir.register_lowering(bwd_p, mlir.lower_fun(_bwd_lower_impl, multiple_results=True),
+                       platform="cpu")
+mlir.register_lowering(bwd_p, _cuda_bwd_lowering, platform="cuda")

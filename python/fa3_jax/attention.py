@@ -1,0 +1,186 @@
+"""Layer 4: argument checking, the custom VJP, and ``flash_attention``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fa3_jax._primitives import UNBOUNDED, bwd_p, fwd_p
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static parameters of one attention call (hashable: a nondiff argument of the VJP)."""
+    softmax_scale: float
+    softcap: float
+    diag_lo: int
+    diag_hi: int
+    deterministic: bool
+
+    def fwd_params(self):
+        return dict(softmax_scale=self.softmax_scale, softcap=self.softcap,
+                    diag_lo=self.diag_lo, diag_hi=self.diag_hi)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, cfg: _Config):
+    return tuple(fwd_p.bind(q, k, v, **cfg.fwd_params()))
+
+
+def _attention_fwd(q, k, v, cfg: _Config):
+    out, lse = fwd_p.bind(q, k, v, **cfg.fwd_params())
+    return (out, lse), (q, k, v, out, lse)
+
+
+def _attention_bwd(cfg: _Config, res, cts):
+    q, k, v, out, lse = res
+    dout, dlse = cts
+    # The lse cotangent is zeros unless the caller differentiates through the returned lse.
+    dq, dk, dv = bwd_p.bind(q, k, v, out, lse, dout.astype(q.dtype), dlse.astype(jnp.float32),
+                            deterministic=cfg.deterministic, **cfg.fwd_params())
+    return dq, dk, dv
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checking: every message names the argument, what was seen and what is supported.
+# ---------------------------------------------------------------------------------------------
+
+def _shape_dtype(name, x):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"fa3_jax: {name} must be an array, got {type(x).__name__}")
+    return tuple(x.shape), jnp.dtype(x.dtype)
+
+
+def check_qkv(q, k, v, names=("q", "k", "v")):
+    """Validates q/k/v shapes and dtypes; returns (batch, sq, sk, hq, hkv, d, dv)."""
+    nq, nk, nv = names
+    (qs, qt), (ks, kt), (vs, vt) = _shape_dtype(nq, q), _shape_dtype(nk, k), _shape_dtype(nv, v)
+    for name, s in ((nq, qs), (nk, ks), (nv, vs)):
+        if len(s) != 4:
+            raise ValueError(f"fa3_jax: {name} must have rank 4 [batch, seqlen, heads, head_dim], "
+                             f"got shape {s}")
+    for name, t in ((nq, qt), (nk, kt), (nv, vt)):
+        if t not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+            raise TypeError(f"fa3_jax: {name} has dtype {t}; supported: float32, float16, "
+                            "bfloat16")
+    if not qt == kt == vt:
+        raise TypeError(f"fa3_jax: {nq}, {nk}, {nv} must share one dtype, got {qt}, {kt}, {vt}")
+    b, sq, hq, d = qs
+    if ks[0] != b or vs[0] != b:
+        raise ValueError(f"fa3_jax: batch sizes differ: {nq} {qs}, {nk} {ks}, {nv} {vs}")
+    if ks[1] != vs[1] or ks[2] != vs[2]:
+        raise ValueError(f"fa3_jax: {nk} and {nv} must agree on [batch, seqlen_k, heads_kv], got "
+                         f"{nk} {ks} and {nv} {vs}")
+    if ks[3] != d:
+        raise ValueError(f"fa3_jax: {nq} and {nk} must share head_dim, got {nq} {qs} and "
+                         f"{nk} {ks}")
+    sk, hkv, dv = ks[1], ks[2], vs[3]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"fa3_jax: heads_q ({hq}, from {nq} {qs}) must be a multiple of "
+                         f"heads_kv ({hkv}, from {nk} {ks})")
+    for name, dim in (("head_dim", d), ("head_dim_v", dv)):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"fa3_jax: {name}={dim} is not supported; 1..{MAX_HEAD_DIM} on CPU, "
+                             "64/96/128/192/256 on Hopper")
+    if min(b, sq, sk) < 1:
+        raise ValueError(f"fa3_jax: empty inputs are not supported: {nq} {qs}, {nk} {ks}")
+    return b, sq, sk, hq, hkv, d, dv
+
+
+def _check_float(name, x, *, min_value=None, positive=False):
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"fa3_jax: {name} must be a static Python float, got a traced value")
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        raise TypeError(f"fa3_jax: {name} must be a float, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x) or (positive and x <= 0) or (min_value is not None and x < min_value):
+        req = "a finite float > 0" if positive else f"a finite float >= {min_value}"
+        raise ValueError(f"fa3_jax: {name} must be {req}, got {x}")
+    return x
+
+
+def _check_window(window_size):
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
+                       for w in window_size)):
+        raise TypeError("fa3_jax: window_size must be a pair of ints (left, right), -1 meaning "
+                        f"unbounded; got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"fa3_jax: window_size entries must be >= -1 (-1: unbounded), got "
+                         f"{(left, right)}")
+    return left, right
+
+
+def bottom_right_band(sq, sk, causal, window_size):
+    """The band (diag_lo, diag_hi) for FlashAttention's bottom-right aligned causal/window."""
+    left, right = _check_window(window_size)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"fa3_jax: causal must be a bool, got {type(causal).__name__}")
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    off = sk - sq
+    lo = off - left if left >= 0 else -UNBOUNDED
+    hi = off + right if right >= 0 else UNBOUNDED
+    return lo, hi
+
+
+def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, return_lse=False, deterministic=False):
+    """FlashAttention: softmax(q kᵀ * scale) v, fused, in O(seqlen) memory.
+
+    Args:
+      q: [batch, seqlen_q, heads_q, head_dim].
+      k: [batch, seqlen_k, heads_kv, head_dim]; heads_q must be a multiple of heads_kv
+        (GQA/MQA; query head h uses kv head h // (heads_q // heads_kv)).
+      v: [batch, seqlen_k, heads_kv, head_dim_v].
+      softmax_scale: multiplies q·k; default 1/sqrt(head_dim).
+      causal: query i sees key j only when j <= i + seqlen_k - seqlen_q (bottom-right aligned, as
+        in FlashAttention; for seqlen_q == seqlen_k this is the usual lower triangle).
+      window_size: (left, right); query i sees key j when
+        i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right; -1 is unbounded.
+        causal is right = 0.
+      softcap: if > 0, scores become softcap * tanh(scores / softcap) (after the scale).
+      return_lse: also return the log-sum-exp of the scores, [batch, heads_q, seqlen_q] float32.
+      deterministic: the backward gives bit-identical gradients run to run (the CPU backward
+        always does; on Hopper it orders the dQ accumulation, at some cost).
+
+    Returns:
+      out [batch, seqlen_q, heads_q, head_dim_v] in q's dtype, and lse if return_lse.
+      A query row that sees no key gets out = 0, lse = -inf, and zero gradients.
+
+    Dtypes: float32, float16, bfloat16 on CPU; float16 and bfloat16 on Hopper, head_dim in
+    64/96/128/192/256 with head_dim_v == head_dim (or 192 with 128). Gradients (jax.grad) flow to
+    q, k, v, and through lse too when it is returned. Works under jit, vmap, grad, checkpoint and
+    multi-device jit (batch and head axes stay sharded; see the package docstring).
+    """
+    b, sq, sk, hq, hkv, d, dv = check_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else _check_float(
+        "softmax_scale", softmax_scale, positive=True)
+    softcap = _check_float("softcap", softcap, min_value=0.0)
+    diag_lo, diag_hi = bottom_right_band(sq, sk, causal, window_size)
+    if not isinstance(deterministic, (bool, np.bool_)):
+        raise TypeError(f"fa3_jax: deterministic must be a bool, got {type(deterministic).__name__}")
+    cfg = _Config(scale, softcap, int(diag_lo), int(diag_hi), bool(deterministic))
+    out, lse = _attention(q, k, v, cfg)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_band(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi,
+                        deterministic=False):
+    """Like flash_attention but with the band given directly; returns (out, lse). Internal."""
+    cfg = _Config(float(softmax_scale), float(softcap), int(diag_lo), int(diag_hi),
+                  bool(deterministic))
+    return _attention(q, k, v, cfg)

@@ -1,0 +1,119 @@
+"""A drop-in for ``jax.nn.dot_product_attention`` backed by fa3_jax.
+
+Same arguments and semantics, including jax.nn's top-left aligned ``is_causal`` and its
+``local_window_size`` (query i sees keys i - left .. i + right). Arguments the kernels cannot
+express (``bias``, ``mask``, ``query_seq_lengths``, ``key_value_seq_lengths``) fall back to
+``jax.nn.dot_product_attention`` with a warning, once per argument. ``implementation="xla"`` or
+``"cudnn"`` calls jax.nn with that implementation; ``None`` or ``"fa3"`` uses fa3_jax.
+One difference: a query row that sees no key gives 0 here (jax.nn's XLA path averages v).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fa3_jax import _ffi
+from fa3_jax.attention import _check_float, attention_with_band, check_qkv
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(arg, reason):
+    if arg in _WARNED:
+        return
+    _WARNED.add(arg)
+    warnings.warn(f"fa3_jax.dot_product_attention: {arg} {reason}; falling back to "
+                  "jax.nn.dot_product_attention for such calls", stacklevel=3)
+
+
+def _window(local_window_size):
+    if local_window_size is None:
+        return None
+    if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
+        local_window_size = (int(local_window_size), int(local_window_size))
+    if (not isinstance(local_window_size, (tuple, list)) or len(local_window_size) != 2
+            or not all(isinstance(w, (int, np.integer)) for w in local_window_size)):
+        raise TypeError("fa3_jax: local_window_size must be an int or a pair of ints, got "
+                        f"{local_window_size!r}")
+    left, right = (int(w) for w in local_window_size)
+    if left < 0 or right < 0:
+        raise ValueError(f"fa3_jax: local_window_size entries must be >= 0, got {(left, right)}")
+    return left, right
+
+
+def _gpu_unsupported(query, value):
+    """Why the Hopper kernels can't take this call on a CUDA default backend, or None."""
+    if jax.default_backend() != "gpu":
+        return None
+    if not _ffi.cuda_built():
+        return "needs the CUDA kernels, absent from this build"
+    if jnp.dtype(query.dtype) == jnp.float32:
+        return "is float32, which the Hopper kernels do not take"
+    d, dv = query.shape[-1], value.shape[-1]
+    if d not in _ffi.cuda_head_dims() or not (dv == d or (d, dv) == (192, 128)):
+        return f"has head_dim {d}/{dv}, which the Hopper kernels of this build do not take"
+    return None
+
+
+def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
+                          is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
+                          local_window_size=None, implementation=None, return_residual=False):
+    """``jax.nn.dot_product_attention`` with fa3_jax kernels. Shapes (B)TNH / (B)SKH.
+
+    See the module docstring for what falls back. ``return_residual=True`` also returns the
+    log-sum-exp, shaped (B)TN like jax.nn's residual.
+    """
+    kwargs = dict(scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
+                  key_value_seq_lengths=key_value_seq_lengths,
+                  local_window_size=local_window_size, return_residual=return_residual)
+    if implementation in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(query, key, value, bias, mask,
+                                            implementation=implementation, **kwargs)
+    if implementation not in (None, "fa3"):
+        raise ValueError("fa3_jax: implementation must be None, 'fa3', 'xla' or 'cudnn', got "
+                         f"{implementation!r}")
+    fallback = [(n, "is not supported by the fa3_jax kernels")
+                for n, x in (("bias", bias), ("mask", mask),
+                             ("query_seq_lengths", query_seq_lengths),
+                             ("key_value_seq_lengths", key_value_seq_lengths)) if x is not None]
+    why = _gpu_unsupported(query, value)
+    if why:
+        fallback.append(("query", why))
+    if fallback:
+        for arg, reason in fallback:
+            _warn_once(arg, reason)
+        return jax.nn.dot_product_attention(query, key, value, bias, mask, **kwargs)
+
+    ranks = {getattr(x, "ndim", None) for x in (query, key, value)}
+    if ranks == {3}:
+        query, key, value = query[None], key[None], value[None]
+        unbatch = True
+    elif ranks == {4}:
+        unbatch = False
+    else:
+        raise ValueError("fa3_jax: query, key and value must all be rank 4 (BTNH) or all rank 3 "
+                         f"(TNH), got shapes {[getattr(x, 'shape', None) for x in (query, key, value)]}")
+    b, t, s, n, kh, h, hv = check_qkv(query, key, value, names=("query", "key", "value"))
+    sc = 1.0 / math.sqrt(h) if scale is None else _check_float("scale", scale, positive=True)
+    # jax.nn aligns causal and windows top-left: query i sees key j iff i - left <= j <= i + right.
+    from fa3_jax._primitives import UNBOUNDED
+    lo, hi = -UNBOUNDED, UNBOUNDED
+    window = _window(local_window_size)
+    if window is not None:
+        lo, hi = -window[0], window[1]
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"fa3_jax: is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal:
+        hi = min(hi, 0)
+    out, lse = attention_with_band(query, key, value, softmax_scale=sc, softcap=0.0,
+                                   diag_lo=lo, diag_hi=hi)
+    if unbatch:
+        out, lse = out[0], lse[0]
+    if not return_residual:
+        return out
+    return out, jnp.swapaxes(lse, -1, -2)  # [(B,) N, T] -> [(B,) T, N]

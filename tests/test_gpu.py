@@ -1,0 +1,74 @@
+"""Hopper kernels through JAX (skipped without a Hopper GPU and a CUDA build)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fa3_jax
+from util import check_backward, check_forward, make_qkv
+
+pytestmark = pytest.mark.gpu
+
+HDIMS = [(64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256)]
+
+
+def _gpu(*xs):
+    dev = jax.devices("gpu")[0]
+    return [jax.device_put(x, dev) for x in xs]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("d,dv", HDIMS)
+@pytest.mark.parametrize("sq,sk", [(1, 1), (7, 7), (113, 203), (1000, 1000), (4097, 4097),
+                                   (300, 1000), (1000, 300)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward(dtype, d, dv, sq, sk, causal):
+    if d not in fa3_jax.cuda_head_dims():
+        pytest.skip(f"head_dim {d} not in this build")
+    q, k, v = _gpu(*make_qkv(1 if sq > 2000 else 2, sq, sk, 4, 2, d, dv, dtype=dtype))
+    check_forward(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("kw", [dict(window_size=(64, 0)), dict(window_size=(100, 37)),
+                                dict(softcap=15.0), dict(softcap=15.0, causal=True)])
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1)])
+def test_forward_features(kw, hq, hkv):
+    d = 128 if 128 in fa3_jax.cuda_head_dims() else fa3_jax.cuda_head_dims()[0]
+    q, k, v = _gpu(*make_qkv(2, 333, 517, hq, hkv, d, dtype=jnp.bfloat16))
+    check_forward(q * 2, k, v, **kw)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("d,dv", HDIMS)
+@pytest.mark.parametrize("sq,sk", [(1, 1), (113, 203), (1000, 1000), (300, 700)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward(dtype, d, dv, sq, sk, causal):
+    if d not in fa3_jax.cuda_head_dims():
+        pytest.skip(f"head_dim {d} not in this build")
+    q, k, v = _gpu(*make_qkv(2, sq, sk, 4, 2, d, dv, dtype=dtype))
+    check_backward(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("kw", [dict(window_size=(64, 0)), dict(softcap=15.0, causal=True)])
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1)])
+def test_backward_features(kw, hq, hkv):
+    d = 128 if 128 in fa3_jax.cuda_head_dims() else fa3_jax.cuda_head_dims()[0]
+    q, k, v = _gpu(*make_qkv(2, 257, 385, hq, hkv, d, dtype=jnp.bfloat16))
+    check_backward(q, k, v, **kw)
+
+
+def test_deterministic_backward_bits():
+    q, k, v = _gpu(*make_qkv(2, 1024, 1024, 8, 2, 128, dtype=jnp.bfloat16))
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fa3_jax.flash_attention(
+        q, k, v, causal=True, deterministic=True).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+    first = [np.asarray(x) for x in f(q, k, v)]
+    for _ in range(5):
+        for a, b in zip(first, f(q, k, v)):
+            np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_float32_on_gpu_is_a_clear_error():
+    q, k, v = _gpu(*make_qkv(1, 8, 8, 2, 2, 64))
+    with pytest.raises(ValueError, match="float32 is supported on the CPU backend only"):
+        jax.jit(fa3_jax.flash_attention)(q, k, v)

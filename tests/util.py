@@ -1,0 +1,81 @@
+"""Shared helpers: random inputs and error bounds relative to a same-precision reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fa3_jax
+
+_counter = [0]
+
+
+def fresh_key():
+    """A new PRNG key per call, so every check draws fresh inputs."""
+    _counter[0] += 1
+    return jax.random.PRNGKey(1000 + _counter[0])
+
+
+def make_qkv(b, sq, sk, hq, hkv, d, dv=None, dtype=jnp.float32, key=None):
+    dv = d if dv is None else dv
+    kq, kk, kv = jax.random.split(fresh_key() if key is None else key, 3)
+    q = jax.random.normal(kq, (b, sq, hq, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (b, sk, hkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (b, sk, hkv, dv), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def max_err(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32))
+    b = np.asarray(jnp.asarray(b, jnp.float32))
+    both_inf = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
+    d = np.where(both_inf, 0.0, np.abs(a - b))
+    return float(np.max(d)) if d.size else 0.0
+
+
+ATOL = {jnp.dtype(jnp.float32): 2e-5, jnp.dtype(jnp.float16): 2e-3,
+        jnp.dtype(jnp.bfloat16): 1e-2}
+
+
+def assert_close_to_reference(got, ref32, ref_same, dtype, what, factor=2.0):
+    """|got - ref32| <= factor * |ref_same - ref32| + atol(dtype); no NaN anywhere."""
+    got_np = np.asarray(jnp.asarray(got, jnp.float32))
+    assert not np.isnan(got_np).any(), f"{what}: NaN in result"
+    err = max_err(got, ref32)
+    base = max_err(ref_same, ref32)
+    bound = factor * base + ATOL[jnp.dtype(dtype)]
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (baseline {base:.3g})"
+    return err, base
+
+
+def check_forward(q, k, v, *, rtol_factor=2.0, **kw):
+    out, lse = fa3_jax.flash_attention(q, k, v, return_lse=True, **kw)
+    ref32, lse32 = fa3_jax.attention_reference(q, k, v, return_lse=True, **kw)
+    ref_lp, _ = fa3_jax.attention_reference(q, k, v, return_lse=True, compute_dtype=q.dtype, **kw)
+    assert out.shape == ref32.shape and out.dtype == q.dtype
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
+    assert_close_to_reference(out, ref32, ref_lp, q.dtype, "out", rtol_factor)
+    # lse is computed in float32 from low-precision inputs: its error is the float32 one.
+    lse_err = max_err(lse, lse32)
+    assert lse_err <= 1e-4 * (1 + float(np.nanmax(np.abs(np.where(np.isfinite(lse32), lse32, 0))))), \
+        f"lse max error {lse_err:.3g}"
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(lse32)))
+    return out, lse
+
+
+def grads(fn, q, k, v, dout, **kw):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * dout.astype(jnp.float32))
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def check_backward(q, k, v, factor=2.0, **kw):
+    dout = jax.random.normal(fresh_key(), q.shape[:3] + (v.shape[3],), jnp.float32).astype(q.dtype)
+    got = grads(fa3_jax.flash_attention, q, k, v, dout, **kw)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    ref32 = grads(fa3_jax.attention_reference, q32, k32, v32, dout, **kw)
+    ref_lp = grads(lambda *a, **kk: fa3_jax.attention_reference(*a, compute_dtype=q.dtype, **kk),
+                   q, k, v, dout, **kw)
+    for name, g, r, rl, x in zip(("dq", "dk", "dv"), got, ref32, ref_lp, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert_close_to_reference(g, r, rl, q.dtype, name, factor)
+    return got

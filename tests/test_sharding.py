@@ -42,7 +42,8 @@ def test_batch_and_head_sharding_forward_backward(hq, hkv):
     out, lse = fwd(qs, ks, vs)
     ref_out, ref_lse = fa3_jax.flash_attention(q, k, v, causal=True, return_lse=True)
     assert max_err(out, ref_out) == 0 and max_err(lse, ref_lse) == 0
-    assert out.sharding.spec == spec and lse.sharding.spec == P("data", "model", None)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, spec), 4)
+    assert lse.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "model", None)), 3)
     text = fwd.lower(qs, ks, vs).compile().as_text()
     assert _collectives(text) == [], _collectives(text)
 
@@ -51,7 +52,7 @@ def test_batch_and_head_sharding_forward_backward(hq, hkv):
     ref = jax.grad(_loss, argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, ref):
         assert max_err(g, r) == 0
-        assert g.sharding.spec == spec
+        assert g.sharding.is_equivalent_to(NamedSharding(mesh, spec), 4)
     text = grad.lower(qs, ks, vs).compile().as_text()
     # The scalar loss needs one all-reduce; q, k, v and their gradients are never gathered.
     assert "all-gather" not in _collectives(text), _collectives(text)
@@ -76,9 +77,7 @@ def test_mqa_head_sharding_falls_back_to_replicated_heads():
 
 
 def test_shard_map():
-    from jax.experimental.shard_map import shard_map  # noqa: F401  (older JAX spelling)
-    shard_map = getattr(jax, "shard_map", None) or __import__(
-        "jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
+    shard_map = jax.shard_map
     mesh = _mesh()
     q, k, v = make_qkv(4, 32, 40, 8, 4, 64)
     spec = P("data", None, "model", None)

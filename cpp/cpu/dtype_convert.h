@@ -23,6 +23,13 @@ inline float bits_float(uint32_t u) {
   return f;
 }
 
+// c ? a : b through a mask. A plain ?: next to float arithmetic would be compiled as a branch
+// (the arithmetic may trap, so GCC does not speculate it), which stops vectorization.
+inline uint32_t select_bits(bool c, uint32_t a, uint32_t b) {
+  const uint32_t m = 0u - uint32_t(c);
+  return (a & m) | (b & ~m);
+}
+
 inline float fp16_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t shifted = uint32_t(h & 0x7fffu) << 13;  // exponent and mantissa in float position
@@ -31,8 +38,8 @@ inline float fp16_to_float(uint16_t h) {
   // Subnormals (m * 2^-24): 2^-14 * (1 + m/1024) - 2^-14 is exact and stays a normal float.
   const float sub = bits_float(shifted | (113u << 23)) - bits_float(113u << 23);
   const uint32_t inf_nan = shifted | 0x7f800000u;  // keeps the nan payload
-  uint32_t mag = shifted >= (0x7c00u << 13) ? inf_nan : normal;
-  mag = shifted < (0x0400u << 13) ? float_bits(sub) : mag;
+  uint32_t mag = select_bits(shifted >= (0x7c00u << 13), inf_nan, normal);
+  mag = select_bits(shifted < (0x0400u << 13), float_bits(sub), mag);
   return bits_float(sign | mag);
 }
 
@@ -46,9 +53,9 @@ inline uint16_t float_to_fp16(float f) {
   // lowest bit (ties to even); a mantissa carry correctly bumps the exponent.
   const uint32_t normal = (x + 0xc8000fffu + ((x >> 13) & 1u)) >> 13;
   const uint32_t nan = 0x7e00u | ((x >> 13) & 0x3ffu);
-  uint32_t h = x < 0x38800000u ? sub : normal;
-  h = x >= 0x477ff000u ? 0x7c00u : h;  // 65520 and above round to inf (the tie goes to even = inf)
-  h = x > 0x7f800000u ? nan : h;
+  uint32_t h = select_bits(x < 0x38800000u, sub, normal);
+  h = select_bits(x >= 0x477ff000u, 0x7c00u, h);  // 65520 and up round to inf (the tie goes to even)
+  h = select_bits(x > 0x7f800000u, nan, h);
   return uint16_t(sign | h);
 }
 
@@ -59,7 +66,7 @@ inline uint16_t float_to_bf16(float f) {
   // Ties to even; overflow past the largest bf16 carries into the exponent and yields inf.
   const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
   const uint32_t nan = (x >> 16) | 0x0040u;  // a nan whose payload sits in the low bits must not round to inf
-  return uint16_t((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+  return uint16_t(select_bits((x & 0x7fffffffu) > 0x7f800000u, nan, rounded));
 }
 
 }  // namespace fa3

@@ -3,8 +3,8 @@
 // Forward: per (batch, query head, block of kBq query rows) an online softmax over kBk-key tiles
 // of the visible band. Backward, deterministic in two passes: pass A per (batch, query head,
 // query block) computes D_i = rowsum(dout * out) and dQ; pass B per (batch, kv head, key block)
-// recomputes P and dS for every query head of the group and accumulates dK, dV in registers of
-// its own. Nothing of size seqlen_q x seqlen_k is ever allocated; every work item sums in a fixed
+// recomputes P and dS for every query head of the group and accumulates dK, dV in float32 tiles
+// of its own. Nothing of size seqlen_q x seqlen_k is ever allocated; every work item sums in a fixed
 // order, so results are bitwise identical for any thread count.
 //
 // Scores live in the log2 domain (s * log2(e)) so the softmax uses exp2; lse is converted back.
@@ -13,7 +13,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "../flash.h"
@@ -24,10 +26,9 @@ namespace {
 
 constexpr int kBq = 64;  // query rows per tile
 constexpr int kBk = 64;  // keys per tile
-// Register block of the tile GEMM: 2 x 16 floats is 8 SSE registers of accumulators, which
-// leaves room for the B row and the broadcast A value in the 16 registers of baseline x86-64.
-constexpr int kMR = 2;
-constexpr int kNR = 16;
+// Columns per register block of the tile GEMM: 32 floats are 8 SSE accumulators. One row at a
+// time on purpose: with several rows GCC vectorizes across k instead (shuffles, ~5x slower).
+constexpr int kNR = 32;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -68,10 +69,20 @@ void store_row(const float* __restrict src, float scale, int n, typename E::T* _
 
 // ---- vectorizable math ----------------------------------------------------------------------
 // libm's exp/tanh are opaque calls that stop auto-vectorization, hence these branch-free versions.
+// Selects are written on plain values (std::min/max return references, which GCC does not
+// if-convert) or through integer masks: GCC will not if-convert a ?: whose arms hold float
+// arithmetic, since under the default -ftrapping-math that arithmetic could trap.
+
+inline float max_v(float a, float b) { return a > b ? a : b; }
+inline float select_v(bool c, float a, float b) {
+  return bits_float(select_bits(c, float_bits(a), float_bits(b)));
+}
 
 // 2^x, relative error ~1e-7; x = -inf (and anything below -126.5) gives 0.
 inline float exp2_approx(float x) {
-  x = std::min(std::max(x, -127.f), 127.f);
+  // Masked selects: with plain ?: GCC clones the polynomial for the clamped constants and the
+  // resulting branches block vectorization.
+  x = select_v(x > -127.f, select_v(x < 127.f, x, 127.f), -127.f);
   const float r = (x + 12582912.f) - 12582912.f;  // round to nearest integer (1.5 * 2^23 trick)
   const float f = x - r;                          // in [-0.5, 0.5]
   // Taylor series of e^(f ln 2) to degree 7: truncation error below 1e-8 on [-0.5, 0.5].
@@ -101,7 +112,7 @@ inline float tanh_approx(float x) {
   t = t * x2 - 3.3333333333333333e-01f;
   const float small = x + x * x2 * t;
   const float big = 1.f - 2.f / (exp2_approx(2.f * kLog2e * ax) + 1.f);
-  return ax < 0.4f ? small : (x < 0.f ? -big : big);
+  return select_v(ax < 0.4f, small, std::copysign(big, x));
 }
 
 // Row reductions over kBk values, kept in 16 independent lanes so that they vectorize without
@@ -110,9 +121,9 @@ inline float row_max(const float* __restrict s) {
   float lane[16];
   for (int u = 0; u < 16; ++u) lane[u] = -kInf;
   for (int c = 0; c < kBk; c += 16)
-    for (int u = 0; u < 16; ++u) lane[u] = std::max(lane[u], s[c + u]);
+    for (int u = 0; u < 16; ++u) lane[u] = max_v(lane[u], s[c + u]);
   float m = -kInf;
-  for (int u = 0; u < 16; ++u) m = std::max(m, lane[u]);
+  for (int u = 0; u < 16; ++u) m = max_v(m, lane[u]);
   return m;
 }
 
@@ -132,33 +143,24 @@ inline float exp2_row(float* __restrict s, float shift) {
 // ---- tile GEMM ------------------------------------------------------------------------------
 // C[m][0:N] (=|+=) sum_k A(m, k) * B[k][0:N] for m < M, with A(m, k) = A[m * am + k * ak]:
 // the strides let P^T and dS^T be read in place. N must be a multiple of kNR (tiles are padded).
-// Each MR x kNR block of C stays in registers for the whole k loop.
-template <int MR, bool kAccumulate>
-inline void gemm_rows(int K, int N, const float* __restrict A, int am, int ak,
-                      const float* __restrict B, int ldb, float* __restrict C, int ldc) {
-  for (int n0 = 0; n0 < N; n0 += kNR) {
-    float acc[MR][kNR];
-    for (int r = 0; r < MR; ++r)
-      for (int c = 0; c < kNR; ++c) acc[r][c] = kAccumulate ? C[r * ldc + n0 + c] : 0.f;
-    for (int k = 0; k < K; ++k) {
-      const float* b = B + int64_t(k) * ldb + n0;
-      for (int r = 0; r < MR; ++r) {
-        const float a = A[r * am + k * ak];
-        for (int c = 0; c < kNR; ++c) acc[r][c] += a * b[c];
-      }
-    }
-    for (int r = 0; r < MR; ++r)
-      for (int c = 0; c < kNR; ++c) C[r * ldc + n0 + c] = acc[r][c];
-  }
-}
-
+// Each kNR-wide piece of a C row stays in registers for the whole k loop.
 template <bool kAccumulate>
-void gemm(int M, int K, int N, const float* A, int am, int ak, const float* B, int ldb, float* C,
-          int ldc) {
-  int m = 0;
-  for (; m + kMR <= M; m += kMR)
-    gemm_rows<kMR, kAccumulate>(K, N, A + m * am, am, ak, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) gemm_rows<1, kAccumulate>(K, N, A + m * am, am, ak, B, ldb, C + m * ldc, ldc);
+void gemm(int M, int K, int N, const float* A, int am, int ak, const float* __restrict B, int ldb,
+          float* __restrict C, int ldc) {
+  for (int m = 0; m < M; ++m) {
+    float* __restrict c_row = C + int64_t(m) * ldc;
+    for (int n0 = 0; n0 < N; n0 += kNR) {
+      float acc[kNR];
+      for (int c = 0; c < kNR; ++c) acc[c] = kAccumulate ? c_row[n0 + c] : 0.f;
+      const float* a = A + int64_t(m) * am;
+      const float* b = B + n0;
+      for (int k = 0; k < K; ++k, a += ak, b += ldb) {
+        const float a_mk = *a;
+        for (int c = 0; c < kNR; ++c) acc[c] += a_mk * b[c];
+      }
+      for (int c = 0; c < kNR; ++c) c_row[n0 + c] = acc[c];
+    }
+  }
 }
 
 // ---- problem geometry -----------------------------------------------------------------------
@@ -204,11 +206,11 @@ struct Geometry {
       for (int c = 0; c < kBk; ++c) {
         const float t = tanh_approx(s[c] * pre);
         dtanh[c] = 1.f - t * t;
-        s[c] = (c >= c_lo && c < c_hi) ? t * post : -kInf;
+        s[c] = select_v((c >= c_lo) & (c < c_hi), t * post, -kInf);
       }
     } else {
       const float mul = scale * kLog2e;
-      for (int c = 0; c < kBk; ++c) s[c] = (c >= c_lo && c < c_hi) ? s[c] * mul : -kInf;
+      for (int c = 0; c < kBk; ++c) s[c] = select_v((c >= c_lo) & (c < c_hi), s[c] * mul, -kInf);
     }
   }
 };
@@ -227,7 +229,13 @@ void parallel_items(int64_t n, int num_threads, const MakeScratch& make_scratch,
       body(item, scratch);
   };
   std::vector<std::thread> pool;
-  for (int64_t t = 1; t < threads; ++t) pool.emplace_back(worker);
+  for (int64_t t = 1; t < threads; ++t) {
+    try {
+      pool.emplace_back(worker);
+    } catch (const std::system_error&) {
+      break;  // out of threads: the shared counter lets the ones running finish every item
+    }
+  }
   worker();
   for (auto& t : pool) t.join();
 }

@@ -20,13 +20,14 @@ struct FwdEpilogue {
     typename Traits::TiledMmaPV mma_pv;
     auto thr_pv = mma_pv.get_slice(mma_tidx);
     Tensor tOcO = thr_pv.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapePV{})));
-    Tensor tOrOe = make_tensor<Element>(tOrO.layout());
-    convert_fragment(tOrO, tOrOe);
-    Tensor o = make_tensor(tOrOe.data(), acc_rowcol(tOrOe.layout()));  // (rows, cols)
+    Tensor o = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
     Tensor c = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
     int const seqlen_q = p.mask.seqlen_q;
     Element* out = p.out + t.batch * p.out_batch_stride + int64_t(t.head) * kHeadDimV;
     float* lse_row = p.lse + (int64_t(t.batch) * p.sched.heads + t.head) * seqlen_q;
+    // Pairs are converted as they are stored: a converted copy of the whole accumulator would
+    // not fit next to it in the register budget at head dim 256.
+    cutlass::NumericArrayConverter<Element, float, 2> to_element;
     CUTLASS_PRAGMA_UNROLL
     for (int mi = 0; mi < size<0>(o); ++mi) {
       int const i = t.m_block * kBlockM + int(get<0>(c(mi, 0)));
@@ -35,8 +36,9 @@ struct FwdEpilogue {
       // Columns (ni, ni + 1) are adjacent in memory and in registers: one 4-byte store.
       CUTLASS_PRAGMA_UNROLL
       for (int ni = 0; ni < size<1>(o); ni += 2) {
-        *reinterpret_cast<uint32_t*>(out_row + int(get<1>(c(mi, ni)))) =
-            *reinterpret_cast<uint32_t const*>(&o(mi, ni));
+        cutlass::Array<float, 2> const pair = {o(mi, ni), o(mi, ni + 1)};
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(out_row + int(get<1>(c(mi, ni)))) =
+            to_element(pair);
       }
       if (mma_tidx % 4 == 0) lse_row[i] = lse[mi];
     }

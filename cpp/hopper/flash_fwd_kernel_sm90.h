@@ -35,6 +35,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
     ss.q_full.init(1);
     ss.q_empty.init(Traits::kNumMmaThreads);
+    for (int i = 0; i < 2; ++i) {
+      ss.tile_full[i].init(1);
+      ss.tile_empty[i].init(Traits::kNumMmaThreads);
+    }
   }
 
   typename PipelineK::Params pipe_params;
@@ -53,8 +57,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (warp_idx == 0 && threadIdx.x == 0) {
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();
-      int q_tile_count = 0;
-      for (int tile = blockIdx.x; tile < sched.num_tiles; tile += gridDim.x) {
+      int q_tile_count = 0, slot = 0;
+      uint32_t phase = 0;
+      for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tile)) {
+        // Publish the tile (num_tiles or more means "done") through a 2-deep ring.
+        ss.tile_empty[slot].wait(phase ^ 1);
+        ss.tile_ids[slot] = tile;
+        ss.tile_full[slot].arrive();
+        if (++slot == 2) slot = 0, phase ^= 1;
+        if (tile >= sched.num_tiles) break;
         TileCoord const t = decode_tile(sched, tile);
         int n_min, n_max;
         p.mask.n_block_range(t.m_block, n_min, n_max);
@@ -72,8 +83,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     typename Traits::TiledMmaPV mma_pv;
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
     PipelineState read;
-    int q_tile_count = 0;
-    for (int tile = blockIdx.x; tile < sched.num_tiles; tile += gridDim.x) {
+    int q_tile_count = 0, slot = 0;
+    uint32_t phase = 0;
+    while (true) {
+      ss.tile_full[slot].wait(phase);
+      int const tile = ss.tile_ids[slot];
+      ss.tile_empty[slot].arrive();
+      if (++slot == 2) slot = 0, phase ^= 1;
+      if (tile >= sched.num_tiles) break;
       TileCoord const t = decode_tile(sched, tile);
       int n_min, n_max;
       p.mask.n_block_range(t.m_block, n_min, n_max);

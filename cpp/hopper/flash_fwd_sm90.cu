@@ -4,6 +4,10 @@
 // Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128).
 // -DFA3_JAX_ONLY_HDIM=N keeps only head dim N (both dtypes) to cut build time; the supports
 // query then reports exactly what was built.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED  // WGMMA N = 80, 112 (see flash_fwd_traits_sm90.h)
+#endif
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -40,7 +44,7 @@ DeviceInfo device_info() {
 }
 
 template <class Element, int kHeadDim, int kHeadDimV>
-const char* launch_fwd(const FwdParams& p, cudaStream_t stream) {
+const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
   constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV);
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages, Element>;
   using ShapeQKV = typename Traits::ShapeQKV;
@@ -88,6 +92,9 @@ const char* launch_fwd(const FwdParams& p, cudaStream_t stream) {
   int const group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
   kp.sched = {num_m_blocks, hq, num_hb, group, num_m_blocks * num_hb, hi < sk};
   kp.qheads_per_kvhead = qheads_per_kvhead;
+  kp.tile_counter = tile_counter;
+  if (tile_counter && cudaMemsetAsync(tile_counter, 0, sizeof(int), stream) != cudaSuccess)
+    return "fa3_jax: cannot reset the sm90 forward tile counter";
 
   constexpr float kLog2e = 1.4426950408889634f;
   kp.has_softcap = p.softcap > 0.f;
@@ -111,22 +118,22 @@ const char* launch_fwd(const FwdParams& p, cudaStream_t stream) {
 }
 
 template <class Element>
-const char* dispatch_hdim(const FwdParams& p, cudaStream_t stream) {
+const char* dispatch_hdim(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
 #if FA3_JAX_FWD_HDIM(64)
-  if (p.head_dim == 64 && p.head_dim_v == 64) return launch_fwd<Element, 64, 64>(p, stream);
+  if (p.head_dim == 64 && p.head_dim_v == 64) return launch_fwd<Element, 64, 64>(p, tile_counter, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(96)
-  if (p.head_dim == 96 && p.head_dim_v == 96) return launch_fwd<Element, 96, 96>(p, stream);
+  if (p.head_dim == 96 && p.head_dim_v == 96) return launch_fwd<Element, 96, 96>(p, tile_counter, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(128)
-  if (p.head_dim == 128 && p.head_dim_v == 128) return launch_fwd<Element, 128, 128>(p, stream);
+  if (p.head_dim == 128 && p.head_dim_v == 128) return launch_fwd<Element, 128, 128>(p, tile_counter, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(192)
-  if (p.head_dim == 192 && p.head_dim_v == 192) return launch_fwd<Element, 192, 192>(p, stream);
-  if (p.head_dim == 192 && p.head_dim_v == 128) return launch_fwd<Element, 192, 128>(p, stream);
+  if (p.head_dim == 192 && p.head_dim_v == 192) return launch_fwd<Element, 192, 192>(p, tile_counter, stream);
+  if (p.head_dim == 192 && p.head_dim_v == 128) return launch_fwd<Element, 192, 128>(p, tile_counter, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(256)
-  if (p.head_dim == 256 && p.head_dim_v == 256) return launch_fwd<Element, 256, 256>(p, stream);
+  if (p.head_dim == 256 && p.head_dim_v == 256) return launch_fwd<Element, 256, 256>(p, tile_counter, stream);
 #endif
   return "fa3_jax: head dim not compiled into the sm90 forward kernel";
 }
@@ -150,13 +157,16 @@ bool sm90_supports_fwd(const FwdParams& p) {
   return p.seqlen_q < kMax && p.seqlen_k < kMax && p.batch * p.heads_q < kMax;
 }
 
-size_t sm90_fwd_workspace_bytes(const FwdParams&) { return 0; }
+// One int: the dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream).
+size_t sm90_fwd_workspace_bytes(const FwdParams&) { return 16; }
 
-const char* run_fwd_sm90(const FwdParams& p, void* /*workspace*/, cudaStream_t_ stream) {
+const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stream) {
   if (!sm90_supports_fwd(p)) return "fa3_jax: unsupported dtype or head dim for the sm90 forward";
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, s);
-  return dispatch_hdim<cutlass::bfloat16_t>(p, s);
+  // Without a workspace the kernel falls back to the static round-robin schedule.
+  int* counter = static_cast<int*>(workspace);
+  if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, counter, s);
+  return dispatch_hdim<cutlass::bfloat16_t>(p, counter, s);
 }
 
 }  // namespace fa3

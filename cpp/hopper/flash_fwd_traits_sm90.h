@@ -6,6 +6,13 @@
 // reading the V tile as an MN-major operand.
 #pragma once
 
+// WGMMA N sizes that are not multiples of 32 (block_n 80 and 112) exist only with this switch;
+// without it the op selector silently falls back to N = 16 instructions. It must be seen before
+// the first include of cute/arch/mma_sm90.hpp: the build passes it on the command line too.
+#ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
+#endif
+
 #include <cute/tensor.hpp>
 #include <cute/atom/copy_traits_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -50,6 +57,11 @@ struct FwdTraits {
                            GMMA::Major::MN>(),
       AtomLayoutMma{}));
 
+  static_assert(size<1>(typename TiledMmaQK::AtomShape_MNK{}) == kBlockN,
+                "S = Q K^T must be one WGMMA wide (CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED missing?)");
+  static_assert(size<1>(typename TiledMmaPV::AtomShape_MNK{}) == kHeadDimV,
+                "O += P V must be one WGMMA wide");
+
   using SmemLayoutQ = decltype(tile_to_shape(
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockM>,
                                                           Int<kHeadDim>>(),
@@ -83,6 +95,9 @@ struct FwdTraits {
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> v;
     cutlass::arch::ClusterTransactionBarrier q_full;  // TMA of Q landed
     cutlass::arch::ClusterBarrier q_empty;            // consumers done reading Q
+    // Tile ids handed from the producer (which runs the scheduler) to the consumers.
+    int tile_ids[2];
+    cutlass::arch::ClusterBarrier tile_full[2], tile_empty[2];
     typename PipelineK::SharedStorage pipe_k;
     typename PipelineV::SharedStorage pipe_v;
   };
@@ -109,6 +124,7 @@ struct FwdTraits {
     ShapeQKV shape_q, shape_k, shape_v;
     BandMask<kBlockM, kBlockN> mask;
     TileSchedulerParams sched;
+    int* tile_counter;  // zeroed before launch; nullptr: static round-robin schedule
     int qheads_per_kvhead;
     float scale_log2;   // factor on the (capped) score before exp2
     float softcap_pre;  // softmax_scale / softcap, used only when has_softcap

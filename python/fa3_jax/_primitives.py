@@ -108,27 +108,40 @@ def _lse_sharding(mesh, b_ax, h_ax):
 
 
 def _heads_factor(value_types):
-    """Einsum factors for the query-head axis and the kv-head axis."""
+    """Einsum factors for the query-head and kv-head axes, their sizes, and the factors that
+    must stay unsharded."""
     shapes = [mlir.ir.RankedTensorType(t).shape for t in value_types[:2]]
     heads_q, heads_kv = shapes[0][2], shapes[1][2]
     if heads_q == heads_kv:
-        return "h", "h", {}
-    return "(h r)", "h", {"r": heads_q // heads_kv}
+        return "h", "h", {}, ()
+    if heads_kv == 1:
+        # MQA: Shardy rejects a size-1 factor inside a compound one; keep heads whole.
+        return "h", "g", {}, ("h", "g")
+    return "(h r)", "h", {"r": heads_q // heads_kv}, ("r",)
+
+
+def _in_rule_order(rule, factors):
+    """Shardy wants the need_replication factors in their order of appearance in the rule."""
+    order = []
+    for tok in rule.replace("(", " ").replace(")", " ").replace(",", " ").split():
+        if tok != "->" and tok not in order:
+            order.append(tok)
+    return tuple(sorted(set(factors), key=order.index))
 
 
 def _fwd_rule(softmax_scale, softcap, diag_lo, diag_hi, mesh, value_types, result_types):
-    hq, hk, sizes = _heads_factor(value_types)
+    hq, hk, sizes, keep_whole = _heads_factor(value_types)
     rule = f"b s {hq} d, b t {hk} d, b t {hk} e -> b s {hq} e, b {hq} s"
-    repl = ("s", "t", "d", "e") + (("r",) if sizes else ())
+    repl = _in_rule_order(rule, ("s", "t", "d", "e") + keep_whole)
     return rule, dict(need_replication_factors=repl, **sizes)
 
 
 def _bwd_rule(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh, value_types,
               result_types):
-    hq, hk, sizes = _heads_factor(value_types)
+    hq, hk, sizes, keep_whole = _heads_factor(value_types)
     rule = (f"b s {hq} d, b t {hk} d, b t {hk} e, b s {hq} e, b {hq} s, b s {hq} e, b {hq} s"
             f" -> b s {hq} d, b t {hk} d, b t {hk} e")
-    repl = ("s", "t", "d", "e") + (("r",) if sizes else ())
+    repl = _in_rule_order(rule, ("s", "t", "d", "e") + keep_whole)
     return rule, dict(need_replication_factors=repl, **sizes)
 
 
@@ -211,10 +224,10 @@ def _bwd_lower_impl(q, k, v, out, lse, dout, dlse, *, softmax_scale, softcap, di
 
 def _fold_batched(args, dims):
     """Moves each vmapped axis to the front and folds it into the batch axis."""
-    size = next(a.shape[d] for a, d in zip(args, dims) if d is not batching.not_mapped)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     folded = []
     for a, d in zip(args, dims):
-        if d is batching.not_mapped:
+        if d is None:  # not mapped
             a = jnp.broadcast_to(a, (size,) + a.shape)
         else:
             a = jnp.moveaxis(a, d, 0)

@@ -1,0 +1,39 @@
+// fa3_jax Hopper backward: host-side pieces shared by the dispatcher (flash_bwd_sm90.cu) and the
+// per-head-dim instantiation files (flash_bwd_hdim*_sm90.cu). No CuTe here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "flash.h"
+#include "flash_bwd_tile_size_sm90.h"
+
+namespace fa3::sm90_bwd {
+
+// Workspace: float dq_accum [b, hq, sq_pad, d]; float lse_log2 and dpsum [b, hq, sq_pad];
+// int semaphores [b, hq, sq_pad / 64] (one per 64-row query block, the smallest block_m).
+struct BwdWorkspaceLayout {
+  int64_t seqlen_q_pad = 0, sem_per_head = 0;
+  size_t dq_accum = 0, lse_log2 = 0, dpsum = 0, semaphores = 0, total = 0;  // byte offsets, size
+};
+
+inline size_t bwd_align256(size_t x) { return (x + 255) / 256 * 256; }
+
+inline BwdWorkspaceLayout bwd_workspace_layout(const BwdParams& p) {
+  BwdWorkspaceLayout w;
+  w.seqlen_q_pad = (p.seqlen_q + kBwdSeqlenQPad - 1) / kBwdSeqlenQPad * kBwdSeqlenQPad;
+  w.sem_per_head = w.seqlen_q_pad / 64;
+  const size_t rows = size_t(p.batch) * p.heads_q * w.seqlen_q_pad;
+  w.dq_accum = 0;
+  w.lse_log2 = bwd_align256(w.dq_accum + rows * p.head_dim * sizeof(float));
+  w.dpsum = bwd_align256(w.lse_log2 + rows * sizeof(float));
+  w.semaphores = bwd_align256(w.dpsum + rows * sizeof(float));
+  w.total = bwd_align256(w.semaphores + size_t(p.batch) * p.heads_q * w.sem_per_head * sizeof(int));
+  return w;
+}
+
+// Defined (and explicitly instantiated) in flash_bwd_hdim<D>_sm90.cu.
+template <int kHeadDim, int kHeadDimV, DType kDType, bool kSoftcap>
+const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_ stream);
+
+}  // namespace fa3::sm90_bwd

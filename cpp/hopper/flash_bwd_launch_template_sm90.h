@@ -1,0 +1,121 @@
+// fa3_jax Hopper backward: the three launches (preprocess, main, postprocess) for one
+// (head dim, head dim v, dtype, softcap) instantiation. Included only by flash_bwd_hdim*_sm90.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "flash_bwd_kernel_sm90.h"
+#include "flash_bwd_launch_sm90.h"
+#include "flash_bwd_postprocess_sm90.h"
+#include "flash_bwd_preprocess_sm90.h"
+
+namespace fa3::sm90_bwd {
+
+template <DType kDType> struct BwdElement;
+template <> struct BwdElement<DType::kFloat16> { using type = cutlass::half_t; };
+template <> struct BwdElement<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
+
+inline int bwd_clamp_diag(int64_t d, int64_t seqlen_q, int64_t seqlen_k) {
+  return int(std::min<int64_t>(std::max<int64_t>(d, -(seqlen_q + 1)), seqlen_k + 1));
+}
+
+template <int kHeadDim, int kHeadDimV, DType kDType, bool kSoftcap>
+const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_ stream_) {
+  // flash.h forward-declares CUstream_st inside namespace fa3, a different type from the
+  // runtime's ::CUstream_st; both name the same driver stream object.
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
+  using Element = typename BwdElement<kDType>::type;
+  using Tr = BwdTraitsSm90<kHeadDim, kHeadDimV, Element, kSoftcap>;
+  const BwdWorkspaceLayout w = bwd_workspace_layout(p);
+  char* ws = static_cast<char*>(workspace);
+  float* dq_accum = reinterpret_cast<float*>(ws + w.dq_accum);
+  float* lse_log2 = reinterpret_cast<float*>(ws + w.lse_log2);
+  float* dpsum = reinterpret_cast<float*>(ws + w.dpsum);
+  int* semaphores = reinterpret_cast<int*>(ws + w.semaphores);
+
+  BwdPreParams pre{};
+  pre.out = p.out_in;
+  pre.dout = p.dout;
+  pre.lse = p.lse_in;
+  pre.lse_log2 = lse_log2;
+  pre.dpsum = dpsum;
+  pre.dq_accum = dq_accum;
+  pre.semaphores = semaphores;
+  pre.seqlen_q = int(p.seqlen_q);
+  pre.seqlen_q_pad = int(w.seqlen_q_pad);
+  pre.heads_q = int(p.heads_q);
+  pre.head_dim = kHeadDim;
+  pre.head_dim_v = kHeadDimV;
+  pre.sem_per_head = int(w.sem_per_head);
+  dim3 pre_grid(unsigned((w.seqlen_q_pad + kPreRowsPerBlock - 1) / kPreRowsPerBlock), unsigned(p.heads_q),
+                unsigned(p.batch));
+  flash_bwd_preprocess_sm90<Element><<<pre_grid, kPreThreads, 0, stream>>>(pre);
+  if (cudaGetLastError() != cudaSuccess) return "fa3 bwd: preprocess launch failed";
+
+  BwdMainParams m{};
+  m.q = p.q;
+  m.k = p.k;
+  m.v = p.v;
+  m.dout = p.dout;
+  m.dk = p.dk;
+  m.dv = p.dv;
+  m.dq_accum = dq_accum;
+  m.lse_log2 = lse_log2;
+  m.dpsum = dpsum;
+  m.semaphores = semaphores;
+  m.seqlen_q = int(p.seqlen_q);
+  m.seqlen_k = int(p.seqlen_k);
+  m.seqlen_q_pad = int(w.seqlen_q_pad);
+  m.heads_q = int(p.heads_q);
+  m.heads_kv = int(p.heads_kv);
+  m.group = int(p.heads_q / p.heads_kv);
+  m.sem_per_head = int(w.sem_per_head);
+  m.diag_lo = bwd_clamp_diag(p.diag_lo, p.seqlen_q, p.seqlen_k);
+  m.diag_hi = bwd_clamp_diag(p.diag_hi, p.seqlen_q, p.seqlen_k);
+  m.scale = p.softmax_scale;
+  m.scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  m.softcap_log2 = p.softcap * 1.4426950408889634f;
+  m.scale_div_softcap = kSoftcap ? p.softmax_scale / p.softcap : 0.f;
+  m.deterministic = p.deterministic;
+  auto kernel = flash_bwd_kernel_sm90<Tr>;
+  static bool attr_set = false;  // per instantiation; racing first calls set the same value
+  if (!attr_set) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess) {
+      return "fa3 bwd: cannot raise the shared memory limit of the main kernel";
+    }
+    attr_set = true;
+  }
+  dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_kv), unsigned(p.batch));
+  kernel<<<grid, Tr::kNumThreads, Tr::kSmemBytes, stream>>>(m);
+  if (cudaGetLastError() != cudaSuccess) return "fa3 bwd: main kernel launch failed";
+
+  BwdPostParams post{};
+  post.dq_accum = dq_accum;
+  post.dq = p.dq;
+  post.scale = p.softmax_scale;
+  post.batch = int(p.batch);
+  post.seqlen_q = int(p.seqlen_q);
+  post.seqlen_q_pad = int(w.seqlen_q_pad);
+  post.heads_q = int(p.heads_q);
+  post.head_dim = kHeadDim;
+  const int64_t groups = p.batch * p.seqlen_q * p.heads_q * (kHeadDim / 4);
+  const unsigned post_blocks = unsigned(std::min<int64_t>((groups + kPostThreads - 1) / kPostThreads, 132 * 16));
+  flash_bwd_postprocess_sm90<Element><<<post_blocks, kPostThreads, 0, stream>>>(post);
+  if (cudaGetLastError() != cudaSuccess) return "fa3 bwd: postprocess launch failed";
+  return nullptr;
+}
+
+}  // namespace fa3::sm90_bwd
+
+// One line per instantiation file: both dtypes, with and without softcap.
+#define FA3_BWD_INSTANTIATE(D, DV)                                                                       \
+  template const char* fa3::sm90_bwd::run_bwd_sm90_hdim<D, DV, fa3::DType::kFloat16, false>(           \
+      const fa3::BwdParams&, void*, fa3::cudaStream_t_);                                                 \
+  template const char* fa3::sm90_bwd::run_bwd_sm90_hdim<D, DV, fa3::DType::kFloat16, true>(            \
+      const fa3::BwdParams&, void*, fa3::cudaStream_t_);                                                 \
+  template const char* fa3::sm90_bwd::run_bwd_sm90_hdim<D, DV, fa3::DType::kBFloat16, false>(          \
+      const fa3::BwdParams&, void*, fa3::cudaStream_t_);                                                 \
+  template const char* fa3::sm90_bwd::run_bwd_sm90_hdim<D, DV, fa3::DType::kBFloat16, true>(           \
+      const fa3::BwdParams&, void*, fa3::cudaStream_t_);

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Build (here) and test (on the device machine) the sm90 forward kernel.
+#   scripts/dev_fwd.sh build [HDIM]   compile flash_fwd_sm90.cu (+ test driver) into devbin/fwd/
+#   scripts/dev_fwd.sh device         on the GPU machine: SASS check, correctness, sanitizer, timing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+INC=${CUTLASS_INC:-/work/venv/lib/python3.11/site-packages/cutlass_library/source/include}
+FLAGS=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr
+       --expt-extended-lambda -DNDEBUG -DFA3_JAX_WITH_CUDA -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED -I"$INC")
+OUT_DIR=devbin/fwd
+case "${1:-build}" in
+  build)
+    mkdir -p "$OUT_DIR"
+    defs=(); tag=all
+    if [[ -n "${2:-}" ]]; then defs=(-DFA3_JAX_ONLY_HDIM="$2"); tag="$2"; fi
+    nvcc "${FLAGS[@]}" "${defs[@]}" -Xptxas -v -c cpp/hopper/flash_fwd_sm90.cu \
+      -o "$OUT_DIR/fwd_$tag.o" 2> "$OUT_DIR/ptxas_$tag.txt"
+    grep -E "Compiling entry|registers|spill" "$OUT_DIR/ptxas_$tag.txt" | sed 's/_ZN3fa34sm9021flash_fwd_kernel_sm90INS0_9FwdTraits//' || true
+    if grep -q C7508 "$OUT_DIR/ptxas_$tag.txt"; then echo "WARNING: setmaxnreg ignored (C7508)"; fi
+    nvcc "${FLAGS[@]}" -c cpp/hopper/test_fwd_sm90.cu -o "$OUT_DIR/test_fwd_sm90.o"
+    nvcc -gencode=arch=compute_90a,code=sm_90a "$OUT_DIR/test_fwd_sm90.o" "$OUT_DIR/fwd_$tag.o" \
+      -o "$OUT_DIR/test_fwd_$tag"
+    ;;
+  device)
+    BIN=${2:-$OUT_DIR/test_fwd_all}
+    LOG=${OUT:-/tmp}
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader || true
+    cuobjdump --dump-sass "$BIN" | grep -oE "HGMMA\.[0-9A-Za-z]+\.[A-Z0-9.]+|UTMALDG[.0-9A-Z]*|USETMAXREG[.A-Z0-9]*|\bLDL\b|\bSTL\b" \
+      | sort | uniq -c | sort -rn | head -20 || true
+    # Timeouts keep a hang from eating the whole lease.
+    timeout 90 "$BIN" --check 2>&1 | tee "$LOG/check.txt" | grep -E "FAIL|SUMMARY" || echo "check rc=$?"
+    timeout 40 compute-sanitizer --tool memcheck "$BIN" --small 2>&1 | tail -3 || true
+    timeout 40 compute-sanitizer --tool racecheck --racecheck-report hazard "$BIN" --small 2>&1 | tail -3 || true
+    timeout 60 "$BIN" --time 2>&1 | tee "$LOG/time.txt" || true
+    ;;
+esac

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# On a Hopper GPU machine with no package registry: install fa3_jax from this working tree (with
+# the nvidia-cutlass wheel brought along in .whl/), then run the GPU tests, compute-sanitizer on a
+# small case, the kernel benchmark and the main job. Everything it writes goes to $OUT.
+#   STAGES="build tests sanitizer bench main" (default: all)   FA3_JAX_HEAD_DIMS=64,128,...
+#   PYTEST_ARGS, BENCH_ARGS, MAIN_ARGS to narrow a stage.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fa3_jax_out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"build tests sanitizer bench main"}
+PY=${PYTHON:-python3}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+log() { echo "=== $* ($(date +%T))"; }
+
+if has build; then
+  log "build"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/nvidia_cutlass-*.whl \
+    || { echo "device_check: carry .whl with the nvidia-cutlass wheel"; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+  FA3_JAX_CUDA=ON "$PY" -m pip install -v --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1
+  rc=$?
+  grep -E "ptxas (info|warning)|C7508|error" "$OUT/build.log" | grep -v "^ *$" >"$OUT/ptxas.txt"
+  grep -E "Used [0-9]+ registers|spill|C7508" "$OUT/ptxas.txt" | sort | uniq -c | sort -rn | head -40
+  if [ $rc -ne 0 ]; then tail -60 "$OUT/build.log"; exit $rc; fi
+  so=$("$PY" -c "import fa3_jax._fa3_jax_ext as m; print(m.__file__)")
+  cuobjdump --dump-sass "$so" >"$OUT/sass.txt" 2>&1
+  echo "SASS: $(grep -c HGMMA "$OUT/sass.txt") HGMMA, $(grep -c -E 'LDL|STL' "$OUT/sass.txt") LDL/STL instructions"
+  awk '/Function :/{f=$3} /HGMMA/{c[f]++} END{for (k in c) print c[k], k}' "$OUT/sass.txt" | sort -rn | head -20
+  "$PY" -c "import fa3_jax; print('cuda_built', fa3_jax.cuda_built(), 'head dims', fa3_jax.cuda_head_dims())"
+fi
+
+if has tests; then
+  log "GPU tests"
+  "$PY" -m pytest -q -x -m gpu -ra ${PYTEST_ARGS:-} tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+fi
+
+if has sanitizer; then
+  log "compute-sanitizer"
+  for tool in memcheck racecheck; do
+    XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool $tool --error-exitcode 3 "$PY" scripts/small_case.py >"$OUT/sanitizer_$tool.txt" 2>&1
+    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.txt" | tail -1)"
+  done
+fi
+
+if has bench; then
+  log "benchmark"
+  "$PY" benchmarks/bench_attention.py --out "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -80
+fi
+
+if has main; then
+  log "main job"
+  "$PY" benchmarks/train_transformer.py --steps 50 --seq 1024 --batch 8 --heads 8 --kv-heads 2 \
+    --head-dim 128 --layers 2 --json "$OUT/train.json" ${MAIN_ARGS:-} 2>&1 | tail -22
+fi
+log "done"

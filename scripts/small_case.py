@@ -1,0 +1,18 @@
+"""One small forward + backward through the Hopper kernels, for compute-sanitizer."""
+
+import jax
+import jax.numpy as jnp
+
+import fa3_jax
+
+key = jax.random.PRNGKey(0)
+for d in fa3_jax.cuda_head_dims():
+    for causal in (False, True):
+        kq, kk, kv, key = jax.random.split(key, 4)
+        q = jax.random.normal(kq, (1, 200, 4, d), jnp.bfloat16)
+        k = jax.random.normal(kk, (1, 333, 2, d), jnp.bfloat16)
+        v = jax.random.normal(kv, (1, 333, 2, d), jnp.bfloat16)
+        f = lambda q, k, v: jnp.sum(fa3_jax.flash_attention(q, k, v, causal=causal).astype(jnp.float32))  # noqa
+        val, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+        jax.block_until_ready(grads)
+        print(f"head_dim {d} causal {causal}: ok, loss {float(val):.4f}")

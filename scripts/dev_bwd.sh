@@ -20,7 +20,7 @@ case "$cmd" in
     for s in "${srcs[@]}"; do
       o=devbin/$(basename "${s%.cu}").o
       # Skip objects newer than their source and every header (FORCE=1 rebuilds all).
-      if [[ -z "${FORCE:-}" && -z "${2:-}" && -f "$o" && -z "$(find "$s" cpp/hopper/*.h cpp/flash.h -newer "$o")" ]]; then continue; fi
+      if [[ -z "${FORCE:-}" && -z "${2:-}" && -f "$o" && -z "$(find "$s" cpp/hopper/flash_bwd*.h cpp/flash.h -newer "$o")" ]]; then continue; fi
       nvcc "${NVCC_FLAGS[@]}" "${defs[@]}" -c "$s" -o "$o" > "$o.log" 2>&1 &
       pids+=($!)
       while (( $(jobs -rp | wc -l) >= ${JOBS:-2} )); do sleep 1; done
@@ -37,14 +37,18 @@ case "$cmd" in
       sass=$(cuobjdump --dump-sass "$o")
       echo "$o: HGMMA $(grep -c HGMMA <<<"$sass") LDL/STL $(grep -cE 'LDL|STL' <<<"$sass")"
     done
-    grep -h -A2 "Compiling entry function '.*flash_bwd_kernel" devbin/*.log | grep -oE "BwdTraitsSm90ILi[0-9]+ELi[0-9]+EN7cutlass[0-9]+[a-z0-9_]+ELb[01]|[0-9]+ bytes spill stores|Used [0-9]+ registers" | paste - - - | sort -u
+    grep -h -A3 "Compiling entry function '.*flash_bwd_kernel" devbin/*.log | grep -E "Compiling|spill|Used" \
+      | sed -E "s/.*BwdTraitsSm90ILi([0-9]+)ELi([0-9]+)EN7cutlass[0-9]+([a-z0-9_]+)ELb([01]).*/d=\1\/\2 \3 softcap=\4/; s/ptxas info *: //" | paste - - - | sort -u
     grep -h "C7508" devbin/*.log || echo "no C7508"
     ;;
   device)
     nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader || true
-    devbin/test_bwd_sm90 "${2:-all}" 2>&1 | tee "${OUT:-/tmp}/test_bwd.log"
+    # Each stage under its own time limit, so one hang does not cost the others.
+    for m in ${2:-check det time}; do
+      timeout "${STAGE_TIMEOUT:-80}" devbin/test_bwd_sm90 "$m" 2>&1 | tee -a "${OUT:-/tmp}/test_bwd.log" || echo "stage $m: rc=$?"
+    done
     if command -v compute-sanitizer > /dev/null; then
-      compute-sanitizer --tool memcheck devbin/test_bwd_sm90 small 2>&1 | tail -5
+      timeout 60 compute-sanitizer --tool memcheck devbin/test_bwd_sm90 small 2>&1 | tail -5
     else
       echo "compute-sanitizer not found"
     fi

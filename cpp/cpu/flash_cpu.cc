@@ -78,13 +78,13 @@ inline float select_v(bool c, float a, float b) {
   return bits_float(select_bits(c, float_bits(a), float_bits(b)));
 }
 
-// 2^x, relative error ~1e-7; x = -inf (and anything below -126.5) gives 0.
+// 2^x, relative error ~1e-7; x = -inf (and anything below -126.5) gives 0, nan stays nan.
 inline float exp2_approx(float x) {
   // Masked selects: with plain ?: GCC clones the polynomial for the clamped constants and the
-  // resulting branches block vectorization.
-  x = select_v(x > -127.f, select_v(x < 127.f, x, 127.f), -127.f);
-  const float r = (x + 12582912.f) - 12582912.f;  // round to nearest integer (1.5 * 2^23 trick)
-  const float f = x - r;                          // in [-0.5, 0.5]
+  // resulting branches block vectorization. The clamp also maps nan to -127 (a safe int below).
+  const float xc = select_v(x > -127.f, select_v(x < 127.f, x, 127.f), -127.f);
+  const float r = (xc + 12582912.f) - 12582912.f;  // round to nearest integer (1.5 * 2^23 trick)
+  const float f = xc - r;                          // in [-0.5, 0.5]
   // Taylor series of e^(f ln 2) to degree 7: truncation error below 1e-8 on [-0.5, 0.5].
   float p = 1.5252733804059838e-05f;
   p = p * f + 1.5403530393381606e-04f;
@@ -96,7 +96,7 @@ inline float exp2_approx(float x) {
   p = p * f + 1.f;
   // n = -127 builds the bit pattern 0, i.e. flushes to zero instead of making a subnormal.
   const int32_t n = int32_t(r);
-  return p * bits_float(uint32_t(n + 127) << 23);
+  return select_v(x == x, p * bits_float(uint32_t(n + 127) << 23), x);
 }
 
 inline float tanh_approx(float x) {
@@ -297,10 +297,10 @@ void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
 
   for (int r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
-    const bool any = w.l[r] > 0.f;
-    store_row<E>(&w.acc[r * g.dvp], any ? 1.f / w.l[r] : 0.f, g.dv,
+    const bool empty = w.l[r] == 0.f;  // (a nan l is not empty: nan inputs give nan outputs)
+    store_row<E>(&w.acc[r * g.dvp], empty ? 0.f : 1.f / w.l[r], g.dv,
                  out + ((b * g.sq + i) * g.hq + h) * g.dv);
-    p.lse[(b * g.hq + h) * g.sq + i] = any ? w.m[r] * kLn2 + std::log(w.l[r]) : -kInf;
+    p.lse[(b * g.hq + h) * g.sq + i] = empty ? -kInf : w.m[r] * kLn2 + std::log(w.l[r]);
   }
 }
 
@@ -375,8 +375,11 @@ void bwd_dq_item(const BwdParams& p, const Geometry& g, int64_t item, float* di_
     load_row<E>(out + ((b * g.sq + i0 + r) * g.hq + h) * g.dv, g.dv, o);
     float sum = 0.f;
     for (int c = 0; c < g.dv; ++c) sum += o[c] * w.dout[r * g.dvp + c];
+    // The lse cotangent enters only through D (d lse_i / d s_ij = P_ij).
+    const int64_t row = (b * g.hq + h) * g.sq + i0 + r;
+    if (p.dlse) sum -= p.dlse[row];
     w.di[r] = sum;
-    di_all[(b * g.hq + h) * g.sq + i0 + r] = sum;
+    di_all[row] = sum;
   }
   std::fill(w.acc.begin(), w.acc.begin() + mq * g.dp, 0.f);
 

@@ -3,6 +3,7 @@
 //   ./test_flash_cpu            correctness against a double-precision reference
 //   ./test_flash_cpu --bench    timings
 // Exit status 0 iff every check passed.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -273,9 +274,15 @@ struct Outputs {
 
 Outputs run_kernels(const Case& c, float scale, Tensor& q, Tensor& k, Tensor& v, Tensor& dout,
                     int threads) {
+  // Outputs start as nan so that any element the kernels fail to write shows up.
+  const float nan = std::numeric_limits<float>::quiet_NaN();
   Outputs o{Tensor(c.dt, q.val.size() / c.d * c.dv), Tensor(c.dt, q.val.size()),
             Tensor(c.dt, k.val.size()), Tensor(c.dt, v.val.size()),
-            std::vector<float>(c.b * c.hq * c.sq)};
+            std::vector<float>(c.b * c.hq * c.sq, nan)};
+  for (Tensor* t : {&o.out, &o.dq, &o.dk, &o.dv}) {
+    std::fill(t->val.begin(), t->val.end(), nan);
+    std::fill(t->half.begin(), t->half.end(), uint16_t(0x7fff));  // nan in fp16 and bf16
+  }
   fa3::BwdParams p;
   p.batch = c.b, p.seqlen_q = c.sq, p.seqlen_k = c.sk, p.heads_q = c.hq, p.heads_kv = c.hkv;
   p.head_dim = c.d, p.head_dim_v = c.dv, p.softmax_scale = scale, p.softcap = c.softcap;
@@ -390,6 +397,9 @@ std::vector<Case> cases() {
   Case none{"nothing visible", 1, 20, 30, 2, 2, 64, 64};
   none.lo = none.hi = 1000;
   cs.push_back(none);
+  // Empty sequences: every output row is an empty row (or there are no rows at all).
+  cs.push_back({"no keys", 2, 5, 0, 2, 1, 64, 64});
+  cs.push_back({"no queries", 2, 0, 9, 2, 1, 64, 64});
   Case huge{"int64 extreme band", 1, 50, 70, 2, 2, 64, 64};
   huge.lo = std::numeric_limits<int64_t>::min(), huge.hi = std::numeric_limits<int64_t>::max();
   cs.push_back(huge);
@@ -456,6 +466,22 @@ void bench(int64_t b, int64_t s, int64_t h, int64_t d, DType dt, bool causal, bo
 
 }  // namespace
 
+// A nan in the input must reach the outputs it feeds (not be dropped like a masked score),
+// while rows that never see it stay finite.
+void test_nan_propagation() {
+  Case c{"nan input", 1, 70, 70, 1, 1, 64, 64};
+  c.hi = 0;  // causal: key 69 is seen by query row 69 only
+  std::mt19937_64 rng(5);
+  Tensor q = random_tensor(c.dt, c.sq * c.d, rng), k = random_tensor(c.dt, c.sk * c.d, rng);
+  Tensor v = random_tensor(c.dt, c.sk * c.dv, rng), dout = random_tensor(c.dt, c.sq * c.dv, rng);
+  k.val[69 * c.d + 3] = std::numeric_limits<float>::quiet_NaN();
+  const Outputs o = run_kernels(c, 0.125f, q, k, v, dout, 2);
+  bool ok = std::isnan(o.out.val[69 * c.dv]) && std::isnan(o.lse[69]);
+  for (int64_t i = 0; i < 69 * c.dv; ++i) ok = ok && std::isfinite(o.out.val[i]);
+  std::printf("nan propagation: %s\n", ok ? "ok" : "FAIL");
+  check(ok, c.name);
+}
+
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "--bench") == 0) {
     std::printf("hardware threads: %u\n", std::thread::hardware_concurrency());
@@ -466,6 +492,7 @@ int main(int argc, char** argv) {
   }
   const auto t0 = std::chrono::steady_clock::now();
   test_conversions();
+  test_nan_propagation();
   std::mt19937_64 rng(1234);
   for (const Case& c : cases()) run_case(c, rng);
   const double secs =

@@ -3,12 +3,14 @@
 // One CTA per (key block n, kv head, batch). K and V of the block stay in shared memory and dK, dV
 // in registers for the whole CTA; the CTA walks the query blocks that the band mask leaves visible,
 // for every query head of its GQA group, so dK/dV of a kv head are summed without a temporary.
-// Per query block (Q, dO, lse_log2, dpsum double-buffered with cp.async, one block ahead):
+// Warp specialization: warpgroup 0 is the producer (one thread issues TMA loads of K, V once and of
+// Q, dO, lse_log2, dpsum per query block through a 2-stage mbarrier pipeline; it keeps 24
+// registers), warpgroups 1 and 2 are consumers (240 registers each) doing, per query block:
 //   S^T  = K Q^T                  (WGMMA SS, M = keys)          P^T = exp2(S^T*scale*log2e - lse)
 //   dP^T = V dO^T                 (WGMMA SS)                     dS^T = P^T * (dP^T - dpsum) [*dtanh]
-//   P^T, dS^T -> shared memory (16-bit)
+//   dV  += P^T dO,  dK += dS^T Q  (WGMMA RS from registers when warpgroups split keys, else SS)
+//   dS (and P for SS) -> shared memory (16-bit)
 //   dQ   = dS K                   (WGMMA SS, fresh accumulator) -> float2 atomics into dq_accum
-//   dV  += P^T dO,  dK += dS^T Q  (WGMMA SS, register accumulators)
 // Why transposed (S^T rather than S): a warpgroup's accumulator rows are then keys, which is the
 // M dimension of the dK/dV products, so P^T/dS^T written by a thread are read back by its own
 // warpgroup when the warpgroups split keys (hdim <= 128).
@@ -17,11 +19,15 @@
 // bit-identical run to run.
 #pragma once
 
+#include <cuda_fp16.h>
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/cutlass.h>
 #include <cutlass/gemm/collective/builders/sm90_common.inl>
 #include <cutlass/numeric_types.h>
+#include <cutlass/pipeline/pipeline.hpp>
 
 #include "flash_bwd_tile_size_sm90.h"
 
@@ -40,7 +46,7 @@ struct BwdMainParams {
   const float* lse_log2;  // [b, heads_q, seqlen_q_pad]
   const float* dpsum;     // [b, heads_q, seqlen_q_pad]
   int* semaphores;        // [b, heads_q, sem_per_head], zeroed by the preprocess kernel
-  int seqlen_q, seqlen_k, seqlen_q_pad, heads_q, heads_kv, group, sem_per_head;
+  int batch, seqlen_q, seqlen_k, seqlen_q_pad, heads_q, heads_kv, group, sem_per_head;
   int diag_lo, diag_hi;   // clamped to [-(seqlen_q + 1), seqlen_k + 1] by the host
   float scale;            // softmax_scale (applied to dK here, to dQ in the postprocess)
   float scale_log2;       // softmax_scale * log2(e)
@@ -51,8 +57,9 @@ struct BwdMainParams {
 
 // Named barriers (id 0 is __syncthreads). NamedBarrier adds CUTLASS's reserved count to these.
 enum class BwdBarrier : uint32_t {
-  kPdSWritten = 0,  // both warpgroups wrote P^T and dS^T to shared memory
-  kDqOrderWG0 = 1,  // deterministic mode: the warpgroup's turn to add dQ (WG1 uses +1)
+  kPdSWritten = 0,  // both consumer warpgroups wrote P^T and dS^T to shared memory
+  kPdSFree = 1,     // single-buffered P/dS: both consumers finished reading the previous step's
+  kDqOrderWG0 = 2,  // deterministic mode: the warpgroup's turn to add dQ (WG1 uses +1)
 };
 
 template <int kHeadDim_, int kHeadDimV_, class Element_, bool kHasSoftcap_>
@@ -65,7 +72,11 @@ struct BwdTraitsSm90 {
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kNumMmaWG = 2;
-  static constexpr int kNumThreads = kNumMmaWG * cutlass::NumThreadsPerWarpGroup;
+  static constexpr int kNumMmaThreads = kNumMmaWG * cutlass::NumThreadsPerWarpGroup;
+  static constexpr int kNumThreads = kNumMmaThreads + cutlass::NumThreadsPerWarpGroup;  // + producer
+  // setmaxnreg budgets: 24 * 128 + 240 * 256 <= 65536 registers of the SM.
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
   static constexpr int kStages = 2;
   // Warpgroups split keys (M of S^T, dK, dV) when the key block is 64 per warpgroup; otherwise
   // they split queries for S^T/dP^T and the head dim for dK/dV.
@@ -87,15 +98,24 @@ struct BwdTraitsSm90 {
   using TiledMmadP = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSdPN>, Int<kHeadDimV>>>(),
       AtomLayoutSdP{}));
-  // dK += dS^T Q, dV += P^T dO: M = keys, N = head dim, K = queries; A K-major, B MN-major.
-  using TiledMmadK = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim / kDkvSplit>, Int<kBlockM>>,
-                           GMMA::Major::K, GMMA::Major::MN>(),
+  // dK += dS^T Q, dV += P^T dO: M = keys, N = head dim, K = queries; B MN-major. When warpgroups
+  // split keys, a warpgroup's S^T/dP^T accumulator rows are exactly its dK/dV rows, so P^T and
+  // dS^T feed the MMA straight from registers (RS: no shared-memory round trip for P, half the
+  // shared-memory operand traffic); otherwise both come from shared memory (SS).
+  static constexpr bool kDkvRS = kSplitKeys;
+  template <int kN>
+  using TiledMmaKV = decltype(make_tiled_mma(
+      std::conditional_t<kDkvRS,
+          decltype(GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kN / kDkvSplit>, Int<kBlockM>>,
+                                        GMMA::Major::K, GMMA::Major::MN>()),
+          decltype(GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kN / kDkvSplit>, Int<kBlockM>>,
+                                        GMMA::Major::K, GMMA::Major::MN>())>{},
       AtomLayoutSdP{}));
-  using TiledMmadV = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHeadDimV / kDkvSplit>, Int<kBlockM>>,
-                           GMMA::Major::K, GMMA::Major::MN>(),
-      AtomLayoutSdP{}));
+  using TiledMmadK = TiledMmaKV<kHeadDim>;
+  using TiledMmadV = TiledMmaKV<kHeadDimV>;
+  // dS double-buffered when shared memory allows (RS path: no P buffer), so a warpgroup can write
+  // step i+1's dS while the other still reads step i's in its dQ product.
+  static constexpr int kStagesdS = kDkvRS ? 2 : 1;
   // dQ = dS K: M = queries, N = head dim (split over warpgroups), K = keys; both MN-major.
   using TiledMmadQ = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim / kNumMmaWG>, Int<kBlockN>>,
@@ -122,6 +142,7 @@ struct BwdTraitsSm90 {
   using SmemLayoutK = decltype(tile_to_shape(SmemAtomK{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   using SmemLayoutV = decltype(tile_to_shape(SmemAtomV{}, Shape<Int<kBlockN>, Int<kHeadDimV>>{}));
   using SmemLayoutPdS = decltype(tile_to_shape(SmemAtomPdS{}, Shape<Int<kBlockM>, Int<kBlockN>>{}));
+  using SmemLayoutdS = decltype(tile_to_shape(SmemAtomPdS{}, Shape<Int<kBlockM>, Int<kBlockN>, Int<kStagesdS>>{}));
   // Transposed views (same memory): (d, queries, stage), (d, keys), (keys, queries).
   using SmemLayoutQt = decltype(composition(
       SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{},
@@ -133,16 +154,38 @@ struct BwdTraitsSm90 {
       SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Stride<Int<kBlockN>, _1>{})));
   using SmemLayoutPdSt = decltype(composition(
       SmemLayoutPdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>>{}, Stride<Int<kBlockM>, _1>{})));
+  using SmemLayoutdSt = decltype(composition(
+      SmemLayoutdS{}, make_layout(Shape<Int<kBlockN>, Int<kBlockM>, Int<kStagesdS>>{},
+                                  Stride<Int<kBlockM>, _1, Int<kBlockM * kBlockN>>{})));
+
+  // TMA: global tensors are (seqlen, d, head, batch); one box per (block, head, batch).
+  using ShapeQKV = Shape<int, int, int, int>;
+  using StrideQKV = Stride<int64_t, _1, int64_t, int64_t>;
+  template <int kRows, int kCols, class SLayout>
+  using TmaLoad = decltype(make_tma_copy(
+      SM90_TMA_LOAD{}, make_tensor(make_gmem_ptr(static_cast<Element const*>(nullptr)), ShapeQKV{}, StrideQKV{}),
+      SLayout{}, Shape<Int<kRows>, Int<kCols>>{}, _1{}));
+  using TmaQ = TmaLoad<kBlockM, kHeadDim, decltype(take<0, 2>(SmemLayoutQ{}))>;
+  using TmadO = TmaLoad<kBlockM, kHeadDimV, decltype(take<0, 2>(SmemLayoutdO{}))>;
+  using TmaK = TmaLoad<kBlockN, kHeadDim, SmemLayoutK>;
+  using TmaV = TmaLoad<kBlockN, kHeadDimV, SmemLayoutV>;
+  static constexpr uint32_t kTxBytesQdO = (kBlockM * kHeadDim + kBlockM * kHeadDimV) * sizeof(Element) +
+                                          2 * kBlockM * sizeof(float);
+  static constexpr uint32_t kTxBytesKV = (kBlockN * kHeadDim + kBlockN * kHeadDimV) * sizeof(Element);
+  using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
   struct SharedStorage {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
     cute::array_aligned<Element, cosize_v<SmemLayoutdO>, 1024> dout;
-    cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024> p;
-    cute::array_aligned<Element, cosize_v<SmemLayoutPdS>, 1024> ds;
-    cute::array_aligned<float, kBlockM * kStages, 16> lse;
-    cute::array_aligned<float, kBlockM * kStages, 16> dpsum;
+    // P^T is only staged in shared memory for the SS dK/dV path.
+    cute::array_aligned<Element, kDkvRS ? 0 : cosize_v<SmemLayoutPdS>, 1024> p;
+    cute::array_aligned<Element, cosize_v<SmemLayoutdS>, 1024> ds;
+    cute::array_aligned<float, kBlockM * kStages, 128> lse;
+    cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
+    typename Pipeline::SharedStorage pipeline_qdo;
+    cutlass::arch::ClusterTransactionBarrier barrier_kv;
   };
   // +1024: the dynamic shared memory base is rounded up to the 1024-byte swizzle alignment.
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
@@ -154,6 +197,8 @@ struct BwdTraitsSm90 {
 // Issue one batch of WGMMAs C (+)= A B over the K mode, committed as one group (not waited on).
 template <bool kZeroInit, class TiledMma, class TA, class TB, class TC>
 __device__ __forceinline__ void wgmma_gemm(TiledMma& mma, TA const& a, TB const& b, TC& c) {
+  constexpr bool kRegA = !is_base_of<GMMA::DescriptorIterator, typename TiledMma::FrgTypeA>::value;
+  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
   warpgroup_fence_operand(c);
   warpgroup_arrive();
   if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
@@ -164,6 +209,17 @@ __device__ __forceinline__ void wgmma_gemm(TiledMma& mma, TA const& a, TB const&
   }
   warpgroup_commit_batch();
   warpgroup_fence_operand(c);
+  if constexpr (kRegA) warpgroup_fence_operand(const_cast<TA&>(a));
+}
+
+// A 16-bit copy of an accumulator, reshaped from the C layout ((2,2,N/8), MMA_M, MMA_N) to the
+// register-A layout ((2,2,2), MMA_M, (N/16, MMA_N)) of the next WGMMA: the k16 slices of A are
+// consecutive pairs of n8 column groups of C, so no data moves.
+template <class AccLayout>
+__device__ __forceinline__ auto acc_as_a_layout(AccLayout acc) {
+  auto n8 = logical_divide(get<0, 2>(acc), Tile<_2>{});  // ((2, N/16))
+  return make_layout(make_layout(get<0, 0>(acc), get<0, 1>(acc), get<0, 0>(n8)), get<1>(acc),
+                     coalesce(make_layout(get<0, 1>(n8), get<2>(acc))));
 }
 
 __device__ __forceinline__ float tanh_approx(float x) {
@@ -186,24 +242,6 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   return r.u;
 }
 
-// cp.async a (rows, cols) tile, 16 bytes per instruction; rows >= valid_rows are zero-filled so
-// padded queries/keys contribute finite zeros.
-template <int kThreads, int kRows, int kCols, class Element, class SmemTensor>
-__device__ __forceinline__ void cp_async_tile(SmemTensor&& s, const Element* g, int64_t row_stride,
-                                              int valid_rows, int tid) {
-  constexpr int kChunksPerRow = kCols * int(sizeof(Element)) / 16;
-  constexpr int kElemsPerChunk = 16 / int(sizeof(Element));
-  static_assert(kRows * kChunksPerRow % kThreads == 0, "tile must split evenly over threads");
-  CUTLASS_PRAGMA_UNROLL
-  for (int c = tid; c < kRows * kChunksPerRow; c += kThreads) {
-    const int r = c / kChunksPerRow, col = (c % kChunksPerRow) * kElemsPerChunk;
-    const bool ok = r < valid_rows;
-    const Element* src = g + (ok ? int64_t(r) * row_stride + col : 0);
-    const uint32_t dst = cast_smem_ptr_to_uint(&s(r, col));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0));
-  }
-}
-
 __device__ __forceinline__ int ld_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -217,18 +255,57 @@ __device__ __forceinline__ void red_release_add(int* p, int v) {
 // ---- the kernel ---------------------------------------------------------------------------------
 
 template <class Tr>
-__global__ void __launch_bounds__(Tr::kNumThreads, 1) flash_bwd_kernel_sm90(const __grid_constant__ BwdMainParams p) {
+struct BwdKernelArgs {
+  typename Tr::TmaQ tma_q;
+  typename Tr::TmadO tma_do;
+  typename Tr::TmaK tma_k;
+  typename Tr::TmaV tma_v;
+  BwdMainParams p;
+};
+
+// Host: TMA descriptors over the (seqlen, d, head, batch) views of q, dout, k, v.
+template <class Tr>
+BwdKernelArgs<Tr> make_bwd_kernel_args(const BwdMainParams& p, int batch) {
   using Element = typename Tr::Element;
+  auto view = [&](const void* ptr, int seqlen, int d, int heads) {
+    return make_tensor(make_gmem_ptr(static_cast<const Element*>(ptr)), make_shape(seqlen, d, heads, batch),
+                       make_stride(int64_t(heads) * d, _1{}, int64_t(d), int64_t(seqlen) * heads * d));
+  };
+  constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
+  return {make_tma_copy(SM90_TMA_LOAD{}, view(p.q, p.seqlen_q, Tr::kHeadDim, p.heads_q),
+                        take<0, 2>(typename Tr::SmemLayoutQ{}), Shape<Int<kBlockM>, Int<Tr::kHeadDim>>{}, _1{}),
+          make_tma_copy(SM90_TMA_LOAD{}, view(p.dout, p.seqlen_q, Tr::kHeadDimV, p.heads_q),
+                        take<0, 2>(typename Tr::SmemLayoutdO{}), Shape<Int<kBlockM>, Int<Tr::kHeadDimV>>{}, _1{}),
+          make_tma_copy(SM90_TMA_LOAD{}, view(p.k, p.seqlen_k, Tr::kHeadDim, p.heads_kv),
+                        typename Tr::SmemLayoutK{}, Shape<Int<kBlockN>, Int<Tr::kHeadDim>>{}, _1{}),
+          make_tma_copy(SM90_TMA_LOAD{}, view(p.v, p.seqlen_k, Tr::kHeadDimV, p.heads_kv),
+                        typename Tr::SmemLayoutV{}, Shape<Int<kBlockN>, Int<Tr::kHeadDimV>>{}, _1{}),
+          p};
+}
+
+__device__ __forceinline__ void bulk_load_g2s(void* smem, const void* gmem, uint32_t bytes, uint64_t* mbar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          cast_smem_ptr_to_uint(smem)),
+      "l"(gmem), "r"(bytes), "r"(cast_smem_ptr_to_uint(mbar))
+      : "memory");
+}
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kNumThreads, 1)
+    flash_bwd_kernel_sm90(const __grid_constant__ BwdKernelArgs<Tr> args) {
+  using Element = typename Tr::Element;
+  using Pipeline = typename Tr::Pipeline;
   constexpr int kBlockM = Tr::kBlockM, kBlockN = Tr::kBlockN;
   constexpr int kHeadDim = Tr::kHeadDim, kHeadDimV = Tr::kHeadDimV;
-  constexpr int kThreads = Tr::kNumThreads;
+  constexpr int kMmaThreads = Tr::kNumMmaThreads;
+  const BwdMainParams& p = args.p;
 
   extern __shared__ char smem_raw[];
   auto& ss = *reinterpret_cast<typename Tr::SharedStorage*>(
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
-  const int tid = threadIdx.x;
-  const int wg = __shfl_sync(0xffffffffu, tid / cutlass::NumThreadsPerWarpGroup, 0);
+  const int warp_group = __shfl_sync(0xffffffffu, threadIdx.x / cutlass::NumThreadsPerWarpGroup, 0);
   const int n_block = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
   const int n0 = n_block * kBlockN;
   const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
@@ -241,56 +318,77 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1) flash_bwd_kernel_sm90(cons
   const int lo_num = n0 - p.diag_hi;
   const int m_lo = lo_num <= 0 ? 0 : (lo_num > seqlen_q - 1 ? m_hi : lo_num / kBlockM);
   const int num_m = max(m_hi - m_lo, 0);
+  // Step `it` covers query head hkv * group + it / num_m and query block m_lo + it % num_m.
   const int n_iter = num_m * p.group;
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});        // (M, d, STAGE)
-  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});      // (d, M, STAGE)
   Tensor sdO = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutdO{});   // (M, dv, STAGE)
-  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutdOt{}); // (dv, M, STAGE)
   Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutK{});        // (N, d)
-  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});      // (d, N)
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutV{});        // (N, dv)
-  Tensor sP = make_tensor(make_smem_ptr(ss.p.data()), typename Tr::SmemLayoutPdS{});      // (M, N)
-  Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Tr::SmemLayoutPdSt{});    // (N, M)
-  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutPdS{});    // (M, N)
-  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutPdSt{});  // (N, M)
-  (void)sP;
 
-  const Element* gq = static_cast<const Element*>(p.q);
-  const Element* gk = static_cast<const Element*>(p.k);
-  const Element* gv = static_cast<const Element*>(p.v);
-  const Element* gdo = static_cast<const Element*>(p.dout);
-  const int64_t q_row_stride = int64_t(p.heads_q) * kHeadDim;
-  const int64_t do_row_stride = int64_t(p.heads_q) * kHeadDimV;
+  typename Pipeline::Params pipe_params;
+  pipe_params.transaction_bytes = Tr::kTxBytesQdO;
+  pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pipe_params.is_leader = threadIdx.x == 0;  // the one producer thread that arms the barriers
+  pipe_params.num_consumers = kMmaThreads;
+  if (threadIdx.x == 0) ss.barrier_kv.init(1);
+  Pipeline pipeline(ss.pipeline_qdo, pipe_params, Shape<_1, _1, _1>{});  // inits + fences its barriers
+  __syncthreads();
+
+  if (warp_group == 0) {
+    // ---- producer: thread 0 issues every TMA (none at all when no query block is visible) --------
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
+    if (threadIdx.x == 0 && n_iter > 0) {
+      Tensor mK = args.tma_k.get_tma_tensor(make_shape(seqlen_k, kHeadDim, p.heads_kv, p.batch))(_, _, hkv, b);
+      Tensor mV = args.tma_v.get_tma_tensor(make_shape(seqlen_k, kHeadDimV, p.heads_kv, p.batch))(_, _, hkv, b);
+      Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));   // (N, d)
+      Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDimV>>{}, make_coord(n_block, _0{}));  // (N, dv)
+      auto [tKgK, tKsK] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
+      auto [tVgV, tVsV] = tma_partition(args.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV), group_modes<0, 2>(gV));
+      ss.barrier_kv.arrive_and_expect_tx(Tr::kTxBytesKV);
+      auto* kv_bar = reinterpret_cast<cutlass::arch::ClusterTransactionBarrier::ValueType*>(&ss.barrier_kv);
+      copy(args.tma_k.with(*kv_bar, 0), tKgK, tKsK);
+      copy(args.tma_v.with(*kv_bar, 0), tVgV, tVsV);
+
+      Tensor mQ = args.tma_q.get_tma_tensor(make_shape(seqlen_q, kHeadDim, p.heads_q, p.batch));
+      Tensor mdO = args.tma_do.get_tma_tensor(make_shape(seqlen_q, kHeadDimV, p.heads_q, p.batch));
+      auto state = cutlass::make_producer_start_state<Pipeline>();
+      CUTLASS_PRAGMA_NO_UNROLL
+      for (int it = 0; it < n_iter; ++it) {
+        const int h = hkv * p.group + it / num_m;
+        const int m_block = m_lo + it % num_m;
+        Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
+        Tensor gdO = local_tile(mdO(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDimV>>{}, make_coord(m_block, _0{}));
+        auto [tQgQ, tQsQ] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
+        auto [tdOgdO, tdOsdO] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
+        pipeline.producer_acquire(state);  // also arms the stage's barrier with kTxBytesQdO
+        auto* bar = pipeline.producer_get_barrier(state);
+        const int stage = state.index();
+        copy(args.tma_q.with(*bar, 0), tQgQ, tQsQ(_, stage));
+        copy(args.tma_do.with(*bar, 0), tdOgdO, tdOsdO(_, stage));
+        // lse_log2 / dpsum rows are padded to seqlen_q_pad, so a whole block is always readable.
+        const int64_t row = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + int64_t(m_block) * kBlockM;
+        bulk_load_g2s(ss.lse.data() + stage * kBlockM, p.lse_log2 + row, kBlockM * sizeof(float), bar);
+        bulk_load_g2s(ss.dpsum.data() + stage * kBlockM, p.dpsum + row, kBlockM * sizeof(float), bar);
+        ++state;
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ------------------------------------------------------------------------------
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegs>();
+  const int tid = threadIdx.x - cutlass::NumThreadsPerWarpGroup;  // 0 .. kMmaThreads-1
+  const int wg = warp_group - 1;
   const int64_t k_row_stride = int64_t(p.heads_kv) * kHeadDim;
   const int64_t v_row_stride = int64_t(p.heads_kv) * kHeadDimV;
 
-  // Iteration it covers query head hkv * group + it / num_m and query block m_lo + it % num_m.
-  auto load_q_do = [&](int it, int stage) {
-    const int h = hkv * p.group + it / num_m;
-    const int m0 = (m_lo + it % num_m) * kBlockM;
-    const int valid = min(kBlockM, seqlen_q - m0);
-    cp_async_tile<kThreads, kBlockM, kHeadDim>(sQ(_, _, stage),
-        gq + ((int64_t(b) * seqlen_q + m0) * p.heads_q + h) * kHeadDim, q_row_stride, valid, tid);
-    cp_async_tile<kThreads, kBlockM, kHeadDimV>(sdO(_, _, stage),
-        gdo + ((int64_t(b) * seqlen_q + m0) * p.heads_q + h) * kHeadDimV, do_row_stride, valid, tid);
-    // lse_log2 / dpsum rows are padded to seqlen_q_pad, so a whole block is always readable.
-    const int64_t row = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + m0;
-    constexpr int kVec = kBlockM / 4;
-    if (tid < 2 * kVec) {
-      const int c = tid % kVec;
-      const float* src = (tid < kVec ? p.lse_log2 : p.dpsum) + row + 4 * c;
-      float* dst = (tid < kVec ? ss.lse.data() : ss.dpsum.data()) + stage * kBlockM + 4 * c;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(cast_smem_ptr_to_uint(dst)), "l"(src));
-    }
-  };
-
-  cp_async_tile<kThreads, kBlockN, kHeadDim>(sK, gk + ((int64_t(b) * seqlen_k + n0) * p.heads_kv + hkv) * kHeadDim,
-                                             k_row_stride, n_end - n0, tid);
-  cp_async_tile<kThreads, kBlockN, kHeadDimV>(sV, gv + ((int64_t(b) * seqlen_k + n0) * p.heads_kv + hkv) * kHeadDimV,
-                                              v_row_stride, n_end - n0, tid);
-  if (n_iter > 0) load_q_do(0, 0);
-  cp_async_fence();
+  Tensor sQt = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQt{});      // (d, M, STAGE)
+  Tensor sdOt = make_tensor(make_smem_ptr(ss.dout.data()), typename Tr::SmemLayoutdOt{}); // (dv, M, STAGE)
+  Tensor sKt = make_tensor(make_smem_ptr(ss.k.data()), typename Tr::SmemLayoutKt{});      // (d, N)
+  Tensor sPt = make_tensor(make_smem_ptr(ss.p.data()), typename Tr::SmemLayoutPdSt{});    // (N, M)
+  Tensor sdS = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutdS{});     // (M, N, DS_STAGE)
+  Tensor sdSt = make_tensor(make_smem_ptr(ss.ds.data()), typename Tr::SmemLayoutdSt{});   // (N, M, DS_STAGE)
 
   typename Tr::TiledMmaS mma_s;
   typename Tr::TiledMmadP mma_dp;
@@ -308,11 +406,9 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1) flash_bwd_kernel_sm90(cons
   Tensor tSrQ = wg_s.partition_fragment_B(sQ);       // (MMA, MMA_M_q, MMA_K, STAGE)
   Tensor tdPrV = wg_dp.partition_fragment_A(sV);
   Tensor tdPrdO = wg_dp.partition_fragment_B(sdO);
-  Tensor tdVrP = wg_dv.partition_fragment_A(sPt);
   Tensor tdVrdO = wg_dv.partition_fragment_B(sdOt);
-  Tensor tdKrdS = wg_dk.partition_fragment_A(sdSt);
   Tensor tdKrQ = wg_dk.partition_fragment_B(sQt);
-  Tensor tdQrdS = wg_dq.partition_fragment_A(sdS);
+  Tensor tdQrdS = wg_dq.partition_fragment_A(sdS);   // (MMA, MMA_M, MMA_K, DS_STAGE)
   Tensor tdQrK = wg_dq.partition_fragment_B(sKt);
 
   auto thr_s = mma_s.get_thread_slice(tid);
@@ -325,20 +421,15 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1) flash_bwd_kernel_sm90(cons
   clear(tdVrdV);
 
   Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));  // (key, query)
-  Tensor tPsP = thr_s.partition_C(sPt);
-  Tensor tdSsdS = thr_s.partition_C(sdSt);
+  Tensor tdSsdS = thr_s.partition_C(sdSt);  // (MMA, MMA_N, MMA_M, DS_STAGE)
 
+  if (n_iter > 0) ss.barrier_kv.wait(0);
+  cutlass::PipelineState<Tr::kStages> state;
   CUTLASS_PRAGMA_NO_UNROLL
   for (int it = 0; it < n_iter; ++it) {
-    const int stage = it & 1;
-    // This step's Q/dO have landed, and every thread finished the previous step (so its stage,
-    // P and dS buffers may be overwritten).
-    cp_async_wait<0>();
-    cutlass::arch::fence_view_async_shared();
-    __syncthreads();
-    if (it + 1 < n_iter) load_q_do(it + 1, stage ^ 1);
-    cp_async_fence();
-
+    const int stage = state.index();
+    const int ds_stage = Tr::kStagesdS == 1 ? 0 : it % Tr::kStagesdS;
+    pipeline.consumer_wait(state);
     const int h = hkv * p.group + it / num_m;
     const int m_block = m_lo + it % num_m;
     const int m0 = m_block * kBlockM;
@@ -354,7 +445,9 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1) flash_bwd_kernel_sm90(cons
     // seqlen_q have lse_log2 = +inf, so their P is 0 without one).
     const bool need_mask = !(n0 + kBlockN <= seqlen_k && n0 - (m0 + kBlockM - 1) >= p.diag_lo &&
                              n0 + kBlockN - 1 - m0 <= p.diag_hi);
-    Tensor dtanh = make_fragment_like(tSrS);
+    // Softcap derivative 1 - tanh^2, kept as packed fp16 pairs (16 registers instead of 32): it
+    // only scales dS, which is rounded to 16 bits anyway.
+    uint32_t dtanh2[Tr::kHasSoftcap ? decltype(size(tSrS))::value / 2 : 1];
     warpgroup_wait<1>();
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tSrS); ++i) {
@@ -362,7 +455,8 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1) flash_bwd_kernel_sm90(cons
       float x;
       if constexpr (Tr::kHasSoftcap) {
         const float t = tanh_approx(tSrS(i) * p.scale_div_softcap);
-        dtanh(i) = 1.f - t * t;
+        const float t1 = tanh_approx(tSrS(i ^ 1) * p.scale_div_softcap);  // the pair's partner
+        if (i % 2 == 0) dtanh2[i / 2] = pack2<cutlass::half_t>(1.f - t * t, 1.f - t1 * t1);
         x = t * p.softcap_log2;
       } else {
         x = tSrS(i) * p.scale_log2;
@@ -375,28 +469,60 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1) flash_bwd_kernel_sm90(cons
       }
       tSrS(i) = pv;
     }
-    warpgroup_wait<0>();
+    if constexpr (Tr::kDkvRS) {
+      // dV += P^T dO starts now and overlaps the dS arithmetic below.
+      Tensor rP = make_tensor_like<Element>(tSrS);
+      Tensor rP32 = recast<uint32_t>(rP);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(rP32); ++i) rP32(i) = pack2<Element>(tSrS(2 * i), tSrS(2 * i + 1));
+      wgmma_gemm<false>(mma_dv, make_tensor(rP.data(), acc_as_a_layout(tSrS.layout())), tdVrdO(_, _, _, stage), tdVrdV);
+      warpgroup_wait<1>();  // dP (committed before dV) is done
+    } else {
+      warpgroup_wait<0>();
+    }
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tdPrdP); ++i) {
       float ds = tSrS(i) * (tdPrdP(i) - s_dpsum[get<1>(tScS(i))]);
-      if constexpr (Tr::kHasSoftcap) ds *= dtanh(i);
+      if constexpr (Tr::kHasSoftcap) {
+        const __half2 dt = reinterpret_cast<const __half2&>(dtanh2[i / 2]);
+        ds *= __half2float(i % 2 == 0 ? __low2half(dt) : __high2half(dt));
+      }
       tdPrdP(i) = ds;
     }
     // Accumulator values 2k, 2k+1 are adjacent queries, adjacent in sPt/sdSt: one 32-bit store.
+    if constexpr (Tr::kStagesdS == 1) {
+      // The other warpgroup may still be reading the previous step's P/dS in its dQ/dK/dV MMAs.
+      cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<uint32_t>(BwdBarrier::kPdSFree));
+    }
+    Tensor rdS = make_tensor_like<Element>(tdPrdP);
+    Tensor rdS32 = recast<uint32_t>(rdS);
+    Tensor tdSsdS_cur = tdSsdS(_, _, _, ds_stage);
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tSrS); i += 2) {
-      *reinterpret_cast<uint32_t*>(&tPsP(i)) = pack2<Element>(tSrS(i), tSrS(i + 1));
-      *reinterpret_cast<uint32_t*>(&tdSsdS(i)) = pack2<Element>(tdPrdP(i), tdPrdP(i + 1));
+    for (int i = 0; i < size(rdS32); ++i) {
+      rdS32(i) = pack2<Element>(tdPrdP(2 * i), tdPrdP(2 * i + 1));
+      *reinterpret_cast<uint32_t*>(&tdSsdS_cur(2 * i)) = rdS32(i);
+    }
+    if constexpr (!Tr::kDkvRS) {
+      Tensor tPsP = thr_s.partition_C(sPt);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tSrS); i += 2) {
+        *reinterpret_cast<uint32_t*>(&tPsP(i)) = pack2<Element>(tSrS(i), tSrS(i + 1));
+      }
     }
     // Generic-proxy stores must be fenced before WGMMA (async proxy) reads them.
     cutlass::arch::fence_view_async_shared();
-    cutlass::arch::NamedBarrier::sync(kThreads, static_cast<uint32_t>(BwdBarrier::kPdSWritten));
+    cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<uint32_t>(BwdBarrier::kPdSWritten));
 
     Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
-    wgmma_gemm<true>(mma_dq, tdQrdS, tdQrK, tdQrdQ);
-    wgmma_gemm<false>(mma_dv, tdVrP, tdVrdO(_, _, _, stage), tdVrdV);
-    wgmma_gemm<false>(mma_dk, tdKrdS, tdKrQ(_, _, _, stage), tdKrdK);
-    warpgroup_wait<2>();  // dQ done; dV and dK keep the tensor cores busy during the atomics
+    wgmma_gemm<true>(mma_dq, tdQrdS(_, _, _, ds_stage), tdQrK, tdQrdQ);
+    if constexpr (Tr::kDkvRS) {
+      wgmma_gemm<false>(mma_dk, make_tensor(rdS.data(), acc_as_a_layout(tdPrdP.layout())), tdKrQ(_, _, _, stage), tdKrdK);
+      warpgroup_wait<1>();  // dV and dQ done; dK keeps the tensor cores busy during the atomics
+    } else {
+      wgmma_gemm<false>(mma_dv, wg_dv.partition_fragment_A(sPt), tdVrdO(_, _, _, stage), tdVrdV);
+      wgmma_gemm<false>(mma_dk, wg_dk.partition_fragment_A(sdSt(_, _, 0)), tdKrQ(_, _, _, stage), tdKrdK);
+      warpgroup_wait<2>();  // dQ done; dV and dK keep the tensor cores busy during the atomics
+    }
 
     float* dq_rows = p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + m0) * kHeadDim;
     Tensor gdQ = make_tensor(make_gmem_ptr(dq_rows), Shape<Int<kBlockM>, Int<kHeadDim>>{},
@@ -424,6 +550,8 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1) flash_bwd_kernel_sm90(cons
       if (tid % cutlass::NumThreadsPerWarpGroup == 0) red_release_add(sem, 1);
     }
     warpgroup_wait<0>();
+    pipeline.consumer_release(state);  // Q, dO, lse, dpsum of this stage are no longer read
+    ++state;
   }
 
   // Epilogue: dK * softmax_scale and dV, straight from registers (rows past seqlen_k dropped).

@@ -65,6 +65,7 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   m.lse_log2 = lse_log2;
   m.dpsum = dpsum;
   m.semaphores = semaphores;
+  m.batch = int(p.batch);
   m.seqlen_q = int(p.seqlen_q);
   m.seqlen_k = int(p.seqlen_k);
   m.seqlen_q_pad = int(w.seqlen_q_pad);
@@ -88,7 +89,7 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
     attr_set = true;
   }
   dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_kv), unsigned(p.batch));
-  kernel<<<grid, Tr::kNumThreads, Tr::kSmemBytes, stream>>>(m);
+  kernel<<<grid, Tr::kNumThreads, Tr::kSmemBytes, stream>>>(make_bwd_kernel_args<Tr>(m, int(p.batch)));
   if (cudaGetLastError() != cudaSuccess) return "fa3 bwd: main kernel launch failed";
 
   BwdPostParams post{};

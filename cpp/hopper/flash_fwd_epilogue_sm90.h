@@ -17,11 +17,9 @@ struct FwdEpilogue {
   template <class TensorO>
   static CUTLASS_DEVICE void store(Params const& p, TensorO const& tOrO,
                                    cute::array<float, 2> const& lse, TileCoord t, int mma_tidx) {
-    typename Traits::TiledMmaPV mma_pv;
-    auto thr_pv = mma_pv.get_slice(mma_tidx);
-    Tensor tOcO = thr_pv.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapePV{})));
     Tensor o = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
-    Tensor c = make_tensor(tOcO.data(), acc_rowcol(tOcO.layout()));
+    static_assert(decltype(size<0>(o))::value == 2);
+    AccCoord const coord(mma_tidx);
     int const seqlen_q = p.mask.seqlen_q;
     Element* out = p.out + t.batch * p.out_batch_stride + int64_t(t.head) * kHeadDimV;
     float* lse_row = p.lse + (int64_t(t.batch) * p.sched.heads + t.head) * seqlen_q;
@@ -30,14 +28,14 @@ struct FwdEpilogue {
     cutlass::NumericArrayConverter<Element, float, 2> to_element;
     CUTLASS_PRAGMA_UNROLL
     for (int mi = 0; mi < size<0>(o); ++mi) {
-      int const i = t.m_block * kBlockM + int(get<0>(c(mi, 0)));
+      int const i = t.m_block * kBlockM + coord.row0 + AccCoord::row_offset(mi);
       if (i >= seqlen_q) continue;
-      Element* out_row = out + i * p.out_row_stride;
+      Element* out_row = out + i * p.out_row_stride + coord.col0;
       // Columns (ni, ni + 1) are adjacent in memory and in registers: one 4-byte store.
       CUTLASS_PRAGMA_UNROLL
       for (int ni = 0; ni < size<1>(o); ni += 2) {
         cutlass::Array<float, 2> const pair = {o(mi, ni), o(mi, ni + 1)};
-        *reinterpret_cast<cutlass::Array<Element, 2>*>(out_row + int(get<1>(c(mi, ni)))) =
+        *reinterpret_cast<cutlass::Array<Element, 2>*>(out_row + AccCoord::col_offset(ni)) =
             to_element(pair);
       }
       if (mma_tidx % 4 == 0) lse_row[i] = lse[mi];

@@ -106,7 +106,7 @@ struct FwdMainloop {
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, PIPE)
     Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
     Tensor tOrP = make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
-    Tensor tScS = thr_qk.partition_C(make_identity_tensor(select<0, 1>(typename Traits::TileShapeQK{})));
+    AccCoord const coord(mma_tidx);
 
     int const wg = mma_tidx / 128;
     auto scheduler_sync = [&] {
@@ -123,7 +123,7 @@ struct FwdMainloop {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) tSrS(i) = fast_tanh(tSrS(i) * p.softcap_pre);
       }
-      if (p.mask.needs_mask(t.m_block, n)) p.mask.apply(tSrS, tScS, t.m_block, n);
+      if (p.mask.needs_mask(t.m_block, n)) p.mask.apply(tSrS, coord, t.m_block, n);
     };
 
     OnlineSoftmax<2> softmax(p.scale_log2);

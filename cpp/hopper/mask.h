@@ -40,22 +40,22 @@ struct BandMask {
            || j0 - (i0 + kBlockM - 1) < diag_lo;      // crosses the lower band edge
   }
 
-  // acc_s: WGMMA accumulator; t_coord: the same partition of an identity tensor over the tile.
-  template <class TensorS, class TensorC>
-  CUTLASS_DEVICE void apply(TensorS& acc_s, TensorC const& t_coord, int m_block,
+  // acc_s: one warpgroup's 64 x kBlockN WGMMA accumulator; coord: where its elements sit.
+  template <class TensorS>
+  CUTLASS_DEVICE void apply(TensorS& acc_s, AccCoord const& coord, int m_block,
                             int n_block) const {
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-    Tensor c = make_tensor(t_coord.data(), acc_rowcol(t_coord.layout()));
-    int const j0 = n_block * kBlockN;
+    static_assert(decltype(size<0>(s))::value == 2);
+    int const j0 = n_block * kBlockN + coord.col0;
     CUTLASS_PRAGMA_UNROLL
     for (int mi = 0; mi < size<0>(s); ++mi) {
-      int const i = m_block * kBlockM + int(get<0>(c(mi, 0)));
-      // Visible columns of this row, relative to the block: [col_lo, col_hi).
+      int const i = m_block * kBlockM + coord.row0 + AccCoord::row_offset(mi);
+      // Visible columns of this row, relative to the thread's first column: [col_lo, col_hi).
       int const col_hi = min(seqlen_k, i + diag_hi + 1) - j0;
       int const col_lo = i + diag_lo - j0;
       CUTLASS_PRAGMA_UNROLL
       for (int ni = 0; ni < size<1>(s); ++ni) {
-        int const col = int(get<1>(c(mi, ni)));
+        int const col = AccCoord::col_offset(ni);
         if (col >= col_hi || col < col_lo) s(mi, ni) = -INFINITY;
       }
     }

@@ -41,6 +41,19 @@ CUTLASS_DEVICE auto acc_rowcol(Layout const& l) {
                      make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
 }
 
+// Where a consumer thread's accumulator elements sit in the tile. For the SM90 64xN
+// accumulator, thread t of warpgroup wg holds rows wg*64 + (t%128)/32*16 + (t%32)/4 (+8 for the
+// second row of acc_rowcol) and columns (t%4)*2 + (ni%2) + 8*(ni/2). Computed from the thread
+// index instead of an identity tensor so that no per-element coordinates stay live in registers.
+struct AccCoord {
+  int row0;  // tile row of acc_rowcol row 0; row mi is row0 + 8 * mi
+  int col0;  // tile column of acc_rowcol column 0; column ni is col0 + (ni % 2) + 8 * (ni / 2)
+  CUTLASS_DEVICE explicit AccCoord(int mma_tidx)
+      : row0((mma_tidx / 32) * 16 + (mma_tidx % 32) / 4), col0((mma_tidx % 4) * 2) {}
+  static constexpr CUTLASS_DEVICE int row_offset(int mi) { return 8 * mi; }
+  static constexpr CUTLASS_DEVICE int col_offset(int ni) { return (ni % 2) + 8 * (ni / 2); }
+};
+
 // The same registers seen as the A operand of a 16-bit RS WGMMA: ((2, 2, 2), MMA_M, MMA_K),
 // each k block of 16 columns being two consecutive 8-column groups of the accumulator.
 template <class Layout>

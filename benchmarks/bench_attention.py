@@ -1,0 +1,355 @@
+"""Attention throughput: fa3_jax against cuDNN and XLA, on the FlashAttention-3 paper's shapes.
+
+Shapes: hidden size 2048 (heads = hidden / head_dim) and 16k tokens (batch = tokens / seqlen),
+Q, K and V of one seqlen, bfloat16 inputs drawn from N(0, 1). Every implementation is timed in
+the same run on the default backend:
+
+  fa3_jax  fa3_jax.flash_attention
+  cudnn    jax.nn.dot_product_attention(..., implementation="cudnn")
+  xla      jax.nn.dot_product_attention(..., implementation="xla")  (unfused; slow, memory-bound)
+
+Timing: fa3_jax.timing.kernel_time_ms, the median over --reps calls of the summed GPU kernel
+time measured with CUPTI (host wall-clock where CUPTI is unavailable, e.g. on CPU; the table
+header says which). Forward = a jitted call. Backward = median time of a jitted forward + VJP
+(returning the output and the three gradients, so the forward is not pruned) minus the median
+forward time, the method of the cuDNN numbers in shared/ANCHORS.md; it slightly flatters every
+implementation alike, since the training forward also writes residuals.
+
+FLOPs (flops() below): forward 4·B·H·Sq·Sk·D, half of it for causal (the paper's convention),
+the exact count of visible (query, key) pairs for a local window; backward 2.5 × forward.
+
+    python benchmarks/bench_attention.py                       # the full sweep, both passes
+    python benchmarks/bench_attention.py --pass fwd --hdims 128 --seqlens 1024,4096
+    python benchmarks/bench_attention.py --seqlens 512 --hdims 64 --tokens 1024 \\
+        --impls fa3_jax,xla --reps 2                           # a CPU smoke run
+
+Cells: a number is TFLOP/s; 'n/a' fa3_jax raised (e.g. no kernel for that shape); 'oom' out of
+memory; 'err' another error (first line on stderr); 'skip' left out by --skip-xla-above; '-' not
+requested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fa3_jax
+from fa3_jax.timing import kernel_time_ms
+
+IMPLS = ("fa3_jax", "cudnn", "xla")
+LABELS = {"fa3_jax": "fa3_jax", "cudnn": "cuDNN", "xla": "XLA"}
+MASKS = ("full", "causal", "local")
+PASSES = ("fwd", "bwd")
+BWD_FLOPS_FACTOR = 2.5  # two matmuls forward, five backward (dQ, dK, dV, dP and the recompute S)
+
+
+def flops(batch, heads, seqlen_q, seqlen_k, head_dim, *, causal=False, window=(-1, -1),
+          head_dim_v=None):
+    """Forward-pass FLOPs of attention: 2 matmuls × 2 FLOPs per multiply-add per visible pair.
+
+    Plain causal counts exactly half of the full matrix, the convention of the FlashAttention
+    papers and of shared/ANCHORS.md, so numbers compare with theirs. Any window (left, right),
+    alone or with causal, counts the visible (query, key) pairs exactly, bottom-right aligned as
+    in fa3_jax.flash_attention: query i sees key j when
+    i + Sk - Sq - left <= j <= i + Sk - Sq + right (-1: unbounded; causal means right = 0).
+    """
+    head_dim_v = head_dim if head_dim_v is None else head_dim_v
+    per_pair = 2 * (head_dim + head_dim_v)  # S = QKᵀ and O = PV, 2 FLOPs per multiply-add
+    left, right = window
+    if causal and left < 0:
+        return batch * heads * seqlen_q * seqlen_k * per_pair // 2
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    if left < 0 and right < 0:
+        return batch * heads * seqlen_q * seqlen_k * per_pair
+    off = seqlen_k - seqlen_q
+    i = np.arange(seqlen_q, dtype=np.int64)
+    lo = np.maximum(0, i + off - left) if left >= 0 else np.zeros_like(i)
+    hi = np.minimum(seqlen_k - 1, i + off + right) if right >= 0 else np.full_like(i, seqlen_k - 1)
+    pairs = int(np.maximum(hi - lo + 1, 0).sum())
+    return batch * heads * pairs * per_pair
+
+
+def _attention(impl, q, k, v, *, mask, window):
+    causal = mask == "causal"
+    if impl == "fa3_jax":
+        return fa3_jax.flash_attention(q, k, v, causal=causal,
+                                       window_size=window if mask == "local" else (-1, -1))
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation=impl,
+        local_window_size=tuple(window) if mask == "local" else None)
+
+
+def _failed(impl, err, where):
+    """A result cell for an exception, its first line echoed to stderr for diagnosis."""
+    msg = str(err)
+    if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
+        status = "oom"
+    else:
+        # fa3_jax refuses shapes it has no kernel for; that is "not available", not a failure.
+        status = "n/a" if impl == "fa3_jax" else "err"
+    lines = msg.strip().splitlines()
+    first = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    print(f"  [{impl} {where}] {status}: {first}", file=sys.stderr, flush=True)
+    return dict(status=status, error=first)
+
+
+def _ok(ms, method, n_flops):
+    return dict(status="ok", ms=ms, timing=method, tflops=n_flops / (ms * 1e-3) / 1e12)
+
+
+def measure(impl, q, k, v, do, *, mask, window, row_flops, passes, warmup, reps, where):
+    """One implementation on one shape: {pass: result cell}. The backward needs the forward's
+    median, so a failed forward fails both; a failed backward leaves the forward standing."""
+    attn = partial(_attention, impl, mask=mask, window=window)
+
+    @jax.jit
+    def fwd_bwd(q, k, v, do):
+        # The output is returned too, so XLA cannot prune the part of the forward that only
+        # feeds it and make the subtraction below credit the backward with less than it did.
+        out, vjp = jax.vjp(attn, q, k, v)
+        return out, vjp(do)
+
+    cells = {}
+    try:
+        fwd_t = kernel_time_ms(jax.jit(attn), q, k, v, warmup=warmup, reps=reps)
+    except Exception as err:  # one failing cell must not end the sweep
+        cell = _failed(impl, err, where)
+        return {p: cell for p in passes}
+    fwd_ms = statistics.median(fwd_t.times_ms)
+    if "fwd" in passes:
+        cells["fwd"] = _ok(fwd_ms, fwd_t.method, row_flops["fwd"])
+    if "bwd" in passes:
+        try:
+            both_t = kernel_time_ms(fwd_bwd, q, k, v, do, warmup=warmup, reps=reps)
+        except Exception as err:
+            cells["bwd"] = _failed(impl, err, where + " bwd")
+            return cells
+        both_ms = statistics.median(both_t.times_ms)
+        if both_ms <= fwd_ms:
+            # Only timing noise (wall-clock on a busy host) can get here; no number is better
+            # than a negative or infinite one.
+            msg = f"fwd+bwd {both_ms:.4f} ms is not above fwd {fwd_ms:.4f} ms"
+            print(f"  [{impl} {where} bwd] err: {msg}", file=sys.stderr, flush=True)
+            cells["bwd"] = dict(status="err", error=msg)
+        else:
+            method = fwd_t.method if fwd_t.method == both_t.method else "mixed"
+            cells["bwd"] = _ok(both_ms - fwd_ms, method, row_flops["bwd"])
+    return cells
+
+
+def run(args):
+    """Times every configuration; returns the JSON-ready list of rows."""
+    rows = []
+    key = jax.random.PRNGKey(args.seed)
+    for hdim in args.hdims:
+        if args.hidden % hdim:
+            raise SystemExit(f"--hidden {args.hidden} is not a multiple of head dim {hdim}")
+        heads = args.hidden // hdim
+        for seqlen in args.seqlens:
+            if args.tokens % seqlen:
+                raise SystemExit(f"--tokens {args.tokens} is not a multiple of seqlen {seqlen}")
+            batch = args.tokens // seqlen
+            key, kq, kk, kv, kd = jax.random.split(key, 5)
+            shape = (batch, seqlen, heads, hdim)
+            q, k, v, do = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kk, kv, kd))
+            for mask in args.masks:
+                causal = mask == "causal"
+                window = args.window if mask == "local" else (-1, -1)
+                fwd_flops = flops(batch, heads, seqlen, seqlen, hdim, causal=causal, window=window)
+                row_flops = {"fwd": fwd_flops, "bwd": BWD_FLOPS_FACTOR * fwd_flops}
+                results = {p: {} for p in args.passes}
+                for impl in args.impls:
+                    if impl == "xla" and args.skip_xla_above and seqlen > args.skip_xla_above:
+                        for p in args.passes:
+                            results[p][impl] = dict(status="skip")
+                        continue
+                    cells = measure(impl, q, k, v, do, mask=mask, window=window,
+                                    row_flops=row_flops, passes=args.passes, warmup=args.warmup,
+                                    reps=args.reps, where=f"hdim={hdim} {mask} seqlen={seqlen}")
+                    for p in args.passes:
+                        results[p][impl] = cells[p]
+                for p in args.passes:
+                    row = {"pass": p, "hdim": hdim, "mask": mask, "seqlen": seqlen,
+                           "batch": batch, "heads": heads, "flops": row_flops[p],
+                           "results": results[p]}
+                    rows.append(row)
+                    if args.verbose:
+                        print(format_row(row), flush=True)
+            # Free this shape's inputs before the next ones are drawn (16k rows are large).
+            del q, k, v, do
+    return rows
+
+
+def _tflops(row, impl):
+    r = row["results"].get(impl)
+    return r["tflops"] if r and r["status"] == "ok" else None
+
+
+def _ratio(row):
+    a, b = _tflops(row, "fa3_jax"), _tflops(row, "cudnn")
+    return a / b if a is not None and b is not None else None
+
+
+HEADER = (f"{'hdim':>4} {'mask':>6} {'seqlen':>6} {LABELS['fa3_jax']:>8} {LABELS['cudnn']:>8} "
+          f"{LABELS['xla']:>8} {'fa3/cuDNN':>9}")
+
+
+def _fmt_tflops(t):
+    # Significant digits, not decimals, so CPU smoke runs (far below 1 TFLOP/s) still show.
+    return f"{t:.1f}" if t >= 10 else f"{t:.3g}"
+
+
+def format_row(row):
+    cells = []
+    for impl in IMPLS:
+        r = row["results"].get(impl)
+        cells.append("-" if r is None else r["status"] if r["status"] != "ok"
+                     else _fmt_tflops(r["tflops"]))
+    ratio = _ratio(row)
+    return (f"{row['hdim']:>4} {row['mask']:>6} {row['seqlen']:>6} {cells[0]:>8} {cells[1]:>8} "
+            f"{cells[2]:>8} {'-' if ratio is None else f'{ratio:.3f}':>9}")
+
+
+def summarize(rows, p):
+    """Geometric-mean fa3_jax/cuDNN ratio over rows with seqlen >= 1k, and the win count."""
+    compared = [(r["seqlen"], _ratio(r)) for r in rows
+                if r["pass"] == p and _ratio(r) is not None]
+    long_ratios = [x for s, x in compared if s >= 1024]
+    geomean = math.exp(statistics.fmean(map(math.log, long_ratios))) if long_ratios else None
+    return dict(geomean_ratio_seqlen_ge_1k=geomean, rows_compared=len(compared),
+                rows_fa3_ge_cudnn=sum(x >= 1.0 for _, x in compared))
+
+
+def print_tables(rows, passes, timing):
+    for p in passes:
+        print(f"\n{p} TFLOP/s ({'backward = fwd+bwd - fwd, ' if p == 'bwd' else ''}"
+              f"timing: {timing})")
+        print(HEADER)
+        for row in rows:
+            if row["pass"] == p:
+                print(format_row(row))
+        s = summarize(rows, p)
+        g = s["geomean_ratio_seqlen_ge_1k"]
+        print(f"geometric mean fa3_jax/cuDNN over seqlen >= 1k: "
+              f"{'-' if g is None else f'{g:.3f}'}; fa3_jax >= cuDNN in "
+              f"{s['rows_fa3_ge_cudnn']} of {s['rows_compared']} rows")
+
+
+def plot(rows, passes, hdims, seqlens, path, title):
+    """One subplot per (pass, head dim): TFLOP/s against seqlen, a line per implementation and
+    mask (colour = implementation, line style = mask)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only; benchmark machines have no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed; no plot written to {path}", file=sys.stderr)
+        return
+    colors = {"fa3_jax": "tab:red", "cudnn": "tab:green", "xla": "tab:blue"}
+    styles = {"full": "-", "causal": "--", "local": ":"}
+    fig, axes = plt.subplots(len(passes), len(hdims), squeeze=False, sharex=True,
+                             figsize=(4.5 * len(hdims), 3.6 * len(passes)))
+    for (pi, p), (hi, hdim) in itertools.product(enumerate(passes), enumerate(hdims)):
+        ax = axes[pi][hi]
+        sel = [r for r in rows if r["pass"] == p and r["hdim"] == hdim]
+        for impl in IMPLS:
+            for mask in MASKS:
+                pts = [(r["seqlen"], _tflops(r, impl)) for r in sel if r["mask"] == mask]
+                pts = [(s, t) for s, t in pts if t is not None]
+                if pts:
+                    ax.plot(*zip(*pts), styles[mask], color=colors[impl], marker="o",
+                            markersize=3, label=f"{LABELS[impl]} {mask}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seqlens, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in seqlens])
+        ax.minorticks_off()
+        ax.set_title(f"{p}, head dim {hdim}")
+        ax.set_xlabel("seqlen")
+        ax.set_ylabel("TFLOP/s")
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _int_list(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def _choices(allowed):
+    def parse(text):
+        items = [x for x in text.split(",") if x]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}, got {text!r}")
+        return items
+    return parse
+
+
+def _window(text):
+    values = _int_list(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected left,right (e.g. 512,0), got {text!r}")
+    return tuple(values)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--pass", dest="pass_", choices=["fwd", "bwd", "both"], default="both")
+    p.add_argument("--hdims", type=_int_list, default=[64, 128, 256])
+    p.add_argument("--seqlens", type=_int_list, default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--masks", type=_choices(MASKS), default=["full", "causal"],
+                   help="full, causal and/or local (a sliding window, see --window)")
+    p.add_argument("--window", type=_window, default=(512, 0),
+                   help="(left,right) window of the 'local' mask, as in flash_attention")
+    p.add_argument("--impls", type=_choices(IMPLS), default=list(IMPLS))
+    p.add_argument("--tokens", type=int, default=16384, help="batch = tokens / seqlen")
+    p.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head_dim")
+    p.add_argument("--reps", type=int, default=10, help="timed calls per cell (median)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compiles)")
+    p.add_argument("--skip-xla-above", type=int, default=0,
+                   help="do not run XLA for seqlens above this (0: run all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON results file")
+    p.add_argument("--plot", default=None, help="PNG plot file (needs matplotlib)")
+    p.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    args = p.parse_args(argv)
+    args.passes = list(PASSES) if args.pass_ == "both" else [args.pass_]
+
+    device = jnp.zeros(()).devices().pop()  # honours jax.default_device, unlike default_backend
+    print(f"device={device.platform}:{device.device_kind} jax={jax.__version__} "
+          f"fa3_jax CUDA kernels={fa3_jax.cuda_built()} {list(fa3_jax.cuda_head_dims())} | "
+          f"tokens={args.tokens} hidden={args.hidden} bf16 reps={args.reps}", flush=True)
+    rows = run(args)
+    methods = sorted({r["timing"] for row in rows for r in row["results"].values()
+                      if r["status"] == "ok"})
+    timing = ",".join(methods) or "none"
+    print_tables(rows, args.passes, timing)
+
+    title = f"{device.device_kind}, bf16, {args.tokens} tokens, hidden {args.hidden} ({timing})"
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=device.device_kind, platform=device.platform,
+                           jax=jax.__version__, timing=timing, tokens=args.tokens,
+                           hidden=args.hidden, reps=args.reps, warmup=args.warmup,
+                           window=list(args.window), rows=rows,
+                           summary={p: summarize(rows, p) for p in args.passes}), f, indent=1)
+    if args.plot:
+        plot(rows, args.passes, args.hdims, args.seqlens, args.plot, title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,6 +33,8 @@ case "$cmd" in
     echo "built devbin/test_bwd_sm90"
     ;;
   sass)
+    # cuobjdump/nvdisasm: the nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm wheels work if no CUDA bin has them.
+    # ptxas reports the entry register count (168 = 65536 / 384); consumers run at 240 via setmaxnreg.
     for o in devbin/flash_bwd_hdim*_sm90.o; do
       sass=$(cuobjdump --dump-sass "$o")
       echo "$o: HGMMA $(grep -c HGMMA <<<"$sass") LDL/STL $(grep -cE 'LDL|STL' <<<"$sass")"

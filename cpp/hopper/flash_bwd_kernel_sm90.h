@@ -439,8 +439,18 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     wgmma_gemm<true>(mma_s, tSrK, tSrQ(_, _, _, stage), tSrS);
     wgmma_gemm<true>(mma_dp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
 
+    // Per-query statistics for this thread's accumulator columns, read while the MMAs run (a read
+    // after warpgroup_wait would stall on shared-memory latency). Accumulator value i of the
+    // single 64 x N atom sits in column pair i / 4, column i % 2: 2 * N / 8 distinct queries.
+    static_assert(decltype(size<1>(tSrS))::value == 1 && decltype(size<2>(tSrS))::value == 1,
+                  "one WGMMA atom per warpgroup for S^T/dP^T");
+    constexpr int kStatCols = decltype(size(tSrS))::value / 2;
+    auto stat_col = [](int i) { return (i % 2) + 2 * (i / 4); };
     const float* s_lse = ss.lse.data() + stage * kBlockM;
     const float* s_dpsum = ss.dpsum.data() + stage * kBlockM;
+    float lse_r[kStatCols];
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kStatCols; ++c) lse_r[c] = s_lse[get<1>(tScS((c % 2) + 4 * (c / 2)))];
     // Blocks entirely inside the band and inside seqlen_k need no per-element mask (rows past
     // seqlen_q have lse_log2 = +inf, so their P is 0 without one).
     const bool need_mask = !(n0 + kBlockN <= seqlen_k && n0 - (m0 + kBlockM - 1) >= p.diag_lo &&
@@ -461,7 +471,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       } else {
         x = tSrS(i) * p.scale_log2;
       }
-      float pv = exp2_approx(x - s_lse[qm]);
+      float pv = exp2_approx(x - lse_r[stat_col(i)]);
       if (need_mask) {
         const int diag = (n0 + kn) - (m0 + qm);
         const bool visible = n0 + kn < seqlen_k && diag >= p.diag_lo && diag <= p.diag_hi;
@@ -469,6 +479,9 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       }
       tSrS(i) = pv;
     }
+    float dpsum_r[kStatCols];
+    CUTLASS_PRAGMA_UNROLL
+    for (int c = 0; c < kStatCols; ++c) dpsum_r[c] = s_dpsum[get<1>(tScS((c % 2) + 4 * (c / 2)))];
     if constexpr (Tr::kDkvRS) {
       // dV += P^T dO starts now and overlaps the dS arithmetic below.
       Tensor rP = make_tensor_like<Element>(tSrS);
@@ -482,7 +495,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     }
     CUTLASS_PRAGMA_UNROLL
     for (int i = 0; i < size(tdPrdP); ++i) {
-      float ds = tSrS(i) * (tdPrdP(i) - s_dpsum[get<1>(tScS(i))]);
+      float ds = tSrS(i) * (tdPrdP(i) - dpsum_r[stat_col(i)]);
       if constexpr (Tr::kHasSoftcap) {
         const __half2 dt = reinterpret_cast<const __half2&>(dtanh2[i / 2]);
         ds *= __half2float(i % 2 == 0 ? __low2half(dt) : __high2half(dt));

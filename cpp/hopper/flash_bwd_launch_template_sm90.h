@@ -81,12 +81,9 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   m.scale_div_softcap = kSoftcap ? p.softmax_scale / p.softcap : 0.f;
   m.deterministic = p.deterministic;
   auto kernel = flash_bwd_kernel_sm90<Tr>;
-  static bool attr_set = false;  // per instantiation; racing first calls set the same value
-  if (!attr_set) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess) {
-      return "fa3 bwd: cannot raise the shared memory limit of the main kernel";
-    }
-    attr_set = true;
+  // Per device and cheap, so set on every call rather than cached.
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess) {
+    return "fa3 bwd: cannot raise the shared memory limit of the main kernel";
   }
   dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_kv), unsigned(p.batch));
   kernel<<<grid, Tr::kNumThreads, Tr::kSmemBytes, stream>>>(make_bwd_kernel_args<Tr>(m, int(p.batch)));

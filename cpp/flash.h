@@ -23,6 +23,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#ifdef FA3_JAX_WITH_CUDA
+struct CUstream_st;  // the runtime's stream type (cudaStream_t), without the CUDA headers
+#endif
+
 namespace fa3 {
 
 inline constexpr int64_t kUnbounded = int64_t(1) << 40;
@@ -68,8 +72,7 @@ void run_bwd_cpu(const BwdParams& p, int num_threads);
 // dtype in this build, launch failure). Workspace is device memory the caller allocates (may be
 // 0 bytes); the kernel may not assume it is zeroed.
 #ifdef FA3_JAX_WITH_CUDA
-struct CUstream_st;
-using cudaStream_t_ = CUstream_st*;
+using cudaStream_t_ = ::CUstream_st*;
 bool sm90_supports_fwd(const FwdParams& p);  // head dims and dtype compiled into this build
 size_t sm90_fwd_workspace_bytes(const FwdParams& p);
 const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stream);

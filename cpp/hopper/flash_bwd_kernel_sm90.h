@@ -77,7 +77,14 @@ struct BwdTraitsSm90 {
   // setmaxnreg budgets: 24 * 128 + 240 * 256 <= 65536 registers of the SM.
   static constexpr int kProducerRegs = 24;
   static constexpr int kConsumerRegs = 240;
+  // Q/dO pipeline depth. 2 measured faster than 3 at hdim 128 (H200, bf16, 16k tokens, full:
+  // 366 vs 326 TFLOP/s): one step is long enough to hide a load, and 3 stages cost 32 KB.
+  // FA3_BWD_QDO_STAGES overrides it for experiments (shared memory permitting).
+#ifdef FA3_BWD_QDO_STAGES
+  static constexpr int kStages = FA3_BWD_QDO_STAGES;
+#else
   static constexpr int kStages = 2;
+#endif
   // Warpgroups split keys (M of S^T, dK, dV) when the key block is 64 per warpgroup; otherwise
   // they split queries for S^T/dP^T and the head dim for dK/dV.
   static constexpr bool kSplitKeys = kBlockN == 64 * kNumMmaWG;

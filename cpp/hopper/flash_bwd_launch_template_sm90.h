@@ -39,6 +39,7 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   pre.out = p.out_in;
   pre.dout = p.dout;
   pre.lse = p.lse_in;
+  pre.dlse = p.dlse;
   pre.lse_log2 = lse_log2;
   pre.dpsum = dpsum;
   pre.dq_accum = dq_accum;

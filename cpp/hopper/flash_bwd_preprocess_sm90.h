@@ -1,5 +1,6 @@
 // fa3_jax Hopper backward, step 1 of 3: per-row statistics and workspace initialisation.
-//   dpsum[b,h,i]    = sum_d dO[b,i,h,d] * O[b,i,h,d]           (float32; "D_i" in the paper)
+//   dpsum[b,h,i]    = sum_d dO[b,i,h,d] * O[b,i,h,d] - dlse[b,h,i]  (float32; "D_i" in the paper;
+//                     dlse, the lse cotangent, is optional)
 //   lse_log2[b,h,i] = lse[b,h,i] * log2(e), and +inf where lse = -inf (empty rows) or i >= seqlen_q,
 //                     so that exp2(s - lse_log2) = 0 there and the main kernel needs no row checks;
 //   dq_accum[b,h,i,:] = 0 and the deterministic-mode semaphores = 0 (the workspace is not zeroed).
@@ -14,6 +15,7 @@ struct BwdPreParams {
   const void* out;     // [b, seqlen_q, heads_q, head_dim_v]
   const void* dout;    // like out
   const float* lse;    // [b, heads_q, seqlen_q]
+  const float* dlse;   // [b, heads_q, seqlen_q] or null
   float* lse_log2;     // [b, heads_q, seqlen_q_pad]
   float* dpsum;        // [b, heads_q, seqlen_q_pad]
   float* dq_accum;     // [b, heads_q, seqlen_q_pad, head_dim]
@@ -53,6 +55,7 @@ __global__ void __launch_bounds__(kPreThreads) flash_bwd_preprocess_sm90(const B
       for (int c = lane; c < p.head_dim_v / 8; c += 32) dsum += dot8<Element>(o[c], g[c]);
 #pragma unroll
       for (int off = 16; off > 0; off /= 2) dsum += __shfl_xor_sync(0xffffffffu, dsum, off);
+      if (p.dlse) dsum -= p.dlse[bh * p.seqlen_q + i];
       const float l = p.lse[bh * p.seqlen_q + i];
       lse2 = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
     }

@@ -51,15 +51,17 @@ struct BwdTileSize {
   int block_n;  // key rows owned by one CTA (dK, dV stay in registers for the whole CTA)
 };
 
-// Two consumer warpgroups (256 threads) in every configuration. Register budget per thread
-// (255 at 256 threads/CTA) is what bounds the tiles: each thread holds its share of dK and dV for
-// the whole CTA, plus S^T and dP^T for one step.
+// Two consumer warpgroups (240 registers each after setmaxnreg) in every configuration. Registers
+// bound the tiles: each thread holds its share of dK and dV for the whole CTA, plus S^T and dP^T
+// for one step.
 //  * hdim <= 128: 64 x 128. Each warpgroup owns 64 keys: S^T/dP^T 32 + 32 regs, dK + dV
-//    2 * hdim/2 regs (128 at hdim 128), so ~200 live accumulator registers at hdim 128; 128 keys
-//    per CTA halves the number of passes over Q/dO compared with 64.
+//    2 * hdim/2 regs (128 at hdim 128); 128 keys per CTA halves the passes over Q/dO compared
+//    with 64, and lets P^T/dS^T feed dK/dV from registers. (hdim 128 still spills 36 bytes, 156
+//    with softcap; 64 x 128 measured 366 TFLOP/s at 16k tokens on an H200.)
 //  * hdim 192/256: 64 x 64. A 128-key block would need 2 * 192 (or 256) dK+dV registers per
 //    thread; with 64 keys the warpgroups split dK/dV along the head dim instead (128 regs at 256)
 //    and shared memory (Q, dO double-buffered, K, V, P, dS: 208 KB at 256) still fits 227 KB.
+// Query blocks stay at 64 (one WGMMA M tile for dQ): 128 would double S^T/dP^T registers.
 constexpr BwdTileSize bwd_tile_size_sm90(int head_dim, int head_dim_v) {
   return (head_dim <= 128 && head_dim_v <= 128) ? BwdTileSize{64, 128} : BwdTileSize{64, 64};
 }

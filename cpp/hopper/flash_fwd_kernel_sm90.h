@@ -2,8 +2,8 @@
 // producer / consumer warpgroup split and the persistent tile loop; composes FwdMainloop and
 // FwdEpilogue.
 //
-// 384 threads: warpgroup 0 produces (one thread issues every TMA, the rest of the warpgroup
-// only gives its registers back), warpgroups 1 and 2 consume 64 query rows each.
+// 384 threads: warpgroup 0 produces (one thread issues every TMA, one thread of warp 1 runs the
+// tile scheduler, the rest only give their registers back), warpgroups 1 and 2 consume 64 query rows each.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -26,7 +26,6 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   extern __shared__ char smem_raw[];
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
 
-  int const warp_idx = cutlass::canonical_warp_idx_sync();
   int const warp_group = cutlass::canonical_warp_group_idx();
 
   if (threadIdx.x == 0) {
@@ -37,7 +36,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     ss.q_empty.init(Traits::kNumMmaThreads);
     for (int i = 0; i < 2; ++i) {
       ss.tile_full[i].init(1);
-      ss.tile_empty[i].init(Traits::kNumMmaThreads);
+      ss.tile_empty[i].init(Traits::kNumMmaThreads + 1);  // consumers + the TMA thread
     }
   }
 
@@ -55,16 +54,24 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   TileSchedulerParams const& sched = p.sched;
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
-    if (warp_idx == 0 && threadIdx.x == 0) {
+    if (threadIdx.x == 32) {
+      // Scheduler thread (warp 1): claims tiles and publishes them (num_tiles or more means
+      // "done") through a 2-deep ring to the TMA thread and the consumers. Kept apart from the
+      // TMA thread, whose 24 registers it would otherwise push into spills.
+      for (uint32_t seq = 0, tile = blockIdx.x;; ++seq) {  // ring slot seq % 2, phase (seq / 2) % 2
+        ss.tile_empty[seq & 1].wait(((seq >> 1) & 1) ^ 1);
+        ss.tile_ids[seq & 1] = int(tile);
+        ss.tile_full[seq & 1].arrive();
+        if (int(tile) >= sched.num_tiles) break;
+        tile = next_tile(p.tile_counter, int(tile));
+      }
+    } else if (threadIdx.x == 0) {
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();
-      int q_tile_count = 0, slot = 0;
-      uint32_t phase = 0;
-      for (int tile = blockIdx.x;; tile = next_tile(p.tile_counter, tile)) {
-        // Publish the tile (num_tiles or more means "done") through a 2-deep ring.
-        ss.tile_empty[slot].wait(phase ^ 1);
-        ss.tile_ids[slot] = tile;
-        ss.tile_full[slot].arrive();
-        if (++slot == 2) slot = 0, phase ^= 1;
+      int q_tile_count = 0;
+      for (uint32_t seq = 0;; ++seq) {
+        ss.tile_full[seq & 1].wait((seq >> 1) & 1);
+        int const tile = ss.tile_ids[seq & 1];
+        ss.tile_empty[seq & 1].arrive();
         if (tile >= sched.num_tiles) break;
         TileCoord const t = decode_tile(sched, tile);
         int n_min, n_max;
@@ -83,13 +90,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     typename Traits::TiledMmaPV mma_pv;
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
     PipelineState read;
-    int q_tile_count = 0, slot = 0;
-    uint32_t phase = 0;
-    while (true) {
-      ss.tile_full[slot].wait(phase);
-      int const tile = ss.tile_ids[slot];
-      ss.tile_empty[slot].arrive();
-      if (++slot == 2) slot = 0, phase ^= 1;
+    int q_tile_count = 0;
+    for (uint32_t seq = 0;; ++seq) {
+      ss.tile_full[seq & 1].wait((seq >> 1) & 1);
+      int const tile = ss.tile_ids[seq & 1];
+      ss.tile_empty[seq & 1].arrive();
       if (tile >= sched.num_tiles) break;
       TileCoord const t = decode_tile(sched, tile);
       int n_min, n_max;

@@ -63,7 +63,12 @@ struct FwdMainloop {
       copy(p.tma_k.with(*pipe_k.producer_get_barrier(write), 0), tKgK(_, n),
            tKsK(_, write.index()));
     };
-    auto load_v = [&](int n, PipelineState const& st) {
+    // V of block n goes to the slot K of block n used, one step behind `write`; deriving that
+    // state instead of keeping a second one saves registers (the producer has only 24).
+    auto load_v_prev = [&](int n) {
+      bool const wrap = write.index() == 0;
+      PipelineState const st(wrap ? Traits::kStages - 1 : write.index() - 1,
+                             wrap ? write.phase() ^ 1 : write.phase(), 0);
       pipe_v.producer_acquire(st);
       copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
     };
@@ -73,18 +78,15 @@ struct FwdMainloop {
     ss.q_full.arrive_and_expect_tx(Traits::kBytesQ);
     copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full), 0), tQgQ, tQsQ);
 
-    // K and V of block n share ring slot `write` (both rings advance once per block); V runs one
-    // block behind K, matching the consumers' order.
-    PipelineState write_v = write;
+    // Both rings advance once per block; V runs one block behind K, matching the consumers.
     load_k(n_max - 1);
     ++write;
     for (int n = n_max - 2; n >= n_min; --n) {
       load_k(n);
+      load_v_prev(n + 1);
       ++write;
-      load_v(n + 1, write_v);
-      ++write_v;
     }
-    load_v(n_min, write_v);
+    load_v_prev(n_min);
   }
 
   // Consumer side for one tile. tOrO: output accumulator (cleared here); lse: per-row LSE out.

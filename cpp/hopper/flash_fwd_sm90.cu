@@ -46,7 +46,8 @@ DeviceInfo device_info() {
 template <class Element, int kHeadDim, int kHeadDimV>
 const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
   constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV);
-  using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages, Element>;
+  using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
+                                 ts.producer_regs, ts.consumer_regs, Element>;
   using ShapeQKV = typename Traits::ShapeQKV;
   using StrideQKV = typename Traits::StrideQKV;
 

@@ -26,7 +26,8 @@ namespace fa3::sm90 {
 
 using namespace cute;
 
-template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_, class Element_>
+template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_,
+          int kProducerRegs_, int kConsumerRegs_, class Element_>
 struct FwdTraits {
   using Element = Element_;
   using ElementAccum = float;
@@ -41,8 +42,11 @@ struct FwdTraits {
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumMmaWarpGroups * 128;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup
-  // 24 + 2 * 240 registers per thread-slot: 128 * 24 + 256 * 240 = 64512 <= 65536.
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static constexpr int kProducerRegs = kProducerRegs_, kConsumerRegs = kConsumerRegs_;
+  // setmaxnreg.inc only takes what setmaxnreg.dec gave back: the split must use exactly the
+  // registers allocated at launch (65536 / 384 rounded down to 8 = 168 per thread).
+  static_assert(128 * kProducerRegs + kNumMmaThreads * kConsumerRegs == 168 * 384,
+                "producer / consumer register split must add up to the launch allocation");
 
   using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;   // (M, N, D)
   using TileShapePV = Shape<Int<kBlockM>, Int<kHeadDimV>, Int<kBlockN>>;  // (M, Dv, N)

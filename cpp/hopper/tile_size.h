@@ -1,7 +1,7 @@
 // fa3_jax Hopper: every forward tile-size choice, with its reason, in one constexpr function.
 //
 // Constraints shared by all choices: two consumer warpgroups (block_m = 128, 64 query rows
-// each, 240 registers per consumer thread), shared memory Q + stages * (K + V) <= 227 KB,
+// each), shared memory Q + stages * (K + V) <= 227 KB,
 // block_n a multiple of 16 (it is the K dimension of the P @ V WGMMA).
 #pragma once
 
@@ -11,6 +11,12 @@ struct FwdTileSize {
   int block_m;  // query rows per tile (64 per consumer warpgroup)
   int block_n;  // keys per mainloop step
   int stages;   // depth of the K and V shared-memory rings
+  // setmaxnreg split of the 384 threads' 64512 registers (168 each at launch):
+  // 128 * producer + 256 * consumer must equal 64512, i.e. (24, 240), (40, 232) or (56, 224).
+  // 232 consumer registers suffice up to head dim 192 and leave the TMA / scheduler threads 40
+  // (at 24 they spill); head dim 256 needs all 240 for its 128-register O accumulator.
+  int producer_regs = 40;
+  int consumer_regs = 232;
 };
 
 constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v) {
@@ -28,7 +34,7 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v) {
   if (head_dim <= 192) return {128, head_dim_v <= 128 ? 128 : 112, 2};
   // hdim 256: O accumulator is 128 registers per thread; block_n 80 (FA3's choice) fits the
   // register budget and smem = Q 64 KB + 2 * (40 + 40) KB = 224 KB.
-  return {128, 80, 2};
+  return {128, 80, 2, 24, 240};
 }
 
 }  // namespace fa3::sm90

@@ -1,50 +1,17 @@
 // fa3_jax Hopper backward: every tile-size and head-dim build choice in one place.
 #pragma once
 
+#include "head_dims.h"
+
 namespace fa3::sm90_bwd {
 
-// Which head dims this build compiles backward kernels for. -DFA3_JAX_ONLY_HDIM=128 keeps one (fast
-// dev builds); CMake's FA3_JAX_SELECTED_HDIMS + FA3_JAX_HDIM_<d> keeps a list; otherwise all.
-// (192 covers both head_dim_v 192 and 128.)
-#if defined(FA3_JAX_ONLY_HDIM)
-#define FA3_BWD_HDIM64 (FA3_JAX_ONLY_HDIM == 64)
-#define FA3_BWD_HDIM96 (FA3_JAX_ONLY_HDIM == 96)
-#define FA3_BWD_HDIM128 (FA3_JAX_ONLY_HDIM == 128)
-#define FA3_BWD_HDIM192 (FA3_JAX_ONLY_HDIM == 192)
-#define FA3_BWD_HDIM256 (FA3_JAX_ONLY_HDIM == 256)
-#elif defined(FA3_JAX_SELECTED_HDIMS)
-#if defined(FA3_JAX_HDIM_64)
-#define FA3_BWD_HDIM64 1
-#else
-#define FA3_BWD_HDIM64 0
-#endif
-#if defined(FA3_JAX_HDIM_96)
-#define FA3_BWD_HDIM96 1
-#else
-#define FA3_BWD_HDIM96 0
-#endif
-#if defined(FA3_JAX_HDIM_128)
-#define FA3_BWD_HDIM128 1
-#else
-#define FA3_BWD_HDIM128 0
-#endif
-#if defined(FA3_JAX_HDIM_192)
-#define FA3_BWD_HDIM192 1
-#else
-#define FA3_BWD_HDIM192 0
-#endif
-#if defined(FA3_JAX_HDIM_256)
-#define FA3_BWD_HDIM256 1
-#else
-#define FA3_BWD_HDIM256 0
-#endif
-#else
-#define FA3_BWD_HDIM64 1
-#define FA3_BWD_HDIM96 1
-#define FA3_BWD_HDIM128 1
-#define FA3_BWD_HDIM192 1
-#define FA3_BWD_HDIM256 1
-#endif
+// Which head dims this build compiles backward kernels for (see head_dims.h; 192 covers both
+// head_dim_v 192 and 128).
+#define FA3_BWD_HDIM64 FA3_JAX_BUILD_HDIM(64)
+#define FA3_BWD_HDIM96 FA3_JAX_BUILD_HDIM(96)
+#define FA3_BWD_HDIM128 FA3_JAX_BUILD_HDIM(128)
+#define FA3_BWD_HDIM192 FA3_JAX_BUILD_HDIM(192)
+#define FA3_BWD_HDIM256 FA3_JAX_BUILD_HDIM(256)
 
 struct BwdTileSize {
   int block_m;  // query rows per main-loop step (one 64-row WGMMA M tile for the dQ product)

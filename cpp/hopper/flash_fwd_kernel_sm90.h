@@ -57,7 +57,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     if (threadIdx.x == 32) {
       // Scheduler thread (warp 1): claims tiles and publishes them (num_tiles or more means
       // "done") through a 2-deep ring to the TMA thread and the consumers. Kept apart from the
-      // TMA thread, whose 24 registers it would otherwise push into spills.
+      // TMA thread, whose 24-40 registers it would otherwise push into spills.
       for (uint32_t seq = 0, tile = blockIdx.x;; ++seq) {  // ring slot seq % 2, phase (seq / 2) % 2
         ss.tile_empty[seq & 1].wait(((seq >> 1) & 1) ^ 1);
         ss.tile_ids[seq & 1] = int(tile);

@@ -2,8 +2,8 @@
 // run_fwd_sm90) and the one list of compiled instantiations.
 //
 // Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128).
-// -DFA3_JAX_ONLY_HDIM=N keeps only head dim N (both dtypes) to cut build time; the supports
-// query then reports exactly what was built.
+// head_dims.h selects the head dims to build (both dtypes); the supports query then reports
+// exactly what was built.
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED  // WGMMA N = 80, 112 (see flash_fwd_traits_sm90.h)
 #endif
@@ -14,13 +14,10 @@
 
 #include "../flash.h"
 #include "flash_fwd_kernel_sm90.h"
+#include "head_dims.h"
 #include "tile_size.h"
 
-#if defined(FA3_JAX_ONLY_HDIM)
-#define FA3_JAX_FWD_HDIM(N) (FA3_JAX_ONLY_HDIM == (N))
-#else
-#define FA3_JAX_FWD_HDIM(N) 1
-#endif
+#define FA3_JAX_FWD_HDIM(N) FA3_JAX_BUILD_HDIM(N)
 
 namespace fa3 {
 namespace {
@@ -88,8 +85,8 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
   int const num_m_blocks = (sq + ts.block_m - 1) / ts.block_m;
   int const num_hb = hq * b;
   // K/V bytes one (head, batch) pair pulls through L2 (shared by the query heads of a group).
-  int64_t const kv_bytes =
-      std::max<int64_t>(1, int64_t(sk) * (kHeadDim + kHeadDimV) * sizeof(Element) / qheads_per_kvhead);
+  int64_t const kv_bytes = std::max<int64_t>(
+      1, int64_t(sk) * (kHeadDim + kHeadDimV) * sizeof(Element) / qheads_per_kvhead);
   int const group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
   kp.sched = {num_m_blocks, hq, num_hb, group, num_m_blocks * num_hb, hi < sk};
   kp.qheads_per_kvhead = qheads_per_kvhead;
@@ -121,20 +118,26 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
 template <class Element>
 const char* dispatch_hdim(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
 #if FA3_JAX_FWD_HDIM(64)
-  if (p.head_dim == 64 && p.head_dim_v == 64) return launch_fwd<Element, 64, 64>(p, tile_counter, stream);
+  if (p.head_dim == 64 && p.head_dim_v == 64)
+    return launch_fwd<Element, 64, 64>(p, tile_counter, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(96)
-  if (p.head_dim == 96 && p.head_dim_v == 96) return launch_fwd<Element, 96, 96>(p, tile_counter, stream);
+  if (p.head_dim == 96 && p.head_dim_v == 96)
+    return launch_fwd<Element, 96, 96>(p, tile_counter, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(128)
-  if (p.head_dim == 128 && p.head_dim_v == 128) return launch_fwd<Element, 128, 128>(p, tile_counter, stream);
+  if (p.head_dim == 128 && p.head_dim_v == 128)
+    return launch_fwd<Element, 128, 128>(p, tile_counter, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(192)
-  if (p.head_dim == 192 && p.head_dim_v == 192) return launch_fwd<Element, 192, 192>(p, tile_counter, stream);
-  if (p.head_dim == 192 && p.head_dim_v == 128) return launch_fwd<Element, 192, 128>(p, tile_counter, stream);
+  if (p.head_dim == 192 && p.head_dim_v == 192)
+    return launch_fwd<Element, 192, 192>(p, tile_counter, stream);
+  if (p.head_dim == 192 && p.head_dim_v == 128)
+    return launch_fwd<Element, 192, 128>(p, tile_counter, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(256)
-  if (p.head_dim == 256 && p.head_dim_v == 256) return launch_fwd<Element, 256, 256>(p, tile_counter, stream);
+  if (p.head_dim == 256 && p.head_dim_v == 256)
+    return launch_fwd<Element, 256, 256>(p, tile_counter, stream);
 #endif
   return "fa3_jax: head dim not compiled into the sm90 forward kernel";
 }

@@ -32,7 +32,10 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
     qf = q.astype(compute_dtype)
     kf = jnp.repeat(k.astype(compute_dtype), g, axis=2)
     vf = jnp.repeat(v.astype(compute_dtype), g, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, preferred_element_type=jnp.float32) * scale
+    # HIGHEST: on GPUs XLA would otherwise run float32 products in TF32.
+    hi = jax.lax.Precision.HIGHEST
+    s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, preferred_element_type=jnp.float32, precision=hi)
+    s = s * scale
     if softcap > 0:
         s = softcap * jnp.tanh(s / softcap)
     s = s.astype(compute_dtype)
@@ -44,7 +47,7 @@ def attention_reference(q, k, v, *, softmax_scale=None, causal=False, window_siz
     l = jnp.sum(p.astype(jnp.float32), axis=-1, keepdims=True)
     l_safe = jnp.where(l > 0, l, 1.0)
     p = (p / l_safe.astype(p.dtype)).astype(compute_dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, vf, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p, vf, preferred_element_type=jnp.float32, precision=hi)
     out = out.astype(q.dtype)
     lse = jnp.where(l[..., 0] > 0, jnp.log(l_safe[..., 0]) + m_safe[..., 0].astype(jnp.float32),
                     -jnp.inf)

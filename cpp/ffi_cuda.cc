@@ -37,6 +37,42 @@ ffi::Error launch_result(const char* err) {
   return ffi::Error::Success();
 }
 
+// Device workspace for one call. XLA's scratch allocator is tried first; where it has none to give
+// (seen with jax 0.11.2 on an H200: Allocate fails for every size), the memory comes from CUDA's
+// stream-ordered allocator and goes back on the same stream after the kernels.
+class Workspace {
+ public:
+  Workspace(ffi::ScratchAllocator& scratch, size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes == 0) return;
+    if (auto got = scratch.Allocate(bytes, 256)) {
+      ptr_ = *got;
+    } else if (cudaMallocAsync(&ptr_, bytes, stream) == cudaSuccess) {
+      owned_ = true;
+    } else {
+      cudaGetLastError();  // clear it: the failure is reported through ok()
+      ptr_ = nullptr;
+      failed_ = true;
+    }
+  }
+  ~Workspace() {
+    if (owned_) cudaFreeAsync(ptr_, stream_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  bool ok() const { return !failed_; }
+  void* get() const { return ptr_; }
+
+ private:
+  cudaStream_t stream_;
+  void* ptr_ = nullptr;
+  bool owned_ = false, failed_ = false;
+};
+
+ffi::Error no_workspace(size_t bytes) {
+  return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                    "fa3_jax: could not allocate " + std::to_string(bytes) + " bytes of workspace");
+}
+
 ffi::Error fwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
                     ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::AnyBuffer> lse, float softmax_scale, float softcap,
@@ -52,13 +88,10 @@ ffi::Error fwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     return invalid("this build has no Hopper forward kernel for head_dim=" +
                    std::to_string(p.head_dim) + ", head_dim_v=" + std::to_string(p.head_dim_v) +
                    " with this dtype (fp16/bf16 only)");
-  void* ws = nullptr;
-  if (size_t bytes = sm90_fwd_workspace_bytes(p)) {
-    auto got = scratch.Allocate(bytes, 256);
-    if (!got) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fa3_jax: no workspace");
-    ws = *got;
-  }
-  return launch_result(run_fwd_sm90(p, ws, stream));
+  const size_t bytes = sm90_fwd_workspace_bytes(p);
+  Workspace ws(scratch, bytes, stream);
+  if (!ws.ok()) return no_workspace(bytes);
+  return launch_result(run_fwd_sm90(p, ws.get(), stream));
 }
 
 ffi::Error bwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
@@ -77,13 +110,10 @@ ffi::Error bwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
     return invalid("this build has no Hopper backward kernel for head_dim=" +
                    std::to_string(p.head_dim) + ", head_dim_v=" + std::to_string(p.head_dim_v) +
                    " with this dtype (fp16/bf16 only)");
-  void* ws = nullptr;
-  if (size_t bytes = sm90_bwd_workspace_bytes(p)) {
-    auto got = scratch.Allocate(bytes, 256);
-    if (!got) return ffi::Error(ffi::ErrorCode::kResourceExhausted, "fa3_jax: no workspace");
-    ws = *got;
-  }
-  return launch_result(run_bwd_sm90(p, ws, stream));
+  const size_t bytes = sm90_bwd_workspace_bytes(p);
+  Workspace ws(scratch, bytes, stream);
+  if (!ws.ok()) return no_workspace(bytes);
+  return launch_result(run_bwd_sm90(p, ws.get(), stream));
 }
 
 }  // namespace

@@ -97,6 +97,9 @@ def train(attention, args, batches, params0):
     @partial(jax.jit, donate_argnums=(0, 1))
     def step(params, mom, tokens):
         loss, g = jax.value_and_grad(loss_fn)(params, tokens)
+        # Clip to global norm 1 so that both runs stay stable in bfloat16 at larger sizes.
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(g)))
+        g = jax.tree.map(lambda x: x * jnp.minimum(1.0, 1.0 / (norm + 1e-6)).astype(x.dtype), g)
         mom = jax.tree.map(lambda m, g: 0.9 * m + g, mom, g)
         params = jax.tree.map(lambda p, m: p - args.lr * m, params, mom)
         return params, mom, loss

@@ -66,6 +66,6 @@ fi
 if has main; then
   log "main job"
   "$PY" benchmarks/train_transformer.py --steps 50 --seq 1024 --batch 8 --heads 8 --kv-heads 2 \
-    --head-dim 128 --layers 2 --json "$OUT/train.json" ${MAIN_ARGS:-} 2>&1 | tail -22
+    --head-dim 128 --layers 2 --lr 0.01 --json "$OUT/train.json" ${MAIN_ARGS:-} 2>&1 | tail -22
 fi
 log "done"

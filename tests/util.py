@@ -1,5 +1,7 @@
 """Shared helpers: random inputs and error bounds relative to a same-precision reference."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,8 +52,11 @@ def assert_close_to_reference(got, ref32, ref_same, dtype, what, factor=2.0):
 
 def check_forward(q, k, v, *, rtol_factor=2.0, **kw):
     out, lse = fa3_jax.flash_attention(q, k, v, return_lse=True, **kw)
-    ref32, lse32 = fa3_jax.attention_reference(q, k, v, return_lse=True, **kw)
-    ref_lp, _ = fa3_jax.attention_reference(q, k, v, return_lse=True, compute_dtype=q.dtype, **kw)
+    # Jitted references: one compilation each instead of one per jnp op (slow on GPUs).
+    ref = jax.jit(partial(fa3_jax.attention_reference, return_lse=True, **kw))
+    ref32, lse32 = ref(q, k, v)
+    ref_lp, _ = jax.jit(partial(fa3_jax.attention_reference, return_lse=True,
+                                compute_dtype=q.dtype, **kw))(q, k, v)
     assert out.shape == ref32.shape and out.dtype == q.dtype
     assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == jnp.float32
     assert_close_to_reference(out, ref32, ref_lp, q.dtype, "out", rtol_factor)
@@ -66,7 +71,7 @@ def check_forward(q, k, v, *, rtol_factor=2.0, **kw):
 def grads(fn, q, k, v, dout, **kw):
     def loss(q, k, v):
         return jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * dout.astype(jnp.float32))
-    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
 
 def check_backward(q, k, v, factor=2.0, **kw):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fa3_jax import _ffi
+from fa3_jax._primitives import UNBOUNDED
 from fa3_jax.attention import _check_float, attention_with_band, check_qkv
 
 _WARNED: set[str] = set()
@@ -101,7 +102,6 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     b, t, s, n, kh, h, hv = check_qkv(query, key, value, names=("query", "key", "value"))
     sc = 1.0 / math.sqrt(h) if scale is None else _check_float("scale", scale, positive=True)
     # jax.nn aligns causal and windows top-left: query i sees key j iff i - left <= j <= i + right.
-    from fa3_jax._primitives import UNBOUNDED
     lo, hi = -UNBOUNDED, UNBOUNDED
     window = _window(local_window_size)
     if window is not None:

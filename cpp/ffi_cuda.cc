@@ -1,9 +1,23 @@
-// XLA FFI handlers of the Hopper backend: validate, fill params, allocate workspace from XLA's
-// scratch allocator, and call the sm90 kernels on XLA's stream. Host-only; never includes CuTe.
+// XLA FFI handlers of the Hopper backend: validate, fill params, and call the sm90 kernels on
+// XLA's stream, on XLA's device. Host-only; never includes CuTe.
+//
+// Multi-GPU: one process drives every local GPU, each from its own XLA thread. Each call makes the
+// device XLA names (the DeviceOrdinal context) current for its duration; what the kernels need per
+// device (compute capability, SM count, shared-memory limits) is cached per device in
+// cuda_device.h, so no call queries device properties or sets attributes after the first.
+//
+// Workspace: the last result of each custom call is a uint8 buffer XLA allocates (sized in Python
+// from sm90_*_workspace_bytes, which the nanobind module exposes), so XLA owns every byte, counts
+// it in memory_analysis(), and nothing here allocates.
+//
+// Command buffers (CUDA graphs): a call issues only stream-ordered work (memsets and kernel
+// launches) whose arguments are XLA buffers and the call's attributes; no host-side state changes
+// between replays. The handlers declare kCmdBufferCompatible.
 #include <cuda_runtime.h>
 
 #include <string>
 
+#include "cuda_device.h"
 #include "ffi_common.h"
 #include "ffi_handlers.h"
 
@@ -16,68 +30,79 @@ using ffi_util::fill_fwd;
 using ffi_util::fill_fwd_outputs;
 using ffi_util::invalid;
 
-ffi::Error check_device_supported() {
-  int dev = 0;
-  cudaDeviceProp prop;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess)
-    return ffi::Error(ffi::ErrorCode::kInternal, "fa3_jax: cannot query the CUDA device");
-  if (prop.major != 9)
-    return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                      "fa3_jax: the CUDA kernels need a Hopper GPU (sm_90); this device is sm_" +
-                          std::to_string(prop.major * 10 + prop.minor));
-  return ffi::Error::Success();
-}
+std::string device_name(int device) { return "CUDA device " + std::to_string(device); }
 
-ffi::Error launch_result(const char* err) {
-  if (err) return ffi::Error(ffi::ErrorCode::kInternal, std::string("fa3_jax: ") + err);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess)
-    return ffi::Error(ffi::ErrorCode::kInternal,
-                      std::string("fa3_jax: CUDA launch failed: ") + cudaGetErrorString(e));
-  return ffi::Error::Success();
-}
-
-// Device workspace for one call. XLA's scratch allocator is tried first; where it has none to give
-// (seen with jax 0.11.2 on an H200: Allocate fails for every size), the memory comes from CUDA's
-// stream-ordered allocator and goes back on the same stream after the kernels.
-class Workspace {
+// Makes `device` current on this thread for one handler call, then restores the previous one.
+class ScopedDevice {
  public:
-  Workspace(ffi::ScratchAllocator& scratch, size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes == 0) return;
-    if (auto got = scratch.Allocate(bytes, 256)) {
-      ptr_ = *got;
-    } else if (cudaMallocAsync(&ptr_, bytes, stream) == cudaSuccess) {
-      owned_ = true;
-    } else {
-      cudaGetLastError();  // clear it: the failure is reported through ok()
-      ptr_ = nullptr;
-      failed_ = true;
+  explicit ScopedDevice(int device) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    if (previous_ != device) {
+      status_ = cudaSetDevice(device);
+      switched_ = status_ == cudaSuccess && previous_ >= 0;
     }
   }
-  ~Workspace() {
-    if (owned_) cudaFreeAsync(ptr_, stream_);
+  ~ScopedDevice() {
+    if (switched_) cudaSetDevice(previous_);
   }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  bool ok() const { return !failed_; }
-  void* get() const { return ptr_; }
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+  cudaError_t status() const { return status_; }
 
  private:
-  cudaStream_t stream_;
-  void* ptr_ = nullptr;
-  bool owned_ = false, failed_ = false;
+  int previous_ = -1;
+  bool switched_ = false;
+  cudaError_t status_ = cudaSuccess;
 };
 
-ffi::Error no_workspace(size_t bytes) {
-  return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                    "fa3_jax: could not allocate " + std::to_string(bytes) + " bytes of workspace");
+ffi::Error cuda_error(const std::string& what, int device, cudaError_t e) {
+  return ffi::Error(ffi::ErrorCode::kInternal, "fa3_jax: " + what + " on " + device_name(device) +
+                                                   ": " + cudaGetErrorName(e) + " (" +
+                                                   cudaGetErrorString(e) + ")");
 }
 
-ffi::Error fwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
-                    ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
-                    ffi::Result<ffi::AnyBuffer> lse, float softmax_scale, float softcap,
-                    int64_t diag_lo, int64_t diag_hi) {
-  if (auto e = check_device_supported(); e.failure()) return e;
+// Everything a call does before touching its buffers: the device is current and is a Hopper GPU.
+ffi::Error enter_device(const ScopedDevice& scope, int device) {
+  if (scope.status() != cudaSuccess)
+    return cuda_error("cannot make the device current", device, scope.status());
+  const cuda::DeviceFacts& f = cuda::device_facts(device);
+  if (f.status != cudaSuccess) return cuda_error("cannot query the device", device, f.status);
+  if (f.major != 9)
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      "fa3_jax: the CUDA kernels need a Hopper GPU (sm_90); " +
+                          device_name(device) + " is sm_" + std::to_string(f.major * 10 + f.minor));
+  cudaGetLastError();  // an error some earlier runtime call left on this thread is not ours
+  return ffi::Error::Success();
+}
+
+// A launcher's failure names the kernel; the CUDA error it left in place names the cause.
+ffi::Error launch_result(const char* err, int device) {
+  cudaError_t const e = cudaGetLastError();
+  if (!err && e == cudaSuccess) return ffi::Error::Success();
+  std::string what = err ? err : "an sm90 kernel launch failed";
+  if (e == cudaSuccess)
+    return ffi::Error(ffi::ErrorCode::kInternal, "fa3_jax: " + what + " on " + device_name(device));
+  return cuda_error(what, device, e);
+}
+
+ffi::Error check_workspace(const ffi::AnyBuffer& ws, size_t need) {
+  if (ws.element_type() != ffi::DataType::U8 || ws.size_bytes() < need)
+    return invalid("the workspace result must be a uint8 buffer of at least " +
+                   std::to_string(need) + " bytes, got " + std::to_string(ws.size_bytes()) +
+                   " bytes (the Python lowering sizes it with sm90_*_workspace_bytes)");
+  return ffi::Error::Success();
+}
+
+std::string hdim_str(const FwdParams& p) {
+  return "head_dim=" + std::to_string(p.head_dim) + ", head_dim_v=" + std::to_string(p.head_dim_v);
+}
+
+ffi::Error fwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                    ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
+                    ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
+                    float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
   FwdParams p;
   if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
     return e;
@@ -85,35 +110,30 @@ ffi::Error fwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Any
   p.out = out->untyped_data();
   p.lse = static_cast<float*>(lse->untyped_data());
   if (!sm90_supports_fwd(p))
-    return invalid("this build has no Hopper forward kernel for head_dim=" +
-                   std::to_string(p.head_dim) + ", head_dim_v=" + std::to_string(p.head_dim_v) +
+    return invalid("this build has no Hopper forward kernel for " + hdim_str(p) +
                    " with this dtype (fp16/bf16 only)");
-  const size_t bytes = sm90_fwd_workspace_bytes(p);
-  Workspace ws(scratch, bytes, stream);
-  if (!ws.ok()) return no_workspace(bytes);
-  return launch_result(run_fwd_sm90(p, ws.get(), stream));
+  if (auto e = check_workspace(*workspace, sm90_fwd_workspace_bytes(p)); e.failure()) return e;
+  return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
 }
 
-ffi::Error bwd_cuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer q,
-                    ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
-                    ffi::AnyBuffer dout, ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
+ffi::Error bwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                    ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
+                    ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
                     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
-                    float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
-                    bool deterministic) {
-  if (auto e = check_device_supported(); e.failure()) return e;
+                    ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap,
+                    int64_t diag_lo, int64_t diag_hi, bool deterministic) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
   BwdParams p;
   if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
                         diag_lo, diag_hi, deterministic, &p);
       e.failure())
     return e;
   if (!sm90_supports_bwd(p))
-    return invalid("this build has no Hopper backward kernel for head_dim=" +
-                   std::to_string(p.head_dim) + ", head_dim_v=" + std::to_string(p.head_dim_v) +
+    return invalid("this build has no Hopper backward kernel for " + hdim_str(p) +
                    " with this dtype (fp16/bf16 only)");
-  const size_t bytes = sm90_bwd_workspace_bytes(p);
-  Workspace ws(scratch, bytes, stream);
-  if (!ws.ok()) return no_workspace(bytes);
-  return launch_result(run_bwd_sm90(p, ws.get(), stream));
+  if (auto e = check_workspace(*workspace, sm90_bwd_workspace_bytes(p)); e.failure()) return e;
+  return launch_result(run_bwd_sm90(p, workspace->untyped_data(), stream), device);
 }
 
 }  // namespace
@@ -123,19 +143,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     fa3_fwd_cuda, fa3::fwd_cuda,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()  // XLA's stream for this op
-        .Ctx<xla::ffi::ScratchAllocator>()              // device workspace
+        .Ctx<xla::ffi::DeviceOrdinal>()                 // the device that stream belongs to
         .Arg<xla::ffi::AnyBuffer>()                     // q
         .Arg<xla::ffi::AnyBuffer>()                     // k
         .Arg<xla::ffi::AnyBuffer>()                     // v
         .Ret<xla::ffi::AnyBuffer>()                     // out
         .Ret<xla::ffi::AnyBuffer>()                     // lse
-            FA3_JAX_MASK_ATTRS);
+        .Ret<xla::ffi::AnyBuffer>()                     // workspace (uint8, XLA-allocated)
+            FA3_JAX_MASK_ATTRS,
+    {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     fa3_bwd_cuda, fa3::bwd_cuda,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::ScratchAllocator>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
         .Arg<xla::ffi::AnyBuffer>()  // q
         .Arg<xla::ffi::AnyBuffer>()  // k
         .Arg<xla::ffi::AnyBuffer>()  // v
@@ -146,5 +168,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // dq
         .Ret<xla::ffi::AnyBuffer>()  // dk
         .Ret<xla::ffi::AnyBuffer>()  // dv
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
             FA3_JAX_MASK_ATTRS
-        .Attr<bool>("deterministic"));
+        .Attr<bool>("deterministic"),
+    {xla::ffi::Traits::kCmdBufferCompatible});

@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 
 #include "ffi_handlers.h"
+#include "flash.h"
 
 namespace nb = nanobind;
 
@@ -12,6 +13,26 @@ template <typename Fn>
 nb::capsule capsule(Fn* fn) {
   return nb::capsule(reinterpret_cast<void*>(fn));
 }
+
+#ifdef FA3_JAX_WITH_CUDA
+// The shape part of the params, as the CUDA handlers will fill it: what the workspace size of a
+// call depends on.
+fa3::BwdParams shape_params(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, int64_t heads_q,
+                            int64_t heads_kv, int64_t head_dim, int64_t head_dim_v,
+                            bool deterministic) {
+  fa3::BwdParams p;
+  p.batch = batch;
+  p.seqlen_q = seqlen_q;
+  p.seqlen_k = seqlen_k;
+  p.heads_q = heads_q;
+  p.heads_kv = heads_kv;
+  p.head_dim = head_dim;
+  p.head_dim_v = head_dim_v;
+  p.dtype = fa3::DType::kBFloat16;  // the workspace does not depend on the 2-byte dtype
+  p.deterministic = deterministic;
+  return p;
+}
+#endif
 
 }  // namespace
 
@@ -29,6 +50,15 @@ NB_MODULE(_fa3_jax_ext, m) {
     return all;
   });
 #ifdef FA3_JAX_WITH_CUDA
+  // Bytes of the uint8 workspace result the CUDA custom calls take (XLA allocates it).
+  m.def("sm90_fwd_workspace_bytes",
+        [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv) {
+          return fa3::sm90_fwd_workspace_bytes(shape_params(b, sq, sk, hq, hkv, d, dv, false));
+        });
+  m.def("sm90_bwd_workspace_bytes", [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv,
+                                       int64_t d, int64_t dv, bool deterministic) {
+    return fa3::sm90_bwd_workspace_bytes(shape_params(b, sq, sk, hq, hkv, d, dv, deterministic));
+  });
   m.attr("cuda_built") = true;
   m.attr("cuda_head_dims") = FA3_JAX_CUDA_HEAD_DIMS;
 #else

@@ -2,13 +2,15 @@
 # On a Hopper GPU machine with no package registry: install fa3_jax from this working tree (with
 # the nvidia-cutlass wheel brought along in .whl/), then run the GPU tests, compute-sanitizer on a
 # small case, the kernel benchmark and the main job. Everything it writes goes to $OUT.
-#   STAGES="build tests sanitizer bench main" (default: all)   FA3_JAX_HEAD_DIMS=64,128,...
+#   STAGES="build tests sanitizer bench overhead main" (default: all)   FA3_JAX_HEAD_DIMS=64,...
 #   PYTEST_ARGS, BENCH_ARGS, MAIN_ARGS to narrow a stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fa3_jax_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build tests sanitizer bench main"}
+STAGES=${STAGES:-"build tests sanitizer bench overhead main"}
+# Without this XLA autotunes the reference GEMMs of every test and the suite takes many minutes.
+export XLA_FLAGS=${XLA_FLAGS:---xla_gpu_autotune_level=0}
 PY=${PYTHON:-python3}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 log() { echo "=== $* ($(date +%T))"; }
@@ -45,9 +47,14 @@ fi
 
 if has tests; then
   log "GPU tests"
-  # Four workers share the GPU (compilation dominates); none preallocates the memory.
-  XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -q -m gpu -ra -n ${PYTEST_WORKERS:-4} \
+  # Eight workers share the GPU(s) (compilation dominates); none preallocates the memory.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -q -m gpu -ra -n ${PYTEST_WORKERS:-8} \
     ${PYTEST_ARGS:-} tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+  # Multi-GPU tests (skip on one GPU) and the command-buffer test, in one process: they compare
+  # devices with each other.
+  nvidia-smi -L
+  XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -q -s -m gpu -ra tests/test_multi_gpu.py \
+    2>&1 | tee "$OUT/pytest_multi_gpu.txt" | tail -40
 fi
 
 if has sanitizer; then
@@ -61,6 +68,11 @@ fi
 if has bench; then
   log "benchmark"
   "$PY" benchmarks/bench_attention.py --out "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.txt" | tail -80
+fi
+
+if has overhead; then
+  log "host overhead"
+  "$PY" benchmarks/bench_host_overhead.py --json "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.txt"
 fi
 
 if has main; then

@@ -66,4 +66,4 @@ def test_ffi_handler_returns_error_instead_of_abort():
     from fa3_jax import _primitives
     q, k, v = _qkv()
     with pytest.raises(Exception, match=r"fa3_jax: v has shape"):
-        jax.jit(lambda q, k, v: _primitives._fwd_ffi(q, k, v, 1.0, 0.0, -10, 10))(q, k, v[:, :5])
+        jax.jit(lambda q, k, v: _primitives._fwd_ffi(q, k, v, 1.0, 0.0, -10, 10, False))(q, k, v[:, :5])

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "cuda_device.h"
 #include "flash_bwd_kernel_sm90.h"
 #include "flash_bwd_launch_sm90.h"
 #include "flash_bwd_postprocess_sm90.h"
@@ -53,7 +54,7 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   dim3 pre_grid(unsigned((w.seqlen_q_pad + kPreRowsPerBlock - 1) / kPreRowsPerBlock), unsigned(p.heads_q),
                 unsigned(p.batch));
   flash_bwd_preprocess_sm90<Element><<<pre_grid, kPreThreads, 0, stream>>>(pre);
-  if (cudaGetLastError() != cudaSuccess) return "fa3 bwd: preprocess launch failed";
+  if (cuda::launch_failed()) return "sm90 backward preprocess kernel launch failed";
 
   BwdMainParams m{};
   m.q = p.q;
@@ -82,13 +83,12 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   m.scale_div_softcap = kSoftcap ? p.softmax_scale / p.softcap : 0.f;
   m.deterministic = p.deterministic;
   auto kernel = flash_bwd_kernel_sm90<Tr>;
-  // Per device and cheap, so set on every call rather than cached.
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSmemBytes) != cudaSuccess) {
-    return "fa3 bwd: cannot raise the shared memory limit of the main kernel";
-  }
+  static cuda::PerDevice<cudaError_t> smem_limit_set;
+  if (cuda::set_smem_limit_once(smem_limit_set, kernel, Tr::kSmemBytes) != cudaSuccess)
+    return "cannot raise the shared-memory limit of the sm90 backward main kernel";
   dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_kv), unsigned(p.batch));
   kernel<<<grid, Tr::kNumThreads, Tr::kSmemBytes, stream>>>(make_bwd_kernel_args<Tr>(m, int(p.batch)));
-  if (cudaGetLastError() != cudaSuccess) return "fa3 bwd: main kernel launch failed";
+  if (cuda::launch_failed()) return "sm90 backward main kernel launch failed";
 
   BwdPostParams post{};
   post.dq_accum = dq_accum;
@@ -102,7 +102,7 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   const int64_t groups = p.batch * p.seqlen_q * p.heads_q * (kHeadDim / 4);
   const unsigned post_blocks = unsigned(std::min<int64_t>((groups + kPostThreads - 1) / kPostThreads, 132 * 16));
   flash_bwd_postprocess_sm90<Element><<<post_blocks, kPostThreads, 0, stream>>>(post);
-  if (cudaGetLastError() != cudaSuccess) return "fa3 bwd: postprocess launch failed";
+  if (cuda::launch_failed()) return "sm90 backward postprocess kernel launch failed";
   return nullptr;
 }
 

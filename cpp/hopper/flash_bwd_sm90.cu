@@ -43,7 +43,7 @@ size_t sm90_bwd_workspace_bytes(const BwdParams& p) { return sm90_bwd::bwd_works
 
 const char* run_bwd_sm90(const BwdParams& p, void* workspace, cudaStream_t_ stream_) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);  // fa3::CUstream_st vs ::CUstream_st
-  if (!sm90_supports_bwd(p)) return "fa3 bwd: head dim / dtype / head counts not supported by this build";
+  if (!sm90_supports_bwd(p)) return "unsupported dtype, head dim or head counts for the sm90 backward";
   const size_t elem = 2;
   if (p.batch == 0 || p.heads_q == 0) return nullptr;
   if (p.seqlen_q == 0 || p.seqlen_k == 0) {
@@ -54,7 +54,7 @@ const char* run_bwd_sm90(const BwdParams& p, void* workspace, cudaStream_t_ stre
     if ((nq && cudaMemsetAsync(p.dq, 0, nq, stream) != cudaSuccess) ||
         (nk && cudaMemsetAsync(p.dk, 0, nk, stream) != cudaSuccess) ||
         (nv && cudaMemsetAsync(p.dv, 0, nv, stream) != cudaSuccess)) {
-      return "fa3 bwd: cudaMemsetAsync failed";
+      return "cudaMemsetAsync of the sm90 backward gradients failed";
     }
     return nullptr;
   }
@@ -77,7 +77,7 @@ const char* run_bwd_sm90(const BwdParams& p, void* workspace, cudaStream_t_ stre
 #endif
     default: break;
   }
-  return "fa3 bwd: head dim not compiled into this build";
+  return "head dim not compiled into the sm90 backward kernel";
 }
 
 }  // namespace fa3

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "../cuda_device.h"
 #include "../flash.h"
 #include "flash_fwd_kernel_sm90.h"
 #include "head_dims.h"
@@ -23,22 +24,6 @@ namespace fa3 {
 namespace {
 
 using namespace cute;
-
-struct DeviceInfo {
-  int num_sms = 0, l2_bytes = 0;
-};
-
-DeviceInfo device_info() {
-  static DeviceInfo cache[64];
-  int dev = 0;
-  cudaGetDevice(&dev);
-  DeviceInfo& d = cache[dev & 63];
-  if (d.num_sms == 0) {
-    cudaDeviceGetAttribute(&d.l2_bytes, cudaDevAttrL2CacheSize, dev);
-    cudaDeviceGetAttribute(&d.num_sms, cudaDevAttrMultiProcessorCount, dev);
-  }
-  return d;
-}
 
 template <class Element, int kHeadDim, int kHeadDimV>
 const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
@@ -80,7 +65,7 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
   int64_t const hi = std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
   kp.mask = {sq, sk, int(lo), int(hi)};
 
-  DeviceInfo const dev = device_info();
+  cuda::DeviceFacts const& dev = cuda::device_facts(cuda::current_device());
   int const qheads_per_kvhead = hq / hkv;
   int const num_m_blocks = (sq + ts.block_m - 1) / ts.block_m;
   int const num_hb = hq * b;
@@ -90,9 +75,12 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
   int const group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
   kp.sched = {num_m_blocks, hq, num_hb, group, num_m_blocks * num_hb, hi < sk};
   kp.qheads_per_kvhead = qheads_per_kvhead;
-  kp.tile_counter = tile_counter;
-  if (tile_counter && cudaMemsetAsync(tile_counter, 0, sizeof(int), stream) != cudaSuccess)
-    return "fa3_jax: cannot reset the sm90 forward tile counter";
+  int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
+  // With at most one tile per CTA there is nothing to balance: no counter and no memset (short
+  // calls then cost one launch).
+  kp.tile_counter = kp.sched.num_tiles > grid ? tile_counter : nullptr;
+  if (kp.tile_counter && cudaMemsetAsync(kp.tile_counter, 0, sizeof(int), stream) != cudaSuccess)
+    return "cannot reset the sm90 forward tile counter";
 
   constexpr float kLog2e = 1.4426950408889634f;
   kp.has_softcap = p.softcap > 0.f;
@@ -105,13 +93,11 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
 
   auto kernel = sm90::flash_fwd_kernel_sm90<Traits>;
   constexpr int kSmemBytes = sizeof(typename Traits::SharedStorage);
-  static bool const attr_ok =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes) ==
-      cudaSuccess;
-  if (!attr_ok) return "fa3_jax: cannot raise the shared-memory limit of the sm90 forward kernel";
-  int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
+  static cuda::PerDevice<cudaError_t> smem_limit_set;
+  if (cuda::set_smem_limit_once(smem_limit_set, kernel, kSmemBytes) != cudaSuccess)
+    return "cannot raise the shared-memory limit of the sm90 forward kernel";
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(kp);
-  if (cudaGetLastError() != cudaSuccess) return "fa3_jax: sm90 forward kernel launch failed";
+  if (cuda::launch_failed()) return "sm90 forward kernel launch failed";
   return nullptr;
 }
 
@@ -139,7 +125,7 @@ const char* dispatch_hdim(const FwdParams& p, int* tile_counter, cudaStream_t st
   if (p.head_dim == 256 && p.head_dim_v == 256)
     return launch_fwd<Element, 256, 256>(p, tile_counter, stream);
 #endif
-  return "fa3_jax: head dim not compiled into the sm90 forward kernel";
+  return "head dim not compiled into the sm90 forward kernel";
 }
 
 bool hdim_compiled(int64_t d, int64_t dv) {
@@ -165,7 +151,7 @@ bool sm90_supports_fwd(const FwdParams& p) {
 size_t sm90_fwd_workspace_bytes(const FwdParams&) { return 16; }
 
 const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stream) {
-  if (!sm90_supports_fwd(p)) return "fa3_jax: unsupported dtype or head dim for the sm90 forward";
+  if (!sm90_supports_fwd(p)) return "unsupported dtype or head dim for the sm90 forward";
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
   // Without a workspace the kernel falls back to the static round-robin schedule.
   int* counter = static_cast<int*>(workspace);

@@ -29,3 +29,15 @@ def platforms() -> frozenset[str]:
     """Platforms ("cpu", "cuda") for which every fa3_jax FFI target is registered."""
     sets = list(_REGISTERED.values())
     return frozenset(set.intersection(*sets)) if sets else frozenset()
+
+
+def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=False) -> int:
+    """Bytes of the uint8 workspace result the CUDA ``fa3_{direction}`` custom call takes.
+
+    XLA allocates it like any other result, so it shows in ``compiled.memory_analysis()``; the
+    size comes from the kernels' own layout (``sm90_*_workspace_bytes`` in cpp/flash.h)."""
+    b, sq, hq, d = q_shape
+    sk, hkv, dv = k_shape[1], k_shape[2], v_shape[3]
+    if direction == "fwd":
+        return int(_ext.sm90_fwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv))
+    return int(_ext.sm90_bwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, bool(deterministic)))

@@ -10,6 +10,8 @@ Static parameters, shared by both primitives:
   softmax_scale: float; softcap: float (0 disables);
   diag_lo, diag_hi: int, the visible band ``diag_lo <= j - i <= diag_hi`` (see cpp/flash.h);
   deterministic (backward only): bool.
+The lowering adds one more, ``cuda``: the CUDA custom calls take one extra result, a uint8
+workspace that XLA allocates (so XLA owns every byte the kernels use); the CPU calls do not.
 """
 
 from __future__ import annotations
@@ -44,21 +46,31 @@ def _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi):
                 diag_lo=np.int64(diag_lo), diag_hi=np.int64(diag_hi))
 
 
-def _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi):
+def _workspace_type(direction, q, k, v, deterministic=False):
+    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic)
+    return jax.ShapeDtypeStruct((nbytes,), jnp.uint8)
+
+
+def _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda):
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    if cuda:
+        out_types += (_workspace_type("fwd", q, k, v),)
     call = jax.ffi.ffi_call("fa3_fwd", out_types)
-    return tuple(call(q, k, v, **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))
+    return tuple(call(q, k, v, **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))[:2]
 
 
 def _bwd_ffi(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
-             deterministic):
+             deterministic, cuda):
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype))
+    if cuda:
+        out_types += (_workspace_type("bwd", q, k, v, deterministic),)
     call = jax.ffi.ffi_call("fa3_bwd", out_types)
     attrs = _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)
-    return tuple(call(q, k, v, out, lse, dout, dlse, deterministic=bool(deterministic), **attrs))
+    return tuple(call(q, k, v, out, lse, dout, dlse, deterministic=bool(deterministic),
+                      **attrs))[:3]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,14 +141,14 @@ def _in_rule_order(rule, factors):
     return tuple(sorted(set(factors), key=order.index))
 
 
-def _fwd_rule(softmax_scale, softcap, diag_lo, diag_hi, mesh, value_types, result_types):
+def _fwd_rule(softmax_scale, softcap, diag_lo, diag_hi, cuda, mesh, value_types, result_types):
     hq, hk, sizes, keep_whole = _heads_factor(value_types)
     rule = f"b s {hq} d, b t {hk} d, b t {hk} e -> b s {hq} e, b {hq} s"
     repl = _in_rule_order(rule, ("s", "t", "d", "e") + keep_whole)
     return rule, dict(need_replication_factors=repl, **sizes)
 
 
-def _bwd_rule(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh, value_types,
+def _bwd_rule(softmax_scale, softcap, diag_lo, diag_hi, deterministic, cuda, mesh, value_types,
               result_types):
     hq, hk, sizes, keep_whole = _heads_factor(value_types)
     rule = (f"b s {hq} d, b t {hk} d, b t {hk} e, b s {hq} e, b {hq} s, b s {hq} e, b {hq} s"
@@ -145,25 +157,26 @@ def _bwd_rule(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh, val
     return rule, dict(need_replication_factors=repl, **sizes)
 
 
-def _fwd_partition(softmax_scale, softcap, diag_lo, diag_hi, mesh, arg_shapes, result_shape):
+def _fwd_partition(softmax_scale, softcap, diag_lo, diag_hi, cuda, mesh, arg_shapes,
+                   result_shape):
     b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
     t = _tensor_sharding(mesh, b_ax, h_ax)
     args = (t, t, t)
     results = (t, _lse_sharding(mesh, b_ax, h_ax))
 
     def lower_fn(q, k, v):
-        return _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi)
+        return _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda)
 
     return mesh, lower_fn, results, args
 
 
-def _fwd_infer(softmax_scale, softcap, diag_lo, diag_hi, mesh, arg_shapes, result_shape):
+def _fwd_infer(softmax_scale, softcap, diag_lo, diag_hi, cuda, mesh, arg_shapes, result_shape):
     b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
     return (_tensor_sharding(mesh, b_ax, h_ax), _lse_sharding(mesh, b_ax, h_ax))
 
 
-def _bwd_partition(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh, arg_shapes,
-                   result_shape):
+def _bwd_partition(softmax_scale, softcap, diag_lo, diag_hi, deterministic, cuda, mesh,
+                   arg_shapes, result_shape):
     b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
     t = _tensor_sharding(mesh, b_ax, h_ax)
     lse = _lse_sharding(mesh, b_ax, h_ax)
@@ -171,22 +184,22 @@ def _bwd_partition(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh
 
     def lower_fn(q, k, v, out, lse_, dout, dlse):
         return _bwd_ffi(q, k, v, out, lse_, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
-                        deterministic)
+                        deterministic, cuda)
 
     return mesh, lower_fn, (t, t, t), args
 
 
-def _bwd_infer(softmax_scale, softcap, diag_lo, diag_hi, deterministic, mesh, arg_shapes,
+def _bwd_infer(softmax_scale, softcap, diag_lo, diag_hi, deterministic, cuda, mesh, arg_shapes,
                result_shape):
     b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
     t = _tensor_sharding(mesh, b_ax, h_ax)
     return (t, t, t)
 
 
-_fwd_partitioned = custom_partitioning(_fwd_ffi, static_argnums=(3, 4, 5, 6))
+_fwd_partitioned = custom_partitioning(_fwd_ffi, static_argnums=(3, 4, 5, 6, 7))
 _fwd_partitioned.def_partition(partition=_fwd_partition, infer_sharding_from_operands=_fwd_infer,
                                sharding_rule=_fwd_rule)
-_bwd_partitioned = custom_partitioning(_bwd_ffi, static_argnums=(7, 8, 9, 10, 11))
+_bwd_partitioned = custom_partitioning(_bwd_ffi, static_argnums=(7, 8, 9, 10, 11, 12))
 _bwd_partitioned.def_partition(partition=_bwd_partition, infer_sharding_from_operands=_bwd_infer,
                                sharding_rule=_bwd_rule)
 
@@ -212,14 +225,14 @@ def _bwd_abstract(q, k, v, out, lse, dout, dlse, **params):
             jax.core.ShapedArray(v.shape, v.dtype))
 
 
-def _fwd_lower_impl(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi):
-    return _fwd_partitioned(q, k, v, softmax_scale, softcap, diag_lo, diag_hi)
+def _fwd_lower_impl(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi, cuda=False):
+    return _fwd_partitioned(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda)
 
 
 def _bwd_lower_impl(q, k, v, out, lse, dout, dlse, *, softmax_scale, softcap, diag_lo, diag_hi,
-                    deterministic):
+                    deterministic, cuda=False):
     return _bwd_partitioned(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo,
-                            diag_hi, deterministic)
+                            diag_hi, deterministic, cuda)
 
 
 def _fold_batched(args, dims):
@@ -270,13 +283,15 @@ def _check_cuda_lowering(q, v, what):
 def _cuda_fwd_lowering(ctx, q, k, v, **params):
     aq, _, av = ctx.avals_in
     _check_cuda_lowering(aq, av, "attention forward")
-    return mlir.lower_fun(_fwd_lower_impl, multiple_results=True)(ctx, q, k, v, **params)
+    return mlir.lower_fun(_fwd_lower_impl, multiple_results=True)(ctx, q, k, v, cuda=True,
+                                                                   **params)
 
 
 def _cuda_bwd_lowering(ctx, *args, **params):
     aq, _, av = ctx.avals_in[:3]
     _check_cuda_lowering(aq, av, "attention backward")
-    return mlir.lower_fun(_bwd_lower_impl, multiple_results=True)(ctx, *args, **params)
+    return mlir.lower_fun(_bwd_lower_impl, multiple_results=True)(ctx, *args, cuda=True,
+                                                                   **params)
 
 
 def _apply(prim, *args, **params):

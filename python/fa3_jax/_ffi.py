@@ -25,6 +25,25 @@ def cuda_head_dims() -> tuple[int, ...]:
     return tuple(int(x) for x in str(_ext.cuda_head_dims).split(",") if x)
 
 
+def cuda_unsupported(dtype, head_dim: int, head_dim_v: int) -> str | None:
+    """Why the Hopper kernels of this build cannot take q of this dtype and head dims, or None.
+
+    The one place that decides it: the CUDA lowering raises this sentence, and the drop-in
+    ``dot_product_attention`` falls back to jax.nn with it as the warning."""
+    import jax.numpy as jnp  # noqa: PLC0415 (keeps this module's import light)
+    if not cuda_built():
+        return ("this fa3_jax build has no CUDA kernels; reinstall with nvcc available "
+                "(FA3_JAX_CUDA=ON), or run on CPU")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+        return (f"the Hopper kernels take float16 or bfloat16 q/k/v, got {jnp.dtype(dtype)}; "
+                "float32 is supported on the CPU backend only")
+    built = cuda_head_dims()
+    if head_dim not in built or not (head_dim_v == head_dim or (head_dim, head_dim_v) == (192, 128)):
+        return (f"the Hopper kernels support head_dim in {built} with head_dim_v == head_dim "
+                f"(or 192 with 128), got head_dim={head_dim}, head_dim_v={head_dim_v}")
+    return None
+
+
 def platforms() -> frozenset[str]:
     """Platforms ("cpu", "cuda") for which every fa3_jax FFI target is registered."""
     sets = list(_REGISTERED.values())

@@ -264,20 +264,9 @@ def _bwd_batch(args, dims, **params):
 
 def _check_cuda_lowering(q, v, what):
     """Platform checks that only the CUDA lowering knows to make (raised at compile time)."""
-    if not _ffi.cuda_built():
-        raise ValueError(
-            f"fa3_jax: {what} on a CUDA device, but this fa3_jax build has no CUDA kernels; "
-            "reinstall with nvcc available (FA3_JAX_CUDA=ON), or run on CPU")
-    if q.dtype not in (jnp.float16, jnp.bfloat16):
-        raise ValueError(
-            f"fa3_jax: the Hopper kernels take float16 or bfloat16 q/k/v, got {q.dtype}; "
-            "float32 is supported on the CPU backend only")
-    hd, hdv = q.shape[3], v.shape[3]
-    built = _ffi.cuda_head_dims()
-    if hd not in built or not (hdv == hd or (hd, hdv) == (192, 128)):
-        raise ValueError(
-            f"fa3_jax: the Hopper kernels support head_dim in {built} with head_dim_v == head_dim "
-            f"(or 192 with 128), got head_dim={hd}, head_dim_v={hdv}")
+    why = _ffi.cuda_unsupported(q.dtype, q.shape[3], v.shape[3])
+    if why:
+        raise ValueError(f"fa3_jax: {what} on a CUDA device: {why}")
 
 
 def _cuda_fwd_lowering(ctx, q, k, v, **params):

@@ -51,14 +51,7 @@ def _gpu_unsupported(query, value):
     """Why the Hopper kernels can't take this call on a CUDA default backend, or None."""
     if jax.default_backend() != "gpu":
         return None
-    if not _ffi.cuda_built():
-        return "needs the CUDA kernels, absent from this build"
-    if jnp.dtype(query.dtype) == jnp.float32:
-        return "is float32, which the Hopper kernels do not take"
-    d, dv = query.shape[-1], value.shape[-1]
-    if d not in _ffi.cuda_head_dims() or not (dv == d or (d, dv) == (192, 128)):
-        return f"has head_dim {d}/{dv}, which the Hopper kernels of this build do not take"
-    return None
+    return _ffi.cuda_unsupported(query.dtype, query.shape[-1], value.shape[-1])
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
@@ -84,7 +77,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                              ("key_value_seq_lengths", key_value_seq_lengths)) if x is not None]
     why = _gpu_unsupported(query, value)
     if why:
-        fallback.append(("query", why))
+        fallback.append(("query", f"is not supported on this GPU ({why})"))
     if fallback:
         for arg, reason in fallback:
             _warn_once(arg, reason)

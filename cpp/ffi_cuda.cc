@@ -15,6 +15,7 @@
 // between replays. The handlers declare kCmdBufferCompatible.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <string>
 
 #include "cuda_device.h"
@@ -29,6 +30,17 @@ using ffi_util::fill_bwd;
 using ffi_util::fill_fwd;
 using ffi_util::fill_fwd_outputs;
 using ffi_util::invalid;
+
+// Handler executions, and those that ran while XLA was capturing the stream into a command buffer
+// (a CUDA graph, replayed later without calling the handler): see fa3_cuda_call_stats.
+std::atomic<int64_t> g_calls{0}, g_captured{0};
+
+void count_call(cudaStream_t stream) {
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &st) == cudaSuccess && st == cudaStreamCaptureStatusActive)
+    g_captured.fetch_add(1, std::memory_order_relaxed);
+}
 
 std::string device_name(int device) { return "CUDA device " + std::to_string(device); }
 
@@ -103,6 +115,7 @@ ffi::Error fwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::
                     float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi) {
   ScopedDevice scope(device);
   if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
   FwdParams p;
   if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
     return e;
@@ -124,6 +137,7 @@ ffi::Error bwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::
                     int64_t diag_lo, int64_t diag_hi, bool deterministic) {
   ScopedDevice scope(device);
   if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
   BwdParams p;
   if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
                         diag_lo, diag_hi, deterministic, &p);
@@ -138,6 +152,11 @@ ffi::Error bwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::
 
 }  // namespace
 }  // namespace fa3
+
+void fa3_cuda_call_stats(int64_t* calls, int64_t* captured) {
+  *calls = fa3::g_calls.load();
+  *captured = fa3::g_captured.load();
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     fa3_fwd_cuda, fa3::fwd_cuda,

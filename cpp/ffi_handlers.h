@@ -1,6 +1,8 @@
 // The FFI handler symbols the nanobind module exposes (defined in ffi_cpu.cc / ffi_cuda.cc).
 #pragma once
 
+#include <cstdint>
+
 #include "xla/ffi/api/c_api.h"
 
 extern "C" {
@@ -9,5 +11,7 @@ XLA_FFI_Error* fa3_bwd_cpu(XLA_FFI_CallFrame* call_frame);
 #ifdef FA3_JAX_WITH_CUDA
 XLA_FFI_Error* fa3_fwd_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_cuda(XLA_FFI_CallFrame* call_frame);
+// Process totals of CUDA handler executions and of those made during stream capture.
+void fa3_cuda_call_stats(int64_t* calls, int64_t* captured);
 #endif
 }

@@ -59,6 +59,11 @@ NB_MODULE(_fa3_jax_ext, m) {
                                        int64_t d, int64_t dv, bool deterministic) {
     return fa3::sm90_bwd_workspace_bytes(shape_params(b, sq, sk, hq, hkv, d, dv, deterministic));
   });
+  m.def("cuda_call_stats", [] {
+    int64_t calls = 0, captured = 0;
+    fa3_cuda_call_stats(&calls, &captured);
+    return nb::make_tuple(calls, captured);
+  });
   m.attr("cuda_built") = true;
   m.attr("cuda_head_dims") = FA3_JAX_CUDA_HEAD_DIMS;
 #else

@@ -44,6 +44,16 @@ def cuda_unsupported(dtype, head_dim: int, head_dim_v: int) -> str | None:
     return None
 
 
+def cuda_call_stats() -> dict[str, int]:
+    """Process totals of the CUDA custom-call handler: ``calls`` (executions) and ``captured``
+    (executions while XLA captured the stream into a command buffer; its replays then run the
+    kernels without calling the handler). Zeros on a build without CUDA."""
+    if not cuda_built():
+        return dict(calls=0, captured=0)
+    calls, captured = _ext.cuda_call_stats()
+    return dict(calls=int(calls), captured=int(captured))
+
+
 def platforms() -> frozenset[str]:
     """Platforms ("cpu", "cuda") for which every fa3_jax FFI target is registered."""
     sets = list(_REGISTERED.values())

@@ -10,13 +10,21 @@
 //   dP^T = V dO^T                 (WGMMA SS)                     dS^T = P^T * (dP^T - dpsum) [*dtanh]
 //   dV  += P^T dO,  dK += dS^T Q  (WGMMA RS from registers when warpgroups split keys, else SS)
 //   dS (and P for SS) -> shared memory (16-bit)
-//   dQ   = dS K                   (WGMMA SS, fresh accumulator) -> float2 atomics into dq_accum
+//   dQ   = dS K                   (WGMMA SS, fresh accumulator) -> dq_accum (see below)
 // Why transposed (S^T rather than S): a warpgroup's accumulator rows are then keys, which is the
 // M dimension of the dK/dV products, so P^T/dS^T written by a thread are read back by its own
 // warpgroup when the warpgroups split keys (hdim <= 128).
-// Deterministic mode orders the dQ atomics of the key blocks of one (query block, head) with a
+// dQ accumulation (FlashAttention-3's design): dq_accum holds each (head, 64-row query block) tile in
+// fragment order (flash_bwd_postprocess_sm90.h un-permutes it). Where shared memory has room
+// (kDqBulk), each consumer warpgroup stores its float32 dQ tile to shared memory with 128-bit
+// stores, and warp 1 of the producer warpgroup adds it to dq_accum with one bulk reduce-add
+// (cp.reduce.async.bulk ... add.f32) per tile; dQFull/dQEmpty named barriers give one step of
+// slack, so consumers never wait on global memory. Otherwise (hdim 256: no 64 KB left) consumers
+// issue coalesced float4 atomics in the same fragment order.
+// Deterministic mode orders the dQ adds of the key blocks of one (query block, head) with a
 // semaphore: key block n adds only after blocks n_lo..n-1 have added, so the float sums are
-// bit-identical run to run.
+// bit-identical run to run. The dQ writer warp (or, with atomics, each consumer warpgroup) waits
+// on it before adding and releases it once its adds are complete in global memory.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -30,6 +38,7 @@
 #include <cutlass/pipeline/pipeline.hpp>
 
 #include "flash_bwd_tile_size_sm90.h"
+#include "named_barrier.h"
 
 namespace fa3::sm90_bwd {
 
@@ -53,13 +62,6 @@ struct BwdMainParams {
   float softcap_log2;     // softcap * log2(e)
   float scale_div_softcap;
   bool deterministic;
-};
-
-// Named barriers (id 0 is __syncthreads). NamedBarrier adds CUTLASS's reserved count to these.
-enum class BwdBarrier : uint32_t {
-  kPdSWritten = 0,  // both consumer warpgroups wrote P^T and dS^T to shared memory
-  kPdSFree = 1,     // single-buffered P/dS: both consumers finished reading the previous step's
-  kDqOrderWG0 = 2,  // deterministic mode: the warpgroup's turn to add dQ (WG1 uses +1)
 };
 
 template <int kHeadDim_, int kHeadDimV_, class Element_, bool kHasSoftcap_>
@@ -128,6 +130,9 @@ struct BwdTraitsSm90 {
       GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim / kNumMmaWG>, Int<kBlockN>>,
                            GMMA::Major::MN, GMMA::Major::MN>(),
       AtomLayoutSplitN{}));
+  // dQ atoms along N are dealt to the warpgroups round-robin (hdim 96: 64 x 16 atoms, not 64 x 48):
+  // the dQ fragment order and its un-permutation in the postprocess depend on this width.
+  static constexpr int kDqAtomN = decltype(size<1>(typename TiledMmadQ::AtomShape_MNK{}))::value;
 
   // Swizzle atoms: Q/dO are read K-major (S^T, dP^T) and MN-major with N = d / kDkvSplit per
   // warpgroup (dK, dV), so their atom width must divide that slice; likewise K for dQ's d / 2.
@@ -181,7 +186,13 @@ struct BwdTraitsSm90 {
   static constexpr uint32_t kTxBytesKV = (kBlockN * kHeadDim + kBlockN * kHeadDimV) * sizeof(Element);
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
-  struct SharedStorage {
+  // One warpgroup's dQ tile (64 x d/2 floats), stored in fragment order: float4 j of consumer
+  // thread t at j * 128 + t, so a warp's 128-bit stores cover 512 contiguous bytes.
+  static constexpr int kDqWgFloats = kBlockM * kHeadDim / kNumMmaWG;
+  static_assert(kDqWgFloats % (4 * cutlass::NumThreadsPerWarpGroup) == 0, "dQ fragment is whole float4s");
+
+  template <int kDqSmemFloats>
+  struct SharedStorageT {
     cute::array_aligned<Element, cosize_v<SmemLayoutK>, 1024> k;
     cute::array_aligned<Element, cosize_v<SmemLayoutV>, 1024> v;
     cute::array_aligned<Element, cosize_v<SmemLayoutQ>, 1024> q;
@@ -191,10 +202,16 @@ struct BwdTraitsSm90 {
     cute::array_aligned<Element, cosize_v<SmemLayoutdS>, 1024> ds;
     cute::array_aligned<float, kBlockM * kStages, 128> lse;
     cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
+    cute::array_aligned<float, kDqSmemFloats, 128> dq;  // (4, 128 threads, chunks, WG), see above
     typename Pipeline::SharedStorage pipeline_qdo;
     cutlass::arch::ClusterTransactionBarrier barrier_kv;
   };
+  // dQ goes through shared memory and the writer warp's bulk reduce-add when its 32 KB (hdim 128)
+  // .. 48 KB (hdim 192) fit; hdim 256 (208 KB without it) falls back to float4 atomics.
   // +1024: the dynamic shared memory base is rounded up to the 1024-byte swizzle alignment.
+  static constexpr bool kDqBulk =
+      int(sizeof(SharedStorageT<kBlockM * kHeadDim>)) + 1024 <= 227 * 1024;
+  using SharedStorage = SharedStorageT<kDqBulk ? kBlockM * kHeadDim : 0>;
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
@@ -259,6 +276,38 @@ __device__ __forceinline__ void red_release_add(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+__device__ __forceinline__ void st_shared_f32x4(uint32_t smem_addr, float4 v) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(smem_addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+
+// Adds `bytes` of float32 from shared memory to global memory (element-wise, at L2), as one async
+// bulk operation of the executing thread's current bulk group.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, const float* smem, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(gmem),
+               "r"(cast_smem_ptr_to_uint(smem)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+
+// Until at most kPending bulk groups of this thread still read their shared-memory source.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
+
+// Until every bulk group of this thread has completed, its global writes included.
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+
+// Orders this thread's generic-proxy global accesses with its async-proxy (bulk) ones.
+__device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
+// First dQ adder of query block m in deterministic mode: the lowest key block that sees it.
+__device__ __forceinline__ int first_key_block(int m0, int diag_lo, int block_n) {
+  return max(0, m0 + diag_lo) / block_n;
+}
+
 // ---- the kernel ---------------------------------------------------------------------------------
 
 template <class Tr>
@@ -296,6 +345,69 @@ __device__ __forceinline__ void bulk_load_g2s(void* smem, const void* gmem, uint
           cast_smem_ptr_to_uint(smem)),
       "l"(gmem), "r"(bytes), "r"(cast_smem_ptr_to_uint(mbar))
       : "memory");
+}
+
+// The dQ writer (warp 1 of the producer warpgroup): per step, waits until each consumer warpgroup
+// has stored its dQ tile in shared memory (dQFull), adds it to dq_accum with one bulk reduce-add,
+// and hands the buffer back (dQEmpty) once the bulk copy has read it. The first dQEmpty arrival
+// marks the buffers empty, so a consumer only waits when the add of its previous tile is still
+// reading shared memory: one step of slack. No arrival follows the last step (no one waits on it).
+template <class Tr>
+__device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::SharedStorage& ss, int b, int hkv,
+                                         int n_block, int m_lo, int num_m, int n_iter) {
+  constexpr int kNumMmaWG = Tr::kNumMmaWG;
+  constexpr int kBarThreads = cutlass::NumThreadsPerWarpGroup + cutlass::NumThreadsPerWarp;
+  constexpr uint32_t kWgBytes = Tr::kDqWgFloats * sizeof(float);
+  const bool lane0 = cute::elect_one_sync();
+  for (int w = 0; w < kNumMmaWG; ++w) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(w));
+  int h = hkv * p.group, m_block = m_lo;
+  CUTLASS_PRAGMA_NO_UNROLL
+  for (int it = 0; it < n_iter; ++it) {
+    const int m0 = m_block * Tr::kBlockM;
+    float* dst = p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + m0) * Tr::kHeadDim;
+    int* sem = p.semaphores + (int64_t(b) * p.heads_q + h) * p.sem_per_head + m_block;
+    if (p.deterministic && lane0) {
+      // Key blocks first_key_block(m) .. n-1 have each added this tile once.
+      const int turn = n_block - first_key_block(m0, p.diag_lo, Tr::kBlockN);
+      while (ld_acquire(sem) < turn) {}
+      fence_proxy_async_global();  // their adds are visible to this thread's bulk adds
+    }
+    __syncwarp();  // reconverge before the named barriers
+    CUTLASS_PRAGMA_UNROLL
+    for (int w = 0; w < kNumMmaWG; ++w) {
+      sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_full(w));
+      if (lane0) {
+        bulk_reduce_add_f32(dst + w * Tr::kDqWgFloats, ss.dq.data() + w * Tr::kDqWgFloats, kWgBytes);
+        bulk_commit_group();
+      }
+    }
+    const bool last = it + 1 == n_iter;
+    if (p.deterministic) {
+      if (lane0) {
+        bulk_wait_all();  // the adds are done in global memory, not only read from shared memory
+        fence_proxy_async_global();
+        red_release_add(sem, 1);
+      }
+      __syncwarp();
+      if (!last) {
+        for (int w = 0; w < kNumMmaWG; ++w) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(w));
+      }
+    } else {
+      static_assert(kNumMmaWG == 2, "bulk group waits below are written for two consumer warpgroups");
+      if (lane0) bulk_wait_group_read<1>();
+      __syncwarp();
+      if (!last) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(0));
+      if (lane0) bulk_wait_group_read<0>();
+      __syncwarp();
+      if (!last) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(1));
+    }
+    if (++m_block == m_lo + num_m) {
+      m_block = m_lo;
+      ++h;
+    }
+  }
+  if (lane0) bulk_wait_all();  // shared memory must outlive the last copy
+  __syncwarp();
 }
 
 template <class Tr>
@@ -379,6 +491,8 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
         bulk_load_g2s(ss.dpsum.data() + stage * kBlockM, p.dpsum + row, kBlockM * sizeof(float), bar);
         ++state;
       }
+    } else if constexpr (Tr::kDqBulk) {
+      if (threadIdx.x / cutlass::NumThreadsPerWarp == 1 && n_iter > 0) store_dq<Tr>(p, ss, b, hkv, n_block, m_lo, num_m, n_iter);
     }
     return;
   }
@@ -421,7 +535,6 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
   auto thr_s = mma_s.get_thread_slice(tid);
   auto thr_dk = mma_dk.get_thread_slice(tid);
   auto thr_dv = mma_dv.get_thread_slice(tid);
-  auto thr_dq = mma_dq.get_thread_slice(tid);
   Tensor tdKrdK = partition_fragment_C(mma_dk, Shape<Int<kBlockN>, Int<kHeadDim>>{});
   Tensor tdVrdV = partition_fragment_C(mma_dv, Shape<Int<kBlockN>, Int<kHeadDimV>>{});
   clear(tdKrdK);
@@ -512,7 +625,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // Accumulator values 2k, 2k+1 are adjacent queries, adjacent in sPt/sdSt: one 32-bit store.
     if constexpr (Tr::kStagesdS == 1) {
       // The other warpgroup may still be reading the previous step's P/dS in its dQ/dK/dV MMAs.
-      cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<uint32_t>(BwdBarrier::kPdSFree));
+      sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSFree);
     }
     Tensor rdS = make_tensor_like<Element>(tdPrdP);
     Tensor rdS32 = recast<uint32_t>(rdS);
@@ -531,43 +644,57 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     }
     // Generic-proxy stores must be fenced before WGMMA (async proxy) reads them.
     cutlass::arch::fence_view_async_shared();
-    cutlass::arch::NamedBarrier::sync(kMmaThreads, static_cast<uint32_t>(BwdBarrier::kPdSWritten));
+    sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSWritten);
 
     Tensor tdQrdQ = partition_fragment_C(mma_dq, Shape<Int<kBlockM>, Int<kHeadDim>>{});
     wgmma_gemm<true>(mma_dq, tdQrdS(_, _, _, ds_stage), tdQrK, tdQrdQ);
     if constexpr (Tr::kDkvRS) {
       wgmma_gemm<false>(mma_dk, make_tensor(rdS.data(), acc_as_a_layout(tdPrdP.layout())), tdKrQ(_, _, _, stage), tdKrdK);
-      warpgroup_wait<1>();  // dV and dQ done; dK keeps the tensor cores busy during the atomics
+      warpgroup_wait<1>();  // dV and dQ done; dK keeps the tensor cores busy during the dQ store
     } else {
       wgmma_gemm<false>(mma_dv, wg_dv.partition_fragment_A(sPt), tdVrdO(_, _, _, stage), tdVrdV);
       wgmma_gemm<false>(mma_dk, wg_dk.partition_fragment_A(sdSt(_, _, 0)), tdKrQ(_, _, _, stage), tdKrdK);
-      warpgroup_wait<2>();  // dQ done; dV and dK keep the tensor cores busy during the atomics
+      warpgroup_wait<2>();  // dQ done; dV and dK keep the tensor cores busy during the dQ store
     }
 
-    float* dq_rows = p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + m0) * kHeadDim;
-    Tensor gdQ = make_tensor(make_gmem_ptr(dq_rows), Shape<Int<kBlockM>, Int<kHeadDim>>{},
-                             Stride<Int<kHeadDim>, _1>{});
-    Tensor tdQgdQ = thr_dq.partition_C(gdQ);
-    int* sem = p.semaphores + (int64_t(b) * p.heads_q + h) * p.sem_per_head + m_block;
-    const uint32_t order_barrier = static_cast<uint32_t>(BwdBarrier::kDqOrderWG0) + wg;
-    if (p.deterministic) {
-      // Key blocks n_lo(m) .. n-1 each add once per warpgroup before this block adds. ">=", not
-      // "==": the other warpgroup of this CTA may already have counted its own add.
-      const int n_lo = max(0, m0 + p.diag_lo) / kBlockN;
-      const int turn = Tr::kNumMmaWG * (n_block - n_lo);
-      if (tid % cutlass::NumThreadsPerWarpGroup == 0) {
-        while (ld_acquire(sem) < turn) {}
+    // This warpgroup's dQ tile, value 4j+v of thread t as float4 j*128+t (fragment order).
+    static_assert(decltype(size(tdQrdQ))::value * cutlass::NumThreadsPerWarpGroup == Tr::kDqWgFloats,
+                  "each warpgroup owns a 64 x d/2 dQ tile");
+    constexpr int kDqChunks = Tr::kDqWgFloats / (4 * cutlass::NumThreadsPerWarpGroup);
+    const int wg_tid = tid % cutlass::NumThreadsPerWarpGroup;
+    auto dq_chunk = [&](int j) {
+      return make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2), tdQrdQ(4 * j + 3));
+    };
+    if constexpr (Tr::kDqBulk) {
+      constexpr int kBarThreads = cutlass::NumThreadsPerWarpGroup + cutlass::NumThreadsPerWarp;
+      const uint32_t sdq = cast_smem_ptr_to_uint(ss.dq.data() + wg * Tr::kDqWgFloats + 4 * wg_tid);
+      sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_empty(wg));  // the previous tile was read
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kDqChunks; ++j) st_shared_f32x4(sdq + j * 16 * cutlass::NumThreadsPerWarpGroup, dq_chunk(j));
+      cutlass::arch::fence_view_async_shared();  // visible to the bulk copy (async proxy)
+      sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_full(wg));
+    } else {
+      float4* gdq = reinterpret_cast<float4*>(
+                        p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + m0) * kHeadDim +
+                        wg * Tr::kDqWgFloats) + wg_tid;
+      int* sem = p.semaphores + (int64_t(b) * p.heads_q + h) * p.sem_per_head + m_block;
+      const auto order_barrier = sm90::bwd_dq_order(wg);
+      if (p.deterministic) {
+        // Key blocks n_lo(m) .. n-1 each add once per warpgroup before this block adds. ">=", not
+        // "==": the other warpgroup of this CTA may already have counted its own add.
+        const int turn = Tr::kNumMmaWG * (n_block - first_key_block(m0, p.diag_lo, kBlockN));
+        if (wg_tid == 0) {
+          while (ld_acquire(sem) < turn) {}
+        }
+        sm90::named_barrier_sync(cutlass::NumThreadsPerWarpGroup, order_barrier);
       }
-      cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, order_barrier);
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tdQrdQ); i += 2) {
-      atomicAdd(reinterpret_cast<float2*>(&tdQgdQ(i)), make_float2(tdQrdQ(i), tdQrdQ(i + 1)));
-    }
-    if (p.deterministic) {
-      __threadfence();
-      cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, order_barrier);
-      if (tid % cutlass::NumThreadsPerWarpGroup == 0) red_release_add(sem, 1);
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kDqChunks; ++j) atomicAdd(gdq + j * cutlass::NumThreadsPerWarpGroup, dq_chunk(j));
+      if (p.deterministic) {
+        __threadfence();
+        sm90::named_barrier_sync(cutlass::NumThreadsPerWarpGroup, order_barrier);
+        if (wg_tid == 0) red_release_add(sem, 1);
+      }
     }
     warpgroup_wait<0>();
     pipeline.consumer_release(state);  // Q, dO, lse, dpsum of this stage are no longer read

@@ -10,7 +10,8 @@
 
 namespace fa3::sm90_bwd {
 
-// Workspace: float dq_accum [b, hq, sq_pad, d]; float lse_log2 and dpsum [b, hq, sq_pad];
+// Workspace: float dq_accum [b, hq, sq_pad, d] (each 64-row block in the main kernel's fragment order,
+// see flash_bwd_postprocess_sm90.h); float lse_log2 and dpsum [b, hq, sq_pad];
 // int semaphores [b, hq, sq_pad / 64] (one per 64-row query block, the smallest block_m).
 struct BwdWorkspaceLayout {
   int64_t seqlen_q_pad = 0, sem_per_head = 0;

@@ -98,10 +98,10 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   post.seqlen_q = int(p.seqlen_q);
   post.seqlen_q_pad = int(w.seqlen_q_pad);
   post.heads_q = int(p.heads_q);
-  post.head_dim = kHeadDim;
-  const int64_t groups = p.batch * p.seqlen_q * p.heads_q * (kHeadDim / 4);
-  const unsigned post_blocks = unsigned(std::min<int64_t>((groups + kPostThreads - 1) / kPostThreads, 132 * 16));
-  flash_bwd_postprocess_sm90<Element><<<post_blocks, kPostThreads, 0, stream>>>(post);
+  static_assert(Tr::kBlockM == kDqBlockRows && Tr::kNumMmaWG == kDqWarpGroups,
+                "the postprocess un-permutes the main kernel's dQ fragment order");
+  dim3 post_grid(unsigned((p.seqlen_q + kDqBlockRows - 1) / kDqBlockRows), unsigned(p.heads_q), unsigned(p.batch));
+  flash_bwd_postprocess_sm90<Element, kHeadDim, Tr::kDqAtomN><<<post_grid, kPostThreads, 0, stream>>>(post);
   if (cuda::launch_failed()) return "sm90 backward postprocess kernel launch failed";
   return nullptr;
 }

@@ -1,5 +1,13 @@
 // fa3_jax Hopper backward, step 3 of 3: dq = dq_accum * softmax_scale in the output dtype, from the
-// head-major float32 accumulator [b, h, seqlen_q_pad, d] to the row-major dq [b, seqlen_q, h, d].
+// fragment-ordered float32 accumulator to the row-major dq [b, seqlen_q, h, d].
+//
+// dq_accum [b, h, seqlen_q_pad, d] is stored per 64-row query block (kDqBlockRows x d floats) in the
+// order the main kernel's dQ accumulators sit in registers. The dQ product is a row of 64 x kAtomN
+// WGMMA atoms dealt round-robin to the two consumer warpgroups (atom a to warpgroup a % 2), each
+// thread holding the atoms of its warpgroup in turn. In the WGMMA C layout, value 4k+v of thread t
+// (t < 128 within its warpgroup) is row 16 (t/32) + (t%32)/4 + 8 (v/2) and, with G = kAtomN/8
+// column groups per atom, column kAtomN (wg + 2 (k / G)) + 8 (k % G) + 2 (t%4) + v%2.
+// Float4 k of thread t is stored at float4 k * 128 + t of its warpgroup's half of the block.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,33 +19,49 @@ struct BwdPostParams {
   const float* dq_accum;
   void* dq;
   float scale;
-  int batch, seqlen_q, seqlen_q_pad, heads_q, head_dim;
+  int batch, seqlen_q, seqlen_q_pad, heads_q;
 };
 
 inline constexpr int kPostThreads = 256;
+inline constexpr int kDqBlockRows = 64;  // the main kernel's block_m
+inline constexpr int kDqWarpGroups = 2;  // the main kernel's consumer warpgroups
 
-// Each thread converts 4 consecutive head-dim elements (16-byte load, 8-byte store); head dims
-// are multiples of 32, so a group never straddles two rows.
-template <class Element>
+// One CTA per (64-row query block, head, batch): coalesced 16-byte loads of the fragment-ordered
+// tile, scattered into a row-major 16-bit tile in shared memory, then 16-byte row stores to dq.
+template <class Element, int kHeadDim, int kAtomN>
 __global__ void __launch_bounds__(kPostThreads) flash_bwd_postprocess_sm90(const BwdPostParams p) {
-  const int64_t groups_per_row = p.head_dim / 4;
-  const int64_t total = int64_t(p.batch) * p.seqlen_q * p.heads_q * groups_per_row;
-  for (int64_t g = blockIdx.x * int64_t(kPostThreads) + threadIdx.x; g < total;
-       g += int64_t(gridDim.x) * kPostThreads) {
-    const int d = int(g % groups_per_row) * 4;
-    int64_t rest = g / groups_per_row;
-    const int h = int(rest % p.heads_q);
-    rest /= p.heads_q;
-    const int i = int(rest % p.seqlen_q);
-    const int64_t b = rest / p.seqlen_q;
-    const float4 a = *reinterpret_cast<const float4*>(
-        p.dq_accum + ((b * p.heads_q + h) * p.seqlen_q_pad + i) * p.head_dim + d);
-    union { Element e[4]; uint2 u; } o;
-    o.e[0] = Element(a.x * p.scale);
-    o.e[1] = Element(a.y * p.scale);
-    o.e[2] = Element(a.z * p.scale);
-    o.e[3] = Element(a.w * p.scale);
-    *reinterpret_cast<uint2*>(static_cast<Element*>(p.dq) + g * 4) = o.u;
+  // +8 elements per row: the 4-byte scatter stores of a warp (8 rows x 4 column pairs) then fall
+  // in distinct banks for every head dim, and rows stay 16-byte aligned.
+  constexpr int kRowPad = kHeadDim + 8;
+  __shared__ __align__(16) Element tile[kDqBlockRows * kRowPad];
+  constexpr int kChunks = kDqBlockRows * kHeadDim / kDqWarpGroups / (4 * 128);  // float4s per thread
+  constexpr int kGroups = kAtomN / 8;
+  static_assert(kHeadDim % (kDqWarpGroups * kAtomN) == 0, "whole dQ atoms per warpgroup");
+  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t block = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + int64_t(m_block) * kDqBlockRows;
+  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + block * kHeadDim);
+  for (int g = threadIdx.x; g < kDqBlockRows * kHeadDim / 4; g += kPostThreads) {
+    const int t = g % 128, k = (g / 128) % kChunks, wg = g / (128 * kChunks);
+    const int row = 16 * (t / 32) + (t % 32) / 4;
+    const int col = kAtomN * (wg + kDqWarpGroups * (k / kGroups)) + 8 * (k % kGroups) + 2 * (t % 4);
+    const float4 a = src[g];
+    union { Element e[2]; uint32_t u; } lo, hi;
+    lo.e[0] = Element(a.x * p.scale);
+    lo.e[1] = Element(a.y * p.scale);
+    hi.e[0] = Element(a.z * p.scale);
+    hi.e[1] = Element(a.w * p.scale);
+    *reinterpret_cast<uint32_t*>(&tile[row * kRowPad + col]) = lo.u;
+    *reinterpret_cast<uint32_t*>(&tile[(row + 8) * kRowPad + col]) = hi.u;
+  }
+  __syncthreads();
+  constexpr int kVecs = kHeadDim * int(sizeof(Element)) / 16;  // 16-byte vectors per row
+  const int rows = min(kDqBlockRows, p.seqlen_q - m_block * kDqBlockRows);
+  Element* dq = static_cast<Element*>(p.dq);
+  for (int g = threadIdx.x; g < rows * kVecs; g += kPostThreads) {
+    const int row = g / kVecs, c = g % kVecs;
+    const int64_t i = int64_t(m_block) * kDqBlockRows + row;
+    *reinterpret_cast<uint4*>(dq + ((int64_t(b) * p.seqlen_q + i) * p.heads_q + h) * kHeadDim + c * 8) =
+        *reinterpret_cast<const uint4*>(&tile[row * kRowPad + c * 8]);
   }
 }
 

@@ -23,8 +23,8 @@ struct BwdTileSize {
 // for one step.
 //  * hdim <= 128: 64 x 128. Each warpgroup owns 64 keys: S^T/dP^T 32 + 32 regs, dK + dV
 //    2 * hdim/2 regs (128 at hdim 128); 128 keys per CTA halves the passes over Q/dO compared
-//    with 64, and lets P^T/dS^T feed dK/dV from registers. (hdim 128 still spills 36 bytes, 156
-//    with softcap; 64 x 128 measured 366 TFLOP/s at 16k tokens on an H200.)
+//    with 64, and lets P^T/dS^T feed dK/dV from registers. (hdim 128 spills 96 bytes, 200 with
+//    softcap, since the dQ writer warp's shared-memory staging; 36 / 156 before it.)
 //  * hdim 192/256: 64 x 64. A 128-key block would need 2 * 192 (or 256) dK+dV registers per
 //    thread; with 64 keys the warpgroups split dK/dV along the head dim instead (128 regs at 256)
 //    and shared memory (Q, dO double-buffered, K, V, P, dS: 208 KB at 256) still fits 227 KB.

@@ -1,7 +1,8 @@
-// fa3_jax Hopper: named-barrier ids used by the forward kernel, in one place.
+// fa3_jax Hopper: named-barrier ids of the forward and backward kernels, in one place.
 //
 // Ids are relative to cutlass::arch::NamedBarrier, which adds its reserved count (8), so they
-// never collide with __syncthreads (id 0) or CUTLASS's own barriers.
+// never collide with __syncthreads (id 0) or CUTLASS's own barriers; the hardware has 16, so each
+// kernel may use ids 0..7.
 #pragma once
 
 #include <cutlass/arch/barrier.h>
@@ -16,11 +17,37 @@ enum class FwdNamedBarrier : uint32_t {
   WarpSchedulerWG1 = 1,
 };
 
+enum class BwdNamedBarrier : uint32_t {
+  PdSWritten = 0,  // both consumer warpgroups wrote P^T and dS^T to shared memory
+  PdSFree = 1,     // single-buffered P/dS: both consumers finished reading the previous step's
+  // dQ through shared memory, per consumer warpgroup (consumer warpgroup + dQ writer warp):
+  dQFullWG0 = 2,   // the warpgroup stored its dQ tile (WG1: +1)
+  dQEmptyWG0 = 4,  // the writer's bulk add has read it; the buffer may be overwritten (WG1: +1)
+  // dQ through float4 atomics in deterministic mode, per consumer warpgroup (128 threads):
+  dQOrderWG0 = 6,  // the warpgroup's turn to add dQ (WG1: +1)
+};
+static_assert(static_cast<uint32_t>(BwdNamedBarrier::dQOrderWG0) + 1 < 8, "8 named barriers per kernel");
+
+CUTLASS_DEVICE BwdNamedBarrier bwd_dq_full(int wg) {
+  return static_cast<BwdNamedBarrier>(static_cast<uint32_t>(BwdNamedBarrier::dQFullWG0) + wg);
+}
+CUTLASS_DEVICE BwdNamedBarrier bwd_dq_empty(int wg) {
+  return static_cast<BwdNamedBarrier>(static_cast<uint32_t>(BwdNamedBarrier::dQEmptyWG0) + wg);
+}
+CUTLASS_DEVICE BwdNamedBarrier bwd_dq_order(int wg) {
+  return static_cast<BwdNamedBarrier>(static_cast<uint32_t>(BwdNamedBarrier::dQOrderWG0) + wg);
+}
+
 CUTLASS_DEVICE void named_barrier_sync(uint32_t num_threads, FwdNamedBarrier id) {
   cutlass::arch::NamedBarrier::sync(num_threads, static_cast<uint32_t>(id));
 }
-
 CUTLASS_DEVICE void named_barrier_arrive(uint32_t num_threads, FwdNamedBarrier id) {
+  cutlass::arch::NamedBarrier::arrive(num_threads, static_cast<uint32_t>(id));
+}
+CUTLASS_DEVICE void named_barrier_sync(uint32_t num_threads, BwdNamedBarrier id) {
+  cutlass::arch::NamedBarrier::sync(num_threads, static_cast<uint32_t>(id));
+}
+CUTLASS_DEVICE void named_barrier_arrive(uint32_t num_threads, BwdNamedBarrier id) {
   cutlass::arch::NamedBarrier::arrive(num_threads, static_cast<uint32_t>(id));
 }
 

@@ -9,7 +9,10 @@ call.
 Static parameters, shared by both primitives:
   softmax_scale: float; softcap: float (0 disables);
   diag_lo, diag_hi: int, the visible band ``diag_lo <= j - i <= diag_hi`` (see cpp/flash.h);
-  deterministic (backward only): bool.
+  deterministic (backward only): bool;
+  context_parallel: "ring", "all_gather" or "gather", how a sharded sequence axis runs;
+  load_balance: int, 0 for natural token order, n for the load-balanced layout of n shards
+    (context_parallel.load_balance_reorder).
 The lowering adds one more, ``cuda``: the CUDA custom calls take one extra result, a uint8
 workspace that XLA allocates (so XLA owns every byte the kernels use); the CPU calls do not.
 """
@@ -28,13 +31,8 @@ from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fa3_jax import _ffi
-
-# A band edge beyond any sequence length; matches fa3::kUnbounded in cpp/flash.h.
-UNBOUNDED = 1 << 40
-
-_FWD_STATIC = ("softmax_scale", "softcap", "diag_lo", "diag_hi")
-_BWD_STATIC = _FWD_STATIC + ("deterministic",)
+from fa3_jax import _ffi, context_parallel
+from fa3_jax.context_parallel import UNBOUNDED  # noqa: F401 (re-exported to the upper layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,10 +72,11 @@ def _bwd_ffi(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, dia
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer 3: partitioning. Batch and head axes may stay sharded; sequence and head_dim axes are
-# gathered (``need_replication`` in the Shardy rule). Heads are split kv-head-major: query head
-# h belongs to kv head h // (heads_q // heads_kv), so a shard holding kv heads [a, b) holds query
-# heads [a*g, b*g) and GQA stays local.
+# Layer 3: partitioning. Batch and head axes may stay sharded; a sharded sequence axis runs
+# context-parallel (context_parallel.py: ring or all-gather schedules over the mesh axis that
+# shards q's sequence); a sharded head_dim axis is gathered (``need_replication`` in the Shardy
+# rule). Heads are split kv-head-major: query head h belongs to kv head h // (heads_q //
+# heads_kv), so a shard holding kv heads [a, b) holds query heads [a*g, b*g) and GQA stays local.
 # ---------------------------------------------------------------------------------------------
 
 def _axis_size(mesh, entry) -> int:
@@ -111,12 +110,29 @@ def _batch_head_axes(mesh, q_shape, k_shape):
     return b_ax, h_ax
 
 
-def _tensor_sharding(mesh, b_ax, h_ax):
-    return NamedSharding(mesh, P(b_ax, None, h_ax, None))  # [batch, seq, heads, dim]
+def _seq_shards(mesh, q_shape, k_shape, strategy, load_balance):
+    """How q's sharded sequence axis runs context-parallel, or None to gather it: for the
+    "gather" strategy, a load-balanced layout made for another shard count, or lengths that the
+    shards (times 2 chunks when load-balanced) do not divide."""
+    entry = _spec_entry(q_shape.sharding, 1)
+    n = _axis_size(mesh, entry)
+    if entry is None or n == 1 or strategy == "gather":
+        return None
+    if load_balance and load_balance != n:
+        return None
+    chunks = 2 if load_balance else 1
+    if q_shape.shape[1] % (n * chunks) or k_shape.shape[1] % (n * chunks):
+        return None
+    return context_parallel.SeqShards(entry, n, bool(load_balance), strategy)
 
 
-def _lse_sharding(mesh, b_ax, h_ax):
-    return NamedSharding(mesh, P(b_ax, h_ax, None))  # [batch, heads, seq]
+def _shardings(mesh, arg_shapes, strategy, load_balance):
+    """(tensor sharding [batch, seq, heads, dim], lse sharding [batch, heads, seq], SeqShards)."""
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    shards = _seq_shards(mesh, arg_shapes[0], arg_shapes[1], strategy, load_balance)
+    s_ax = None if shards is None else shards.axis
+    return (NamedSharding(mesh, P(b_ax, s_ax, h_ax, None)),
+            NamedSharding(mesh, P(b_ax, h_ax, s_ax)), shards)
 
 
 def _heads_factor(value_types):
@@ -132,6 +148,14 @@ def _heads_factor(value_types):
     return "(h r)", "h", {"r": heads_q // heads_kv}, ("r",)
 
 
+def _seq_factors(value_types, strategy):
+    """Einsum factors for the query and key sequence axes (one shared factor when the lengths
+    agree, so that propagation shards q and k/v alike) and those that must stay unsharded."""
+    shapes = [mlir.ir.RankedTensorType(t).shape for t in value_types[:2]]
+    s, t = ("s", "s") if shapes[0][1] == shapes[1][1] else ("s", "t")
+    return s, t, ((s, t) if strategy == "gather" else ())
+
+
 def _in_rule_order(rule, factors):
     """Shardy wants the need_replication factors in their order of appearance in the rule."""
     order = []
@@ -141,65 +165,109 @@ def _in_rule_order(rule, factors):
     return tuple(sorted(set(factors), key=order.index))
 
 
-def _fwd_rule(softmax_scale, softcap, diag_lo, diag_hi, cuda, mesh, value_types, result_types):
+def _fwd_rule(softmax_scale, softcap, diag_lo, diag_hi, strategy, load_balance, cuda, mesh,
+              value_types, result_types):
     hq, hk, sizes, keep_whole = _heads_factor(value_types)
-    rule = f"b s {hq} d, b t {hk} d, b t {hk} e -> b s {hq} e, b {hq} s"
-    repl = _in_rule_order(rule, ("s", "t", "d", "e") + keep_whole)
+    s, t, gathered = _seq_factors(value_types, strategy)
+    rule = f"b {s} {hq} d, b {t} {hk} d, b {t} {hk} e -> b {s} {hq} e, b {hq} {s}"
+    repl = _in_rule_order(rule, ("d", "e") + gathered + keep_whole)
     return rule, dict(need_replication_factors=repl, **sizes)
 
 
-def _bwd_rule(softmax_scale, softcap, diag_lo, diag_hi, deterministic, cuda, mesh, value_types,
-              result_types):
+def _bwd_rule(softmax_scale, softcap, diag_lo, diag_hi, deterministic, strategy, load_balance,
+              cuda, mesh, value_types, result_types):
     hq, hk, sizes, keep_whole = _heads_factor(value_types)
-    rule = (f"b s {hq} d, b t {hk} d, b t {hk} e, b s {hq} e, b {hq} s, b s {hq} e, b {hq} s"
-            f" -> b s {hq} d, b t {hk} d, b t {hk} e")
-    repl = _in_rule_order(rule, ("s", "t", "d", "e") + keep_whole)
+    s, t, gathered = _seq_factors(value_types, strategy)
+    rule = (f"b {s} {hq} d, b {t} {hk} d, b {t} {hk} e, b {s} {hq} e, b {hq} {s}, b {s} {hq} e, "
+            f"b {hq} {s} -> b {s} {hq} d, b {t} {hk} d, b {t} {hk} e")
+    repl = _in_rule_order(rule, ("d", "e") + gathered + keep_whole)
     return rule, dict(need_replication_factors=repl, **sizes)
 
 
-def _fwd_partition(softmax_scale, softcap, diag_lo, diag_hi, cuda, mesh, arg_shapes,
-                   result_shape):
-    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
-    t = _tensor_sharding(mesh, b_ax, h_ax)
-    args = (t, t, t)
-    results = (t, _lse_sharding(mesh, b_ax, h_ax))
-
-    def lower_fn(q, k, v):
-        return _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda)
-
-    return mesh, lower_fn, results, args
-
-
-def _fwd_infer(softmax_scale, softcap, diag_lo, diag_hi, cuda, mesh, arg_shapes, result_shape):
-    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
-    return (_tensor_sharding(mesh, b_ax, h_ax), _lse_sharding(mesh, b_ax, h_ax))
+def _fwd_local(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, strategy, load_balance, cuda):
+    """The whole sequence in one call (one device, or a batch/head shard). A load-balanced
+    sequence is put back in natural order around the kernel."""
+    del strategy
+    if load_balance:
+        q, k, v = (context_parallel.load_balance_restore(x, load_balance) for x in (q, k, v))
+    out, lse = _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda)
+    if load_balance:
+        out = context_parallel.load_balance_reorder(out, load_balance)
+        lse = context_parallel.load_balance_reorder(lse, load_balance, axis=2)
+    return out, lse
 
 
-def _bwd_partition(softmax_scale, softcap, diag_lo, diag_hi, deterministic, cuda, mesh,
+def _bwd_local(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
+               deterministic, strategy, load_balance, cuda):
+    del strategy
+    if load_balance:
+        q, k, v, out, dout = (context_parallel.load_balance_restore(x, load_balance)
+                              for x in (q, k, v, out, dout))
+        lse, dlse = (context_parallel.load_balance_restore(x, load_balance, axis=2)
+                     for x in (lse, dlse))
+    grads = _bwd_ffi(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
+                     deterministic, cuda)
+    if load_balance:
+        grads = tuple(context_parallel.load_balance_reorder(g, load_balance) for g in grads)
+    return grads
+
+
+def _fwd_partition(softmax_scale, softcap, diag_lo, diag_hi, strategy, load_balance, cuda, mesh,
                    arg_shapes, result_shape):
-    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
-    t = _tensor_sharding(mesh, b_ax, h_ax)
-    lse = _lse_sharding(mesh, b_ax, h_ax)
-    args = (t, t, t, t, lse, t, lse)
+    t, lse, shards = _shardings(mesh, arg_shapes, strategy, load_balance)
+    if shards is None:
+        def lower_fn(q, k, v):
+            return _fwd_local(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, strategy,
+                              load_balance, cuda)
+    else:
+        def kernel(q, k, v, lo, hi):
+            return _fwd_ffi(q, k, v, softmax_scale, softcap, lo, hi, cuda)
 
-    def lower_fn(q, k, v, out, lse_, dout, dlse):
-        return _bwd_ffi(q, k, v, out, lse_, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
-                        deterministic, cuda)
+        def lower_fn(q, k, v):
+            return context_parallel.forward(
+                q, k, v, shards=shards, seqlen_q=arg_shapes[0].shape[1],
+                seqlen_k=arg_shapes[1].shape[1], diag_lo=diag_lo, diag_hi=diag_hi, kernel=kernel)
+
+    return mesh, lower_fn, (t, lse), (t, t, t)
+
+
+def _fwd_infer(softmax_scale, softcap, diag_lo, diag_hi, strategy, load_balance, cuda, mesh,
+               arg_shapes, result_shape):
+    t, lse, _ = _shardings(mesh, arg_shapes, strategy, load_balance)
+    return (t, lse)
+
+
+def _bwd_partition(softmax_scale, softcap, diag_lo, diag_hi, deterministic, strategy,
+                   load_balance, cuda, mesh, arg_shapes, result_shape):
+    t, lse, shards = _shardings(mesh, arg_shapes, strategy, load_balance)
+    args = (t, t, t, t, lse, t, lse)
+    if shards is None:
+        def lower_fn(*args):
+            return _bwd_local(*args, softmax_scale, softcap, diag_lo, diag_hi, deterministic,
+                              strategy, load_balance, cuda)
+    else:
+        def kernel(q, k, v, out, lse_, dout, dlse, lo, hi):
+            return _bwd_ffi(q, k, v, out, lse_, dout, dlse, softmax_scale, softcap, lo, hi,
+                            deterministic, cuda)
+
+        def lower_fn(*args):
+            return context_parallel.backward(
+                *args, shards=shards, seqlen_q=arg_shapes[0].shape[1],
+                seqlen_k=arg_shapes[1].shape[1], diag_lo=diag_lo, diag_hi=diag_hi, kernel=kernel)
 
     return mesh, lower_fn, (t, t, t), args
 
 
-def _bwd_infer(softmax_scale, softcap, diag_lo, diag_hi, deterministic, cuda, mesh, arg_shapes,
-               result_shape):
-    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
-    t = _tensor_sharding(mesh, b_ax, h_ax)
+def _bwd_infer(softmax_scale, softcap, diag_lo, diag_hi, deterministic, strategy, load_balance,
+               cuda, mesh, arg_shapes, result_shape):
+    t, _, _ = _shardings(mesh, arg_shapes, strategy, load_balance)
     return (t, t, t)
 
 
-_fwd_partitioned = custom_partitioning(_fwd_ffi, static_argnums=(3, 4, 5, 6, 7))
+_fwd_partitioned = custom_partitioning(_fwd_local, static_argnums=tuple(range(3, 10)))
 _fwd_partitioned.def_partition(partition=_fwd_partition, infer_sharding_from_operands=_fwd_infer,
                                sharding_rule=_fwd_rule)
-_bwd_partitioned = custom_partitioning(_bwd_ffi, static_argnums=(7, 8, 9, 10, 11, 12))
+_bwd_partitioned = custom_partitioning(_bwd_local, static_argnums=tuple(range(7, 15)))
 _bwd_partitioned.def_partition(partition=_bwd_partition, infer_sharding_from_operands=_bwd_infer,
                                sharding_rule=_bwd_rule)
 
@@ -225,14 +293,16 @@ def _bwd_abstract(q, k, v, out, lse, dout, dlse, **params):
             jax.core.ShapedArray(v.shape, v.dtype))
 
 
-def _fwd_lower_impl(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi, cuda=False):
-    return _fwd_partitioned(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda)
+def _fwd_lower_impl(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi, context_parallel,
+                    load_balance, cuda=False):
+    return _fwd_partitioned(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, context_parallel,
+                            load_balance, cuda)
 
 
 def _bwd_lower_impl(q, k, v, out, lse, dout, dlse, *, softmax_scale, softcap, diag_lo, diag_hi,
-                    deterministic, cuda=False):
+                    deterministic, context_parallel, load_balance, cuda=False):
     return _bwd_partitioned(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo,
-                            diag_hi, deterministic, cuda)
+                            diag_hi, deterministic, context_parallel, load_balance, cuda)
 
 
 def _fold_batched(args, dims):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fa3_jax._primitives import UNBOUNDED, bwd_p, fwd_p
+from fa3_jax.context_parallel import check_strategy
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
 MAX_HEAD_DIM = 256
@@ -25,10 +26,13 @@ class _Config:
     diag_lo: int
     diag_hi: int
     deterministic: bool
+    context_parallel: str = "ring"
+    load_balance: int = 0
 
     def fwd_params(self):
         return dict(softmax_scale=self.softmax_scale, softcap=self.softcap,
-                    diag_lo=self.diag_lo, diag_hi=self.diag_hi)
+                    diag_lo=self.diag_lo, diag_hi=self.diag_hi,
+                    context_parallel=self.context_parallel, load_balance=self.load_balance)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -124,6 +128,21 @@ def _check_window(window_size):
     return left, right
 
 
+def check_context_parallel(context_parallel, load_balance, sq, sk, names=("q", "k")):
+    """Validates the context-parallel arguments; returns (strategy, load_balance)."""
+    check_strategy(context_parallel)
+    if (not isinstance(load_balance, (int, np.integer)) or isinstance(load_balance, bool)
+            or load_balance < 0):
+        raise TypeError(f"fa3_jax: load_balance must be an int >= 0 (0: natural token order, n: "
+                        f"the layout of load_balance_reorder(x, n)), got {load_balance!r}")
+    n = int(load_balance)
+    if n and (sq % (2 * n) or sk % (2 * n)):
+        raise ValueError(f"fa3_jax: load_balance={n} splits the sequence into 2n = {2 * n} "
+                         f"chunks; seqlen of {names[0]} ({sq}) and {names[1]} ({sk}) must be "
+                         f"multiples of {2 * n}")
+    return context_parallel, n
+
+
 def bottom_right_band(sq, sk, causal, window_size):
     """The band (diag_lo, diag_hi) for FlashAttention's bottom-right aligned causal/window."""
     left, right = _check_window(window_size)
@@ -138,7 +157,8 @@ def bottom_right_band(sq, sk, causal, window_size):
 
 
 def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, return_lse=False, deterministic=False):
+                    softcap=0.0, return_lse=False, deterministic=False, context_parallel="ring",
+                    load_balance=0):
     """FlashAttention: softmax(q kᵀ * scale) v, fused, in O(seqlen) memory.
 
     Args:
@@ -156,6 +176,16 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
       return_lse: also return the log-sum-exp of the scores, [batch, heads_q, seqlen_q] float32.
       deterministic: the backward gives bit-identical gradients run to run (the CPU backward
         always does; on Hopper it orders the dQ accumulation, at some cost).
+      context_parallel: how a sequence axis sharded over a mesh axis runs under multi-device
+        jit: "ring" (default; K/V chunks pass around the devices, O(seqlen / n) memory each),
+        "all_gather" (K/V gathered once; for short sequences) or "gather" (q/k/v gathered, the
+        whole sequence computed on every device). No effect unless the sequence is sharded.
+        See fa3_jax.context_parallel.
+      load_balance: 0, or n: the sequence axis of q, k, v is in the load-balanced layout of
+        ``load_balance_reorder(x, n)`` (device i of n holds chunks i and 2n-1-i), the outputs
+        come back in that layout, and causal/window masks apply to the true positions. Sharded
+        n-way, causal work is then even across devices; otherwise (one device, another shard
+        count) the sequence is reordered around the kernel. seqlens must divide by 2n.
 
     Returns:
       out [batch, seqlen_q, heads_q, head_dim_v] in q's dtype, and lse if return_lse.
@@ -164,7 +194,8 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
     Dtypes: float32, float16, bfloat16 on CPU; float16 and bfloat16 on Hopper, head_dim in
     64/96/128/192/256 with head_dim_v == head_dim (or 192 with 128). Gradients (jax.grad) flow to
     q, k, v, and through lse too when it is returned. Works under jit, vmap, grad, checkpoint and
-    multi-device jit (batch and head axes stay sharded; see the package docstring).
+    multi-device jit (batch and head axes stay sharded, a sharded sequence runs
+    context-parallel; see the package docstring).
     """
     b, sq, sk, hq, hkv, d, dv = check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else _check_float(
@@ -173,14 +204,15 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
     diag_lo, diag_hi = bottom_right_band(sq, sk, causal, window_size)
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"fa3_jax: deterministic must be a bool, got {type(deterministic).__name__}")
-    cfg = _Config(scale, softcap, int(diag_lo), int(diag_hi), bool(deterministic))
+    strategy, n = check_context_parallel(context_parallel, load_balance, sq, sk)
+    cfg = _Config(scale, softcap, int(diag_lo), int(diag_hi), bool(deterministic), strategy, n)
     out, lse = _attention(q, k, v, cfg)
     return (out, lse) if return_lse else out
 
 
 def attention_with_band(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi,
-                        deterministic=False):
+                        deterministic=False, context_parallel="ring", load_balance=0):
     """Like flash_attention but with the band given directly; returns (out, lse). Internal."""
     cfg = _Config(float(softmax_scale), float(softcap), int(diag_lo), int(diag_hi),
-                  bool(deterministic))
+                  bool(deterministic), context_parallel, int(load_balance))
     return _attention(q, k, v, cfg)

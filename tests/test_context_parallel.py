@@ -1,0 +1,255 @@
+"""Context parallelism on 8 CPU devices: a sequence-sharded q/k/v under jit runs as a ring (or
+with K/V all-gathered), equal to one device in forward and gradients, without gathering q/k/v."""
+
+import re
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import fa3_jax
+from fa3_jax import context_parallel as cp
+from util import fresh_key, make_qkv, max_err
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices "
+                                "(tests/conftest.py sets --xla_force_host_platform_device_count=8)")
+
+TOL = 2e-5  # float32: the ring merges per-step results through the lse, in another order
+
+
+def _mesh(shape, names):
+    n = int(np.prod(shape))
+    return Mesh(np.array(jax.devices()[:n]).reshape(shape), names)
+
+
+def _collectives(text):
+    found = re.findall(r"\b(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)"
+                       r"(?:-start)?\(", text)
+    return {name: found.count(name) for name in sorted(set(found))}
+
+
+def _attention_and_grads(q, k, v, dout, dlse, **kw):
+    """(out, lse) and the gradients of <out, dout> + <lse, dlse> (dlse exercises the lse
+    cotangent); jitted, so it runs sharded when its inputs are."""
+    def loss(q, k, v):
+        out, lse = fa3_jax.flash_attention(q, k, v, return_lse=True, **kw)
+        return jnp.sum(out * dout) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
+
+    fwd = jax.jit(partial(fa3_jax.flash_attention, return_lse=True, **kw))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return fwd, grad
+
+
+def _check_sequence_parallel(mesh, spec, q, k, v, *, load_balance=0, strategy="ring", **kw):
+    """Runs attention on q/k/v sharded by ``spec`` and checks out, lse and gradients against one
+    device and the float32 reference; returns the collectives of the forward and the gradient."""
+    n = load_balance
+    dout = jax.random.normal(fresh_key(), q.shape[:3] + (v.shape[3],), jnp.float32)
+    dlse = jax.random.normal(fresh_key(), (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+    ref_fwd, ref_grad = _attention_and_grads(q, k, v, dout, dlse, **kw)
+    ref_out, ref_lse = ref_fwd(q, k, v)
+    ref_grads = ref_grad(q, k, v)
+    f32_out, f32_lse = fa3_jax.attention_reference(q, k, v, return_lse=True, **kw)
+
+    # The load-balanced layout is applied outside jit, as to token ids on the host.
+    lay = (lambda x, axis=1: cp.load_balance_reorder(x, n, axis)) if n else (lambda x, axis=1: x)
+    back = (lambda x, axis=1: cp.load_balance_restore(x, n, axis)) if n else (lambda x, axis=1: x)
+    sharding = NamedSharding(mesh, spec)
+    args = [jax.device_put(lay(x), sharding) for x in (q, k, v)]
+    fwd, grad = _attention_and_grads(q, k, v, lay(dout), lay(dlse, 2), load_balance=n,
+                                     context_parallel=strategy, **kw)
+    out, lse = fwd(*args)
+    assert out.sharding.is_equivalent_to(sharding, 4), out.sharding
+    out, lse = back(out), back(lse, 2)
+    assert max_err(out, ref_out) <= TOL and max_err(lse, ref_lse) <= TOL
+    assert max_err(out, f32_out) <= TOL and max_err(lse, f32_lse) <= TOL
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+    for name, g, r in zip(("dq", "dk", "dv"), grad(*args), ref_grads):
+        assert g.sharding.is_equivalent_to(sharding, 4), (name, g.sharding)
+        err = max_err(back(g), r)
+        assert err <= TOL, f"{name}: max error {err:.3g}"
+    return (_collectives(fwd.lower(*args).compile().as_text()),
+            _collectives(grad.lower(*args).compile().as_text()))
+
+
+SEQ = P(None, "seq", None, None)
+BATCH_SEQ = P("data", "seq", None, None)
+HEAD_SEQ = P(None, "seq", "model", None)
+
+# (mesh shape, axis names, spec, batch, seqlen, heads_q, heads_kv, head_dim, load_balance, kw)
+CASES = {
+    "4way-causal": ((4,), ("seq",), SEQ, 2, 64, 4, 2, 32, 0, dict(causal=True)),
+    "4way-full-gqa": ((4,), ("seq",), SEQ, 1, 96, 8, 2, 64, 0, dict()),
+    "8way-causal-balanced": ((8,), ("seq",), SEQ, 1, 144, 4, 4, 32, 8, dict(causal=True)),
+    "8way-window-softcap": ((8,), ("seq",), SEQ, 1, 192, 4, 1, 32, 0,
+                            dict(window_size=(20, 5), softcap=8.0)),
+    "2x4-batch-causal-balanced": ((2, 4), ("data", "seq"), BATCH_SEQ, 2, 64, 4, 2, 32, 4,
+                                  dict(causal=True)),
+    "2x4-heads-window": ((4, 2), ("seq", "model"), HEAD_SEQ, 1, 128, 4, 2, 32, 4,
+                         dict(window_size=(40, 0))),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ring_equals_one_device(case):
+    shape, names, spec, b, s, hq, hkv, d, lb, kw = CASES[case]
+    q, k, v = make_qkv(b, s, s, hq, hkv, d)
+    fwd, grad = _check_sequence_parallel(_mesh(shape, names), spec, q, k, v, load_balance=lb,
+                                         **kw)
+    # Ring: K/V and dK/dV travel by collective-permute; nothing is gathered, in either direction.
+    assert "all-gather" not in fwd and "all-gather" not in grad, (fwd, grad)
+    assert fwd.get("collective-permute", 0) >= 2 and grad.get("collective-permute", 0) >= 4, \
+        (fwd, grad)
+    print(f"{case}: forward {fwd}, forward+backward {grad}")
+
+
+def test_all_gather_strategy_equals_one_device():
+    q, k, v = make_qkv(2, 64, 64, 4, 2, 32)
+    fwd, grad = _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, load_balance=4,
+                                         strategy="all_gather", causal=True)
+    assert set(fwd) == {"all-gather"} and "reduce-scatter" in grad, (fwd, grad)
+    assert "collective-permute" not in grad, grad
+
+
+def test_sequence_lengths_differ():
+    """seqlen_q != seqlen_k: chunks of different lengths, bottom-right aligned causal band."""
+    q, _, _ = make_qkv(1, 64, 64, 4, 2, 32)
+    _, k, v = make_qkv(1, 128, 128, 4, 2, 32)
+    fwd, _ = _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, causal=True)
+    assert "all-gather" not in fwd, fwd
+
+
+def test_memory_falls_with_shard_count():
+    q, k, v = make_qkv(1, 1024, 1024, 4, 2, 64)
+
+    def temp_bytes(n, strategy):
+        mesh = _mesh((n,), ("seq",))
+        args = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
+        loss = lambda q, k, v: jnp.sum(fa3_jax.flash_attention(  # noqa: E731
+            q, k, v, causal=True, context_parallel=strategy) ** 2)
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    ring = {n: temp_bytes(n, "ring") for n in (2, 4, 8)}
+    gathered = temp_bytes(8, "gather")
+    print(f"per-device temp bytes, forward+backward, seq 1024: ring {ring}, gather (8) {gathered}")
+    assert ring[8] < ring[4] < ring[2], ring
+    assert ring[8] <= 0.6 * ring[4] and ring[8] < gathered / 4, (ring, gathered)
+
+
+def test_block_band_skips_and_normalises():
+    # Causal (band <= 0) on 16 x 16 blocks: below the diagonal full, on it causal, above skipped.
+    assert cp.block_band(-cp.UNBOUNDED, 0, 32, 0, 16, 16) == (-cp.UNBOUNDED, cp.UNBOUNDED)
+    assert cp.block_band(-cp.UNBOUNDED, 0, 16, 16, 16, 16) == (-cp.UNBOUNDED, 0)
+    assert cp.block_band(-cp.UNBOUNDED, 0, 0, 16, 16, 16) is None
+    # A window of 20 back: block 32 back is partly visible, block 48 back is not.
+    assert cp.block_band(-20, 0, 48, 16, 16, 16) == (12, cp.UNBOUNDED)
+    assert cp.block_band(-20, 0, 64, 16, 16, 16) is None
+
+
+def test_load_balance_helpers():
+    x = jnp.arange(2 * 24).reshape(2, 24)
+    y = fa3_jax.load_balance_reorder(x, 3)
+    # 6 chunks of 4: device 0 holds chunks 0 and 5, device 1 chunks 1 and 4, device 2 chunks 2, 3.
+    order = [0, 5, 1, 4, 2, 3]
+    np.testing.assert_array_equal(y[0], np.concatenate([np.arange(4 * c, 4 * c + 4)
+                                                        for c in order]))
+    np.testing.assert_array_equal(fa3_jax.load_balance_restore(y, 3), x)
+    lse = jnp.arange(24.0).reshape(1, 1, 24)
+    np.testing.assert_array_equal(fa3_jax.load_balance_restore(
+        fa3_jax.load_balance_reorder(lse, 2, axis=-1), 2, axis=2), lse)
+    with pytest.raises(ValueError, match="multiple of 10"):
+        fa3_jax.load_balance_reorder(x, 5)
+
+
+def test_argument_errors():
+    q, k, v = make_qkv(1, 24, 24, 2, 2, 32)
+    with pytest.raises(ValueError, match="context_parallel must be one of"):
+        fa3_jax.flash_attention(q, k, v, context_parallel="ulysses")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        fa3_jax.flash_attention(q, k, v, load_balance=8)
+    with pytest.raises(TypeError, match="load_balance must be an int"):
+        fa3_jax.flash_attention(q, k, v, load_balance=True)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_load_balanced_layout_without_matching_shards(sharded):
+    """The layout is honoured on one device and on a shard count it was not made for (there the
+    sequence is gathered): same result as natural order."""
+    q, k, v = make_qkv(1, 64, 64, 4, 2, 32)
+    ref = fa3_jax.flash_attention(q, k, v, causal=True)
+    args = [fa3_jax.load_balance_reorder(x, 2) for x in (q, k, v)]
+    if sharded:
+        args = [jax.device_put(x, NamedSharding(_mesh((4,), ("seq",)), SEQ)) for x in args]
+    out = jax.jit(partial(fa3_jax.flash_attention, causal=True, load_balance=2))(*args)
+    assert max_err(fa3_jax.load_balance_restore(out, 2), ref) <= TOL
+
+
+def test_drop_in_under_checkpoint():
+    """The jax.nn drop-in (top-left causal), under jax.checkpoint, on a sequence-sharded batch."""
+    mesh = _mesh((2, 4), ("data", "seq"))
+    q, k, v = make_qkv(2, 64, 64, 4, 2, 32)
+    attn = jax.checkpoint(partial(fa3_jax.dot_product_attention, is_causal=True))
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(attn(q, k, v)))
+
+    ref = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    args = [jax.device_put(x, NamedSharding(mesh, BATCH_SEQ)) for x in (q, k, v)]
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    got = step(*args)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):  # the loss sums 16k terms
+        assert max_err(g, r) <= TOL * max(1.0, float(jnp.max(jnp.abs(r))))
+    assert "all-gather" not in _collectives(step.lower(*args).compile().as_text())
+
+
+def test_flax_training_step():
+    """A jit-compiled Flax training step, tokens sharded over batch (2) and sequence (4) in the
+    load-balanced layout, equals the same step on one device in natural order."""
+    nn = pytest.importorskip("flax.linen")
+    vocab, seqlen, width, heads, kv_heads, shards = 32, 64, 64, 4, 2, 4
+
+    class Block(nn.Module):
+        load_balance: int
+
+        @nn.compact
+        def __call__(self, tokens, positions):
+            x = nn.Embed(vocab, width)(tokens) + nn.Embed(seqlen, width)(positions)
+            b, s, _ = x.shape
+            q = nn.Dense(width, use_bias=False)(x).reshape(b, s, heads, width // heads)
+            kv = nn.Dense(2 * kv_heads * (width // heads), use_bias=False)(x)
+            k, v = jnp.split(kv.reshape(b, s, 2 * kv_heads, width // heads), 2, axis=2)
+            attention = nn.remat(lambda mdl, q, k, v: fa3_jax.flash_attention(
+                q, k, v, causal=True, load_balance=self.load_balance))
+            a = attention(self, q, k, v).reshape(b, s, width)
+            return nn.Dense(vocab)(x + nn.Dense(width)(a))
+
+    tokens = jax.random.randint(fresh_key(), (2, seqlen + 1), 0, vocab)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    positions = jnp.broadcast_to(jnp.arange(seqlen), inputs.shape)
+    params = Block(0).init(fresh_key(), inputs, positions)
+
+    def step(model, params, inputs, positions, labels):
+        def loss(params):
+            logits = model.apply(params, inputs, positions)
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.mean(jnp.take_along_axis(logp, labels[..., None], axis=-1))
+        value, grads = jax.value_and_grad(loss)(params)
+        return value, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+    ref_loss, ref_params = jax.jit(partial(step, Block(0)))(params, inputs, positions, labels)
+
+    mesh = _mesh((2, shards), ("data", "seq"))
+    tok = NamedSharding(mesh, P("data", "seq"))
+    lay = [jax.device_put(fa3_jax.load_balance_reorder(x, shards), tok)
+           for x in (inputs, positions, labels)]
+    sharded = jax.jit(partial(step, Block(shards)))
+    loss, new_params = sharded(params, *lay)
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5
+    for g, r in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref_params)):
+        assert max_err(g, r) <= 1e-5
+    text = sharded.lower(params, *lay).compile().as_text()
+    assert "collective-permute" in _collectives(text), _collectives(text)

@@ -1,9 +1,15 @@
 """The main job: a jit-compiled training step of a small Flax transformer with fa3_jax attention.
 
-Trains the same model (same initial parameters, same batches) twice, once with
-``fa3_jax.flash_attention`` and once with ``jax.nn.dot_product_attention``, and prints the loss
-curves side by side and the median step time of each. Runs on the CPU backend where there is no
-GPU; on a Hopper GPU it runs the sm_90a kernels in bfloat16.
+Trains the same model (same initial parameters, same batches) with each attention implementation
+and prints the loss curves side by side and the median step time of each:
+
+  fa3_jax  fa3_jax.flash_attention(q, k, v, causal=True)
+  xla      jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+  cudnn    jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+           (NVIDIA GPUs only: skipped, saying so, on other backends)
+
+Runs on the CPU backend where there is no GPU; on a Hopper GPU it runs the sm_90a kernels in
+bfloat16. Step times are host wall-clock per step, the compiling first step left out.
 
     python benchmarks/train_transformer.py [--steps 30] [--seq 256] [--batch 8] ...
 """
@@ -26,8 +32,13 @@ import flax.linen as nn
 
 ATTENTION = {
     "fa3_jax": lambda q, k, v: fa3_jax.flash_attention(q, k, v, causal=True),
-    "jax.nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+    "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                        implementation="xla"),
+    "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                          implementation="cudnn"),
 }
+LABELS = {"fa3_jax": "fa3_jax", "xla": "jax.nn XLA", "cudnn": "jax.nn cuDNN"}
+SHORT = {"fa3_jax": "fa3_jax", "xla": "XLA", "cudnn": "cuDNN"}
 
 
 class Block(nn.Module):
@@ -118,6 +129,24 @@ def train(attention, args, batches, params0):
     return losses, times[1:]  # the first step includes compilation
 
 
+def _impls(text):
+    names = [x for x in text.split(",") if x]
+    bad = [x for x in names if x not in ATTENTION]
+    if bad or "fa3_jax" not in names:
+        raise argparse.ArgumentTypeError(f"--impls: a comma list of {', '.join(ATTENTION)} that "
+                                         f"includes fa3_jax; got {text!r}")
+    return names
+
+
+def _skip_reason(name, backend, dtype):
+    """Why an implementation can't run here, or None."""
+    if name == "cudnn" and backend != "gpu":
+        return f"cuDNN needs an NVIDIA GPU (backend is {backend})"
+    if name == "cudnn" and dtype == "float32":
+        return "cuDNN attention takes float16/bfloat16 only (--dtype float32)"
+    return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
@@ -131,6 +160,9 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--impls", type=_impls, default=list(ATTENTION),
+                   help="comma list of " + ",".join(ATTENTION) + " (default: all; cudnn is "
+                   "skipped off NVIDIA GPUs)")
     p.add_argument("--json", default=None, help="write losses and times here")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -145,28 +177,48 @@ def main(argv=None):
     key = jax.random.PRNGKey(0)
     batches = make_batches(key, args.steps, args.batch, args.seq, args.vocab)
     init_model = Transformer(args.vocab, args.layers, args.heads, args.kv_heads, args.head_dim,
-                             "jax.nn", jnp.float32)
+                             "xla", jnp.float32)
     params0 = init_model.init(jax.random.PRNGKey(1), batches[0][:, :-1])
 
-    results = {}
-    for name in ATTENTION:
-        print(f"training with {name} attention ...", flush=True)
-        results[name] = train(name, args, batches, params0)
+    results, skipped = {}, {}
+    for name in args.impls:
+        why = _skip_reason(name, backend, args.dtype)
+        if why is None:
+            print(f"training with {LABELS[name]} attention ...", flush=True)
+            try:
+                results[name] = train(name, args, batches, params0)
+                continue
+            except Exception as e:  # noqa: BLE001 -- a peer that can't run this config
+                if name == "fa3_jax":
+                    raise
+                why = f"failed: {str(e).strip().splitlines()[0][:160]}"
+        skipped[name] = why
+        print(f"{LABELS[name]}: skipped ({why})", flush=True)
 
-    (lf, tf), (lr, tr) = results["fa3_jax"], results["jax.nn"]
-    print(f"\n{'step':>5} {'loss fa3_jax':>13} {'loss jax.nn':>12} {'|diff|':>9}")
+    names = list(results)
+    peers = [n for n in names if n != "fa3_jax"]
+    lf = results["fa3_jax"][0]
+    head = "".join(f" {'loss ' + SHORT[n]:>13}" for n in names)
+    diffs = "".join(f" {'|fa3-' + SHORT[n] + '|':>12}" for n in peers)
+    print(f"\n{'step':>5}{head}{diffs}")
     for i in sorted(set(range(0, args.steps, max(1, args.steps // 10))) | {args.steps - 1}):
-        print(f"{i:5d} {lf[i]:13.4f} {lr[i]:12.4f} {abs(lf[i] - lr[i]):9.2e}")
-    mf, mr = statistics.median(tf) * 1e3, statistics.median(tr) * 1e3
-    print(f"\nmedian step time: fa3_jax {mf:.1f} ms | jax.nn.dot_product_attention {mr:.1f} ms | "
-          f"speedup {mr / mf:.2f}x")
-    worst = max(abs(a - b) for a, b in zip(lf, lr))
-    print(f"largest loss difference over {args.steps} steps: {worst:.2e}; loss "
-          f"{lf[0]:.3f} -> {lf[-1]:.3f}")
+        row = "".join(f" {results[n][0][i]:13.4f}" for n in names)
+        row += "".join(f" {abs(lf[i] - results[n][0][i]):12.2e}" for n in peers)
+        print(f"{i:5d}{row}")
+    ms = {n: statistics.median(results[n][1]) * 1e3 for n in names}
+    print("\nmedian step time: " + " | ".join(f"{LABELS[n]} {ms[n]:.1f} ms" for n in names))
+    if peers:
+        print("fa3_jax speedup (its step time / fa3_jax's): "
+              + ", ".join(f"{ms[n] / ms['fa3_jax']:.2f}x over {LABELS[n]}" for n in peers))
+        worst = {n: max(abs(a - b) for a, b in zip(lf, results[n][0])) for n in peers}
+        print(f"largest loss difference over {args.steps} steps: "
+              + ", ".join(f"{worst[n]:.2e} vs {LABELS[n]}" for n in peers)
+              + f"; loss {lf[0]:.3f} -> {lf[-1]:.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), backend=backend, losses=dict(fa3_jax=lf, jax_nn=lr),
-                           step_ms=dict(fa3_jax=mf, jax_nn=mr)), f, indent=1)
+            json.dump(dict(args=vars(args), backend=backend, labels=LABELS,
+                           losses={n: results[n][0] for n in names}, step_ms=ms,
+                           skipped=skipped), f, indent=1)
     if not np.isfinite(lf).all():
         raise SystemExit("fa3_jax training produced a non-finite loss")
     return 0

@@ -2,14 +2,20 @@
 
 Public API:
   flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                  softcap=0.0, return_lse=False, deterministic=False)
+                  softcap=0.0, return_lse=False, deterministic=False, context_parallel="ring",
+                  load_balance=0)
   dot_product_attention(...)   drop-in for jax.nn.dot_product_attention
   attention_reference(...)     pure-jnp float32 reference, flash_attention's signature
+  load_balance_reorder(x, n, axis=1), load_balance_restore(x, n, axis=1)
+                               natural token order <-> the load-balanced layout of n shards
   cuda_built(), cuda_head_dims()
+  fa3_jax.flax.dot_product_attention   a Flax attention_fn (NNX and Linen); needs flax
+  fa3_jax.equinox.MultiheadAttention   equinox.nn.MultiheadAttention on fa3_jax; needs equinox
 
 Layers (each imports only the ones above it): _ffi (FFI registration) -> _primitives
-(primitives, batching, custom_partitioning with a Shardy rule) -> attention (custom_vjp,
-checks, flash_attention) -> nn (jax.nn drop-in).
+(primitives, batching, custom_partitioning with a Shardy rule; context_parallel holds the
+per-shard ring and all-gather schedules it calls) -> attention (custom_vjp, checks,
+flash_attention) -> nn (jax.nn drop-in).
 
 | feature                               | CPU backend            | Hopper (sm_90a)               |
 |---------------------------------------|------------------------|-------------------------------|
@@ -19,17 +25,31 @@ checks, flash_attention) -> nn (jax.nn drop-in).
 | forward + backward                    | yes                    | yes (see README for status)   |
 | deterministic backward                | always                 | option                        |
 | jit / grad / vmap / checkpoint        | yes                    | yes                           |
+| context parallelism (sequence sharding) | ring, all-gather, load-balanced causal | same |
 
 Sharding (multi-device jit): batch and head axes stay sharded (heads split kv-head-major and
-only when the split divides heads_kv); a sharded sequence or head_dim axis is all-gathered before
-the kernel (context parallelism is not implemented yet).
+only when the split divides heads_kv). A sharded sequence axis runs context-parallel
+(``context_parallel="ring"`` by default: K/V travel around the mesh axis by collective-permute,
+each step one kernel call on the local queries, fully masked steps skipped; "all_gather" gathers
+K/V once; "gather" computes the whole sequence on every device); ``load_balance=n`` with
+``load_balance_reorder`` evens out causal work. A sharded head_dim axis is all-gathered. See
+fa3_jax.context_parallel.
 """
 
 from fa3_jax._ffi import cuda_built, cuda_head_dims
 from fa3_jax.attention import flash_attention
+from fa3_jax.context_parallel import load_balance_reorder, load_balance_restore
 from fa3_jax.nn import dot_product_attention
 from fa3_jax.reference import attention_reference
 
-__all__ = ["flash_attention", "dot_product_attention", "attention_reference", "cuda_built",
-           "cuda_head_dims"]
+__all__ = ["flash_attention", "dot_product_attention", "attention_reference",
+           "load_balance_reorder", "load_balance_restore", "cuda_built", "cuda_head_dims"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # The Flax and Equinox adapters load on first use: their libraries are optional.
+    if name in ("flax", "equinox"):
+        import importlib
+        return importlib.import_module(f"fa3_jax.{name}")
+    raise AttributeError(f"module 'fa3_jax' has no attribute {name!r}")

@@ -5,6 +5,9 @@ Same arguments and semantics, including jax.nn's top-left aligned ``is_causal`` 
 express (``bias``, ``mask``, ``query_seq_lengths``, ``key_value_seq_lengths``) fall back to
 ``jax.nn.dot_product_attention`` with a warning, once per argument. ``implementation="xla"`` or
 ``"cudnn"`` calls jax.nn with that implementation; ``None`` or ``"fa3"`` uses fa3_jax.
+float64 inputs (with x64 enabled) fall back to jax.nn too, with a warning. As in jax.nn, the
+residual of ``return_residual=True`` is in the query's dtype and carries no gradient
+(``flash_attention(return_lse=True)`` returns a float32, differentiable lse instead).
 One difference: a query row that sees no key gives 0 here (jax.nn's XLA path averages v).
 """
 
@@ -19,7 +22,8 @@ import numpy as np
 
 from fa3_jax import _ffi
 from fa3_jax._primitives import UNBOUNDED
-from fa3_jax.attention import _check_float, attention_with_band, check_qkv
+from fa3_jax.attention import (_check_float, attention_with_band, check_context_parallel,
+                               check_qkv)
 
 _WARNED: set[str] = set()
 
@@ -47,6 +51,37 @@ def _window(local_window_size):
     return left, right
 
 
+def static_mask_kind(mask, attn_shape):
+    """Which kernel mask a boolean ``mask`` (broadcastable to ``attn_shape``, ``[..., T, S]``) is:
+    "none" (every key visible, or mask is None), "causal" (jax.nn's top-left lower triangle) or
+    None (anything else, or a traced mask: its values are unknown while tracing). For the
+    Flax and Equinox adapters, which serve such masks with the kernels."""
+    if mask is None:
+        return "none"
+    if isinstance(mask, jax.core.Tracer):
+        return None
+    m = np.asarray(mask).astype(bool)
+    try:
+        if np.broadcast_shapes(m.shape, tuple(attn_shape)) != tuple(attn_shape):
+            return None
+    except ValueError:
+        return None
+    t, s = attn_shape[-2:]
+    m = m.reshape((1,) * max(0, 2 - m.ndim) + m.shape)
+    m = m.reshape((-1,) + m.shape[-2:])
+    m = np.broadcast_to(m, (m.shape[0], t, s))
+    if m.all():
+        return "none"
+    if (m == np.tril(np.ones((t, s), bool))).all():
+        return "causal"
+    return None
+
+
+def _is_float64(x):
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.dtype(dtype) == jnp.float64
+
+
 def _gpu_unsupported(query, value):
     """Why the Hopper kernels can't take this call on a CUDA default backend, or None."""
     if jax.default_backend() != "gpu":
@@ -56,11 +91,15 @@ def _gpu_unsupported(query, value):
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None,
                           is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
-                          local_window_size=None, implementation=None, return_residual=False):
+                          local_window_size=None, implementation=None, return_residual=False,
+                          context_parallel="ring", load_balance=0):
     """``jax.nn.dot_product_attention`` with fa3_jax kernels. Shapes (B)TNH / (B)SKH.
 
     See the module docstring for what falls back. ``return_residual=True`` also returns the
-    log-sum-exp, shaped (B)TN like jax.nn's residual.
+    log-sum-exp, shaped (B)TN in the query's dtype with no gradient, like jax.nn's residual.
+    Two fa3_jax-only keywords, as in ``flash_attention``: ``context_parallel`` ("ring",
+    "all_gather", "gather": how a sharded sequence axis runs under multi-device jit) and
+    ``load_balance`` (n: the sequence is in the layout of ``fa3_jax.load_balance_reorder(x, n)``).
     """
     kwargs = dict(scale=scale, is_causal=is_causal, query_seq_lengths=query_seq_lengths,
                   key_value_seq_lengths=key_value_seq_lengths,
@@ -75,8 +114,9 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                 for n, x in (("bias", bias), ("mask", mask),
                              ("query_seq_lengths", query_seq_lengths),
                              ("key_value_seq_lengths", key_value_seq_lengths)) if x is not None]
-    why = _gpu_unsupported(query, value)
-    if why:
+    if any(_is_float64(x) for x in (query, key, value)):
+        fallback.append(("float64", "inputs are not supported by the fa3_jax kernels"))
+    elif why := _gpu_unsupported(query, value):
         fallback.append(("query", f"is not supported on this GPU ({why})"))
     if fallback:
         for arg, reason in fallback:
@@ -93,6 +133,8 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         raise ValueError("fa3_jax: query, key and value must all be rank 4 (BTNH) or all rank 3 "
                          f"(TNH), got shapes {[getattr(x, 'shape', None) for x in (query, key, value)]}")
     b, t, s, n, kh, h, hv = check_qkv(query, key, value, names=("query", "key", "value"))
+    strategy, shards = check_context_parallel(context_parallel, load_balance, t, s,
+                                              names=("query", "key"))
     sc = 1.0 / math.sqrt(h) if scale is None else _check_float("scale", scale, positive=True)
     # jax.nn aligns causal and windows top-left: query i sees key j iff i - left <= j <= i + right.
     lo, hi = -UNBOUNDED, UNBOUNDED
@@ -104,9 +146,12 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     if is_causal:
         hi = min(hi, 0)
     out, lse = attention_with_band(query, key, value, softmax_scale=sc, softcap=0.0,
-                                   diag_lo=lo, diag_hi=hi)
+                                   diag_lo=lo, diag_hi=hi, context_parallel=strategy,
+                                   load_balance=shards)
     if unbatch:
         out, lse = out[0], lse[0]
     if not return_residual:
         return out
-    return out, jnp.swapaxes(lse, -1, -2)  # [(B,) N, T] -> [(B,) T, N]
+    # jax.nn's residual: [(B,) T, N] in the inputs' dtype, and no gradient flows through it.
+    lse = jnp.swapaxes(lse, -1, -2).astype(query.dtype)  # [(B,) N, T] -> [(B,) T, N]
+    return out, jax.lax.stop_gradient(lse)

@@ -1,0 +1,40 @@
+"""The main job (benchmarks/train_transformer.py) on a tiny CPU configuration: every peer is
+named, cuDNN is skipped off NVIDIA GPUs with a reason, and the losses track jax.nn's."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import jax
+import pytest
+
+pytest.importorskip("flax")
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_transformer.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("train_transformer", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # Flax's dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_main_job_runs_and_names_peers(tmp_path, capsys):
+    tt = _module()
+    out = tmp_path / "train.json"
+    argv = ["--steps", "3", "--seq", "32", "--batch", "2", "--layers", "1", "--dtype", "float32",
+            "--json", str(out)]
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert tt.main(argv) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert {"fa3_jax", "xla"} <= set(data["losses"]) and set(data["losses"]) == set(data["step_ms"])
+    assert "jax.nn XLA" in printed and "jax.nn cuDNN" in printed
+    if data["backend"] != "gpu":
+        assert "cudnn" in data["skipped"] and "cuDNN: skipped" in printed
+    for a, b in zip(data["losses"]["fa3_jax"], data["losses"]["xla"]):
+        assert abs(a - b) < 1e-4
+    with pytest.raises(SystemExit):
+        tt.main(["--impls", "xla"])  # fa3_jax must be among the implementations

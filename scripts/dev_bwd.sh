@@ -2,11 +2,12 @@
 # fa3_jax Hopper backward dev loop.
 #   scripts/dev_bwd.sh build [HDIM]   compile here into devbin/ (all head dims, or -DFA3_JAX_ONLY_HDIM=HDIM)
 #   scripts/dev_bwd.sh sass           HGMMA count, local-memory (LDL/STL) count per object, ptxas summary
-#   scripts/dev_bwd.sh device [MODE]  on the GPU machine: run devbin/test_bwd_sm90 MODE, then memcheck small
+#   scripts/dev_bwd.sh device [MODE]  on the GPU machine: run devbin/test_bwd_sm90 MODE, time devbin/*/test_bwd_sm90,
+#                                     then compute-sanitizer on small cases
 # Device call (from the repo root, via the run tool): carry=["devbin"], command "scripts/dev_bwd.sh device".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CUTLASS_INC=${CUTLASS_INC:-$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('cutlass_library');print(os.path.join(s.submodule_search_locations[0],'source','include'))" 2>/dev/null || echo /work/venv/lib/python3.11/site-packages/cutlass_library/source/include)}
+CUTLASS_INC=${CUTLASS_INC:-$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('cutlass_library');print(os.path.join(s.submodule_search_locations[0],'source','include'))" 2>/dev/null || { ls -d .venv/lib/python3.*/site-packages/cutlass_library/source/include 2>/dev/null || true; } | head -1)}
 NVCC_FLAGS=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr --expt-extended-lambda
             -I"$CUTLASS_INC" -Icpp -Icpp/hopper -DFA3_JAX_WITH_CUDA -Xptxas -v)
 cmd=${1:-build}
@@ -49,8 +50,18 @@ case "$cmd" in
     for m in ${2:-check det time}; do
       timeout "${STAGE_TIMEOUT:-80}" devbin/test_bwd_sm90 "$m" 2>&1 | tee -a "${OUT:-/tmp}/test_bwd.log" || echo "stage $m: rc=$?"
     done
+    # Other builds under devbin/*/ (e.g. devbin/old/: the committed code) are timed in the same run.
+    for bin in devbin/*/test_bwd_sm90; do
+      [[ -x "$bin" ]] || continue
+      echo "== $bin time"
+      timeout "${STAGE_TIMEOUT:-80}" "$bin" time 2>&1 | grep -vE "^device|CHECKS" || echo "$bin: rc=$?"
+    done
     if command -v compute-sanitizer > /dev/null; then
-      timeout 60 compute-sanitizer --tool memcheck devbin/test_bwd_sm90 small 2>&1 | tail -5
+      # SANITIZE: "tool:hdim" pairs on the small causal GQA case (hdim 256 takes the atomic dQ path).
+      for ts in ${SANITIZE:-memcheck:128 racecheck:128 memcheck:256}; do
+        echo "== compute-sanitizer --tool ${ts%%:*} small ${ts##*:}"
+        timeout 90 compute-sanitizer --tool "${ts%%:*}" devbin/test_bwd_sm90 small "${ts##*:}" 2>&1 | tail -4
+      done
     else
       echo "compute-sanitizer not found"
     fi

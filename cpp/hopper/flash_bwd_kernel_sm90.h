@@ -4,7 +4,7 @@
 // in registers for the whole CTA; the CTA walks the query blocks that the band mask leaves visible,
 // for every query head of its GQA group, so dK/dV of a kv head are summed without a temporary.
 // Warp specialization: warpgroup 0 is the producer (one thread issues TMA loads of K, V once and of
-// Q, dO, lse_log2, dpsum per query block through a 2-stage mbarrier pipeline; it keeps 24
+// Q + lse_log2 and dO + dpsum per query block through two 2-stage mbarrier pipelines; it keeps 24
 // registers), warpgroups 1 and 2 are consumers (240 registers each) doing, per query block:
 //   S^T  = K Q^T                  (WGMMA SS, M = keys)          P^T = exp2(S^T*scale*log2e - lse)
 //   dP^T = V dO^T                 (WGMMA SS)                     dS^T = P^T * (dP^T - dpsum) [*dtanh]
@@ -181,8 +181,10 @@ struct BwdTraitsSm90 {
   using TmadO = TmaLoad<kBlockM, kHeadDimV, decltype(take<0, 2>(SmemLayoutdO{}))>;
   using TmaK = TmaLoad<kBlockN, kHeadDim, SmemLayoutK>;
   using TmaV = TmaLoad<kBlockN, kHeadDimV, SmemLayoutV>;
-  static constexpr uint32_t kTxBytesQdO = (kBlockM * kHeadDim + kBlockM * kHeadDimV) * sizeof(Element) +
-                                          2 * kBlockM * sizeof(float);
+  // Q with its lse_log2 rows and dO with its dpsum rows arrive on separate pipelines (as in
+  // FlashAttention-3), so S^T = K Q^T starts without waiting for dO.
+  static constexpr uint32_t kTxBytesQ = kBlockM * kHeadDim * sizeof(Element) + kBlockM * sizeof(float);
+  static constexpr uint32_t kTxBytesdO = kBlockM * kHeadDimV * sizeof(Element) + kBlockM * sizeof(float);
   static constexpr uint32_t kTxBytesKV = (kBlockN * kHeadDim + kBlockN * kHeadDimV) * sizeof(Element);
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
@@ -203,7 +205,8 @@ struct BwdTraitsSm90 {
     cute::array_aligned<float, kBlockM * kStages, 128> lse;
     cute::array_aligned<float, kBlockM * kStages, 128> dpsum;
     cute::array_aligned<float, kDqSmemFloats, 128> dq;  // (4, 128 threads, chunks, WG), see above
-    typename Pipeline::SharedStorage pipeline_qdo;
+    typename Pipeline::SharedStorage pipeline_q;
+    typename Pipeline::SharedStorage pipeline_do;
     cutlass::arch::ClusterTransactionBarrier barrier_kv;
   };
   // dQ goes through shared memory and the writer warp's bulk reduce-add when its 32 KB (hdim 128)
@@ -446,12 +449,14 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
   Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Tr::SmemLayoutV{});        // (N, dv)
 
   typename Pipeline::Params pipe_params;
-  pipe_params.transaction_bytes = Tr::kTxBytesQdO;
+  pipe_params.transaction_bytes = Tr::kTxBytesQ;
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;  // the one producer thread that arms the barriers
   pipe_params.num_consumers = kMmaThreads;
   if (threadIdx.x == 0) ss.barrier_kv.init(1);
-  Pipeline pipeline(ss.pipeline_qdo, pipe_params, Shape<_1, _1, _1>{});  // inits + fences its barriers
+  Pipeline pipeline_q(ss.pipeline_q, pipe_params, Shape<_1, _1, _1>{});  // inits + fences its barriers
+  pipe_params.transaction_bytes = Tr::kTxBytesdO;
+  Pipeline pipeline_do(ss.pipeline_do, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();
 
   if (warp_group == 0) {
@@ -480,15 +485,18 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
         Tensor gdO = local_tile(mdO(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDimV>>{}, make_coord(m_block, _0{}));
         auto [tQgQ, tQsQ] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
         auto [tdOgdO, tdOsdO] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
-        pipeline.producer_acquire(state);  // also arms the stage's barrier with kTxBytesQdO
-        auto* bar = pipeline.producer_get_barrier(state);
+        // Both pipelines advance in lockstep, so one state (stage index and phase) serves both.
         const int stage = state.index();
-        copy(args.tma_q.with(*bar, 0), tQgQ, tQsQ(_, stage));
-        copy(args.tma_do.with(*bar, 0), tdOgdO, tdOsdO(_, stage));
         // lse_log2 / dpsum rows are padded to seqlen_q_pad, so a whole block is always readable.
         const int64_t row = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + int64_t(m_block) * kBlockM;
-        bulk_load_g2s(ss.lse.data() + stage * kBlockM, p.lse_log2 + row, kBlockM * sizeof(float), bar);
-        bulk_load_g2s(ss.dpsum.data() + stage * kBlockM, p.dpsum + row, kBlockM * sizeof(float), bar);
+        pipeline_q.producer_acquire(state);  // also arms the stage's barrier with kTxBytesQ
+        auto* bar_q = pipeline_q.producer_get_barrier(state);
+        copy(args.tma_q.with(*bar_q, 0), tQgQ, tQsQ(_, stage));
+        bulk_load_g2s(ss.lse.data() + stage * kBlockM, p.lse_log2 + row, kBlockM * sizeof(float), bar_q);
+        pipeline_do.producer_acquire(state);  // kTxBytesdO
+        auto* bar_do = pipeline_do.producer_get_barrier(state);
+        copy(args.tma_do.with(*bar_do, 0), tdOgdO, tdOsdO(_, stage));
+        bulk_load_g2s(ss.dpsum.data() + stage * kBlockM, p.dpsum + row, kBlockM * sizeof(float), bar_do);
         ++state;
       }
     } else if constexpr (Tr::kDqBulk) {
@@ -549,7 +557,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
   for (int it = 0; it < n_iter; ++it) {
     const int stage = state.index();
     const int ds_stage = Tr::kStagesdS == 1 ? 0 : it % Tr::kStagesdS;
-    pipeline.consumer_wait(state);
+    pipeline_q.consumer_wait(state);
     const int h = hkv * p.group + it / num_m;
     const int m_block = m_lo + it % num_m;
     const int m0 = m_block * kBlockM;
@@ -557,20 +565,48 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
     Tensor tdPrdP = partition_fragment_C(mma_dp, Shape<Int<kBlockN>, Int<kBlockM>>{});
     wgmma_gemm<true>(mma_s, tSrK, tSrQ(_, _, _, stage), tSrS);
+    pipeline_do.consumer_wait(state);
     wgmma_gemm<true>(mma_dp, tdPrV, tdPrdO(_, _, _, stage), tdPrdP);
 
-    // Per-query statistics for this thread's accumulator columns, read while the MMAs run (a read
-    // after warpgroup_wait would stall on shared-memory latency). Accumulator value i of the
-    // single 64 x N atom sits in column pair i / 4, column i % 2: 2 * N / 8 distinct queries.
+    // Per-query statistics. Accumulator value i = j + 2 v + 4 k of the single 64 x N atom sits in
+    // column col0 + 8 k + j, where col0 = 2 (t % 4) plus the warpgroup's column offset: the 8
+    // threads of a warp with the same t % 4 share the same 2 N / 8 columns.
+    //  * hdim <= 128 (warpgroups split keys, N = 64: 16 columns), shuffled as FlashAttention-3's
+    //    ShuffleLSE / ShuffledPsum: the thread of row group r = (t % 32) / 4 keeps only the two
+    //    statistics of group k = r, and value i takes its own from lane 4 k + t % 4. 2 + 2 registers
+    //    instead of 16 + 16 keep hdim 96/128 within the 240-register budget.
+    //  * hdim 192/256 (warpgroups split queries, N = 32: 8 columns) have registers to spare and
+    //    keep all of their statistics, with no shuffles on the way to the exponentials.
+    // Both are read while the MMAs run.
     static_assert(decltype(size<1>(tSrS))::value == 1 && decltype(size<2>(tSrS))::value == 1,
                   "one WGMMA atom per warpgroup for S^T/dP^T");
-    constexpr int kStatCols = decltype(size(tSrS))::value / 2;
-    auto stat_col = [](int i) { return (i % 2) + 2 * (i / 4); };
-    const float* s_lse = ss.lse.data() + stage * kBlockM;
-    const float* s_dpsum = ss.dpsum.data() + stage * kBlockM;
-    float lse_r[kStatCols];
-    CUTLASS_PRAGMA_UNROLL
-    for (int c = 0; c < kStatCols; ++c) lse_r[c] = s_lse[get<1>(tScS((c % 2) + 4 * (c / 2)))];
+    constexpr int kStatGroups = Tr::kSdPN / 8;  // column groups of 8 per accumulator row
+    static_assert(kStatGroups <= 8 && decltype(size(tSrS))::value == 4 * kStatGroups,
+                  "one statistics pair per row group of a warp");
+    constexpr bool kShuffleStats = Tr::kSplitKeys;
+    static_assert(!kShuffleStats || kStatGroups == 8, "a shuffled pair for each of the 8 row groups");
+    constexpr int kHeld = kShuffleStats ? 2 : 2 * kStatGroups;
+    const int lane = tid % cutlass::NumThreadsPerWarp;
+    const float* s_lse = ss.lse.data() + stage * kBlockM + get<1>(tScS(0));
+    const float* s_dpsum = ss.dpsum.data() + stage * kBlockM + get<1>(tScS(0));
+    float lse_r[kHeld], dpsum_r[kHeld];
+    if constexpr (kShuffleStats) {
+      const int r = lane / 4;
+      const float2 l2 = *reinterpret_cast<const float2*>(s_lse + 8 * r);
+      const float2 d2 = *reinterpret_cast<const float2*>(s_dpsum + 8 * r);
+      lse_r[0] = l2.x, lse_r[1] = l2.y, dpsum_r[0] = d2.x, dpsum_r[1] = d2.y;
+    } else {
+      CUTLASS_PRAGMA_UNROLL
+      for (int c = 0; c < kHeld; ++c) lse_r[c] = s_lse[8 * (c / 2) + c % 2], dpsum_r[c] = s_dpsum[8 * (c / 2) + c % 2];
+    }
+    // The statistic of the columns of group k, j = 0 / 1.
+    auto stat = [&](const float* held, int k, int j) {
+      if constexpr (kShuffleStats) {
+        return __shfl_sync(0xffffffffu, held[j], 4 * k + lane % 4);
+      } else {
+        return held[2 * k + j];
+      }
+    };
     // Blocks entirely inside the band and inside seqlen_k need no per-element mask (rows past
     // seqlen_q have lse_log2 = +inf, so their P is 0 without one).
     const bool need_mask = !(n0 + kBlockN <= seqlen_k && n0 - (m0 + kBlockM - 1) >= p.diag_lo &&
@@ -579,48 +615,53 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // only scales dS, which is rounded to 16 bits anyway.
     uint32_t dtanh2[Tr::kHasSoftcap ? decltype(size(tSrS))::value / 2 : 1];
     warpgroup_wait<1>();
+    // Values 4 k + 2 v + {0, 1} (rows +0/+8, adjacent columns) share the two statistics of group k.
     CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tSrS); ++i) {
-      const int kn = get<0>(tScS(i)), qm = get<1>(tScS(i));
-      float x;
-      if constexpr (Tr::kHasSoftcap) {
-        const float t = tanh_approx(tSrS(i) * p.scale_div_softcap);
-        const float t1 = tanh_approx(tSrS(i ^ 1) * p.scale_div_softcap);  // the pair's partner
-        if (i % 2 == 0) dtanh2[i / 2] = pack2<cutlass::half_t>(1.f - t * t, 1.f - t1 * t1);
-        x = t * p.softcap_log2;
-      } else {
-        x = tSrS(i) * p.scale_log2;
-      }
-      float pv = exp2_approx(x - lse_r[stat_col(i)]);
-      if (need_mask) {
-        const int diag = (n0 + kn) - (m0 + qm);
-        const bool visible = n0 + kn < seqlen_k && diag >= p.diag_lo && diag <= p.diag_hi;
-        pv = visible ? pv : 0.f;
-      }
-      tSrS(i) = pv;
-    }
-    float dpsum_r[kStatCols];
-    CUTLASS_PRAGMA_UNROLL
-    for (int c = 0; c < kStatCols; ++c) dpsum_r[c] = s_dpsum[get<1>(tScS((c % 2) + 4 * (c / 2)))];
-    if constexpr (Tr::kDkvRS) {
-      // dV += P^T dO starts now and overlaps the dS arithmetic below.
-      Tensor rP = make_tensor_like<Element>(tSrS);
-      Tensor rP32 = recast<uint32_t>(rP);
+    for (int k = 0; k < kStatGroups; ++k) {
+      const float lse0 = stat(lse_r, k, 0), lse1 = stat(lse_r, k, 1);
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(rP32); ++i) rP32(i) = pack2<Element>(tSrS(2 * i), tSrS(2 * i + 1));
-      wgmma_gemm<false>(mma_dv, make_tensor(rP.data(), acc_as_a_layout(tSrS.layout())), tdVrdO(_, _, _, stage), tdVrdV);
-      warpgroup_wait<1>();  // dP (committed before dV) is done
-    } else {
-      warpgroup_wait<0>();
-    }
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(tdPrdP); ++i) {
-      float ds = tSrS(i) * (tdPrdP(i) - dpsum_r[stat_col(i)]);
-      if constexpr (Tr::kHasSoftcap) {
-        const __half2 dt = reinterpret_cast<const __half2&>(dtanh2[i / 2]);
-        ds *= __half2float(i % 2 == 0 ? __low2half(dt) : __high2half(dt));
+      for (int i = 4 * k; i < 4 * k + 4; i += 2) {
+        float x0, x1;
+        if constexpr (Tr::kHasSoftcap) {
+          const float t0 = tanh_approx(tSrS(i) * p.scale_div_softcap);
+          const float t1 = tanh_approx(tSrS(i + 1) * p.scale_div_softcap);
+          dtanh2[i / 2] = pack2<cutlass::half_t>(1.f - t0 * t0, 1.f - t1 * t1);
+          x0 = t0 * p.softcap_log2;
+          x1 = t1 * p.softcap_log2;
+        } else {
+          x0 = tSrS(i) * p.scale_log2;
+          x1 = tSrS(i + 1) * p.scale_log2;
+        }
+        float pv[2] = {exp2_approx(x0 - lse0), exp2_approx(x1 - lse1)};
+        if (need_mask) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < 2; ++j) {
+            const int kn = get<0>(tScS(i + j)), qm = get<1>(tScS(i + j));
+            const int diag = (n0 + kn) - (m0 + qm);
+            const bool visible = n0 + kn < seqlen_k && diag >= p.diag_lo && diag <= p.diag_hi;
+            pv[j] = visible ? pv[j] : 0.f;
+          }
+        }
+        tSrS(i) = pv[0];
+        tSrS(i + 1) = pv[1];
       }
-      tdPrdP(i) = ds;
+    }
+    warpgroup_wait<0>();
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 0; k < kStatGroups; ++k) {
+      const float dpsum0 = stat(dpsum_r, k, 0), dpsum1 = stat(dpsum_r, k, 1);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 4 * k; i < 4 * k + 4; i += 2) {
+        float ds0 = tSrS(i) * (tdPrdP(i) - dpsum0);
+        float ds1 = tSrS(i + 1) * (tdPrdP(i + 1) - dpsum1);
+        if constexpr (Tr::kHasSoftcap) {
+          const float2 dt = __half22float2(reinterpret_cast<const __half2&>(dtanh2[i / 2]));
+          ds0 *= dt.x;
+          ds1 *= dt.y;
+        }
+        tdPrdP(i) = ds0;
+        tdPrdP(i + 1) = ds1;
+      }
     }
     // Accumulator values 2k, 2k+1 are adjacent queries, adjacent in sPt/sdSt: one 32-bit store.
     if constexpr (Tr::kStagesdS == 1) {
@@ -642,6 +683,15 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
         *reinterpret_cast<uint32_t*>(&tPsP(i)) = pack2<Element>(tSrS(i), tSrS(i + 1));
       }
     }
+    if constexpr (Tr::kDkvRS) {
+      // dV += P^T dO, issued once dS is computed: P^T (16-bit) and the fp32 S^T/dP^T are never live
+      // together (the register peak of hdim 128); it overlaps the barrier wait below.
+      Tensor rP = make_tensor_like<Element>(tSrS);
+      Tensor rP32 = recast<uint32_t>(rP);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(rP32); ++i) rP32(i) = pack2<Element>(tSrS(2 * i), tSrS(2 * i + 1));
+      wgmma_gemm<false>(mma_dv, make_tensor(rP.data(), acc_as_a_layout(tSrS.layout())), tdVrdO(_, _, _, stage), tdVrdV);
+    }
     // Generic-proxy stores must be fenced before WGMMA (async proxy) reads them.
     cutlass::arch::fence_view_async_shared();
     sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSWritten);
@@ -651,6 +701,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     if constexpr (Tr::kDkvRS) {
       wgmma_gemm<false>(mma_dk, make_tensor(rdS.data(), acc_as_a_layout(tdPrdP.layout())), tdKrQ(_, _, _, stage), tdKrdK);
       warpgroup_wait<1>();  // dV and dQ done; dK keeps the tensor cores busy during the dQ store
+      pipeline_do.consumer_release(state);  // dO and dpsum of this stage are no longer read
     } else {
       wgmma_gemm<false>(mma_dv, wg_dv.partition_fragment_A(sPt), tdVrdO(_, _, _, stage), tdVrdV);
       wgmma_gemm<false>(mma_dk, wg_dk.partition_fragment_A(sdSt(_, _, 0)), tdKrQ(_, _, _, stage), tdKrdK);
@@ -697,7 +748,8 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       }
     }
     warpgroup_wait<0>();
-    pipeline.consumer_release(state);  // Q, dO, lse, dpsum of this stage are no longer read
+    pipeline_q.consumer_release(state);  // Q and lse of this stage are no longer read
+    if constexpr (!Tr::kDkvRS) pipeline_do.consumer_release(state);
     ++state;
   }
 

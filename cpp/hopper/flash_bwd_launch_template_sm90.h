@@ -48,12 +48,11 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   pre.seqlen_q = int(p.seqlen_q);
   pre.seqlen_q_pad = int(w.seqlen_q_pad);
   pre.heads_q = int(p.heads_q);
-  pre.head_dim = kHeadDim;
-  pre.head_dim_v = kHeadDimV;
   pre.sem_per_head = int(w.sem_per_head);
-  dim3 pre_grid(unsigned((w.seqlen_q_pad + kPreRowsPerBlock - 1) / kPreRowsPerBlock), unsigned(p.heads_q),
+  static_assert(kBwdSeqlenQPad % kPreRowsPerBlock == 0, "the preprocess covers seqlen_q_pad in whole blocks");
+  dim3 pre_grid(unsigned(w.seqlen_q_pad / kPreRowsPerBlock), unsigned(p.heads_q),
                 unsigned(p.batch));
-  flash_bwd_preprocess_sm90<Element><<<pre_grid, kPreThreads, 0, stream>>>(pre);
+  flash_bwd_preprocess_sm90<Element, kHeadDim, kHeadDimV><<<pre_grid, kPreThreads, 0, stream>>>(pre);
   if (cuda::launch_failed()) return "sm90 backward preprocess kernel launch failed";
 
   BwdMainParams m{};

@@ -40,16 +40,23 @@ __global__ void __launch_bounds__(kPostThreads) flash_bwd_postprocess_sm90(const
   const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int64_t block = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + int64_t(m_block) * kDqBlockRows;
   const float4* src = reinterpret_cast<const float4*>(p.dq_accum + block * kHeadDim);
-  for (int g = threadIdx.x; g < kDqBlockRows * kHeadDim / 4; g += kPostThreads) {
+  // All loads first (the kernel is bound by memory latency), then the scatter into the tile.
+  constexpr int kLoads = kDqBlockRows * kHeadDim / 4 / kPostThreads;
+  static_assert(kLoads * kPostThreads * 4 == kDqBlockRows * kHeadDim, "whole float4s per thread");
+  float4 a[kLoads];
+#pragma unroll
+  for (int l = 0; l < kLoads; ++l) a[l] = src[threadIdx.x + l * kPostThreads];
+#pragma unroll
+  for (int l = 0; l < kLoads; ++l) {
+    const int g = threadIdx.x + l * kPostThreads;
     const int t = g % 128, k = (g / 128) % kChunks, wg = g / (128 * kChunks);
     const int row = 16 * (t / 32) + (t % 32) / 4;
     const int col = kAtomN * (wg + kDqWarpGroups * (k / kGroups)) + 8 * (k % kGroups) + 2 * (t % 4);
-    const float4 a = src[g];
     union { Element e[2]; uint32_t u; } lo, hi;
-    lo.e[0] = Element(a.x * p.scale);
-    lo.e[1] = Element(a.y * p.scale);
-    hi.e[0] = Element(a.z * p.scale);
-    hi.e[1] = Element(a.w * p.scale);
+    lo.e[0] = Element(a[l].x * p.scale);
+    lo.e[1] = Element(a[l].y * p.scale);
+    hi.e[0] = Element(a[l].z * p.scale);
+    hi.e[1] = Element(a[l].w * p.scale);
     *reinterpret_cast<uint32_t*>(&tile[row * kRowPad + col]) = lo.u;
     *reinterpret_cast<uint32_t*>(&tile[(row + 8) * kRowPad + col]) = hi.u;
   }

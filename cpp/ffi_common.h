@@ -142,6 +142,43 @@ inline ffi::Error fill_bwd(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   return ffi::Error::Success();
 }
 
+// Varlen metadata: cu_seqlens_q/k int32 [batch, num_seqs + 1], max_seqlen_* >= 1. Their values
+// are not checked here (they live on the device for the CUDA backend); the kernels make any
+// values safe (flash.h).
+inline ffi::Error fill_varlen(ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k, int64_t max_seqlen_q,
+                              int64_t max_seqlen_k, FwdParams* p) {
+  if (cu_q.element_type() != ffi::DataType::S32 || cu_k.element_type() != ffi::DataType::S32)
+    return invalid("cu_seqlens_q and cu_seqlens_k must be int32");
+  auto qd = cu_q.dimensions();
+  if (qd.size() != 2 || qd[0] != p->batch || qd[1] < 2)
+    return invalid("cu_seqlens_q has shape " + dims_str(qd) + ", expected [" +
+                   std::to_string(p->batch) + ", num_seqs + 1] with num_seqs >= 1");
+  if (auto e = check_shape("cu_seqlens_k", cu_k.dimensions(), {p->batch, qd[1]}); e.failure())
+    return e;
+  if (max_seqlen_q < 1 || max_seqlen_k < 1) return invalid("max_seqlen_q/k must be >= 1");
+  p->cu_seqlens_q = static_cast<const int32_t*>(cu_q.untyped_data());
+  p->cu_seqlens_k = static_cast<const int32_t*>(cu_k.untyped_data());
+  p->num_seqs = qd[1] - 1;
+  p->max_seqlen_q = max_seqlen_q;
+  p->max_seqlen_k = max_seqlen_k;
+  return ffi::Error::Success();
+}
+
+// Segment ids: int32 [batch, seqlen_q] and [batch, seqlen_k].
+inline ffi::Error fill_segments(ffi::AnyBuffer q_ids, ffi::AnyBuffer kv_ids, FwdParams* p) {
+  if (q_ids.element_type() != ffi::DataType::S32 || kv_ids.element_type() != ffi::DataType::S32)
+    return invalid("q_segment_ids and kv_segment_ids must be int32");
+  if (auto e = check_shape("q_segment_ids", q_ids.dimensions(), {p->batch, p->seqlen_q});
+      e.failure())
+    return e;
+  if (auto e = check_shape("kv_segment_ids", kv_ids.dimensions(), {p->batch, p->seqlen_k});
+      e.failure())
+    return e;
+  p->q_segment_ids = static_cast<const int32_t*>(q_ids.untyped_data());
+  p->kv_segment_ids = static_cast<const int32_t*>(kv_ids.untyped_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace fa3::ffi_util
 
 // The attribute list shared by both directions and both platforms, in binding order:

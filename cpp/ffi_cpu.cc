@@ -46,6 +46,58 @@ ffi::Error bwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::An
   return ffi::Error::Success();
 }
 
+// Packed sequences: the dense handlers plus two int32 metadata operands, either cu_seqlens
+// (varlen) or segment ids (flash.h). The metadata lives in host memory, as every CPU buffer does.
+enum class Packing { kVarlen, kSegments };
+
+template <Packing kPacking>
+ffi::Error fill_packing(ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k, int64_t max_seqlen_q,
+                        int64_t max_seqlen_k, FwdParams* p) {
+  if constexpr (kPacking == Packing::kVarlen)
+    return ffi_util::fill_varlen(meta_q, meta_k, max_seqlen_q, max_seqlen_k, p);
+  else
+    return ffi_util::fill_segments(meta_q, meta_k, p);
+}
+
+template <Packing kPacking>
+ffi::Error fwd_packed_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                          ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k,
+                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                          float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
+                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
+    return e;
+  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
+  if (auto e = fill_packing<kPacking>(meta_q, meta_k, max_seqlen_q, max_seqlen_k, &p);
+      e.failure())
+    return e;
+  p.out = out->untyped_data();
+  p.lse = static_cast<float*>(lse->untyped_data());
+  run_fwd_cpu(p, cpu_threads());
+  return ffi::Error::Success();
+}
+
+template <Packing kPacking>
+ffi::Error bwd_packed_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
+                          ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
+                          ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k,
+                          ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                          ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, float softcap,
+                          int64_t diag_lo, int64_t diag_hi, bool deterministic,
+                          int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  BwdParams p;
+  if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
+                        diag_lo, diag_hi, deterministic, &p);
+      e.failure())
+    return e;
+  if (auto e = fill_packing<kPacking>(meta_q, meta_k, max_seqlen_q, max_seqlen_k, &p);
+      e.failure())
+    return e;
+  run_bwd_cpu(p, cpu_threads());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace fa3
 
@@ -74,3 +126,46 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // dv
             FA3_JAX_MASK_ATTRS
         .Attr<bool>("deterministic"));  // bit-identical gradients run to run
+
+// Packed-sequence targets: the dense bindings with two int32 metadata operands after the dense
+// inputs, and (varlen) the max_seqlen attributes.
+//   fa3_{fwd,bwd}_varlen_cpu: cu_seqlens_q, cu_seqlens_k [batch, num_seqs + 1]
+//   fa3_{fwd,bwd}_segments_cpu: q_segment_ids [batch, seqlen_q], kv_segment_ids [batch, seqlen_k]
+#define FA3_JAX_PACKED_FWD(NAME, PACKING, MAX_SEQLEN_ATTRS)                                \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                           \
+      NAME, fa3::fwd_packed_cpu<PACKING>,                                                  \
+      xla::ffi::Ffi::Bind()                                                                \
+          .Arg<xla::ffi::AnyBuffer>() /* q */                                              \
+          .Arg<xla::ffi::AnyBuffer>() /* k */                                              \
+          .Arg<xla::ffi::AnyBuffer>() /* v */                                              \
+          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */                  \
+          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */                 \
+          .Ret<xla::ffi::AnyBuffer>() /* out */                                            \
+          .Ret<xla::ffi::AnyBuffer>() /* lse */                                            \
+              FA3_JAX_MASK_ATTRS MAX_SEQLEN_ATTRS)
+
+#define FA3_JAX_PACKED_BWD(NAME, PACKING, MAX_SEQLEN_ATTRS)                                \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                           \
+      NAME, fa3::bwd_packed_cpu<PACKING>,                                                  \
+      xla::ffi::Ffi::Bind()                                                                \
+          .Arg<xla::ffi::AnyBuffer>() /* q */                                              \
+          .Arg<xla::ffi::AnyBuffer>() /* k */                                              \
+          .Arg<xla::ffi::AnyBuffer>() /* v */                                              \
+          .Arg<xla::ffi::AnyBuffer>() /* out (forward's) */                                \
+          .Arg<xla::ffi::AnyBuffer>() /* lse (forward's) */                                \
+          .Arg<xla::ffi::AnyBuffer>() /* dout */                                           \
+          .Arg<xla::ffi::AnyBuffer>() /* dlse */                                           \
+          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */                  \
+          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */                 \
+          .Ret<xla::ffi::AnyBuffer>() /* dq */                                             \
+          .Ret<xla::ffi::AnyBuffer>() /* dk */                                             \
+          .Ret<xla::ffi::AnyBuffer>() /* dv */                                             \
+              FA3_JAX_MASK_ATTRS.Attr<bool>("deterministic") MAX_SEQLEN_ATTRS)
+
+// Sequence-length bounds (varlen only; segment-id calls bind them as unused zeros).
+#define FA3_JAX_MAX_SEQLEN_ATTRS .Attr<int64_t>("max_seqlen_q").Attr<int64_t>("max_seqlen_k")
+
+FA3_JAX_PACKED_FWD(fa3_fwd_varlen_cpu, fa3::Packing::kVarlen, FA3_JAX_MAX_SEQLEN_ATTRS);
+FA3_JAX_PACKED_BWD(fa3_bwd_varlen_cpu, fa3::Packing::kVarlen, FA3_JAX_MAX_SEQLEN_ATTRS);
+FA3_JAX_PACKED_FWD(fa3_fwd_segments_cpu, fa3::Packing::kSegments, FA3_JAX_MAX_SEQLEN_ATTRS);
+FA3_JAX_PACKED_BWD(fa3_bwd_segments_cpu, fa3::Packing::kSegments, FA3_JAX_MAX_SEQLEN_ATTRS);

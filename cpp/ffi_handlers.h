@@ -8,6 +8,11 @@
 extern "C" {
 XLA_FFI_Error* fa3_fwd_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_cpu(XLA_FFI_CallFrame* call_frame);
+// Packed sequences (cpp/flash.h): CPU only so far.
+XLA_FFI_Error* fa3_fwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_bwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_fwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_bwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
 #ifdef FA3_JAX_WITH_CUDA
 XLA_FFI_Error* fa3_fwd_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_cuda(XLA_FFI_CallFrame* call_frame);

@@ -18,6 +18,19 @@
 // this band; kUnbounded (or anything beyond +-seqlen) means "no bound on that side".
 // Scores: s = softmax_scale * (q . k); if softcap > 0, s = softcap * tanh(s / softcap).
 // A query row with no visible key gets out = 0, lse = -inf, and zero gradients.
+//
+// Packed sequences (optional; FwdParams below; the CPU backend takes them, the Hopper kernels not
+// yet). Two forms, never both in one call:
+//  - cu_seqlens (varlen): the seqlen axis of each batch row holds num_seqs sequences back to back;
+//    sequence s of batch row b is query rows [cu_seqlens_q[b][s], cu_seqlens_q[b][s+1]) and key
+//    rows [cu_seqlens_k[b][s], cu_seqlens_k[b][s+1]). The band is then per sequence and bottom-right
+//    aligned: with i, j positions inside the sequence and lq, lk its lengths, key j is visible to
+//    query i iff diag_lo <= (j - i) - (lk - lq) <= diag_hi. Bad metadata never reads or writes out
+//    of bounds: each entry is clamped to [0, seqlen] and raised to the running maximum of the
+//    entries before it, so sequences are disjoint and a negative length is empty. Rows outside
+//    every sequence get out = 0, lse = -inf and zero gradients (dq, dk, dv).
+//  - segment ids: on top of the band, key j is visible to query i only if
+//    q_segment_ids[b][i] == kv_segment_ids[b][j] != 0 (id 0 is padding).
 #pragma once
 
 #include <cstddef>
@@ -46,6 +59,18 @@ struct FwdParams {
   const void* v = nullptr;
   void* out = nullptr;
   float* lse = nullptr;
+
+  // Varlen (see the header comment); null for the dense layout. int32 [batch, num_seqs + 1].
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t num_seqs = 0;
+  // Upper bounds on any sequence's length, for sizing kernel grids; the CPU backend reads the
+  // lengths themselves and does not need them.
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  // Segment ids (see the header comment); null when unused. int32 [batch, seqlen_q] and
+  // [batch, seqlen_k].
+  const int32_t* q_segment_ids = nullptr;
+  const int32_t* kv_segment_ids = nullptr;
 };
 
 struct BwdParams : FwdParams {

@@ -2,6 +2,8 @@
 // platform; Python registers them in one loop (python/fa3_jax/_ffi.py).
 #include <nanobind/nanobind.h>
 
+#include <utility>
+
 #include "ffi_handlers.h"
 #include "flash.h"
 
@@ -47,6 +49,17 @@ NB_MODULE(_fa3_jax_ext, m) {
 #endif
     all["fa3_fwd"] = fwd;
     all["fa3_bwd"] = bwd;
+    // Packed sequences: CPU only until the Hopper kernels take them (the CUDA lowering raises).
+    const std::pair<const char*, void*> packed[] = {
+        {"fa3_fwd_varlen", reinterpret_cast<void*>(fa3_fwd_varlen_cpu)},
+        {"fa3_bwd_varlen", reinterpret_cast<void*>(fa3_bwd_varlen_cpu)},
+        {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu)},
+        {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu)}};
+    for (const auto& [name, fn] : packed) {
+      nb::dict by_platform;
+      by_platform["cpu"] = nb::capsule(fn);
+      all[name] = by_platform;
+    }
     return all;
   });
 #ifdef FA3_JAX_WITH_CUDA

@@ -41,12 +41,11 @@ def test_rank3_and_residual():
     assert max_err(out, ref) < 1e-5 and max_err(res, ref_res) < 1e-4
 
 
-@pytest.mark.parametrize("arg", ["mask", "bias", "key_value_seq_lengths"])
+@pytest.mark.parametrize("arg", ["mask", "bias"])
 def test_fallback_warns_once_and_matches(arg):
     q, k, v = make_qkv(2, 10, 10, 2, 2, 64)
     extra = {"mask": dict(mask=jnp.tril(jnp.ones((1, 1, 10, 10), bool))),
-             "bias": dict(bias=jnp.ones((1, 1, 10, 10))),
-             "key_value_seq_lengths": dict(key_value_seq_lengths=jnp.array([10, 6], jnp.int32))}[arg]
+             "bias": dict(bias=jnp.ones((1, 1, 10, 10)))}[arg]
     fnn._WARNED.discard(arg)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")

@@ -108,8 +108,11 @@ def test_dot_product_attention_mask(mode):
         out, vjp = jax.vjp(partial(call, fa3_jax.dot_product_attention), q, k, v, bias)
         out_ref, vjp_ref = jax.vjp(partial(call, ref_sdpa), q, k, v, bias)
         served = _served_by_kernels(partial(call, fa3_jax.dot_product_attention), q, k, v, bias)
-    # Causal masks and windows are the kernels' own; bias, masks and lengths fall back.
-    assert served == (set(mode) <= {"causal", "sliding_window"} and _kernels_take(dtype, h)), mode
+    # Causal masks, windows and (as segment ids, CPU backend) sequence lengths are the kernels'
+    # own; bias and masks fall back.
+    kernel_modes = {"causal", "sliding_window"} | ({"padding"} if jax.default_backend() == "cpu"
+                                                   else set())
+    assert served == (set(mode) <= kernel_modes and _kernels_take(dtype, h)), mode
 
     _close(out, out_ref, 0.01)
     dq, dk, dv, dbias = vjp(dout)

@@ -7,6 +7,12 @@
 // of its own. Nothing of size seqlen_q x seqlen_k is ever allocated; every work item sums in a fixed
 // order, so results are bitwise identical for any thread count.
 //
+// Work is cut per sequence: a dense batch row is one sequence; with cu_seqlens (varlen) each
+// packed sequence is one, its blocks start at its own first row and no block crosses into the next
+// sequence, so nothing outside a sequence is ever loaded. Segment ids add a per-row / per-key id
+// compare in the score mask, and a key tile whose id range cannot meet the query block's is
+// skipped.
+//
 // Scores live in the log2 domain (s * log2(e)) so the softmax uses exp2; lse is converted back.
 #include <algorithm>
 #include <atomic>
@@ -165,42 +171,128 @@ void gemm(int M, int K, int N, const float* A, int am, int ak, const float* __re
 
 // ---- problem geometry -----------------------------------------------------------------------
 
+// One sequence: query rows [q0, q0 + nq) and key rows [k0, k0 + nk) of the flattened
+// [batch * seqlen] row axis, where its lse entries start, and its band (positions i, j counted
+// from the sequence's first row), clamped so that i + lo and j - hi cannot overflow.
+struct Seq {
+  int64_t q0, nq, k0, nk;
+  int64_t lse0;  // lse index of (head 0, row 0); head h adds h * seqlen_q
+  int64_t lo, hi;
+};
+
+// Rows [start, start + count) of sequence seq: a work unit (times the heads).
+struct Block {
+  int64_t seq, start;
+};
+
+// Rows of the flattened row axis that belong to no sequence (varlen only): zero outputs.
+struct Gap {
+  int64_t row0, n, lse0;
+};
+
+// j - i always lies in [-(nq - 1), nk - 1], so clamping to +-(nq + nk) keeps the band's meaning.
+inline int64_t clamp_diag(int64_t x, int64_t nq, int64_t nk) {
+  return std::min(std::max(x, -(nq + nk)), nq + nk);
+}
+
+// cu_seqlens made safe (see flash.h): clamped to [0, total], then non-decreasing.
+inline std::vector<int64_t> safe_cu_seqlens(const int32_t* cu, int64_t n, int64_t total) {
+  std::vector<int64_t> out(size_t(n + 1));
+  int64_t run = 0;
+  for (int64_t s = 0; s <= n; ++s) {
+    run = std::max(run, std::min<int64_t>(std::max<int64_t>(cu[s], 0), total));
+    out[size_t(s)] = run;
+  }
+  return out;
+}
+
+template <int kRows>
+std::vector<Block> blocks_of(const std::vector<Seq>& seqs, int64_t Seq::*len) {
+  std::vector<Block> blocks;
+  for (size_t s = 0; s < seqs.size(); ++s)
+    for (int64_t r = 0; r < seqs[s].*len; r += kRows) blocks.push_back({int64_t(s), r});
+  return blocks;
+}
+
+// The ids of one block's rows (copied to dst) span [lo, hi] over the nonzero ones.
+struct IdRange {
+  int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+  bool empty() const { return lo > hi; }
+  bool meets(const IdRange& o) const { return !empty() && !o.empty() && lo <= o.hi && o.lo <= hi; }
+};
+
+inline IdRange load_ids(const int32_t* ids, int n, int32_t* dst) {
+  IdRange r;
+  for (int i = 0; i < n; ++i) {
+    dst[i] = ids[i];
+    if (ids[i] != 0) {
+      r.lo = std::min(r.lo, ids[i]);
+      r.hi = std::max(r.hi, ids[i]);
+    }
+  }
+  return r;
+}
+
 struct Geometry {
   int64_t batch, sq, sk, hq, hkv, group;
   int d, dv, dp, dvp;  // head dims and their kNR-padded row strides
-  int64_t lo, hi;      // band, clamped so that i + lo and j - hi cannot overflow
   float scale, softcap;
-  int64_t n_qblocks, n_kblocks;
+  bool segments;       // segment ids in use
+  std::vector<Seq> seqs;
+  std::vector<Block> q_blocks, k_blocks;  // of kBq query rows, of kBk keys
+  std::vector<Gap> q_gaps, k_gaps;
 
   explicit Geometry(const FwdParams& p)
       : batch(p.batch), sq(p.seqlen_q), sk(p.seqlen_k), hq(p.heads_q), hkv(p.heads_kv),
         group(p.heads_q / p.heads_kv), d(int(p.head_dim)), dv(int(p.head_dim_v)),
         dp(int((p.head_dim + kNR - 1) / kNR * kNR)),
         dvp(int((p.head_dim_v + kNR - 1) / kNR * kNR)), scale(p.softmax_scale),
-        softcap(p.softcap), n_qblocks((p.seqlen_q + kBq - 1) / kBq),
-        n_kblocks((p.seqlen_k + kBk - 1) / kBk) {
-    // j - i always lies in [-(sq - 1), sk - 1], so clamping to +-(sq + sk) keeps the meaning.
-    const int64_t bound = sq + sk;
-    lo = std::min(std::max(p.diag_lo, -bound), bound);
-    hi = std::min(std::max(p.diag_hi, -bound), bound);
+        softcap(p.softcap), segments(p.q_segment_ids != nullptr) {
+    for (int64_t b = 0; b < batch; ++b) {
+      if (!p.cu_seqlens_q) {
+        seqs.push_back({b * sq, sq, b * sk, sk, b * hq * sq, clamp_diag(p.diag_lo, sq, sk),
+                        clamp_diag(p.diag_hi, sq, sk)});
+        continue;
+      }
+      const int64_t n = p.num_seqs;
+      const auto cq = safe_cu_seqlens(p.cu_seqlens_q + b * (n + 1), n, sq);
+      const auto ck = safe_cu_seqlens(p.cu_seqlens_k + b * (n + 1), n, sk);
+      for (int64_t s = 0; s < n; ++s) {
+        const int64_t nq = cq[s + 1] - cq[s], nk = ck[s + 1] - ck[s];
+        if (nq == 0 && nk == 0) continue;
+        // Bottom-right alignment per sequence: the band is relative to the diagonal nk - nq.
+        seqs.push_back({b * sq + cq[s], nq, b * sk + ck[s], nk, b * hq * sq + cq[s],
+                        clamp_diag(p.diag_lo + (nk - nq), nq, nk),
+                        clamp_diag(p.diag_hi + (nk - nq), nq, nk)});
+      }
+      // Sequences are contiguous, so the uncovered rows are a head and a tail.
+      q_gaps.push_back({b * sq, cq[0], b * hq * sq});
+      q_gaps.push_back({b * sq + cq[n], sq - cq[n], b * hq * sq + cq[n]});
+      k_gaps.push_back({b * sk, ck[0], 0});
+      k_gaps.push_back({b * sk + ck[n], sk - ck[n], 0});
+    }
+    q_blocks = blocks_of<kBq>(seqs, &Seq::nq);
+    k_blocks = blocks_of<kBk>(seqs, &Seq::nk);
   }
 
-  // Keys visible to at least one query row in [i0, i1): [first, second).
-  std::pair<int64_t, int64_t> key_range(int64_t i0, int64_t i1) const {
-    return {std::max<int64_t>(0, i0 + lo), std::min(sk, i1 - 1 + hi + 1)};
+  // Keys of sequence q that are visible to at least one query row in [i0, i1): [first, second).
+  static std::pair<int64_t, int64_t> key_range(const Seq& s, int64_t i0, int64_t i1) {
+    return {std::max<int64_t>(0, i0 + s.lo), std::min(s.nk, i1 - 1 + s.hi + 1)};
   }
   // Query rows that see at least one key in [j0, j1).
-  std::pair<int64_t, int64_t> query_range(int64_t j0, int64_t j1) const {
-    return {std::max<int64_t>(0, j0 - hi), std::min(sq, j1 - 1 - lo + 1)};
+  static std::pair<int64_t, int64_t> query_range(const Seq& s, int64_t j0, int64_t j1) {
+    return {std::max<int64_t>(0, j0 - s.hi), std::min(s.nq, j1 - 1 - s.lo + 1)};
   }
 
   // Raw dot products of query row i against the tile's keys j0 + [0, kBk) become log2-domain
-  // scores, -inf where masked or past the nk loaded keys. With softcap, dtanh receives
-  // 1 - tanh^2 (the softcap's derivative, used by the backward pass).
-  void score_row(float* __restrict s, float* __restrict dtanh, int64_t i, int64_t j0,
-                 int nk) const {
-    const int c_lo = int(std::min<int64_t>(std::max<int64_t>(i + lo - j0, 0), nk));
-    const int c_hi = int(std::min<int64_t>(std::max<int64_t>(i + hi + 1 - j0, 0), nk));
+  // scores, -inf where masked or past the nk loaded keys. With segment ids (kid non-null: the
+  // tile's key ids), keys whose id differs from qid, and every key when qid is 0, are masked too.
+  // With softcap, dtanh receives 1 - tanh^2 (the softcap's derivative, used by the backward).
+  void score_row(const Seq& seq, float* __restrict s, float* __restrict dtanh, int64_t i,
+                 int64_t j0, int nk, int32_t qid, const int32_t* __restrict kid) const {
+    const int c_lo = int(std::min<int64_t>(std::max<int64_t>(i + seq.lo - j0, 0), nk));
+    int c_hi = int(std::min<int64_t>(std::max<int64_t>(i + seq.hi + 1 - j0, 0), nk));
+    if (kid && qid == 0) c_hi = 0;  // a padding row sees nothing
     if (softcap > 0.f) {
       const float pre = scale / softcap, post = softcap * kLog2e;
       for (int c = 0; c < kBk; ++c) {
@@ -212,6 +304,8 @@ struct Geometry {
       const float mul = scale * kLog2e;
       for (int c = 0; c < kBk; ++c) s[c] = select_v((c >= c_lo) & (c < c_hi), s[c] * mul, -kInf);
     }
+    if (kid)
+      for (int c = 0; c < kBk; ++c) s[c] = select_v(kid[c] == qid, s[c], -kInf);
   }
 };
 
@@ -244,11 +338,12 @@ void parallel_items(int64_t n, int num_threads, const MakeScratch& make_scratch,
 // padded GEMM columns only ever see finite values.
 struct Tiles {
   std::vector<float> q, dout, kt, kr, vt, v, s, dtanh, dp, acc, acc2, m, l, lse2, di;
+  std::vector<int32_t> qseg, kseg;  // segment ids of the query block and the key tile
   explicit Tiles(const Geometry& g)
       : q(kBq * g.dp), dout(kBq * g.dvp), kt(int64_t(g.d) * kBk), kr(kBk * g.dp),
         vt(int64_t(g.dv) * kBk), v(kBk * g.dvp), s(kBq * kBk), dtanh(kBq * kBk),
         dp(kBq * kBk), acc(std::max(kBq, kBk) * std::max(g.dp, g.dvp)), acc2(kBk * g.dvp),
-        m(kBq), l(kBq), lse2(kBq), di(kBq) {}
+        m(kBq), l(kBq), lse2(kBq), di(kBq), qseg(kBq), kseg(kBk) {}
 };
 
 // ---- forward --------------------------------------------------------------------------------
@@ -256,33 +351,40 @@ struct Tiles {
 template <class E>
 void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
   using T = typename E::T;
-  const int64_t qb = item % g.n_qblocks, h = item / g.n_qblocks % g.hq;
-  const int64_t b = item / g.n_qblocks / g.hq, hk = h / g.group;
-  const int64_t i0 = qb * kBq;
-  const int mq = int(std::min<int64_t>(kBq, g.sq - i0));
+  const int64_t nblocks = int64_t(g.q_blocks.size());
+  const Block blk = g.q_blocks[size_t(item % nblocks)];
+  const int64_t h = item / nblocks, hk = h / g.group;
+  const Seq& sq = g.seqs[size_t(blk.seq)];
+  const int64_t i0 = blk.start;
+  const int mq = int(std::min<int64_t>(kBq, sq.nq - i0));
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
 
   for (int r = 0; r < mq; ++r)
-    load_row<E>(q + ((b * g.sq + i0 + r) * g.hq + h) * g.d, g.d, &w.q[r * g.dp]);
+    load_row<E>(q + ((sq.q0 + i0 + r) * g.hq + h) * g.d, g.d, &w.q[r * g.dp]);
   std::fill(w.m.begin(), w.m.end(), -kInf);
   std::fill(w.l.begin(), w.l.end(), 0.f);
   std::fill(w.acc.begin(), w.acc.begin() + mq * g.dvp, 0.f);
+  IdRange qids;
+  if (g.segments) qids = load_ids(p.q_segment_ids + sq.q0 + i0, mq, w.qseg.data());
+  const int32_t* kid = g.segments ? w.kseg.data() : nullptr;
 
-  const auto keys = g.key_range(i0, i0 + mq);
+  const auto keys = g.key_range(sq, i0, i0 + mq);
   for (int64_t j0 = keys.first; j0 < keys.second; j0 += kBk) {
     const int nk = int(std::min<int64_t>(kBk, keys.second - j0));
+    if (g.segments && !qids.meets(load_ids(p.kv_segment_ids + sq.k0 + j0, nk, w.kseg.data())))
+      continue;  // no id in common: every score of the tile is masked
     for (int c = 0; c < nk; ++c) {
-      const int64_t row = (b * g.sk + j0 + c) * g.hkv + hk;
+      const int64_t row = (sq.k0 + j0 + c) * g.hkv + hk;
       load_col<E>(k + row * g.d, g.d, &w.kt[c], kBk);
       load_row<E>(v + row * g.dv, g.dv, &w.v[c * g.dvp]);
     }
     gemm<false>(mq, g.d, kBk, w.q.data(), g.dp, 1, w.kt.data(), kBk, w.s.data(), kBk);
     for (int r = 0; r < mq; ++r) {
       float* s = &w.s[r * kBk];
-      g.score_row(s, w.dtanh.data(), i0 + r, j0, nk);
+      g.score_row(sq, s, w.dtanh.data(), i0 + r, j0, nk, w.qseg[r], kid);
       const float m_new = std::max(w.m[r], row_max(s));
       // A row with nothing visible yet keeps m = -inf; shifting by 0 then gives p = 0, not nan.
       const float shift = m_new == -kInf ? 0.f : m_new;
@@ -299,9 +401,23 @@ void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
     const int64_t i = i0 + r;
     const bool empty = w.l[r] == 0.f;  // (a nan l is not empty: nan inputs give nan outputs)
     store_row<E>(&w.acc[r * g.dvp], empty ? 0.f : 1.f / w.l[r], g.dv,
-                 out + ((b * g.sq + i) * g.hq + h) * g.dv);
-    p.lse[(b * g.hq + h) * g.sq + i] = empty ? -kInf : w.m[r] * kLn2 + std::log(w.l[r]);
+                 out + ((sq.q0 + i) * g.hq + h) * g.dv);
+    p.lse[sq.lse0 + h * g.sq + i] = empty ? -kInf : w.m[r] * kLn2 + std::log(w.l[r]);
   }
+}
+
+// Rows of no sequence (varlen): out = 0, lse = -inf; zero gradients for q and k rows alike.
+template <class E>
+void zero_rows(const std::vector<Gap>& gaps, int64_t heads, int dim, int64_t lse_stride,
+               void* x, float* lse) {
+  using T = typename E::T;
+  T* t = static_cast<T*>(x);
+  for (const Gap& gap : gaps)
+    for (int64_t r = 0; r < gap.n; ++r)
+      for (int64_t h = 0; h < heads; ++h) {
+        std::fill_n(t + ((gap.row0 + r) * heads + h) * dim, dim, E::store(0.f));
+        if (lse) lse[gap.lse0 + h * lse_stride + r] = -kInf;
+      }
 }
 
 // ---- backward -------------------------------------------------------------------------------
@@ -309,31 +425,32 @@ void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
 // Loads query rows [i0, i0 + mq) of head h with what the backward needs per row: q, dout and the
 // log2-domain lse (+inf for empty rows, so that every p of such a row comes out 0).
 template <class E>
-void load_bwd_queries(const BwdParams& p, const Geometry& g, int64_t b, int64_t h, int64_t i0,
-                      int mq, Tiles& w) {
+void load_bwd_queries(const BwdParams& p, const Geometry& g, const Seq& sq, int64_t h,
+                      int64_t i0, int mq, Tiles& w) {
   using T = typename E::T;
   const T* q = static_cast<const T*>(p.q);
   const T* dout = static_cast<const T*>(p.dout);
   for (int r = 0; r < mq; ++r) {
-    const int64_t row = (b * g.sq + i0 + r) * g.hq + h;
+    const int64_t row = (sq.q0 + i0 + r) * g.hq + h;
     load_row<E>(q + row * g.d, g.d, &w.q[r * g.dp]);
     load_row<E>(dout + row * g.dv, g.dv, &w.dout[r * g.dvp]);
-    const float lse = p.lse_in[(b * g.hq + h) * g.sq + i0 + r];
+    const float lse = p.lse_in[sq.lse0 + h * g.sq + i0 + r];
     w.lse2[r] = lse == -kInf ? kInf : lse * kLog2e;
   }
 }
 
-// With w.q, w.dout, w.lse2, w.di holding mq query rows and w.kt, w.vt the key tile at j0: leaves
-// P in w.s and dS (already times softmax_scale) in w.dp.
-inline void probs_and_dscores(const Geometry& g, int64_t i0, int mq, int64_t j0, int nk,
-                              Tiles& w) {
+// With w.q, w.dout, w.lse2, w.di (and w.qseg, w.kseg) holding mq query rows and w.kt, w.vt the
+// key tile at j0: leaves P in w.s and dS (already times softmax_scale) in w.dp.
+inline void probs_and_dscores(const Geometry& g, const Seq& sq, int64_t i0, int mq, int64_t j0,
+                              int nk, Tiles& w) {
   gemm<false>(mq, g.d, kBk, w.q.data(), g.dp, 1, w.kt.data(), kBk, w.s.data(), kBk);
   gemm<false>(mq, g.dv, kBk, w.dout.data(), g.dvp, 1, w.vt.data(), kBk, w.dp.data(), kBk);
+  const int32_t* kid = g.segments ? w.kseg.data() : nullptr;
   for (int r = 0; r < mq; ++r) {
     float* __restrict s = &w.s[r * kBk];
     float* __restrict dp = &w.dp[r * kBk];
     float* __restrict dt = &w.dtanh[r * kBk];
-    g.score_row(s, dt, i0 + r, j0, nk);
+    g.score_row(sq, s, dt, i0 + r, j0, nk, w.qseg[r], kid);
     const float lse2 = w.lse2[r], di = w.di[r];
     for (int c = 0; c < kBk; ++c) s[c] = exp2_approx(s[c] - lse2);
     if (g.softcap > 0.f) {
@@ -346,53 +463,59 @@ inline void probs_and_dscores(const Geometry& g, int64_t i0, int mq, int64_t j0,
 
 // Loads keys [j0, j0 + nk) of kv head hk transposed (kt, vt) and, if want_rows, row-major (kr).
 template <class E>
-void load_bwd_keys(const BwdParams& p, const Geometry& g, int64_t b, int64_t hk, int64_t j0,
+void load_bwd_keys(const BwdParams& p, const Geometry& g, const Seq& sq, int64_t hk, int64_t j0,
                    int nk, bool want_rows, Tiles& w) {
   using T = typename E::T;
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   for (int c = 0; c < nk; ++c) {
-    const int64_t row = (b * g.sk + j0 + c) * g.hkv + hk;
+    const int64_t row = (sq.k0 + j0 + c) * g.hkv + hk;
     load_col<E>(k + row * g.d, g.d, &w.kt[c], kBk);
     load_col<E>(v + row * g.dv, g.dv, &w.vt[c], kBk);
     if (want_rows) load_row<E>(k + row * g.d, g.d, &w.kr[c * g.dp]);
   }
 }
 
-// Pass A: D_i for the block's rows (stored to di_all for pass B) and dQ of those rows.
+// Pass A: D_i for the block's rows (stored to di_all, indexed like lse, for pass B) and dQ.
 template <class E>
 void bwd_dq_item(const BwdParams& p, const Geometry& g, int64_t item, float* di_all, Tiles& w) {
   using T = typename E::T;
-  const int64_t qb = item % g.n_qblocks, h = item / g.n_qblocks % g.hq;
-  const int64_t b = item / g.n_qblocks / g.hq, hk = h / g.group;
-  const int64_t i0 = qb * kBq;
-  const int mq = int(std::min<int64_t>(kBq, g.sq - i0));
+  const int64_t nblocks = int64_t(g.q_blocks.size());
+  const Block blk = g.q_blocks[size_t(item % nblocks)];
+  const int64_t h = item / nblocks, hk = h / g.group;
+  const Seq& sq = g.seqs[size_t(blk.seq)];
+  const int64_t i0 = blk.start;
+  const int mq = int(std::min<int64_t>(kBq, sq.nq - i0));
   const T* out = static_cast<const T*>(p.out_in);
 
-  load_bwd_queries<E>(p, g, b, h, i0, mq, w);
+  load_bwd_queries<E>(p, g, sq, h, i0, mq, w);
   float* o = w.acc2.data();  // acc2 is unused in pass A: it holds one row of out at a time
   for (int r = 0; r < mq; ++r) {
-    load_row<E>(out + ((b * g.sq + i0 + r) * g.hq + h) * g.dv, g.dv, o);
+    load_row<E>(out + ((sq.q0 + i0 + r) * g.hq + h) * g.dv, g.dv, o);
     float sum = 0.f;
     for (int c = 0; c < g.dv; ++c) sum += o[c] * w.dout[r * g.dvp + c];
     // The lse cotangent enters only through D (d lse_i / d s_ij = P_ij).
-    const int64_t row = (b * g.hq + h) * g.sq + i0 + r;
+    const int64_t row = sq.lse0 + h * g.sq + i0 + r;
     if (p.dlse) sum -= p.dlse[row];
     w.di[r] = sum;
     di_all[row] = sum;
   }
   std::fill(w.acc.begin(), w.acc.begin() + mq * g.dp, 0.f);
+  IdRange qids;
+  if (g.segments) qids = load_ids(p.q_segment_ids + sq.q0 + i0, mq, w.qseg.data());
 
-  const auto keys = g.key_range(i0, i0 + mq);
+  const auto keys = g.key_range(sq, i0, i0 + mq);
   for (int64_t j0 = keys.first; j0 < keys.second; j0 += kBk) {
     const int nk = int(std::min<int64_t>(kBk, keys.second - j0));
-    load_bwd_keys<E>(p, g, b, hk, j0, nk, true, w);
-    probs_and_dscores(g, i0, mq, j0, nk, w);
+    if (g.segments && !qids.meets(load_ids(p.kv_segment_ids + sq.k0 + j0, nk, w.kseg.data())))
+      continue;
+    load_bwd_keys<E>(p, g, sq, hk, j0, nk, true, w);
+    probs_and_dscores(g, sq, i0, mq, j0, nk, w);
     gemm<true>(mq, nk, g.dp, w.dp.data(), kBk, 1, w.kr.data(), g.dp, w.acc.data(), g.dp);
   }
   T* dq = static_cast<T*>(p.dq);
   for (int r = 0; r < mq; ++r)
-    store_row<E>(&w.acc[r * g.dp], 1.f, g.d, dq + ((b * g.sq + i0 + r) * g.hq + h) * g.d);
+    store_row<E>(&w.acc[r * g.dp], 1.f, g.d, dq + ((sq.q0 + i0 + r) * g.hq + h) * g.d);
 }
 
 // Pass B: dK and dV of one key block, summed over the query heads of its group.
@@ -400,23 +523,29 @@ template <class E>
 void bwd_dkdv_item(const BwdParams& p, const Geometry& g, int64_t item, const float* di_all,
                    Tiles& w) {
   using T = typename E::T;
-  const int64_t kb = item % g.n_kblocks, hk = item / g.n_kblocks % g.hkv;
-  const int64_t b = item / g.n_kblocks / g.hkv;
-  const int64_t j0 = kb * kBk;
-  const int nk = int(std::min<int64_t>(kBk, g.sk - j0));
+  const int64_t nblocks = int64_t(g.k_blocks.size());
+  const Block blk = g.k_blocks[size_t(item % nblocks)];
+  const int64_t hk = item / nblocks;
+  const Seq& sq = g.seqs[size_t(blk.seq)];
+  const int64_t j0 = blk.start;
+  const int nk = int(std::min<int64_t>(kBk, sq.nk - j0));
   float* dk_acc = w.acc.data();
   float* dv_acc = w.acc2.data();
   std::fill(dk_acc, dk_acc + nk * g.dp, 0.f);
   std::fill(dv_acc, dv_acc + nk * g.dvp, 0.f);
+  IdRange kids;
+  if (g.segments) kids = load_ids(p.kv_segment_ids + sq.k0 + j0, nk, w.kseg.data());
 
-  const auto queries = g.query_range(j0, j0 + nk);
-  if (queries.first < queries.second) load_bwd_keys<E>(p, g, b, hk, j0, nk, false, w);
+  const auto queries = g.query_range(sq, j0, j0 + nk);
+  if (queries.first < queries.second) load_bwd_keys<E>(p, g, sq, hk, j0, nk, false, w);
   for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
     for (int64_t i0 = queries.first; i0 < queries.second; i0 += kBq) {
       const int mq = int(std::min<int64_t>(kBq, queries.second - i0));
-      load_bwd_queries<E>(p, g, b, h, i0, mq, w);
-      std::copy_n(&di_all[(b * g.hq + h) * g.sq + i0], mq, w.di.begin());
-      probs_and_dscores(g, i0, mq, j0, nk, w);
+      if (g.segments && !kids.meets(load_ids(p.q_segment_ids + sq.q0 + i0, mq, w.qseg.data())))
+        continue;
+      load_bwd_queries<E>(p, g, sq, h, i0, mq, w);
+      std::copy_n(&di_all[sq.lse0 + h * g.sq + i0], mq, w.di.begin());
+      probs_and_dscores(g, sq, i0, mq, j0, nk, w);
       // dV += P^T dout and dK += dS^T q: A is read transposed through its strides.
       gemm<true>(nk, mq, g.dvp, w.s.data(), 1, kBk, w.dout.data(), g.dvp, dv_acc, g.dvp);
       gemm<true>(nk, mq, g.dp, w.dp.data(), 1, kBk, w.q.data(), g.dp, dk_acc, g.dp);
@@ -425,7 +554,7 @@ void bwd_dkdv_item(const BwdParams& p, const Geometry& g, int64_t item, const fl
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
   for (int c = 0; c < nk; ++c) {
-    const int64_t row = (b * g.sk + j0 + c) * g.hkv + hk;
+    const int64_t row = (sq.k0 + j0 + c) * g.hkv + hk;
     store_row<E>(&dk_acc[c * g.dp], 1.f, g.d, dk + row * g.d);
     store_row<E>(&dv_acc[c * g.dvp], 1.f, g.dv, dv + row * g.dv);
   }
@@ -435,7 +564,8 @@ template <class E>
 void fwd(const FwdParams& p, int num_threads) {
   const Geometry g(p);
   const auto tiles = [&] { return Tiles(g); };
-  parallel_items(g.batch * g.hq * g.n_qblocks, num_threads, tiles,
+  zero_rows<E>(g.q_gaps, g.hq, g.dv, g.sq, p.out, p.lse);
+  parallel_items(int64_t(g.q_blocks.size()) * g.hq, num_threads, tiles,
                  [&](int64_t item, Tiles& w) { fwd_item<E>(p, g, item, w); });
 }
 
@@ -443,11 +573,14 @@ template <class E>
 void bwd(const BwdParams& p, int num_threads) {
   const Geometry g(p);
   const auto tiles = [&] { return Tiles(g); };
+  zero_rows<E>(g.q_gaps, g.hq, g.d, 0, p.dq, nullptr);
+  zero_rows<E>(g.k_gaps, g.hkv, g.d, 0, p.dk, nullptr);
+  zero_rows<E>(g.k_gaps, g.hkv, g.dv, 0, p.dv, nullptr);
   std::vector<float> di_all(size_t(g.batch * g.hq * g.sq));
   // Pass B reads every D_i of its query heads, so pass A must have finished all of them.
-  parallel_items(g.batch * g.hq * g.n_qblocks, num_threads, tiles,
+  parallel_items(int64_t(g.q_blocks.size()) * g.hq, num_threads, tiles,
                  [&](int64_t item, Tiles& w) { bwd_dq_item<E>(p, g, item, di_all.data(), w); });
-  parallel_items(g.batch * g.hkv * g.n_kblocks, num_threads, tiles,
+  parallel_items(int64_t(g.k_blocks.size()) * g.hkv, num_threads, tiles,
                  [&](int64_t item, Tiles& w) { bwd_dkdv_item<E>(p, g, item, di_all.data(), w); });
 }
 

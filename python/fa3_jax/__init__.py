@@ -3,7 +3,11 @@
 Public API:
   flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                   softcap=0.0, return_lse=False, deterministic=False, context_parallel="ring",
-                  load_balance=0)
+                  load_balance=0, q_segment_ids=None, kv_segment_ids=None)
+  flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k,
+                         softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                         return_lse=False, deterministic=False)
+                               packed variable-length sequences (q [total_q, heads, dim])
   dot_product_attention(...)   drop-in for jax.nn.dot_product_attention
   attention_reference(...)     pure-jnp float32 reference, flash_attention's signature
   load_balance_reorder(x, n, axis=1), load_balance_restore(x, n, axis=1)
@@ -15,7 +19,7 @@ Public API:
 Layers (each imports only the ones above it): _ffi (FFI registration) -> _primitives
 (primitives, batching, custom_partitioning with a Shardy rule; context_parallel holds the
 per-shard ring and all-gather schedules it calls) -> attention (custom_vjp, checks,
-flash_attention) -> nn (jax.nn drop-in).
+flash_attention; varlen: flash_attention_varlen) -> nn (jax.nn drop-in).
 
 | feature                               | CPU backend            | Hopper (sm_90a)               |
 |---------------------------------------|------------------------|-------------------------------|
@@ -26,6 +30,7 @@ flash_attention) -> nn (jax.nn drop-in).
 | deterministic backward                | always                 | option                        |
 | jit / grad / vmap / checkpoint        | yes                    | yes                           |
 | context parallelism (sequence sharding) | ring, all-gather, load-balanced causal | same |
+| varlen (cu_seqlens), segment ids      | yes (fwd + bwd)        | not yet (raises at lowering) |
 
 Sharding (multi-device jit): batch and head axes stay sharded (heads split kv-head-major and
 only when the split divides heads_kv). A sharded sequence axis runs context-parallel
@@ -41,9 +46,10 @@ from fa3_jax.attention import flash_attention
 from fa3_jax.context_parallel import load_balance_reorder, load_balance_restore
 from fa3_jax.nn import dot_product_attention
 from fa3_jax.reference import attention_reference
+from fa3_jax.varlen import flash_attention_varlen
 
-__all__ = ["flash_attention", "dot_product_attention", "attention_reference",
-           "load_balance_reorder", "load_balance_restore", "cuda_built", "cuda_head_dims"]
+__all__ = ["flash_attention", "flash_attention_varlen", "dot_product_attention",
+           "attention_reference", "load_balance_reorder", "load_balance_restore", "cuda_built", "cuda_head_dims"]
 __version__ = "0.1.0"
 
 

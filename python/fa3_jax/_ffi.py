@@ -55,8 +55,9 @@ def cuda_call_stats() -> dict[str, int]:
 
 
 def platforms() -> frozenset[str]:
-    """Platforms ("cpu", "cuda") for which every fa3_jax FFI target is registered."""
-    sets = list(_REGISTERED.values())
+    """Platforms ("cpu", "cuda") for which the dense FFI targets (fa3_fwd, fa3_bwd) are
+    registered. The packed-sequence targets (fa3_*_varlen, fa3_*_segments) are CPU-only so far."""
+    sets = [_REGISTERED[n] for n in ("fa3_fwd", "fa3_bwd") if n in _REGISTERED]
     return frozenset(set.intersection(*sets)) if sets else frozenset()
 
 

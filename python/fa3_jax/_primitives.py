@@ -15,6 +15,13 @@ Static parameters, shared by both primitives:
     (context_parallel.load_balance_reorder).
 The lowering adds one more, ``cuda``: the CUDA custom calls take one extra result, a uint8
 workspace that XLA allocates (so XLA owns every byte the kernels use); the CPU calls do not.
+
+Packed sequences (end of this file): ``packed_fwd_p`` / ``packed_bwd_p`` take two more int32
+operands after the dense ones, ``meta_q`` and ``meta_k``: cu_seqlens ``[batch, num_seqs + 1]``
+(``packing="varlen"``, band per sequence, bottom-right aligned; see cpp/flash.h) or segment ids
+``[batch, seqlen]`` (``packing="segments"``). Static ``max_seqlen_q``/``max_seqlen_k`` bound the
+varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. CPU only
+for now: the CUDA lowering raises.
 """
 
 from __future__ import annotations
@@ -374,3 +381,152 @@ batching.primitive_batchers[bwd_p] = _bwd_batch
 mlir.register_lowering(bwd_p, mlir.lower_fun(_bwd_lower_impl, multiple_results=True),
                        platform="cpu")
 mlir.register_lowering(bwd_p, _cuda_bwd_lowering, platform="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences: varlen (cu_seqlens) and segment ids. The dense layout plus two int32 operands
+# per call; FFI targets fa3_{fwd,bwd}_{varlen,segments} (cpp/ffi_cpu.cc).
+# ---------------------------------------------------------------------------------------------
+
+PACKINGS = ("varlen", "segments")
+
+
+def _packed_attrs(softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k):
+    return dict(_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi),
+                max_seqlen_q=np.int64(max_seqlen_q), max_seqlen_k=np.int64(max_seqlen_k))
+
+
+def _packed_fwd_local(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, diag_lo, diag_hi,
+                      max_seqlen_q, max_seqlen_k):
+    b, sq, hq, _ = q.shape
+    out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    call = jax.ffi.ffi_call(f"fa3_fwd_{packing}", out_types)
+    return tuple(call(q, k, v, meta_q, meta_k, **_packed_attrs(
+        softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))
+
+
+def _packed_bwd_local(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, softmax_scale,
+                      softcap, diag_lo, diag_hi, deterministic, max_seqlen_q, max_seqlen_k):
+    out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype))
+    call = jax.ffi.ffi_call(f"fa3_bwd_{packing}", out_types)
+    return tuple(call(q, k, v, out, lse, dout, dlse, meta_q, meta_k,
+                      deterministic=bool(deterministic), **_packed_attrs(
+                          softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))
+
+
+def _packed_shardings(mesh, arg_shapes):
+    """(tensor, lse, metadata) shardings: batch and heads as for the dense call, the rest whole."""
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    return (NamedSharding(mesh, P(b_ax, None, h_ax, None)), NamedSharding(mesh, P(b_ax, h_ax, None)),
+            NamedSharding(mesh, P(b_ax, None)))
+
+
+def _packed_rule(value_types, n_dense):
+    """Shardy rule: the dense rule with whole sequences, plus metadata [b, m] and [b, n]."""
+    hq, hk, sizes, keep_whole = _heads_factor(value_types)
+    if n_dense == 3:
+        rule = f"b s {hq} d, b t {hk} d, b t {hk} e, b m, b n -> b s {hq} e, b {hq} s"
+    else:
+        rule = (f"b s {hq} d, b t {hk} d, b t {hk} e, b s {hq} e, b {hq} s, b s {hq} e, "
+                f"b {hq} s, b m, b n -> b s {hq} d, b t {hk} d, b t {hk} e")
+    repl = _in_rule_order(rule, ("s", "t", "d", "e", "m", "n") + keep_whole)
+    return rule, dict(need_replication_factors=repl, **sizes)
+
+
+def _packed_fwd_partition(*static_and_mesh):
+    *static, mesh, arg_shapes, result_shape = static_and_mesh
+    t, lse, meta = _packed_shardings(mesh, arg_shapes)
+
+    def lower_fn(q, k, v, meta_q, meta_k):
+        return _packed_fwd_local(q, k, v, meta_q, meta_k, *static)
+
+    return mesh, lower_fn, (t, lse), (t, t, t, meta, meta)
+
+
+def _packed_bwd_partition(*static_and_mesh):
+    *static, mesh, arg_shapes, result_shape = static_and_mesh
+    t, lse, meta = _packed_shardings(mesh, arg_shapes)
+
+    def lower_fn(*args):
+        return _packed_bwd_local(*args, *static)
+
+    return mesh, lower_fn, (t, t, t), (t, t, t, t, lse, t, lse, meta, meta)
+
+
+def _packed_fwd_infer(*static_and_mesh):
+    t, lse, _ = _packed_shardings(*static_and_mesh[-3:-1])
+    return (t, lse)
+
+
+def _packed_bwd_infer(*static_and_mesh):
+    t, _, _ = _packed_shardings(*static_and_mesh[-3:-1])
+    return (t, t, t)
+
+
+_packed_fwd_partitioned = custom_partitioning(_packed_fwd_local, static_argnums=tuple(range(5, 12)))
+_packed_fwd_partitioned.def_partition(
+    partition=_packed_fwd_partition, infer_sharding_from_operands=_packed_fwd_infer,
+    sharding_rule=lambda *a: _packed_rule(a[-2], 3))
+_packed_bwd_partitioned = custom_partitioning(_packed_bwd_local,
+                                              static_argnums=tuple(range(9, 17)))
+_packed_bwd_partitioned.def_partition(
+    partition=_packed_bwd_partition, infer_sharding_from_operands=_packed_bwd_infer,
+    sharding_rule=lambda *a: _packed_rule(a[-2], 7))
+
+packed_fwd_p = jex_core.Primitive("fa3_fwd_packed")
+packed_fwd_p.multiple_results = True
+packed_bwd_p = jex_core.Primitive("fa3_bwd_packed")
+packed_bwd_p.multiple_results = True
+
+
+def _packed_fwd_lower_impl(q, k, v, meta_q, meta_k, *, packing, softmax_scale, softcap, diag_lo,
+                           diag_hi, max_seqlen_q, max_seqlen_k):
+    return _packed_fwd_partitioned(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap,
+                                   diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)
+
+
+def _packed_bwd_lower_impl(q, k, v, out, lse, dout, dlse, meta_q, meta_k, *, packing,
+                           softmax_scale, softcap, diag_lo, diag_hi, deterministic, max_seqlen_q,
+                           max_seqlen_k):
+    return _packed_bwd_partitioned(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing,
+                                   softmax_scale, softcap, diag_lo, diag_hi, deterministic,
+                                   max_seqlen_q, max_seqlen_k)
+
+
+def _packed_cuda_lowering(ctx, *args, packing, **params):
+    what = ("variable-length attention (cu_seqlens, flash_attention_varlen)" if packing == "varlen"
+            else "segment ids (q_segment_ids / kv_segment_ids)")
+    raise ValueError(f"fa3_jax: {what} is not yet supported by the Hopper kernels (CPU backend "
+                     "only for now); run this call on a CPU device, e.g. under "
+                     "jax.default_device(jax.devices('cpu')[0])")
+
+
+def _packed_fwd_batch(args, dims, **params):
+    size, folded = _fold_batched(args, dims)
+    return _unfold(size, packed_fwd_p.bind(*folded, **params)), (0, 0)
+
+
+def _packed_bwd_batch(args, dims, **params):
+    size, folded = _fold_batched(args, dims)
+    return _unfold(size, packed_bwd_p.bind(*folded, **params)), (0, 0, 0)
+
+
+_dispatch.prim_requires_devices_during_lowering.update({packed_fwd_p, packed_bwd_p})
+
+packed_fwd_p.def_abstract_eval(lambda q, k, v, meta_q, meta_k, **_: _fwd_abstract(q, k, v))
+packed_fwd_p.def_impl(partial(_apply, packed_fwd_p))
+batching.primitive_batchers[packed_fwd_p] = _packed_fwd_batch
+mlir.register_lowering(packed_fwd_p,
+                       mlir.lower_fun(_packed_fwd_lower_impl, multiple_results=True),
+                       platform="cpu")
+mlir.register_lowering(packed_fwd_p, _packed_cuda_lowering, platform="cuda")
+
+packed_bwd_p.def_abstract_eval(lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest[:4]))
+packed_bwd_p.def_impl(partial(_apply, packed_bwd_p))
+batching.primitive_batchers[packed_bwd_p] = _packed_bwd_batch
+mlir.register_lowering(packed_bwd_p,
+                       mlir.lower_fun(_packed_bwd_lower_impl, multiple_results=True),
+                       platform="cpu")
+mlir.register_lowering(packed_bwd_p, _packed_cuda_lowering, platform="cuda")

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fa3_jax._primitives import UNBOUNDED, bwd_p, fwd_p
+from fa3_jax._primitives import UNBOUNDED, bwd_p, fwd_p, packed_bwd_p, packed_fwd_p
 from fa3_jax.context_parallel import check_strategy
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
@@ -55,6 +55,48 @@ def _attention_bwd(cfg: _Config, res, cts):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PackedConfig:
+    """Static parameters of a packed-sequence call: varlen (meta = cu_seqlens) or segment ids."""
+    packing: str  # "varlen" or "segments"
+    softmax_scale: float
+    softcap: float
+    diag_lo: int
+    diag_hi: int
+    deterministic: bool
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+
+    def fwd_params(self):
+        return dict(packing=self.packing, softmax_scale=self.softmax_scale, softcap=self.softcap,
+                    diag_lo=self.diag_lo, diag_hi=self.diag_hi, max_seqlen_q=self.max_seqlen_q,
+                    max_seqlen_k=self.max_seqlen_k)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def packed_attention(q, k, v, meta_q, meta_k, cfg: _PackedConfig):
+    """Dense-layout q/k/v [batch, seqlen, heads, dim] with int32 metadata; returns (out, lse).
+    Internal: flash_attention (segment ids) and flash_attention_varlen check the arguments."""
+    return tuple(packed_fwd_p.bind(q, k, v, meta_q, meta_k, **cfg.fwd_params()))
+
+
+def _packed_fwd(q, k, v, meta_q, meta_k, cfg: _PackedConfig):
+    out, lse = packed_fwd_p.bind(q, k, v, meta_q, meta_k, **cfg.fwd_params())
+    return (out, lse), (q, k, v, meta_q, meta_k, out, lse)
+
+
+def _packed_bwd(cfg: _PackedConfig, res, cts):
+    q, k, v, meta_q, meta_k, out, lse = res
+    dout, dlse = cts
+    dq, dk, dv = packed_bwd_p.bind(q, k, v, out, lse, dout.astype(q.dtype),
+                                   dlse.astype(jnp.float32), meta_q, meta_k,
+                                   deterministic=cfg.deterministic, **cfg.fwd_params())
+    return dq, dk, dv, None, None  # integer metadata has no cotangent
+
+
+packed_attention.defvjp(_packed_fwd, _packed_bwd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +185,40 @@ def check_context_parallel(context_parallel, load_balance, sq, sk, names=("q", "
     return context_parallel, n
 
 
+def as_int32_array(name, x, shape_doc):
+    """x as an int32 array (device arrays pass through untouched: no host sync); else a
+    TypeError naming the argument."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        if isinstance(x, (list, tuple)) or isinstance(x, np.ndarray):
+            x = jnp.asarray(x, jnp.int32)
+        else:
+            raise TypeError(f"fa3_jax: {name} must be an int32 array {shape_doc}, got "
+                            f"{type(x).__name__}")
+    if jnp.dtype(x.dtype) != jnp.dtype(jnp.int32):
+        raise TypeError(f"fa3_jax: {name} must be int32 {shape_doc}, got dtype {x.dtype}")
+    return x
+
+
+def check_segment_ids(q_segment_ids, kv_segment_ids, b, sq, sk):
+    """Validates segment ids (int32 [batch, seqlen_q] / [batch, seqlen_k]; both or neither);
+    returns them, or None."""
+    if q_segment_ids is None and kv_segment_ids is None:
+        return None
+    if q_segment_ids is None or kv_segment_ids is None:
+        missing = "q_segment_ids" if q_segment_ids is None else "kv_segment_ids"
+        raise ValueError(f"fa3_jax: segment ids take both q_segment_ids and kv_segment_ids; "
+                         f"{missing} is None (for self-attention pass the same ids twice)")
+    ids = []
+    for name, x, s, src in (("q_segment_ids", q_segment_ids, sq, "q"),
+                            ("kv_segment_ids", kv_segment_ids, sk, "k")):
+        x = as_int32_array(name, x, f"[batch, seqlen_{src[0]}]")
+        if tuple(x.shape) != (b, s):
+            raise ValueError(f"fa3_jax: {name} must have shape [batch, seqlen of {src}] = "
+                             f"{(b, s)}, got {tuple(x.shape)}")
+        ids.append(x)
+    return tuple(ids)
+
+
 def bottom_right_band(sq, sk, causal, window_size):
     """The band (diag_lo, diag_hi) for FlashAttention's bottom-right aligned causal/window."""
     left, right = _check_window(window_size)
@@ -158,7 +234,7 @@ def bottom_right_band(sq, sk, causal, window_size):
 
 def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, return_lse=False, deterministic=False, context_parallel="ring",
-                    load_balance=0):
+                    load_balance=0, q_segment_ids=None, kv_segment_ids=None):
     """FlashAttention: softmax(q kᵀ * scale) v, fused, in O(seqlen) memory.
 
     Args:
@@ -186,6 +262,12 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
         come back in that layout, and causal/window masks apply to the true positions. Sharded
         n-way, causal work is then even across devices; otherwise (one device, another shard
         count) the sequence is reordered around the kernel. seqlens must divide by 2n.
+      q_segment_ids, kv_segment_ids: int32 [batch, seqlen_q] and [batch, seqlen_k] (both or
+        neither), for packed rows: on top of causal/window (on positions in the row), query i
+        sees key j only where both ids are equal and nonzero. Id 0 is padding: such a query row
+        gets out = 0, lse = -inf and zero gradients. Key tiles whose ids cannot match are
+        skipped. Batch and head sharding work as without them; a sharded sequence axis is
+        gathered (no ring yet) and load_balance must be 0. CPU backend only for now.
 
     Returns:
       out [batch, seqlen_q, heads_q, head_dim_v] in q's dtype, and lse if return_lse.
@@ -205,14 +287,30 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"fa3_jax: deterministic must be a bool, got {type(deterministic).__name__}")
     strategy, n = check_context_parallel(context_parallel, load_balance, sq, sk)
-    cfg = _Config(scale, softcap, int(diag_lo), int(diag_hi), bool(deterministic), strategy, n)
-    out, lse = _attention(q, k, v, cfg)
+    ids = check_segment_ids(q_segment_ids, kv_segment_ids, b, sq, sk)
+    if ids is not None:
+        if n:
+            raise ValueError("fa3_jax: load_balance is not supported with segment ids yet; "
+                             "pass load_balance=0")
+        pcfg = _PackedConfig("segments", scale, softcap, int(diag_lo), int(diag_hi),
+                             bool(deterministic))
+        out, lse = packed_attention(q, k, v, *ids, pcfg)
+    else:
+        cfg = _Config(scale, softcap, int(diag_lo), int(diag_hi), bool(deterministic), strategy,
+                      n)
+        out, lse = _attention(q, k, v, cfg)
     return (out, lse) if return_lse else out
 
 
 def attention_with_band(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi,
-                        deterministic=False, context_parallel="ring", load_balance=0):
-    """Like flash_attention but with the band given directly; returns (out, lse). Internal."""
+                        deterministic=False, context_parallel="ring", load_balance=0,
+                        segment_ids=None):
+    """Like flash_attention but with the band given directly; returns (out, lse). Internal.
+    segment_ids: None or a checked (q_segment_ids, kv_segment_ids) pair."""
+    if segment_ids is not None:
+        pcfg = _PackedConfig("segments", float(softmax_scale), float(softcap), int(diag_lo),
+                             int(diag_hi), bool(deterministic))
+        return packed_attention(q, k, v, *segment_ids, pcfg)
     cfg = _Config(float(softmax_scale), float(softcap), int(diag_lo), int(diag_hi),
                   bool(deterministic), context_parallel, int(load_balance))
     return _attention(q, k, v, cfg)

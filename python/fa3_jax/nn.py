@@ -1,14 +1,18 @@
 """A drop-in for ``jax.nn.dot_product_attention`` backed by fa3_jax.
 
 Same arguments and semantics, including jax.nn's top-left aligned ``is_causal`` and its
-``local_window_size`` (query i sees keys i - left .. i + right). Arguments the kernels cannot
-express (``bias``, ``mask``, ``query_seq_lengths``, ``key_value_seq_lengths``) fall back to
+``local_window_size`` (query i sees keys i - left .. i + right). ``query_seq_lengths`` and
+``key_value_seq_lengths`` run on the kernels as segment ids (id 1 for the first ``length`` tokens
+of a batch row, 0 for padding): query rows past their length give 0, keys past theirs are
+masked, as in jax.nn (CPU backend; on a GPU they fall back until the Hopper kernels take segment
+ids). Arguments the kernels cannot express (``bias``, ``mask``) fall back to
 ``jax.nn.dot_product_attention`` with a warning, once per argument. ``implementation="xla"`` or
 ``"cudnn"`` calls jax.nn with that implementation; ``None`` or ``"fa3"`` uses fa3_jax.
 float64 inputs (with x64 enabled) fall back to jax.nn too, with a warning. As in jax.nn, the
 residual of ``return_residual=True`` is in the query's dtype and carries no gradient
 (``flash_attention(return_lse=True)`` returns a float32, differentiable lse instead).
-One difference: a query row that sees no key gives 0 here (jax.nn's XLA path averages v).
+Differences: a query row that sees no key gives 0 here (jax.nn's XLA path averages v), and the
+residual of such a row (padding included) is -inf where jax.nn's is a large negative number.
 """
 
 from __future__ import annotations
@@ -82,6 +86,21 @@ def _is_float64(x):
     return dtype is not None and jnp.dtype(dtype) == jnp.float64
 
 
+def _lengths_to_segment_ids(lengths, b, n, name):
+    """jax.nn's [B] int32 lengths as segment ids [B, n]: 1 for positions < length, else 0."""
+    if lengths is None:
+        return jnp.ones((b, n), jnp.int32)
+    lengths = jnp.asarray(lengths)
+    # jax.nn's own checks, with its messages.
+    if lengths.ndim != 1:
+        raise ValueError(f"{name} ndim should be 1, but got {lengths.ndim}")
+    if lengths.dtype != np.dtype("int32"):
+        raise ValueError(f"{name} dtype should be int32, but got {lengths.dtype}")
+    if lengths.shape[0] != b:
+        raise ValueError(f"{name} shape should be [{b}]: but got {lengths.shape}")
+    return (jnp.arange(n, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
+
+
 def _gpu_unsupported(query, value):
     """Why the Hopper kernels can't take this call on a CUDA default backend, or None."""
     if jax.default_backend() != "gpu":
@@ -111,13 +130,17 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         raise ValueError("fa3_jax: implementation must be None, 'fa3', 'xla' or 'cudnn', got "
                          f"{implementation!r}")
     fallback = [(n, "is not supported by the fa3_jax kernels")
-                for n, x in (("bias", bias), ("mask", mask),
-                             ("query_seq_lengths", query_seq_lengths),
-                             ("key_value_seq_lengths", key_value_seq_lengths)) if x is not None]
+                for n, x in (("bias", bias), ("mask", mask)) if x is not None]
+    lengths = [(n, x) for n, x in (("query_seq_lengths", query_seq_lengths),
+                                   ("key_value_seq_lengths", key_value_seq_lengths))
+               if x is not None]
     if any(_is_float64(x) for x in (query, key, value)):
         fallback.append(("float64", "inputs are not supported by the fa3_jax kernels"))
     elif why := _gpu_unsupported(query, value):
         fallback.append(("query", f"is not supported on this GPU ({why})"))
+    elif lengths and jax.default_backend() == "gpu":
+        fallback += [(n, "is not yet supported by the Hopper kernels (segment ids are CPU-only)")
+                     for n, _ in lengths]
     if fallback:
         for arg, reason in fallback:
             _warn_once(arg, reason)
@@ -145,9 +168,17 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         raise TypeError(f"fa3_jax: is_causal must be a bool, got {type(is_causal).__name__}")
     if is_causal:
         hi = min(hi, 0)
+    segment_ids = None
+    if lengths:
+        if shards:
+            raise ValueError("fa3_jax: load_balance is not supported with query_seq_lengths / "
+                             "key_value_seq_lengths yet; pass load_balance=0")
+        segment_ids = (_lengths_to_segment_ids(query_seq_lengths, b, t, "query_seq_lengths"),
+                       _lengths_to_segment_ids(key_value_seq_lengths, b, s,
+                                               "key_value_seq_lengths"))
     out, lse = attention_with_band(query, key, value, softmax_scale=sc, softcap=0.0,
                                    diag_lo=lo, diag_hi=hi, context_parallel=strategy,
-                                   load_balance=shards)
+                                   load_balance=shards, segment_ids=segment_ids)
     if unbatch:
         out, lse = out[0], lse[0]
     if not return_residual:

@@ -329,14 +329,12 @@ def _unfold(size, outs):
     return tuple(o.reshape((size, o.shape[0] // size) + o.shape[1:]) for o in outs)
 
 
-def _fwd_batch(args, dims, **params):
-    size, folded = _fold_batched(args, dims)
-    return _unfold(size, fwd_p.bind(*folded, **params)), (0, 0)
-
-
-def _bwd_batch(args, dims, **params):
-    size, folded = _fold_batched(args, dims)
-    return _unfold(size, bwd_p.bind(*folded, **params)), (0, 0, 0)
+def _folding_batcher(prim, num_outputs):
+    """The batching rule of every primitive here: the vmapped axis folds into the batch axis."""
+    def rule(args, dims, **params):
+        size, folded = _fold_batched(args, dims)
+        return _unfold(size, prim.bind(*folded, **params)), (0,) * num_outputs
+    return rule
 
 
 def _check_cuda_lowering(q, v, what):
@@ -370,14 +368,14 @@ _dispatch.prim_requires_devices_during_lowering.update({fwd_p, bwd_p})
 
 fwd_p.def_abstract_eval(_fwd_abstract)
 fwd_p.def_impl(partial(_apply, fwd_p))
-batching.primitive_batchers[fwd_p] = _fwd_batch
+batching.primitive_batchers[fwd_p] = _folding_batcher(fwd_p, 2)
 mlir.register_lowering(fwd_p, mlir.lower_fun(_fwd_lower_impl, multiple_results=True),
                        platform="cpu")
 mlir.register_lowering(fwd_p, _cuda_fwd_lowering, platform="cuda")
 
 bwd_p.def_abstract_eval(_bwd_abstract)
 bwd_p.def_impl(partial(_apply, bwd_p))
-batching.primitive_batchers[bwd_p] = _bwd_batch
+batching.primitive_batchers[bwd_p] = _folding_batcher(bwd_p, 3)
 mlir.register_lowering(bwd_p, mlir.lower_fun(_bwd_lower_impl, multiple_results=True),
                        platform="cpu")
 mlir.register_lowering(bwd_p, _cuda_bwd_lowering, platform="cuda")
@@ -503,21 +501,11 @@ def _packed_cuda_lowering(ctx, *args, packing, **params):
                      "jax.default_device(jax.devices('cpu')[0])")
 
 
-def _packed_fwd_batch(args, dims, **params):
-    size, folded = _fold_batched(args, dims)
-    return _unfold(size, packed_fwd_p.bind(*folded, **params)), (0, 0)
-
-
-def _packed_bwd_batch(args, dims, **params):
-    size, folded = _fold_batched(args, dims)
-    return _unfold(size, packed_bwd_p.bind(*folded, **params)), (0, 0, 0)
-
-
 _dispatch.prim_requires_devices_during_lowering.update({packed_fwd_p, packed_bwd_p})
 
 packed_fwd_p.def_abstract_eval(lambda q, k, v, meta_q, meta_k, **_: _fwd_abstract(q, k, v))
 packed_fwd_p.def_impl(partial(_apply, packed_fwd_p))
-batching.primitive_batchers[packed_fwd_p] = _packed_fwd_batch
+batching.primitive_batchers[packed_fwd_p] = _folding_batcher(packed_fwd_p, 2)
 mlir.register_lowering(packed_fwd_p,
                        mlir.lower_fun(_packed_fwd_lower_impl, multiple_results=True),
                        platform="cpu")
@@ -525,7 +513,7 @@ mlir.register_lowering(packed_fwd_p, _packed_cuda_lowering, platform="cuda")
 
 packed_bwd_p.def_abstract_eval(lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest[:4]))
 packed_bwd_p.def_impl(partial(_apply, packed_bwd_p))
-batching.primitive_batchers[packed_bwd_p] = _packed_bwd_batch
+batching.primitive_batchers[packed_bwd_p] = _folding_batcher(packed_bwd_p, 3)
 mlir.register_lowering(packed_bwd_p,
                        mlir.lower_fun(_packed_bwd_lower_impl, multiple_results=True),
                        platform="cpu")

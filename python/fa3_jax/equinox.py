@@ -19,7 +19,6 @@ Requires equinox (an optional dependency of fa3_jax).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import equinox as eqx
 import jax
@@ -27,15 +26,9 @@ import jax.numpy as jnp
 
 from fa3_jax import nn as _nn
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(key, reason):
-    if key in _WARNED:
-        return
-    _WARNED.add(key)
-    warnings.warn(f"fa3_jax.equinox.MultiheadAttention: {reason}; falling back to "
-                  "equinox.nn.MultiheadAttention's attention for such calls", stacklevel=3)
+_warn_once = _nn.FallbackWarner("fa3_jax.equinox.MultiheadAttention",
+                                "equinox.nn.MultiheadAttention's attention")
+_WARNED = _warn_once.warned
 
 
 class MultiheadAttention(eqx.nn.MultiheadAttention):

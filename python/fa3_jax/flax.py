@@ -39,21 +39,14 @@ call falls back, so this module imports without it.
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax.numpy as jnp
 
 from fa3_jax import nn as _nn
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(key, reason):
-    if key in _WARNED:
-        return
-    _WARNED.add(key)
-    warnings.warn(f"fa3_jax.flax.dot_product_attention: {reason}; falling back to Flax's "
-                  "dot_product_attention for such calls", stacklevel=3)
+_warn_once = _nn.FallbackWarner("fa3_jax.flax.dot_product_attention",
+                                "Flax's dot_product_attention")
+_WARNED = _warn_once.warned
 
 
 def _promote(query, key, value, dtype, promote_dtype):

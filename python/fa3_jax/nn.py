@@ -29,15 +29,23 @@ from fa3_jax._primitives import UNBOUNDED
 from fa3_jax.attention import (_check_float, attention_with_band, check_context_parallel,
                                check_qkv)
 
-_WARNED: set[str] = set()
+class FallbackWarner:
+    """Warns once per reason key that ``who`` hands such calls to ``to`` (the drop-in, the Flax
+    and the Equinox adapters each have one); ``warned`` holds the keys already warned about."""
+
+    def __init__(self, who, to):
+        self.who, self.to, self.warned = who, to, set()
+
+    def __call__(self, key, reason):
+        if key in self.warned:
+            return
+        self.warned.add(key)
+        warnings.warn(f"{self.who}: {reason}; falling back to {self.to} for such calls",
+                      stacklevel=3)
 
 
-def _warn_once(arg, reason):
-    if arg in _WARNED:
-        return
-    _WARNED.add(arg)
-    warnings.warn(f"fa3_jax.dot_product_attention: {arg} {reason}; falling back to "
-                  "jax.nn.dot_product_attention for such calls", stacklevel=3)
+_warn_once = FallbackWarner("fa3_jax.dot_product_attention", "jax.nn.dot_product_attention")
+_WARNED = _warn_once.warned
 
 
 def _window(local_window_size):
@@ -143,7 +151,7 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
                      for n, _ in lengths]
     if fallback:
         for arg, reason in fallback:
-            _warn_once(arg, reason)
+            _warn_once(arg, f"{arg} {reason}")
         return jax.nn.dot_product_attention(query, key, value, bias, mask, **kwargs)
 
     ranks = {getattr(x, "ndim", None) for x in (query, key, value)}

@@ -346,17 +346,31 @@ struct Tiles {
         m(kBq), l(kBq), lse2(kBq), di(kBq), qseg(kBq), kseg(kBk) {}
 };
 
+// A work item of the query-block passes (forward, backward pass A): query head h (kv head hk)
+// and rows [i0, i0 + mq) of one sequence.
+struct QItem {
+  int64_t h, hk, i0;
+  const Seq* seq;
+  int mq;
+};
+
+inline QItem q_item(const Geometry& g, int64_t item) {
+  const int64_t nblocks = int64_t(g.q_blocks.size());
+  const Block blk = g.q_blocks[size_t(item % nblocks)];
+  const Seq& sq = g.seqs[size_t(blk.seq)];
+  const int64_t h = item / nblocks;
+  return {h, h / g.group, blk.start, &sq, int(std::min<int64_t>(kBq, sq.nq - blk.start))};
+}
+
 // ---- forward --------------------------------------------------------------------------------
 
 template <class E>
 void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
   using T = typename E::T;
-  const int64_t nblocks = int64_t(g.q_blocks.size());
-  const Block blk = g.q_blocks[size_t(item % nblocks)];
-  const int64_t h = item / nblocks, hk = h / g.group;
-  const Seq& sq = g.seqs[size_t(blk.seq)];
-  const int64_t i0 = blk.start;
-  const int mq = int(std::min<int64_t>(kBq, sq.nq - i0));
+  const QItem qi = q_item(g, item);
+  const int64_t h = qi.h, hk = qi.hk, i0 = qi.i0;
+  const Seq& sq = *qi.seq;
+  const int mq = qi.mq;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -480,12 +494,10 @@ void load_bwd_keys(const BwdParams& p, const Geometry& g, const Seq& sq, int64_t
 template <class E>
 void bwd_dq_item(const BwdParams& p, const Geometry& g, int64_t item, float* di_all, Tiles& w) {
   using T = typename E::T;
-  const int64_t nblocks = int64_t(g.q_blocks.size());
-  const Block blk = g.q_blocks[size_t(item % nblocks)];
-  const int64_t h = item / nblocks, hk = h / g.group;
-  const Seq& sq = g.seqs[size_t(blk.seq)];
-  const int64_t i0 = blk.start;
-  const int mq = int(std::min<int64_t>(kBq, sq.nq - i0));
+  const QItem qi = q_item(g, item);
+  const int64_t h = qi.h, hk = qi.hk, i0 = qi.i0;
+  const Seq& sq = *qi.seq;
+  const int mq = qi.mq;
   const T* out = static_cast<const T*>(p.out_in);
 
   load_bwd_queries<E>(p, g, sq, h, i0, mq, w);

@@ -366,19 +366,18 @@ def _apply(prim, *args, **params):
 # primitives listed here, and ours hide a custom_partitioning call inside their lowering.
 _dispatch.prim_requires_devices_during_lowering.update({fwd_p, bwd_p})
 
-fwd_p.def_abstract_eval(_fwd_abstract)
-fwd_p.def_impl(partial(_apply, fwd_p))
-batching.primitive_batchers[fwd_p] = _folding_batcher(fwd_p, 2)
-mlir.register_lowering(fwd_p, mlir.lower_fun(_fwd_lower_impl, multiple_results=True),
-                       platform="cpu")
-mlir.register_lowering(fwd_p, _cuda_fwd_lowering, platform="cuda")
+def _register(prim, abstract, num_outputs, cpu_impl, cuda_lowering):
+    """Abstract eval, eager impl (a jitted bind), the folding batcher, and the lowerings: the CPU
+    one traces ``cpu_impl`` (the custom_partitioning call), the CUDA one is given whole."""
+    prim.def_abstract_eval(abstract)
+    prim.def_impl(partial(_apply, prim))
+    batching.primitive_batchers[prim] = _folding_batcher(prim, num_outputs)
+    mlir.register_lowering(prim, mlir.lower_fun(cpu_impl, multiple_results=True), platform="cpu")
+    mlir.register_lowering(prim, cuda_lowering, platform="cuda")
 
-bwd_p.def_abstract_eval(_bwd_abstract)
-bwd_p.def_impl(partial(_apply, bwd_p))
-batching.primitive_batchers[bwd_p] = _folding_batcher(bwd_p, 3)
-mlir.register_lowering(bwd_p, mlir.lower_fun(_bwd_lower_impl, multiple_results=True),
-                       platform="cpu")
-mlir.register_lowering(bwd_p, _cuda_bwd_lowering, platform="cuda")
+
+_register(fwd_p, _fwd_abstract, 2, _fwd_lower_impl, _cuda_fwd_lowering)
+_register(bwd_p, _bwd_abstract, 3, _bwd_lower_impl, _cuda_bwd_lowering)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,18 +502,7 @@ def _packed_cuda_lowering(ctx, *args, packing, **params):
 
 _dispatch.prim_requires_devices_during_lowering.update({packed_fwd_p, packed_bwd_p})
 
-packed_fwd_p.def_abstract_eval(lambda q, k, v, meta_q, meta_k, **_: _fwd_abstract(q, k, v))
-packed_fwd_p.def_impl(partial(_apply, packed_fwd_p))
-batching.primitive_batchers[packed_fwd_p] = _folding_batcher(packed_fwd_p, 2)
-mlir.register_lowering(packed_fwd_p,
-                       mlir.lower_fun(_packed_fwd_lower_impl, multiple_results=True),
-                       platform="cpu")
-mlir.register_lowering(packed_fwd_p, _packed_cuda_lowering, platform="cuda")
-
-packed_bwd_p.def_abstract_eval(lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest[:4]))
-packed_bwd_p.def_impl(partial(_apply, packed_bwd_p))
-batching.primitive_batchers[packed_bwd_p] = _folding_batcher(packed_bwd_p, 3)
-mlir.register_lowering(packed_bwd_p,
-                       mlir.lower_fun(_packed_bwd_lower_impl, multiple_results=True),
-                       platform="cpu")
-mlir.register_lowering(packed_bwd_p, _packed_cuda_lowering, platform="cuda")
+_register(packed_fwd_p, lambda q, k, v, meta_q, meta_k, **_: _fwd_abstract(q, k, v), 2,
+          _packed_fwd_lower_impl, _packed_cuda_lowering)
+_register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest[:4]), 3,
+          _packed_bwd_lower_impl, _packed_cuda_lowering)

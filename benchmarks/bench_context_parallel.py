@@ -4,7 +4,7 @@ For each sequence length, times ``jax.value_and_grad`` of a loss through ``flash
 (forward + backward; ``--what block`` adds the q/k/v/out projections and an MLP around it, a
 transformer block) on one device with the whole sequence, and on n devices with the sequence
 sharded: the ring with the load-balanced layout (the default for causal training), the ring with
-contiguous chunks (shows the imbalance), and K/V all-gathered. Checks the n-device results against
+contiguous chunks (shows the imbalance), and K/V all-gathered (contiguous or load-balanced). Checks the n-device results against
 one device (bf16 on GPUs: max error relative to the largest value) and prints a fixed-width table;
 ``--json`` writes the numbers.
 
@@ -26,6 +26,11 @@ import sys
 import time
 
 
+# Bench name -> (context_parallel strategy, load-balanced layout).
+STRATEGIES = {"ring-balanced": ("ring", True), "ring": ("ring", False),
+              "all_gather-balanced": ("all_gather", True), "all_gather": ("all_gather", False)}
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--devices", type=int, default=2, help="sequence shards (devices) to compare")
@@ -35,8 +40,7 @@ def _parse(argv):
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--what", choices=["attention", "block"], default="attention")
-    p.add_argument("--strategies", nargs="+", default=["ring-balanced", "ring", "all_gather"],
-                   choices=["ring-balanced", "ring", "all_gather"])
+    p.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
@@ -139,8 +143,8 @@ def main(argv=None):
         row = dict(seq=seq, one_device_ms=ref_ms, runs={})
         del one
         for name in args.strategies:
-            lb = n if name == "ring-balanced" else 0
-            strategy = "all_gather" if name == "all_gather" else "ring"
+            strategy, lb = STRATEGIES[name]
+            lb = n if lb else 0
             tokens = (lambda t: fa3_jax.load_balance_reorder(t, n)) if lb else (lambda t: t)
             back = (lambda t: fa3_jax.load_balance_restore(t, n)) if lb else (lambda t: t)
             seq_sharded = NamedSharding(mesh, P(None, "seq"))

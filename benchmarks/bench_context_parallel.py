@@ -10,6 +10,9 @@ one device (bf16 on GPUs: max error relative to the largest value) and prints a 
 
     python benchmarks/bench_context_parallel.py --devices 2 --seqs 32768 65536 131072
     python benchmarks/bench_context_parallel.py --devices 2 --profile /tmp/cp_trace   # overlap
+
+``--profile`` also prints, per GPU, how much of the communication kernels' time ran while a
+compute kernel was running on the same GPU (the K/V transfer hidden under attention).
     python benchmarks/bench_context_parallel.py --cpu-devices 2 --seqs 256 --heads 2 --reps 2
 
 Times are host wall clock per step (median), from the call to ``block_until_ready``: CUPTI
@@ -20,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import glob
+import gzip
 import os
+import re
 import statistics
 import sys
 import time
@@ -29,6 +35,72 @@ import time
 # Bench name -> (context_parallel strategy, load-balanced layout).
 STRATEGIES = {"ring-balanced": ("ring", True), "ring": ("ring", False),
               "all_gather-balanced": ("all_gather", True), "all_gather": ("all_gather", False)}
+
+
+def _union(intervals):
+    """Sorted, merged [start, end) intervals."""
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _intersection_length(x, y):
+    """Total length where two merged interval lists overlap."""
+    i = j = 0
+    total = 0.0
+    while i < len(x) and j < len(y):
+        lo, hi = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        total += max(0.0, hi - lo)
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+_COMM = re.compile(r"nccl|sendrecv|all-?gather|reduce-?scatter|all-?reduce|collective", re.I)
+
+
+def overlap_summary(trace_dir):
+    """Per GPU of a ``jax.profiler`` perfetto trace: how long communication kernels (NCCL) ran,
+    how long other kernels ran, and how much of the communication ran while a compute kernel was
+    running on the same GPU (the transfer hidden under the attention kernels).
+
+    Kernels are the events on the GPU processes' "Stream ..." threads. Returns a list of dicts
+    (one per GPU; empty when the trace has no GPU streams, e.g. on CPU)."""
+    files = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not files:
+        return []
+    with gzip.open(max(files, key=os.path.getmtime)) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    gpu_pids, stream_tids = {}, set()
+    for e in events:
+        if e.get("ph") != "M":
+            continue
+        name = e.get("args", {}).get("name", "")
+        if e.get("name") == "process_name" and "GPU" in name:
+            gpu_pids[e["pid"]] = name
+        elif e.get("name") == "thread_name" and name.startswith("Stream"):
+            stream_tids.add((e["pid"], e["tid"]))
+    per_gpu = {pid: ([], []) for pid in gpu_pids}
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in stream_tids \
+                and e["pid"] in per_gpu:
+            span = (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+            per_gpu[e["pid"]][0 if _COMM.search(e.get("name", "")) else 1].append(span)
+    rows = []
+    for pid, (comm, compute) in sorted(per_gpu.items(), key=lambda kv: kv[1]):
+        comm, compute = _union(comm), _union(compute)
+        comm_us = sum(b - a for a, b in comm)
+        rows.append(dict(gpu=gpu_pids[pid], comm_ms=comm_us / 1e3,
+                         compute_ms=sum(b - a for a, b in compute) / 1e3,
+                         hidden_ms=_intersection_length(comm, compute) / 1e3))
+    return rows
 
 
 def _parse(argv):
@@ -164,10 +236,17 @@ def main(argv=None):
                                      temp_bytes_per_device=temp)
             if args.profile:
                 path = os.path.join(args.profile, f"seq{seq}_{name}")
-                with jax.profiler.trace(path):
+                with jax.profiler.trace(path, create_perfetto_trace=True):
                     for _ in range(2):
                         jax.block_until_ready(step(ps, xs))
+                overlap = overlap_summary(path)
+                row["runs"][name]["overlap"] = overlap
                 print(f"  trace: {path}", flush=True)
+                for o in overlap:
+                    hidden = o["hidden_ms"] / o["comm_ms"] if o["comm_ms"] else 0.0
+                    print(f"    {o['gpu']}: communication {o['comm_ms']:.2f} ms, of it under "
+                          f"compute {o['hidden_ms']:.2f} ms ({hidden:.0%}); compute "
+                          f"{o['compute_ms']:.2f} ms (2 steps)", flush=True)
             del xs, ps
         rows.append(row)
         line = f"seq {seq:>7}: 1 device {ref_ms:9.2f} ms"

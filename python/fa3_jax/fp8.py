@@ -26,6 +26,7 @@ amax / 448 (448 is e4m3's largest finite value), 1 for an all-zero block.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -113,17 +114,24 @@ def quantize(q, k, v, *, block_quantize=True, incoherent=True, seed=0):
     """The quantization pass of fp8_attention. Returns ((q8, k8, v8), (descale_q, descale_k,
     descale_v), (block_q, block_k)); blocks (0, 0) mean per-(batch, kv head) descales."""
     b, sq, sk, hq, hkv, d, dv = check_qkv(q, k, v)
+    bq, bk = scale_blocks(d, dv) if block_quantize else (0, 0)
+    x8, descales = _quantize(q, k, v, seed, bq, bk, incoherent)
+    return x8, descales, (bq, bk)
+
+
+@partial(jax.jit, static_argnums=(4, 5, 6))
+def _quantize(q, k, v, seed, block_q, block_k, incoherent):
+    # One jitted computation, so that an eager call compiles it once rather than op by op;
+    # inside a caller's jit it is inlined and fuses with its neighbours.
     if incoherent:
-        signs = random_signs(seed, d)
+        signs = random_signs(seed, q.shape[3])
         q, k = hadamard_transform(q, signs), hadamard_transform(k, signs)
-    if block_quantize:
-        bq, bk = scale_blocks(d, dv)
-        (q8, dq), (k8, dk), (v8, dvs) = (quantize_blocks(q, bq), quantize_blocks(k, bk),
-                                         quantize_blocks(v, bk))
+    if block_q:
+        (q8, dq), (k8, dk), (v8, dvs) = (quantize_blocks(q, block_q), quantize_blocks(k, block_k),
+                                         quantize_blocks(v, block_k))
     else:
-        bq = bk = 0
-        (q8, dq), (k8, dk), (v8, dvs) = (quantize_per_head(x, hkv) for x in (q, k, v))
-    return (q8, k8, v8), (dq, dk, dvs), (bq, bk)
+        (q8, dq), (k8, dk), (v8, dvs) = (quantize_per_head(x, k.shape[2]) for x in (q, k, v))
+    return (q8, k8, v8), (dq, dk, dvs)
 
 
 def _check_bool(name, x):

@@ -46,6 +46,8 @@
 //    O = sum_j P_ij (V8_j * descale_v_j), where the descale_v_j ratio between consecutive tiles
 //    folds into the online softmax's O rescale. A kernel that cannot take the caller's blocks
 //    must reject the call; the CPU backend takes any block sizes (it scales each loaded row).
+//    A query block is rows of one head: a kernel that packs GQA heads into a tile needs the
+//    per-tensor form or its own layout.
 #pragma once
 
 #include <cstddef>

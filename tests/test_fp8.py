@@ -47,7 +47,7 @@ def _dequantize(x8, descale, block, heads_kv):
 
 # ---- the quantization pass ------------------------------------------------------------------
 
-@pytest.mark.parametrize("d", [1, 2, 64, 128, 256])
+@pytest.mark.parametrize("d", [2, 64, 256])
 def test_hadamard_matches_matrix_and_keeps_scores(d):
     x = np.asarray(jax.random.normal(fresh_key(), (3, 5, 2, d)), np.float64)
     y = np.asarray(jax.random.normal(fresh_key(), (3, 7, 2, d)), np.float64)
@@ -68,7 +68,7 @@ def test_hadamard_rejects_other_head_dims():
         fp8.hadamard_transform(jnp.ones((2, 96)))
 
 
-@pytest.mark.parametrize("s,block", [(1, 128), (7, 4), (113, 16), (256, 128)])
+@pytest.mark.parametrize("s,block", [(1, 128), (113, 16)])
 def test_block_quantization_round_trip(s, block):
     x = jax.random.normal(fresh_key(), (2, s, 3, 32)) * jnp.array([1.0, 30.0, 1e-3])[:, None]
     x = x.at[0, :, 1].set(0.0)  # an all-zero head: descale 1, zeros stored
@@ -147,14 +147,16 @@ def _check_against_dequantized(q, k, v, block_q, block_k, atol=None, **kw):
     np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
 
 
-@pytest.mark.parametrize("b,sq,sk,hq,hkv,d,kw", [
-    (2, 113, 113, 4, 4, 64, {}),
-    (1, 7, 1000, 6, 2, 128, dict(causal=True)),  # GQA, seqlen_q < seqlen_k
-    (2, 1000, 7, 2, 1, 32, dict(causal=True)),  # MQA, rows that see nothing
-    (1, 200, 300, 4, 2, 256, dict(window_size=(50, 10), softcap=5.0)),
+# blocks: (0, 0) per-tensor descales; (128, 128) the hdim-128 tiles; odd blocks that split the
+# backend's own 64-row tiles.
+@pytest.mark.parametrize("b,sq,sk,hq,hkv,d,blocks,kw", [
+    (2, 113, 113, 4, 4, 64, (7, 5), {}),
+    (1, 7, 1000, 6, 2, 128, (128, 128), dict(causal=True)),  # GQA, seqlen_q < seqlen_k
+    (1, 7, 1000, 6, 2, 128, (0, 0), dict(causal=True)),
+    (2, 1000, 7, 2, 1, 32, (7, 5), dict(causal=True)),  # MQA, rows that see nothing
+    (1, 1, 300, 4, 2, 256, (128, 80), dict(window_size=(50, 10), softcap=5.0)),
 ])
-@pytest.mark.parametrize("blocks", [(0, 0), (128, 128), (7, 5)])
-def test_cpu_backend_matches_reference_on_dequantized_inputs(b, sq, sk, hq, hkv, d, kw, blocks):
+def test_cpu_backend_matches_reference_on_dequantized_inputs(b, sq, sk, hq, hkv, d, blocks, kw):
     q, k, v = make_qkv(b, sq, sk, hq, hkv, d)
     q = q * jnp.linspace(0.1, 10.0, sq)[None, :, None, None]  # scales that differ per block
     _check_against_dequantized(q, k, v, *blocks, **kw)

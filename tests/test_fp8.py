@@ -292,3 +292,14 @@ def test_ffi_handler_rejects_bad_descales():
             q8, k8, v8, jnp.ones((1, 4, 2)), jnp.ones((1, 2, 1)), jnp.ones((1, 2, 1)))
     with pytest.raises(Exception, match=r"descale_block_q and descale_block_k must both be 0"):
         jax.jit(partial(call, block_q=128, block_k=0))(q8, k8, v8, dq, dk, dv)
+
+
+def test_sharded_operands_are_gathered():
+    # No partitioning rule yet: under a multi-device jit XLA gathers the operands; same result.
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("b", "h"))
+    q, k, v = make_qkv(2, 40, 40, 8, 4, 64)
+    f = jax.jit(partial(fa3_jax.fp8_attention, causal=True))
+    want = f(q, k, v)
+    sharded = [jax.device_put(x, NamedSharding(mesh, P("b", None, "h", None))) for x in (q, k, v)]
+    np.testing.assert_array_equal(np.asarray(f(*sharded)), np.asarray(want))

@@ -65,7 +65,7 @@ struct E4M3 {  // an input type only
   static float load(uint8_t x) { return e4m3_to_float(x); }
 };
 
-// The element type of out (and of the gradients) for inputs of type E.
+// The element type of out for inputs of type E (FP8 writes bfloat16, as the Hopper kernel will).
 template <class E> struct OutOf { using type = E; };
 template <> struct OutOf<E4M3> { using type = BF16; };
 
@@ -454,7 +454,7 @@ void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
     const int64_t i = i0 + r;
     const bool empty = w.l[r] == 0.f;  // (a nan l is not empty: nan inputs give nan outputs)
     store_row<EO>(&w.acc[r * g.dvp], empty ? 0.f : 1.f / w.l[r], g.dv,
-                 out + ((sq.q0 + i) * g.hq + h) * g.dv);
+                  out + ((sq.q0 + i) * g.hq + h) * g.dv);
     p.lse[sq.lse0 + h * g.sq + i] = empty ? -kInf : w.m[r] * kLn2 + std::log(w.l[r]);
   }
 }

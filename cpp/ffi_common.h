@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 
 #include "flash.h"
 #include "xla/ffi/api/ffi.h"
@@ -53,16 +54,23 @@ inline ffi::Error check_shape(const char* name, ffi::AnyBuffer::Dimensions got,
   return invalid(std::string(name) + " has shape " + dims_str(got) + ", expected " + ws + "]");
 }
 
-// Fills the shape/dtype/pointer part of FwdParams from q, k, v and the scalar attributes.
+// Fills the shape/dtype/pointer part of FwdParams from q, k, v and the scalar attributes. `fp8`:
+// q, k, v must be float8_e4m3fn (the FP8 target, which adds the descales: fill_fp8_descales);
+// otherwise float32, float16 or bfloat16.
 inline ffi::Error fill_fwd(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                            float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
-                           FwdParams* p) {
+                           FwdParams* p, bool fp8 = false) {
   if (auto e = check_rank4("q", q); e.failure()) return e;
   if (auto e = check_rank4("k", k); e.failure()) return e;
   if (auto e = check_rank4("v", v); e.failure()) return e;
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (!to_dtype(q.element_type(), &p->dtype))
+  if (fp8) {
+    if (q.element_type() != ffi::DataType::F8E4M3FN)
+      return invalid("the FP8 forward takes float8_e4m3fn q, k and v");
+    p->dtype = DType::kFloat8E4M3;
+  } else if (!to_dtype(q.element_type(), &p->dtype)) {
     return invalid("q must be float32, float16 or bfloat16");
+  }
   if (k.element_type() != q.element_type() || v.element_type() != q.element_type())
     return invalid("q, k and v must share one dtype");
   p->batch = qd[0];
@@ -99,6 +107,46 @@ inline ffi::Error fill_fwd_outputs(const FwdParams& p, ffi::AnyBuffer* out, ffi:
   if (auto e = check_shape("lse", lse->dimensions(), {p.batch, p.heads_q, p.seqlen_q}); e.failure())
     return e;
   if (lse->element_type() != ffi::DataType::F32) return invalid("lse must be float32");
+  return ffi::Error::Success();
+}
+
+// FP8 descales (float32; flash.h gives both forms): block_q == block_k == 0 for [batch, heads_kv]
+// each, both > 0 for per-block scales. Also checks that out is bfloat16.
+inline ffi::Error fill_fp8_descales(ffi::AnyBuffer descale_q, ffi::AnyBuffer descale_k,
+                                    ffi::AnyBuffer descale_v, int64_t block_q, int64_t block_k,
+                                    const ffi::AnyBuffer& out, FwdParams* p) {
+  if (out.element_type() != ffi::DataType::BF16)
+    return invalid("the FP8 forward writes a bfloat16 out");
+  for (const ffi::AnyBuffer* d : {&descale_q, &descale_k, &descale_v})
+    if (d->element_type() != ffi::DataType::F32)
+      return invalid("descale_q, descale_k and descale_v must be float32");
+  if (block_q < 0 || block_k < 0 || (block_q == 0) != (block_k == 0))
+    return invalid("descale_block_q and descale_block_k must both be 0 (per-tensor descales) or "
+                   "both > 0 (per-block), got " + std::to_string(block_q) + " and " +
+                   std::to_string(block_k));
+  if (block_q == 0) {
+    for (auto [name, d] : {std::pair{"descale_q", &descale_q}, std::pair{"descale_k", &descale_k},
+                           std::pair{"descale_v", &descale_v}})
+      if (auto e = check_shape(name, d->dimensions(), {p->batch, p->heads_kv}); e.failure())
+        return e;
+  } else {
+    const int64_t nq = (p->seqlen_q + block_q - 1) / block_q;
+    const int64_t nk = (p->seqlen_k + block_k - 1) / block_k;
+    if (auto e = check_shape("descale_q", descale_q.dimensions(), {p->batch, p->heads_q, nq});
+        e.failure())
+      return e;
+    if (auto e = check_shape("descale_k", descale_k.dimensions(), {p->batch, p->heads_kv, nk});
+        e.failure())
+      return e;
+    if (auto e = check_shape("descale_v", descale_v.dimensions(), {p->batch, p->heads_kv, nk});
+        e.failure())
+      return e;
+  }
+  p->descale_q = static_cast<const float*>(descale_q.untyped_data());
+  p->descale_k = static_cast<const float*>(descale_k.untyped_data());
+  p->descale_v = static_cast<const float*>(descale_v.untyped_data());
+  p->descale_block_q = block_q;
+  p->descale_block_k = block_k;
   return ffi::Error::Success();
 }
 

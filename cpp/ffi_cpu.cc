@@ -31,6 +31,28 @@ ffi::Error fwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   return ffi::Error::Success();
 }
 
+// FP8 forward: float8_e4m3fn q, k, v with float32 descales (flash.h); out bfloat16.
+ffi::Error fwd_fp8_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                       ffi::AnyBuffer descale_q, ffi::AnyBuffer descale_k,
+                       ffi::AnyBuffer descale_v, ffi::Result<ffi::AnyBuffer> out,
+                       ffi::Result<ffi::AnyBuffer> lse, float softmax_scale, float softcap,
+                       int64_t diag_lo, int64_t diag_hi, int64_t descale_block_q,
+                       int64_t descale_block_k) {
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, /*fp8=*/true);
+      e.failure())
+    return e;
+  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
+  if (auto e = ffi_util::fill_fp8_descales(descale_q, descale_k, descale_v, descale_block_q,
+                                           descale_block_k, *out, &p);
+      e.failure())
+    return e;
+  p.out = out->untyped_data();
+  p.lse = static_cast<float*>(lse->untyped_data());
+  run_fwd_cpu(p, cpu_threads());
+  return ffi::Error::Success();
+}
+
 ffi::Error bwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
                    ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
                    ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
@@ -110,6 +132,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // out [batch, seqlen_q, heads_q, head_dim_v]
         .Ret<xla::ffi::AnyBuffer>()  // lse [batch, heads_q, seqlen_q] float32
             FA3_JAX_MASK_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fwd_fp8_cpu, fa3::fwd_fp8_cpu,
+    xla::ffi::Ffi::Bind()
+        .Arg<xla::ffi::AnyBuffer>()  // q float8_e4m3fn [batch, seqlen_q, heads_q, head_dim]
+        .Arg<xla::ffi::AnyBuffer>()  // k float8_e4m3fn [batch, seqlen_k, heads_kv, head_dim]
+        .Arg<xla::ffi::AnyBuffer>()  // v float8_e4m3fn [batch, seqlen_k, heads_kv, head_dim_v]
+        .Arg<xla::ffi::AnyBuffer>()  // descale_q float32 (flash.h: per tensor or per block)
+        .Arg<xla::ffi::AnyBuffer>()  // descale_k float32
+        .Arg<xla::ffi::AnyBuffer>()  // descale_v float32
+        .Ret<xla::ffi::AnyBuffer>()  // out bfloat16 [batch, seqlen_q, heads_q, head_dim_v]
+        .Ret<xla::ffi::AnyBuffer>()  // lse [batch, heads_q, seqlen_q] float32
+            FA3_JAX_MASK_ATTRS
+        .Attr<int64_t>("descale_block_q")    // query rows per descale_q block; 0: per tensor
+        .Attr<int64_t>("descale_block_k"));  // keys per descale_k/v block; 0: per tensor
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     fa3_bwd_cpu, fa3::bwd_cpu,

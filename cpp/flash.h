@@ -31,6 +31,23 @@
 //    every sequence get out = 0, lse = -inf and zero gradients (dq, dk, dv).
 //  - segment ids: on top of the band, key j is visible to query i only if
 //    q_segment_ids[b][i] == kv_segment_ids[b][j] != 0 (id 0 is padding).
+//
+// FP8 (dtype kFloat8E4M3; forward only; dense layout only): q, k, v hold float8_e4m3fn values and
+// the true value of an element is its stored value times its descale (float32, never null). out
+// is bfloat16; lse as above. Two descale forms:
+//  - per tensor (descale_block_q == descale_block_k == 0): descale_q, descale_k, descale_v are
+//    [batch, heads_kv]; query head h uses entry h / (heads_q / heads_kv), as the K/V heads do.
+//  - per block (both > 0): descale_q [batch, heads_q, ceil(seqlen_q / descale_block_q)], one
+//    scale per block of descale_block_q query rows of one head; descale_k and descale_v
+//    [batch, heads_kv, ceil(seqlen_k / descale_block_k)], one per block of descale_block_k keys.
+//    The blocks are the forward kernel's tiles (python/fa3_jax/fp8.py asks the extension for
+//    them, which reads cpp/hopper/tile_size.h), so a kernel applies one scalar per tile: the
+//    score tile S_ij = (Q8_i K8_j^T) * descale_q_i * descale_k_j * softmax_scale, and the output
+//    O = sum_j P_ij (V8_j * descale_v_j), where the descale_v_j ratio between consecutive tiles
+//    folds into the online softmax's O rescale. A kernel that cannot take the caller's blocks
+//    must reject the call; the CPU backend takes any block sizes (it scales each loaded row).
+//    A query block is rows of one head: a kernel that packs GQA heads into a tile needs the
+//    per-tensor form or its own layout.
 #pragma once
 
 #include <cstddef>
@@ -44,7 +61,9 @@ namespace fa3 {
 
 inline constexpr int64_t kUnbounded = int64_t(1) << 40;
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+// kFloat8E4M3 is float8_e4m3fn (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no
+// infinities, 0x7f/0xff are nan, largest finite 448): q, k, v only, see FP8 above.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat8E4M3 = 3 };
 
 struct FwdParams {
   int64_t batch = 0, seqlen_q = 0, seqlen_k = 0;
@@ -52,7 +71,7 @@ struct FwdParams {
   float softmax_scale = 1.f;
   float softcap = 0.f;  // 0 disables
   int64_t diag_lo = -kUnbounded, diag_hi = kUnbounded;
-  DType dtype = DType::kFloat32;  // q, k, v, out share it
+  DType dtype = DType::kFloat32;  // q, k, v, out share it (FP8: out is bfloat16)
 
   const void* q = nullptr;
   const void* k = nullptr;
@@ -71,6 +90,13 @@ struct FwdParams {
   // [batch, seqlen_k].
   const int32_t* q_segment_ids = nullptr;
   const int32_t* kv_segment_ids = nullptr;
+
+  // FP8 descales (see the header comment); null unless dtype is kFloat8E4M3.
+  const float* descale_q = nullptr;
+  const float* descale_k = nullptr;
+  const float* descale_v = nullptr;
+  // Rows per scale block of q and of k/v; 0 for the per-tensor form.
+  int64_t descale_block_q = 0, descale_block_k = 0;
 };
 
 struct BwdParams : FwdParams {

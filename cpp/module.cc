@@ -6,6 +6,7 @@
 
 #include "ffi_handlers.h"
 #include "flash.h"
+#include "hopper/tile_size.h"  // plain constexpr C++: every build knows the forward's tiles
 
 namespace nb = nanobind;
 
@@ -49,18 +50,26 @@ NB_MODULE(_fa3_jax_ext, m) {
 #endif
     all["fa3_fwd"] = fwd;
     all["fa3_bwd"] = bwd;
-    // Packed sequences: CPU only until the Hopper kernels take them (the CUDA lowering raises).
-    const std::pair<const char*, void*> packed[] = {
+    // Packed sequences and FP8: CPU only until the Hopper kernels take them (the CUDA lowering
+    // raises).
+    const std::pair<const char*, void*> cpu_only[] = {
         {"fa3_fwd_varlen", reinterpret_cast<void*>(fa3_fwd_varlen_cpu)},
         {"fa3_bwd_varlen", reinterpret_cast<void*>(fa3_bwd_varlen_cpu)},
         {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu)},
-        {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu)}};
-    for (const auto& [name, fn] : packed) {
+        {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu)},
+        {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu)}};
+    for (const auto& [name, fn] : cpu_only) {
       nb::dict by_platform;
       by_platform["cpu"] = nb::capsule(fn);
       all[name] = by_platform;
     }
     return all;
+  });
+  // (block_m, block_n) of the Hopper forward for these head dims: the FP8 scale blocks
+  // (python/fa3_jax/fp8.py), so that the kernel applies one scale per tile.
+  m.def("fwd_tile_size", [](int head_dim, int head_dim_v) {
+    const auto t = fa3::sm90::fwd_tile_size(head_dim, head_dim_v);
+    return nb::make_tuple(t.block_m, t.block_n);
   });
 #ifdef FA3_JAX_WITH_CUDA
   // Bytes of the uint8 workspace result the CUDA custom calls take (XLA allocates it).

@@ -1,4 +1,4 @@
-// fa3_jax CPU backend: float <-> IEEE binary16 / bfloat16 conversions.
+// fa3_jax CPU backend: float <-> IEEE binary16 / bfloat16 conversions, float8_e4m3fn -> float.
 //
 // Round-to-nearest-even, exact for subnormals, inf and nan (nan stays a quiet nan of the same
 // sign). Every function is branch-free integer/float arithmetic, so loops over arrays of them
@@ -57,6 +57,18 @@ inline uint16_t float_to_fp16(float f) {
   h = select_bits(x >= 0x477ff000u, 0x7c00u, h);  // 65520 and up round to inf (the tie goes to even)
   h = select_bits(x > 0x7f800000u, nan, h);
   return uint16_t(sign | h);
+}
+
+// float8_e4m3fn: bias 7, no infinities, 0x7f / 0xff are nan, subnormals m * 2^-9.
+inline float e4m3_to_float(uint8_t x) {
+  const uint32_t sign = uint32_t(x & 0x80u) << 24;
+  const uint32_t em = x & 0x7fu;  // exponent and mantissa
+  // Normal: the mantissa moves to float position and the exponent is rebiased from 7 to 127.
+  const uint32_t normal = (em << 20) + (120u << 23);
+  const float sub = float(em) * (1.f / 512.f);  // exact; em < 8 when this is selected
+  uint32_t mag = select_bits(em < 8u, float_bits(sub), normal);
+  mag = select_bits(em == 0x7fu, 0x7fc00000u, mag);
+  return bits_float(sign | mag);
 }
 
 inline float bf16_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }

@@ -13,6 +13,10 @@
 // compare in the score mask, and a key tile whose id range cannot meet the query block's is
 // skipped.
 //
+// FP8 (float8_e4m3fn q, k, v with descales, forward only): each row is dequantized as it is
+// loaded (stored value times the descale of its row's block or head), then everything runs in
+// float32 as for the other dtypes; out is bfloat16.
+//
 // Scores live in the log2 domain (s * log2(e)) so the softmax uses exp2; lse is converted back.
 #include <algorithm>
 #include <atomic>
@@ -56,16 +60,27 @@ struct BF16 {
   static float load(uint16_t x) { return bf16_to_float(x); }
   static uint16_t store(float x) { return float_to_bf16(x); }
 };
+struct E4M3 {  // an input type only
+  using T = uint8_t;
+  static float load(uint8_t x) { return e4m3_to_float(x); }
+};
 
+// The element type of out for inputs of type E (FP8 writes bfloat16, as the Hopper kernel will).
+template <class E> struct OutOf { using type = E; };
+template <> struct OutOf<E4M3> { using type = BF16; };
+
+// `scale` is the FP8 descale of the row (1 for the other dtypes).
 template <class E>
-void load_row(const typename E::T* __restrict src, int n, float* __restrict dst) {
-  for (int i = 0; i < n; ++i) dst[i] = E::load(src[i]);
+void load_row(const typename E::T* __restrict src, int n, float* __restrict dst,
+              float scale = 1.f) {
+  for (int i = 0; i < n; ++i) dst[i] = E::load(src[i]) * scale;
 }
 
 // Writes a source row as a column of a transposed tile (dst[i * stride]).
 template <class E>
-void load_col(const typename E::T* __restrict src, int n, float* __restrict dst, int stride) {
-  for (int i = 0; i < n; ++i) dst[int64_t(i) * stride] = E::load(src[i]);
+void load_col(const typename E::T* __restrict src, int n, float* __restrict dst, int stride,
+              float scale = 1.f) {
+  for (int i = 0; i < n; ++i) dst[int64_t(i) * stride] = E::load(src[i]) * scale;
 }
 
 template <class E>
@@ -238,6 +253,9 @@ struct Geometry {
   int d, dv, dp, dvp;  // head dims and their kNR-padded row strides
   float scale, softcap;
   bool segments;       // segment ids in use
+  // FP8 descales (null otherwise) and their blocks (0: per tensor); flash.h gives the layouts.
+  const float *descale_q, *descale_k, *descale_v;
+  int64_t block_q, block_k, nblk_q, nblk_k;
   std::vector<Seq> seqs;
   std::vector<Block> q_blocks, k_blocks;  // of kBq query rows, of kBk keys
   std::vector<Gap> q_gaps, k_gaps;
@@ -247,7 +265,11 @@ struct Geometry {
         group(p.heads_q / p.heads_kv), d(int(p.head_dim)), dv(int(p.head_dim_v)),
         dp(int((p.head_dim + kNR - 1) / kNR * kNR)),
         dvp(int((p.head_dim_v + kNR - 1) / kNR * kNR)), scale(p.softmax_scale),
-        softcap(p.softcap), segments(p.q_segment_ids != nullptr) {
+        softcap(p.softcap), segments(p.q_segment_ids != nullptr), descale_q(p.descale_q),
+        descale_k(p.descale_k), descale_v(p.descale_v), block_q(p.descale_block_q),
+        block_k(p.descale_block_k),
+        nblk_q(block_q > 0 ? (p.seqlen_q + block_q - 1) / block_q : 1),
+        nblk_k(block_k > 0 ? (p.seqlen_k + block_k - 1) / block_k : 1) {
     for (int64_t b = 0; b < batch; ++b) {
       if (!p.cu_seqlens_q) {
         seqs.push_back({b * sq, sq, b * sk, sk, b * hq * sq, clamp_diag(p.diag_lo, sq, sk),
@@ -273,6 +295,20 @@ struct Geometry {
     }
     q_blocks = blocks_of<kBq>(seqs, &Seq::nq);
     k_blocks = blocks_of<kBk>(seqs, &Seq::nk);
+  }
+
+  // FP8: the descale of query row `row` (of the flattened [batch * seqlen_q] axis) of head h,
+  // and of key row `row` of kv head hk in k (d = descale_k) or v (descale_v); 1 without FP8.
+  float q_descale(int64_t row, int64_t h) const {
+    if (!descale_q) return 1.f;
+    const int64_t b = row / sq, pos = row - b * sq;
+    return block_q > 0 ? descale_q[(b * hq + h) * nblk_q + pos / block_q]
+                       : descale_q[b * hkv + h / group];
+  }
+  float kv_descale(const float* d, int64_t row, int64_t hk) const {
+    if (!d) return 1.f;
+    const int64_t b = row / sk, pos = row - b * sk;
+    return block_k > 0 ? d[(b * hkv + hk) * nblk_k + pos / block_k] : d[b * hkv + hk];
   }
 
   // Keys of sequence q that are visible to at least one query row in [i0, i1): [first, second).
@@ -367,6 +403,7 @@ inline QItem q_item(const Geometry& g, int64_t item) {
 template <class E>
 void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
   using T = typename E::T;
+  using EO = typename OutOf<E>::type;
   const QItem qi = q_item(g, item);
   const int64_t h = qi.h, hk = qi.hk, i0 = qi.i0;
   const Seq& sq = *qi.seq;
@@ -374,10 +411,12 @@ void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  T* out = static_cast<T*>(p.out);
+  auto* out = static_cast<typename EO::T*>(p.out);
 
-  for (int r = 0; r < mq; ++r)
-    load_row<E>(q + ((sq.q0 + i0 + r) * g.hq + h) * g.d, g.d, &w.q[r * g.dp]);
+  for (int r = 0; r < mq; ++r) {
+    const int64_t row = sq.q0 + i0 + r;
+    load_row<E>(q + (row * g.hq + h) * g.d, g.d, &w.q[r * g.dp], g.q_descale(row, h));
+  }
   std::fill(w.m.begin(), w.m.end(), -kInf);
   std::fill(w.l.begin(), w.l.end(), 0.f);
   std::fill(w.acc.begin(), w.acc.begin() + mq * g.dvp, 0.f);
@@ -391,9 +430,9 @@ void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
     if (g.segments && !qids.meets(load_ids(p.kv_segment_ids + sq.k0 + j0, nk, w.kseg.data())))
       continue;  // no id in common: every score of the tile is masked
     for (int c = 0; c < nk; ++c) {
-      const int64_t row = (sq.k0 + j0 + c) * g.hkv + hk;
-      load_col<E>(k + row * g.d, g.d, &w.kt[c], kBk);
-      load_row<E>(v + row * g.dv, g.dv, &w.v[c * g.dvp]);
+      const int64_t key = sq.k0 + j0 + c, row = key * g.hkv + hk;
+      load_col<E>(k + row * g.d, g.d, &w.kt[c], kBk, g.kv_descale(g.descale_k, key, hk));
+      load_row<E>(v + row * g.dv, g.dv, &w.v[c * g.dvp], g.kv_descale(g.descale_v, key, hk));
     }
     gemm<false>(mq, g.d, kBk, w.q.data(), g.dp, 1, w.kt.data(), kBk, w.s.data(), kBk);
     for (int r = 0; r < mq; ++r) {
@@ -414,8 +453,8 @@ void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
   for (int r = 0; r < mq; ++r) {
     const int64_t i = i0 + r;
     const bool empty = w.l[r] == 0.f;  // (a nan l is not empty: nan inputs give nan outputs)
-    store_row<E>(&w.acc[r * g.dvp], empty ? 0.f : 1.f / w.l[r], g.dv,
-                 out + ((sq.q0 + i) * g.hq + h) * g.dv);
+    store_row<EO>(&w.acc[r * g.dvp], empty ? 0.f : 1.f / w.l[r], g.dv,
+                  out + ((sq.q0 + i) * g.hq + h) * g.dv);
     p.lse[sq.lse0 + h * g.sq + i] = empty ? -kInf : w.m[r] * kLn2 + std::log(w.l[r]);
   }
 }
@@ -576,7 +615,7 @@ template <class E>
 void fwd(const FwdParams& p, int num_threads) {
   const Geometry g(p);
   const auto tiles = [&] { return Tiles(g); };
-  zero_rows<E>(g.q_gaps, g.hq, g.dv, g.sq, p.out, p.lse);
+  zero_rows<typename OutOf<E>::type>(g.q_gaps, g.hq, g.dv, g.sq, p.out, p.lse);
   parallel_items(int64_t(g.q_blocks.size()) * g.hq, num_threads, tiles,
                  [&](int64_t item, Tiles& w) { fwd_item<E>(p, g, item, w); });
 }
@@ -603,6 +642,7 @@ void run_fwd_cpu(const FwdParams& p, int num_threads) {
     case DType::kFloat32: return fwd<F32>(p, num_threads);
     case DType::kFloat16: return fwd<F16>(p, num_threads);
     case DType::kBFloat16: return fwd<BF16>(p, num_threads);
+    case DType::kFloat8E4M3: return fwd<E4M3>(p, num_threads);
   }
 }
 
@@ -611,6 +651,7 @@ void run_bwd_cpu(const BwdParams& p, int num_threads) {
     case DType::kFloat32: return bwd<F32>(p, num_threads);
     case DType::kFloat16: return bwd<F16>(p, num_threads);
     case DType::kBFloat16: return bwd<BF16>(p, num_threads);
+    case DType::kFloat8E4M3: return;  // FP8 is forward only (flash.h): no FFI target sends it
   }
 }
 

@@ -3,7 +3,13 @@
 Public API:
   flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                   softcap=0.0, return_lse=False, deterministic=False, context_parallel="ring",
-                  load_balance=0, q_segment_ids=None, kv_segment_ids=None)
+                  load_balance=0, q_segment_ids=None, kv_segment_ids=None,
+                  descale_q=None, descale_k=None, descale_v=None)
+                               (float8_e4m3fn q/k/v with float32 [batch, heads_kv] descales:
+                               the FP8 forward, out bfloat16)
+  fp8_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+                softcap=0.0, return_lse=False, block_quantize=True, incoherent=True, seed=0)
+                               quantizes to e4m3 inside (block scales, Hadamard), forward only
   flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k,
                          softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                          return_lse=False, deterministic=False)
@@ -31,6 +37,7 @@ flash_attention; varlen: flash_attention_varlen) -> nn (jax.nn drop-in).
 | jit / grad / vmap / checkpoint        | yes                    | yes                           |
 | context parallelism (sequence sharding) | ring, all-gather, load-balanced causal | same |
 | varlen (cu_seqlens), segment ids      | yes (fwd + bwd)        | not yet (raises at lowering) |
+| FP8 (e4m3) forward                    | yes (dequantize + f32) | not yet (raises at lowering) |
 
 Sharding (multi-device jit): batch and head axes stay sharded (heads split kv-head-major and
 only when the split divides heads_kv). A sharded sequence axis runs context-parallel
@@ -44,11 +51,12 @@ fa3_jax.context_parallel.
 from fa3_jax._ffi import cuda_built, cuda_head_dims
 from fa3_jax.attention import flash_attention
 from fa3_jax.context_parallel import load_balance_reorder, load_balance_restore
+from fa3_jax.fp8 import fp8_attention
 from fa3_jax.nn import dot_product_attention
 from fa3_jax.reference import attention_reference
 from fa3_jax.varlen import flash_attention_varlen
 
-__all__ = ["flash_attention", "flash_attention_varlen", "dot_product_attention",
+__all__ = ["flash_attention", "flash_attention_varlen", "fp8_attention", "dot_product_attention",
            "attention_reference", "load_balance_reorder", "load_balance_restore", "cuda_built", "cuda_head_dims"]
 __version__ = "0.1.0"
 

@@ -25,6 +25,13 @@ def cuda_head_dims() -> tuple[int, ...]:
     return tuple(int(x) for x in str(_ext.cuda_head_dims).split(",") if x)
 
 
+def fwd_tile_size(head_dim: int, head_dim_v: int) -> tuple[int, int]:
+    """(block_m, block_n) of the Hopper forward for these head dims (cpp/hopper/tile_size.h, the
+    one place tile sizes are chosen; known to every build, CUDA or not)."""
+    block_m, block_n = _ext.fwd_tile_size(int(head_dim), int(head_dim_v))
+    return int(block_m), int(block_n)
+
+
 def cuda_unsupported(dtype, head_dim: int, head_dim_v: int) -> str | None:
     """Why the Hopper kernels of this build cannot take q of this dtype and head dims, or None.
 

@@ -35,7 +35,7 @@ import numpy as np
 from jax._src import dispatch as _dispatch
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
+from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fa3_jax import _ffi, context_parallel
@@ -506,3 +506,53 @@ _register(packed_fwd_p, lambda q, k, v, meta_q, meta_k, **_: _fwd_abstract(q, k,
           _packed_fwd_lower_impl, _packed_cuda_lowering)
 _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest[:4]), 3,
           _packed_bwd_lower_impl, _packed_cuda_lowering)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 forward: float8_e4m3fn q/k/v with float32 descales (cpp/flash.h, "FP8"); out bfloat16, lse
+# float32. Operands q, k, v, descale_q, descale_k, descale_v; static parameters the mask's plus
+# ``block_q``/``block_k``, the rows per scale block (0 and 0: per-tensor descales [batch,
+# heads_kv]; else descale_q [batch, heads_q, ceil(seqlen_q / block_q)] and descale_k/v [batch,
+# heads_kv, ceil(seqlen_k / block_k)]). Forward only: differentiating raises. CPU only until the
+# Hopper FP8 kernel exists: the CUDA lowering raises. No partitioning rule: under a multi-device
+# jit XLA gathers the operands.
+# ---------------------------------------------------------------------------------------------
+
+fp8_fwd_p = jex_core.Primitive("fa3_fwd_fp8")
+fp8_fwd_p.multiple_results = True
+
+
+def _fp8_fwd_abstract(q, k, v, descale_q, descale_k, descale_v, **params):
+    b, sq, hq, _ = q.shape
+    return (jax.core.ShapedArray((b, sq, hq, v.shape[3]), jnp.bfloat16),
+            jax.core.ShapedArray((b, hq, sq), jnp.float32))
+
+
+def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_scale, softcap,
+                        diag_lo, diag_hi, block_q, block_k):
+    b, sq, hq, _ = q.shape
+    out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), jnp.bfloat16),
+                 jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    call = jax.ffi.ffi_call("fa3_fwd_fp8", out_types)
+    return tuple(call(q, k, v, descale_q, descale_k, descale_v,
+                      descale_block_q=np.int64(block_q), descale_block_k=np.int64(block_k),
+                      **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))
+
+
+def _fp8_cuda_lowering(ctx, *args, **params):
+    raise NotImplementedError(
+        "fa3_jax: FP8 attention (float8_e4m3fn q/k/v, fp8_attention) has no Hopper kernel yet "
+        "(fa3_jax issue 11: the e4m3 WGMMA forward is still missing); only the CPU backend runs "
+        "it for now, e.g. under jax.default_device(jax.devices('cpu')[0]). For speed on this GPU "
+        "use bfloat16 inputs")
+
+
+def _fp8_no_derivative(primals, tangents, **params):
+    raise TypeError(
+        "fa3_jax: FP8 attention is forward only for now: it has no gradient. Differentiate a "
+        "bfloat16/float16 flash_attention instead, or wrap the FP8 call's inputs in "
+        "jax.lax.stop_gradient")
+
+
+ad.primitive_jvps[fp8_fwd_p] = _fp8_no_derivative
+_register(fp8_fwd_p, _fp8_fwd_abstract, 2, _fp8_fwd_lower_impl, _fp8_cuda_lowering)

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fa3_jax._primitives import UNBOUNDED, bwd_p, fwd_p, packed_bwd_p, packed_fwd_p
+from fa3_jax._primitives import UNBOUNDED, bwd_p, fp8_fwd_p, fwd_p, packed_bwd_p, packed_fwd_p
 from fa3_jax.context_parallel import check_strategy
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+FP8_DTYPE = jnp.float8_e4m3fn  # q/k/v of the FP8 forward (with descales; cpp/flash.h)
 MAX_HEAD_DIM = 256
 
 
@@ -109,18 +110,20 @@ def _shape_dtype(name, x):
     return tuple(x.shape), jnp.dtype(x.dtype)
 
 
-def check_qkv(q, k, v, names=("q", "k", "v")):
-    """Validates q/k/v shapes and dtypes; returns (batch, sq, sk, hq, hkv, d, dv)."""
+def check_qkv(q, k, v, names=("q", "k", "v"), fp8=False):
+    """Validates q/k/v shapes and dtypes (float8_e4m3fn if fp8); returns (batch, sq, sk, hq, hkv,
+    d, dv)."""
     nq, nk, nv = names
     (qs, qt), (ks, kt), (vs, vt) = _shape_dtype(nq, q), _shape_dtype(nk, k), _shape_dtype(nv, v)
     for name, s in ((nq, qs), (nk, ks), (nv, vs)):
         if len(s) != 4:
             raise ValueError(f"fa3_jax: {name} must have rank 4 [batch, seqlen, heads, head_dim], "
                              f"got shape {s}")
+    allowed = (FP8_DTYPE,) if fp8 else SUPPORTED_DTYPES
     for name, t in ((nq, qt), (nk, kt), (nv, vt)):
-        if t not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        if t not in [jnp.dtype(d) for d in allowed]:
             raise TypeError(f"fa3_jax: {name} has dtype {t}; supported: float32, float16, "
-                            "bfloat16")
+                            "bfloat16 (and float8_e4m3fn with descales, forward only)")
     if not qt == kt == vt:
         raise TypeError(f"fa3_jax: {nq}, {nk}, {nv} must share one dtype, got {qt}, {kt}, {vt}")
     b, sq, hq, d = qs
@@ -219,6 +222,60 @@ def check_segment_ids(q_segment_ids, kv_segment_ids, b, sq, sk):
     return tuple(ids)
 
 
+def _is_fp8(x):
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and \
+        jnp.dtype(x.dtype).itemsize == 1
+
+
+def check_fp8_call(q, k, v, descales):
+    """Whether this is an FP8 call: q, k, v all float8_e4m3fn with the three descales. Mixed
+    FP8 and wider q/k/v, another FP8 format, or descales without FP8 inputs raise."""
+    names = ("descale_q", "descale_k", "descale_v")
+    fp8 = [_is_fp8(x) for x in (q, k, v)]
+    given = [n for n, d in zip(names, descales) if d is not None]
+    if not any(fp8):
+        if given:
+            raise TypeError(f"fa3_jax: {', '.join(given)} apply to float8_e4m3fn q/k/v only; got "
+                            f"q of dtype {getattr(q, 'dtype', type(q).__name__)}")
+        return False
+    dtypes = ", ".join(str(jnp.dtype(x.dtype)) if hasattr(x, "dtype") else type(x).__name__
+                       for x in (q, k, v))
+    if not all(fp8):
+        raise TypeError(f"fa3_jax: q, k and v must be all float8_e4m3fn (FP8 forward) or all "
+                        f"float32/float16/bfloat16, got {dtypes}; quantize all three, or use "
+                        "fa3_jax.fp8_attention, which quantizes wider inputs itself")
+    if any(jnp.dtype(x.dtype) != jnp.dtype(FP8_DTYPE) for x in (q, k, v)):
+        raise TypeError(f"fa3_jax: the FP8 forward takes float8_e4m3fn q/k/v, got {dtypes}")
+    missing = [n for n, d in zip(names, descales) if d is None]
+    if missing:
+        raise ValueError(f"fa3_jax: float8_e4m3fn q/k/v need descale_q, descale_k and descale_v "
+                         f"(float32 [batch, heads_kv]; the true value is the stored one times "
+                         f"the descale; pass ones for unscaled values); missing: "
+                         f"{', '.join(missing)}")
+    return True
+
+
+def check_descales(descales, b, hkv):
+    """Validates per-tensor FP8 descales: float32 [batch, heads_kv] arrays."""
+    for name, d in zip(("descale_q", "descale_k", "descale_v"), descales):
+        shape, dtype = _shape_dtype(name, d)
+        if dtype != jnp.dtype(jnp.float32):
+            raise TypeError(f"fa3_jax: {name} must be float32 [batch, heads_kv], got dtype {dtype}")
+        if shape != (b, hkv):
+            raise ValueError(f"fa3_jax: {name} must have shape [batch, heads_kv] = {(b, hkv)}, "
+                             f"got {shape}")
+
+
+def fp8_forward(q8, k8, v8, descale_q, descale_k, descale_v, *, softmax_scale, softcap, diag_lo,
+                diag_hi, block_q=0, block_k=0):
+    """The FP8 forward on checked operands (cpp/flash.h gives the descale forms); returns
+    (out bfloat16, lse float32). Forward only: differentiating it raises. Internal."""
+    return tuple(fp8_fwd_p.bind(q8, k8, v8, descale_q, descale_k, descale_v,
+                                softmax_scale=float(softmax_scale), softcap=float(softcap),
+                                diag_lo=int(diag_lo), diag_hi=int(diag_hi), block_q=int(block_q),
+                                block_k=int(block_k)))
+
+
 def bottom_right_band(sq, sk, causal, window_size):
     """The band (diag_lo, diag_hi) for FlashAttention's bottom-right aligned causal/window."""
     left, right = _check_window(window_size)
@@ -234,7 +291,8 @@ def bottom_right_band(sq, sk, causal, window_size):
 
 def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, return_lse=False, deterministic=False, context_parallel="ring",
-                    load_balance=0, q_segment_ids=None, kv_segment_ids=None):
+                    load_balance=0, q_segment_ids=None, kv_segment_ids=None, descale_q=None,
+                    descale_k=None, descale_v=None):
     """FlashAttention: softmax(q kᵀ * scale) v, fused, in O(seqlen) memory.
 
     Args:
@@ -268,6 +326,12 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
         gets out = 0, lse = -inf and zero gradients. Key tiles whose ids cannot match are
         skipped. Batch and head sharding work as without them; a sharded sequence axis is
         gathered (no ring yet) and load_balance must be 0. CPU backend only for now.
+      descale_q, descale_k, descale_v: FP8 (forward only): with q, k, v all float8_e4m3fn, three
+        float32 [batch, heads_kv] arrays; the true value of an element is its stored value times
+        its (batch, kv head)'s descale (query head h uses kv head h // (heads_q // heads_kv)).
+        out is then bfloat16; gradients raise; segment ids and load_balance are not supported.
+        CPU backend only until the Hopper FP8 kernel exists (the CUDA lowering raises
+        NotImplementedError). fa3_jax.fp8_attention quantizes wider inputs itself.
 
     Returns:
       out [batch, seqlen_q, heads_q, head_dim_v] in q's dtype, and lse if return_lse.
@@ -279,7 +343,9 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
     multi-device jit (batch and head axes stay sharded, a sharded sequence runs
     context-parallel; see the package docstring).
     """
-    b, sq, sk, hq, hkv, d, dv = check_qkv(q, k, v)
+    descales = (descale_q, descale_k, descale_v)
+    fp8 = check_fp8_call(q, k, v, descales)
+    b, sq, sk, hq, hkv, d, dv = check_qkv(q, k, v, fp8=fp8)
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else _check_float(
         "softmax_scale", softmax_scale, positive=True)
     softcap = _check_float("softcap", softcap, min_value=0.0)
@@ -288,6 +354,14 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
         raise TypeError(f"fa3_jax: deterministic must be a bool, got {type(deterministic).__name__}")
     strategy, n = check_context_parallel(context_parallel, load_balance, sq, sk)
     ids = check_segment_ids(q_segment_ids, kv_segment_ids, b, sq, sk)
+    if fp8:
+        check_descales(descales, b, hkv)
+        if ids is not None or n:
+            raise ValueError("fa3_jax: FP8 (float8_e4m3fn) inputs do not support segment ids or "
+                             "load_balance yet")
+        out, lse = fp8_forward(q, k, v, *descales, softmax_scale=scale, softcap=softcap,
+                               diag_lo=diag_lo, diag_hi=diag_hi)
+        return (out, lse) if return_lse else out
     if ids is not None:
         if n:
             raise ValueError("fa3_jax: load_balance is not supported with segment ids yet; "

@@ -14,6 +14,12 @@ Public API:
                          softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                          return_lse=False, deterministic=False)
                                packed variable-length sequences (q [total_q, heads, dim])
+  flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=None, v_new=None,
+                               page_table=None, softmax_scale=None, causal=True,
+                               window_size=(-1, -1), softcap=0.0, num_splits=0,
+                               return_lse=False)
+                               decoding against a contiguous or paged KV cache, appending
+                               k_new/v_new in place (a donated cache under jit)
   dot_product_attention(...)   drop-in for jax.nn.dot_product_attention
   attention_reference(...)     pure-jnp float32 reference, flash_attention's signature
   load_balance_reorder(x, n, axis=1), load_balance_restore(x, n, axis=1)
@@ -37,6 +43,7 @@ flash_attention; varlen: flash_attention_varlen) -> nn (jax.nn drop-in).
 | jit / grad / vmap / checkpoint        | yes                    | yes                           |
 | context parallelism (sequence sharding) | ring, all-gather, load-balanced causal | same |
 | varlen (cu_seqlens), segment ids      | yes (fwd + bwd)        | not yet (raises at lowering) |
+| KV cache (contiguous, paged), append  | yes (forward)          | with the varlen kernels; paged gathered first |
 | FP8 (e4m3) forward                    | yes (dequantize + f32) | not yet (raises at lowering) |
 
 Sharding (multi-device jit): batch and head axes stay sharded (heads split kv-head-major and
@@ -52,11 +59,13 @@ from fa3_jax._ffi import cuda_built, cuda_head_dims
 from fa3_jax.attention import flash_attention
 from fa3_jax.context_parallel import load_balance_reorder, load_balance_restore
 from fa3_jax.fp8 import fp8_attention
+from fa3_jax.kvcache import flash_attention_with_kvcache
 from fa3_jax.nn import dot_product_attention
 from fa3_jax.reference import attention_reference
 from fa3_jax.varlen import flash_attention_varlen
 
-__all__ = ["flash_attention", "flash_attention_varlen", "fp8_attention", "dot_product_attention",
+__all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_with_kvcache",
+           "fp8_attention", "dot_product_attention",
            "attention_reference", "load_balance_reorder", "load_balance_restore", "cuda_built", "cuda_head_dims"]
 __version__ = "0.1.0"
 

@@ -1,0 +1,384 @@
+"""flash_attention_with_kvcache against a float64 numpy reference on the gathered cache."""
+
+import re
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import fa3_jax
+
+ODD = [0, 1, 7, 113, 1000]  # cache_seqlens of the five batch rows
+CAPACITY = 1024              # tokens per row: room for 1000 + 7 new ones
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference: the documented semantics written out in numpy, float64.
+# ---------------------------------------------------------------------------------------------
+
+def ref_append(k_cache, v_cache, lengths, k_new, v_new, page_table):
+    """Caches after the append and the per-row start, with the documented clamping: start in
+    [0, capacity - seqlen_new]; writes to a page outside [0, num_pages) are dropped."""
+    kc, vc = np.array(k_cache), np.array(v_cache)
+    n = 0 if k_new is None else k_new.shape[1]
+    if page_table is None:
+        capacity = kc.shape[1]
+    else:
+        pt = np.asarray(page_table)
+        num_pages, page_size = kc.shape[:2]
+        capacity = pt.shape[1] * page_size
+    start = np.clip(np.asarray(lengths, np.int64), 0, capacity - n)
+    for b in range(len(start)):
+        for t in range(n):
+            pos = start[b] + t
+            if page_table is None:
+                kc[b, pos], vc[b, pos] = k_new[b, t], v_new[b, t]
+            else:
+                page = pt[b, pos // page_size]
+                if 0 <= page < num_pages:
+                    kc[page, pos % page_size] = k_new[b, t]
+                    vc[page, pos % page_size] = v_new[b, t]
+    return kc, vc, start + n
+
+
+def ref_view(cache, page_table):
+    """The contiguous [batch, capacity, ...] view; pages outside [0, num_pages) read as zeros."""
+    if page_table is None:
+        return np.asarray(cache)
+    pt = np.asarray(page_table)
+    valid = (pt >= 0) & (pt < cache.shape[0])
+    view = np.where(valid[:, :, None, None, None], cache[np.where(valid, pt, 0)], 0)
+    return view.reshape((pt.shape[0], -1) + cache.shape[2:])
+
+
+def ref_attention(q, k, v, total, *, causal=True, window_size=(-1, -1), softcap=0.0):
+    """float64 attention of row b's queries against keys [0, total[b]), bottom-right aligned."""
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
+    b, sq, hq, d = q.shape
+    g = hq // k.shape[2]
+    out = np.zeros((b, sq, hq, v.shape[3]))
+    lse = np.full((b, hq, sq), -np.inf)
+    left, right = window_size
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    for r in range(b):
+        length = int(total[r])
+        kr = np.repeat(k[r, :length], g, axis=1)  # [L, hq, d]
+        vr = np.repeat(v[r, :length], g, axis=1)
+        s = np.einsum("qhd,khd->hqk", q[r], kr) / np.sqrt(d)
+        if softcap > 0:
+            s = softcap * np.tanh(s / softcap)
+        rel = np.arange(length)[None, :] - np.arange(sq)[:, None] - (length - sq)
+        mask = np.ones_like(rel, bool)
+        if left >= 0:
+            mask &= rel >= -left
+        if right >= 0:
+            mask &= rel <= right
+        s = np.where(mask[None], s, -np.inf)
+        m = s.max(axis=-1, keepdims=True) if length else np.full((hq, sq, 1), -np.inf)
+        seen = np.isfinite(m[..., 0])
+        p = np.exp(s - np.where(np.isfinite(m), m, 0))
+        l = p.sum(-1)
+        o = np.einsum("hqk,khd->qhd", p / np.where(l > 0, l, 1)[..., None], vr)
+        out[r] = np.where(seen.T[..., None], o, 0)
+        lse[r] = np.where(seen, np.log(np.where(l > 0, l, 1)) + np.where(seen, m[..., 0], 0),
+                          -np.inf)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+_rng = np.random.default_rng(14)
+
+
+def normal(shape, dtype=jnp.float32):
+    """Fresh random values (numpy: no compilation per shape, as jax.random would need)."""
+    return jnp.asarray(_rng.standard_normal(shape, np.float32), dtype)
+
+
+def make_cache(lengths, hkv, d, dv, page_size=0, capacity=CAPACITY, spare_pages=3,
+               dtype=jnp.float32):
+    """Random caches (garbage past each length too) and, when paged, a shuffled page table
+    over a pool with spare pages."""
+    b = len(lengths)
+    if not page_size:
+        return normal((b, capacity, hkv, d), dtype), normal((b, capacity, hkv, dv), dtype), None
+    pages = capacity // page_size
+    num_pages = b * pages + spare_pages
+    perm = np.random.default_rng(len(lengths) * page_size).permutation(num_pages)
+    page_table = jnp.asarray(perm[:b * pages].reshape(b, pages), jnp.int32)
+    return (normal((num_pages, page_size, hkv, d), dtype),
+            normal((num_pages, page_size, hkv, dv), dtype), page_table)
+
+
+@partial(jax.jit, static_argnames=("kw",))
+def _call(q, k_cache, v_cache, lengths, k_new, v_new, page_table, kw):
+    return fa3_jax.flash_attention_with_kvcache(q, k_cache, v_cache, lengths, k_new=k_new,
+                                                v_new=v_new, page_table=page_table,
+                                                return_lse=True, **dict(kw))
+
+
+def check(lengths, *, hq=4, hkv=2, d=32, dv=24, sq=1, seqlen_new=1, page_size=0,
+          dtype=jnp.float32, atol=2e-5, lse_atol=1e-4, **kw):
+    lengths = jnp.asarray(lengths, jnp.int32)
+    b = lengths.shape[0]
+    k_cache, v_cache, page_table = make_cache(lengths, hkv, d, dv, page_size, dtype=dtype)
+    q = normal((b, sq, hq, d), dtype)
+    k_new = normal((b, seqlen_new, hkv, d), dtype) if seqlen_new else None
+    v_new = normal((b, seqlen_new, hkv, dv), dtype) if seqlen_new else None
+    res = _call(q, k_cache, v_cache, lengths, k_new, v_new, page_table, tuple(sorted(kw.items())))
+    out, lse = res[:2]
+    kc, vc, total = ref_append(k_cache, v_cache, lengths, k_new, v_new, page_table)
+    if seqlen_new:
+        assert len(res) == 4
+        np.testing.assert_array_equal(np.asarray(res[2]), kc)
+        np.testing.assert_array_equal(np.asarray(res[3]), vc)
+    ref, ref_lse = ref_attention(q, ref_view(kc, page_table), ref_view(vc, page_table), total,
+                                 **kw)
+    assert out.shape == (b, sq, hq, dv) and out.dtype == dtype
+    assert lse.shape == (b, hq, sq) and lse.dtype == jnp.float32
+    out, lse = np.asarray(jnp.asarray(out, jnp.float32)), np.asarray(lse)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    assert np.max(np.abs(out - ref)) <= atol, np.max(np.abs(out - ref))
+    fin = np.isfinite(ref_lse)
+    assert np.max(np.abs(lse[fin] - ref_lse[fin]), initial=0) <= lse_atol
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness
+# ---------------------------------------------------------------------------------------------
+
+KW = {"causal": dict(), "full": dict(causal=False), "window": dict(window_size=(16, 0)),
+      "window_softcap": dict(causal=False, window_size=(9, 2), softcap=15.0)}
+
+
+@pytest.mark.parametrize("sq,seqlen_new,heads,kw", [
+    (1, 1, (4, 4), "causal"),
+    (1, 7, (4, 2), "causal"),
+    (4, 0, (4, 1), "causal"),
+    (4, 7, (4, 1), "window"),
+    (1, 0, (4, 2), "full"),
+    (4, 1, (8, 2), "window_softcap"),
+])
+def test_contiguous(sq, seqlen_new, heads, kw):
+    check(ODD, hq=heads[0], hkv=heads[1], sq=sq, seqlen_new=seqlen_new, **KW[kw])
+
+
+@pytest.mark.parametrize("page_size,sq,seqlen_new,kw", [
+    (16, 1, 1, "causal"),
+    (16, 4, 7, "window_softcap"),
+    (64, 4, 7, "causal"),
+    (64, 1, 0, "window"),
+    (256, 1, 7, "full"),
+    (256, 4, 1, "causal"),
+])
+def test_paged(page_size, sq, seqlen_new, kw):
+    check(ODD, page_size=page_size, sq=sq, seqlen_new=seqlen_new, **KW[kw])
+
+
+def test_low_precision_gqa():
+    check(ODD, hq=8, hkv=2, d=64, dv=64, sq=4, seqlen_new=7, dtype=jnp.bfloat16, atol=2e-2,
+          lse_atol=2e-2)
+    check(ODD, hq=4, hkv=1, d=64, dv=64, sq=1, seqlen_new=1, page_size=64, dtype=jnp.float16,
+          atol=3e-3, lse_atol=3e-3)
+
+
+def test_empty_caches():
+    """No visible key: out 0, lse -inf, no NaN (all-empty cache; causal rows before the first
+    key when seqlen_q > cache_seqlens + seqlen_new)."""
+    out, lse = check([0, 0, 0], sq=4, seqlen_new=0)
+    assert not out.any() and np.isneginf(lse).all()
+    out, lse = check([0, 0, 2], sq=4, seqlen_new=1, page_size=16)
+    assert np.isneginf(lse[0, :, :3]).all() and np.isfinite(lse[0, :, 3]).all()
+    assert np.isneginf(lse[2, :, 0]).all() and np.isfinite(lse[2, :, 1:]).all()
+
+
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_bad_metadata_stays_in_bounds(page_size):
+    """cache_seqlens outside [0, capacity - seqlen_new] are clamped; page indices outside
+    [0, num_pages) read zeros and drop writes. The reference applies the same policy, and the
+    whole returned cache is compared, so no write lands anywhere else."""
+    lengths = [-5, 2000, 2 ** 31 - 1, -(2 ** 31), 1020, 1010]
+    if not page_size:
+        check(lengths, sq=4, seqlen_new=7)
+        return
+    lengths = jnp.asarray(lengths, jnp.int32)
+    k_cache, v_cache, page_table = make_cache(lengths, 2, 32, 24, page_size)
+    bad = np.array(page_table)
+    bad[0, 0] = -1                  # write target and read of row 0
+    bad[1, -1] = k_cache.shape[0]   # one past the pool: row 1 (clamped to the end) writes there
+    bad[2, 3] = -(2 ** 31)
+    bad[3, :] = 2 ** 31 - 1
+    bad[5] = bad[4]                 # rows 4, 5 share pages: row 4 sees row 5's 1010..1016
+    q, k_new, v_new = normal((6, 4, 4, 32)), normal((6, 7, 2, 32)), normal((6, 7, 2, 24))
+    bad = jnp.asarray(bad)
+    out, lse, kc, vc = _call(q, k_cache, v_cache, lengths, k_new, v_new, bad, ())
+    rk, rv, total = ref_append(k_cache, v_cache, lengths, k_new, v_new, bad)
+    for got, want in ((kc, rk), (vc, rv)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    kc, vc = np.asarray(kc), np.asarray(vc)
+    ref, ref_lse = ref_attention(q, ref_view(kc, bad), ref_view(vc, bad), total)
+    assert not np.isnan(np.asarray(out)).any()
+    assert np.max(np.abs(np.asarray(out) - ref)) <= 2e-5
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(ref_lse))
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformations: in-place append under donation, jit, vmap, sharding
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("page_size", [0, 64])
+def test_donated_append_is_in_place(page_size):
+    lengths = jnp.array([3, 0, 100], jnp.int32)
+    k_cache, v_cache, page_table = make_cache(lengths, 2, 32, 32, page_size, capacity=256)
+    # Buffers that XLA owns (an array made from numpy may borrow numpy's memory, which a
+    # donation cannot reuse).
+    k_cache, v_cache = k_cache + 0, v_cache + 0
+    q, k_new = normal((3, 1, 4, 32)), normal((3, 1, 2, 32))
+    want = ref_append(k_cache, v_cache, lengths, k_new, k_new, page_table)[0]
+
+    def step(q, k_cache, v_cache, lengths, k_new, page_table):
+        return fa3_jax.flash_attention_with_kvcache(q, k_cache, v_cache, lengths, k_new=k_new,
+                                                    v_new=k_new, page_table=page_table)
+
+    step = jax.jit(step, donate_argnums=(1, 2))
+    text = step.lower(q, k_cache, v_cache, lengths, k_new, page_table).compile().as_text()
+    assert re.search(r"input_output_alias=\{ \{1\}: \(1, \{\}, may-alias\), "
+                     r"\{2\}: \(2, \{\}, may-alias\)", text), text[:400]
+    # No op copies a whole cache: the scatter works on the parameter's buffer.
+    cache_type = "f32[" + ",".join(map(str, k_cache.shape)) + "]"
+    assert not [l for l in text.splitlines() if f"{cache_type}" in l and " copy(" in l]
+    pointer = k_cache.unsafe_buffer_pointer()
+    _, k2, _ = step(q, k_cache, v_cache, lengths, k_new, page_table)
+    assert k_cache.is_deleted() and k2.unsafe_buffer_pointer() == pointer
+    np.testing.assert_array_equal(np.asarray(k2), want)
+
+
+def test_jit_traced_lengths_and_vmap():
+    f = jax.jit(lambda q, kc, vc, l, kn, vn: fa3_jax.flash_attention_with_kvcache(
+        q, kc, vc, l, k_new=kn, v_new=vn, return_lse=True))
+    k_cache, v_cache, _ = make_cache([0] * 3, 2, 16, 16, capacity=64)
+    q, k_new, v_new = normal((3, 2, 4, 16)), normal((3, 2, 2, 16)), normal((3, 2, 2, 16))
+    lens = jnp.array([[0, 5, 62], [1, 40, 0]], jnp.int32)
+    for lengths in lens:  # one compilation for every length
+        out, lse, kc, vc = f(q, k_cache, v_cache, lengths, k_new, v_new)
+        rk, rv, total = ref_append(k_cache, v_cache, lengths, k_new, v_new, None)
+        ref, _ = ref_attention(q, rk, rv, total)
+        assert np.max(np.abs(np.asarray(out) - ref)) <= 2e-5
+    assert f._cache_size() == 1
+    stack = lambda x: jnp.stack([x, x * 2])  # noqa: E731
+    outs = jax.vmap(f)(stack(q), stack(k_cache), stack(v_cache), lens, stack(k_new),
+                       stack(v_new))
+    for i in range(2):
+        one = f(q * (i + 1), k_cache * (i + 1), v_cache * (i + 1), lens[i], k_new * (i + 1),
+                v_new * (i + 1))
+        for got, want in zip(outs, one):
+            np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), rtol=1e-6,
+                                       atol=1e-6)
+
+
+def test_batch_head_sharding_stays_local():
+    devices = np.array(jax.devices("cpu")[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 CPU devices (conftest sets them)")
+    mesh = Mesh(devices.reshape(4, 2), ("data", "model"))
+    lengths = jnp.array([0, 7, 113, 50], jnp.int32)
+    k_cache, v_cache, _ = make_cache(lengths, 2, 32, 32, capacity=128)
+    q, k_new = normal((4, 1, 4, 32)), normal((4, 1, 2, 32))
+    f = jax.jit(lambda q, kc, vc, l, kn: fa3_jax.flash_attention_with_kvcache(
+        q, kc, vc, l, k_new=kn, v_new=kn), donate_argnums=(1, 2))
+    want = [np.asarray(x) for x in f(q, k_cache + 0, v_cache + 0, lengths, k_new)]
+    t = NamedSharding(mesh, P("data", None, "model", None))
+    args = [jax.device_put(x, s) for x, s in ((q, t), (k_cache, t), (v_cache, t),
+                                              (lengths, NamedSharding(mesh, P("data"))),
+                                              (k_new, t))]
+    text = f.lower(*args).compile().as_text()
+    assert not re.findall(r"\b(all-gather|all-to-all|collective-permute|all-reduce)", text)
+    got = f(*args)
+    assert got[1].sharding.spec == t.spec
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+def _args(paged=False):
+    q, kn, vn = normal((2, 1, 4, 16)), normal((2, 1, 2, 16)), normal((2, 1, 2, 8))
+    if paged:
+        kc, vc = normal((6, 16, 2, 16)), normal((6, 16, 2, 8))
+        pt = jnp.arange(6, dtype=jnp.int32).reshape(2, 3)
+    else:
+        kc, vc, pt = normal((2, 32, 2, 16)), normal((2, 32, 2, 8)), None
+    return dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=jnp.array([1, 2], jnp.int32),
+                k_new=kn, v_new=vn, page_table=pt)
+
+
+def _with(paged=False, **changes):
+    a = _args(paged)
+    for key, fn in changes.items():
+        a[key] = fn(a[key]) if callable(fn) else fn
+    return a
+
+
+@pytest.mark.parametrize("args,exc,pattern", [
+    (_with(q=lambda x: x[0]), ValueError, r"q must have rank 4"),
+    (_with(k_cache=lambda x: x[0]), ValueError, r"k_cache must have rank 4"),
+    (_with(q=lambda x: x.astype(jnp.float16)), TypeError, r"must share one dtype"),
+    (_with(q=lambda x: jnp.concatenate([x, x[:, :, :1]], 2)), ValueError,
+     r"heads_q \(5.*multiple of heads_kv \(2"),
+    (_with(v_cache=lambda x: x[:, :16]), ValueError, r"k_cache and v_cache must agree"),
+    (_with(cache_seqlens=lambda x: x.astype(jnp.float32)), TypeError,
+     r"cache_seqlens must be int32"),
+    (_with(cache_seqlens=lambda x: x[:1]), ValueError, r"cache_seqlens must have shape \[batch\]"),
+    (_with(v_new=None), ValueError, r"k_new and v_new go together; v_new is None"),
+    (_with(k_new=lambda x: x[:, :, :1]), ValueError, r"k_new must have shape .*\[2, seqlen_new, "
+                                                      r"2, 16\]"),
+    (_with(v_new=lambda x: jnp.concatenate([x, x], 1)), ValueError, r"same seqlen_new"),
+    (_with(k_new=lambda x: x.astype(jnp.bfloat16)), TypeError, r"k_new must have the cache's "
+                                                               r"dtype"),
+    (_with(k_new=lambda x: jnp.zeros((2, 33, 2, 16)), v_new=lambda x: jnp.zeros((2, 33, 2, 8))),
+     ValueError, r"seqlen_new \(33.*capacity of 32"),
+    (_with(k_new=lambda x: x[:, :0], v_new=lambda x: x[:, :0]), ValueError,
+     r"seqlen_new = 0; pass k_new=None"),
+    (_with(True, page_table=lambda x: x.astype(jnp.float32)), TypeError,
+     r"page_table must be int32"),
+    (_with(True, page_table=lambda x: x[:1]), ValueError, r"page_table must have shape \[batch, "
+                                                          r"max_pages_per_seq\] with batch = 2"),
+    (_with(True, v_cache=lambda x: x[:, :8]), ValueError,
+     r"k_cache and v_cache must agree on \[num_pages, page_size, heads_kv\]"),
+    (_with(True, k_cache=lambda x: x[0]), ValueError, r"k_cache must have rank 4 \[num_pages"),
+    (_with(True, k_new=lambda x: jnp.zeros((2, 49, 2, 16)),
+           v_new=lambda x: jnp.zeros((2, 49, 2, 8))), ValueError, r"capacity of 48"),
+], ids=lambda x: None)
+def test_argument_errors(args, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fa3_jax.flash_attention_with_kvcache(**args)
+
+
+@pytest.mark.parametrize("kw,exc,pattern", [
+    (dict(num_splits=-1), ValueError, r"num_splits must be an int >= 0"),
+    (dict(num_splits=True), ValueError, r"num_splits"),
+    (dict(window_size=(1,)), TypeError, r"window_size must be a pair"),
+    (dict(softcap=-1.0), ValueError, r"softcap"),
+    (dict(causal="yes"), TypeError, r"causal must be a bool"),
+])
+def test_option_errors(kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fa3_jax.flash_attention_with_kvcache(**_args(), **kw)
+
+
+def test_num_splits_accepted():
+    a = _args()
+    base = fa3_jax.flash_attention_with_kvcache(**a)[0]
+    for n in (1, 4):
+        np.testing.assert_array_equal(np.asarray(
+            fa3_jax.flash_attention_with_kvcache(**a, num_splits=n)[0]), np.asarray(base))

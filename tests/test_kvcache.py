@@ -382,3 +382,22 @@ def test_num_splits_accepted():
     for n in (1, 4):
         np.testing.assert_array_equal(np.asarray(
             fa3_jax.flash_attention_with_kvcache(**a, num_splits=n)[0]), np.asarray(base))
+
+
+def test_generation_benchmark_emits_the_same_tokens(capsys):
+    """benchmarks/generate_kvcache.py at tiny sizes: the fa3_jax loops (contiguous and paged)
+    emit jax.nn's greedy tokens."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "generate_kvcache.py"
+    spec = importlib.util.spec_from_file_location("generate_kvcache", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert bench.main(["--batch", "2", "--prompt", "13", "--new", "6", "--layers", "1",
+                           "--d-model", "32", "--heads", "4", "--kv-heads", "1", "--head-dim",
+                           "8", "--vocab", "64", "--page-size", "4", "--dtype", "float32"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines()
+            if l.startswith(("fa3_jax", "jax.nn/xla"))]
+    assert len(rows) == 3 and rows[0].endswith("(reference)")
+    assert all(r.endswith("yes") for r in rows[1:]), rows

@@ -230,6 +230,15 @@ def test_bad_metadata_stays_in_bounds(page_size):
     np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(ref_lse))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size,seqlen_new,sq", [(0, 1, 1), (0, 7, 4), (64, 1, 1),
+                                                     (256, 7, 4)])
+def test_gpu_bf16(page_size, seqlen_new, sq):
+    """On a Hopper GPU (the default device): the varlen kernels in the padded layout."""
+    check(ODD, hq=8, hkv=2, d=128, dv=128, sq=sq, seqlen_new=seqlen_new, page_size=page_size,
+          dtype=jnp.bfloat16, atol=2e-2, lse_atol=2e-2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Transformations: in-place append under donation, jit, vmap, sharding
 # ---------------------------------------------------------------------------------------------

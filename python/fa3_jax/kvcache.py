@@ -143,8 +143,8 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
         i + L_b - seqlen_q - left <= j <= i + L_b - seqlen_q + right (causal: right = 0).
         causal defaults to True, as in FlashAttention's flash_attn_with_kvcache.
       num_splits: int >= 0, how many splits of the keys to request (0: heuristic). Validated but
-        not passed to the kernels yet: today the kernels pick their own split (the CPU backend
-        never splits; the Hopper forward's split-KV heuristic is the kernel's).
+        not passed to the kernels yet: today the kernel decides (the CPU backend does not split
+        the keys; on Hopper the varlen forward's own choice applies).
       return_lse: also return lse [batch, heads_q, seqlen_q] float32.
 
     Returns:

@@ -293,25 +293,44 @@ def test_jit_traced_lengths_and_vmap():
                                        atol=1e-6)
 
 
-def test_batch_head_sharding_stays_local():
+def _collective_sizes(text):
+    """Element counts of the results of every collective in compiled HLO text."""
+    sizes = []
+    for m in re.finditer(r"= \w+\[([\d,]*)\][^=]*? (all-gather|all-to-all|collective-permute|"
+                         r"all-reduce|reduce-scatter)\(", text):
+        sizes.append(int(np.prod([int(x) for x in m.group(1).split(",") if x])))
+    return sizes
+
+
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_batch_head_sharding_stays_local(page_size):
+    """Batch and heads sharded over a 4 x 2 mesh: the same results, and no collective moves any
+    cache. A contiguous cache (sharded like q) needs none at all; a paged pool is shared by the
+    rows, so it is sharded on heads only and each replica receives every row's new tokens (an
+    all-gather of k_new/v_new-sized data, never of the pool)."""
     devices = np.array(jax.devices("cpu")[:8])
     if devices.size < 8:
         pytest.skip("needs 8 CPU devices (conftest sets them)")
     mesh = Mesh(devices.reshape(4, 2), ("data", "model"))
     lengths = jnp.array([0, 7, 113, 50], jnp.int32)
-    k_cache, v_cache, _ = make_cache(lengths, 2, 32, 32, capacity=128)
+    k_cache, v_cache, page_table = make_cache(lengths, 2, 32, 32, page_size, capacity=128)
     q, k_new = normal((4, 1, 4, 32)), normal((4, 1, 2, 32))
-    f = jax.jit(lambda q, kc, vc, l, kn: fa3_jax.flash_attention_with_kvcache(
-        q, kc, vc, l, k_new=kn, v_new=kn), donate_argnums=(1, 2))
-    want = [np.asarray(x) for x in f(q, k_cache + 0, v_cache + 0, lengths, k_new)]
+    f = jax.jit(lambda q, kc, vc, l, kn, pt: fa3_jax.flash_attention_with_kvcache(
+        q, kc, vc, l, k_new=kn, v_new=kn, page_table=pt))
+    want = [np.asarray(x) for x in f(q, k_cache, v_cache, lengths, k_new, page_table)]
     t = NamedSharding(mesh, P("data", None, "model", None))
-    args = [jax.device_put(x, s) for x, s in ((q, t), (k_cache, t), (v_cache, t),
-                                              (lengths, NamedSharding(mesh, P("data"))),
-                                              (k_new, t))]
-    text = f.lower(*args).compile().as_text()
-    assert not re.findall(r"\b(all-gather|all-to-all|collective-permute|all-reduce)", text)
+    pool = NamedSharding(mesh, P(None, None, "model", None)) if page_size else t
+    rows = NamedSharding(mesh, P("data"))
+    args = [jax.device_put(q, t), jax.device_put(k_cache, pool), jax.device_put(v_cache, pool),
+            jax.device_put(lengths, rows), jax.device_put(k_new, t),
+            None if page_table is None else jax.device_put(page_table, rows)]
+    sizes = _collective_sizes(f.lower(*args).compile().as_text())
+    if page_size:
+        assert max(sizes, default=0) <= k_new.size, sizes
+    else:
+        assert not sizes, sizes
     got = f(*args)
-    assert got[1].sharding.spec == t.spec
+    assert got[1].sharding.is_equivalent_to(pool, 4)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-6, atol=1e-6)
 

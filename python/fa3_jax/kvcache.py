@@ -177,16 +177,16 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     if paged:
         page_table, num_pages, page_size, max_pages = _check_paged(k_cache, v_cache, page_table, b)
         capacity = max_pages * page_size
-        view_shape = lambda x: (b, capacity) + tuple(x.shape[2:])  # noqa: E731
+        # The rest is checked on the per-row view the kernel will see.
+        k_view, v_view = (jax.ShapeDtypeStruct((b, capacity) + tuple(x.shape[2:]), x.dtype)
+                          for x in (k_cache, v_cache))
         names = ("q", "k_cache (paged, per row)", "v_cache (paged, per row)")
     else:
         _check_rank4("k_cache", k_cache, "[batch, seqlen_cache, heads_kv, head_dim]")
         _check_rank4("v_cache", v_cache, "[batch, seqlen_cache, heads_kv, head_dim_v]")
         capacity = k_cache.shape[1]
-        view_shape = lambda x: tuple(x.shape)  # noqa: E731
-        names = ("q", "k_cache", "v_cache")
-    _, _, _, _, hkv, _, dv = check_qkv(
-        q, *(jax.ShapeDtypeStruct(view_shape(x), x.dtype) for x in (k_cache, v_cache)), names)
+        k_view, v_view, names = k_cache, v_cache, ("q", "k_cache", "v_cache")
+    _, _, _, _, hkv, _, dv = check_qkv(q, k_view, v_view, names)
     lengths = as_int32_array("cache_seqlens", cache_seqlens, "[batch]")
     if lengths.shape != (b,):
         raise ValueError(f"fa3_jax: cache_seqlens must have shape [batch] = ({b},) (batch from "

@@ -168,9 +168,10 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     Works under jit (cache_seqlens and page_table are traced: one compilation serves every
     length), vmap (over a leading axis of every array) and multi-device jit: batch and head
     sharding stay local for a contiguous cache; a paged pool (shared by the rows) may be sharded
-    on heads, and each of its replicas then receives every row's new tokens. Runs where flash_attention_varlen runs: the CPU backend
-    now, Hopper once the varlen kernels land. Paged caches are gathered into a contiguous view
-    first (interim path; the Hopper kernel will read pages directly).
+    on heads, and each of its replicas then receives every row's new tokens. Runs where
+    flash_attention_varlen runs: the CPU backend now, Hopper once the varlen kernels land. Paged
+    caches are gathered into a contiguous view first (interim path; the Hopper kernel will read
+    pages directly).
     """
     b, sq, hq, d = _check_rank4("q", q, "[batch, seqlen_q, heads_q, head_dim]")
     paged = page_table is not None
@@ -178,15 +179,15 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
         page_table, num_pages, page_size, max_pages = _check_paged(k_cache, v_cache, page_table, b)
         capacity = max_pages * page_size
         # The rest is checked on the per-row view the kernel will see.
-        k_view, v_view = (jax.ShapeDtypeStruct((b, capacity) + tuple(x.shape[2:]), x.dtype)
+        k_rows, v_rows = (jax.ShapeDtypeStruct((b, capacity) + tuple(x.shape[2:]), x.dtype)
                           for x in (k_cache, v_cache))
         names = ("q", "k_cache (paged, per row)", "v_cache (paged, per row)")
     else:
         _check_rank4("k_cache", k_cache, "[batch, seqlen_cache, heads_kv, head_dim]")
         _check_rank4("v_cache", v_cache, "[batch, seqlen_cache, heads_kv, head_dim_v]")
         capacity = k_cache.shape[1]
-        k_view, v_view, names = k_cache, v_cache, ("q", "k_cache", "v_cache")
-    _, _, _, _, hkv, _, dv = check_qkv(q, k_view, v_view, names)
+        k_rows, v_rows, names = k_cache, v_cache, ("q", "k_cache", "v_cache")
+    _, _, _, _, hkv, _, dv = check_qkv(q, k_rows, v_rows, names)
     lengths = as_int32_array("cache_seqlens", cache_seqlens, "[batch]")
     if lengths.shape != (b,):
         raise ValueError(f"fa3_jax: cache_seqlens must have shape [batch] = ({b},) (batch from "

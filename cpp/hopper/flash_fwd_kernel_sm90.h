@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         TileCoord const t = decode_tile(sched, tile);
         int n_min, n_max;
         p.mask.n_block_range(t.m_block, n_min, n_max);
+        split_n_range(sched, t, n_min, n_max);
         if (n_max <= n_min) continue;
         Mainloop::load(p, ss, pipe_k, pipe_v, write, q_tile_count, t, n_min, n_max);
         ++q_tile_count;
@@ -99,6 +100,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       TileCoord const t = decode_tile(sched, tile);
       int n_min, n_max;
       p.mask.n_block_range(t.m_block, n_min, n_max);
+      split_n_range(sched, t, n_min, n_max);
       if (n_max <= n_min) {
         Epilogue::store_empty(p, t, mma_tidx);
         continue;

@@ -133,9 +133,17 @@ struct FwdTraits {
     float scale_log2;   // factor on the (capped) score before exp2
     float softcap_pre;  // softmax_scale / softcap, used only when has_softcap
     bool has_softcap;
+    // Rows (m_block * kBlockM + r) and heads are those of the tiles; with GQA packing a tile row
+    // is one query head of a KV group, so both strides are explicit.
     Element* out;
-    int64_t out_row_stride, out_batch_stride;  // in elements
+    int64_t out_row_stride, out_head_stride, out_batch_stride;  // in elements
     float* lse;
+    int64_t lse_row_stride, lse_head_stride, lse_batch_stride;
+    // With sched.num_splits > 1 tiles write float32 partial results here instead (workspace):
+    // lse_accum [num_splits, batch, heads, seqlen_q], o_accum [..., kHeadDimV], rows in tile
+    // coordinates; flash_fwd_combine_sm90.h merges them into out and lse.
+    float* lse_accum;
+    float* o_accum;
   };
 };
 

@@ -1,7 +1,8 @@
 // fa3_jax Hopper forward epilogue: O (input dtype) and LSE (float32, natural log) of one tile,
 // written straight from the accumulator registers with row bounds checks, and the fill of
 // tiles whose rows see no key at all (out 0, lse -inf). With split-KV (sched.num_splits > 1) the
-// tile's float32 O and its LSE go to the workspace instead, for the combine kernel.
+// tile's float32 O and its LSE go to the workspace instead, for the combine kernel (the kSplit
+// instantiation).
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"
@@ -28,7 +29,7 @@ struct FwdEpilogue {
     static_assert(decltype(size<0>(o))::value == 2);
     AccCoord const coord(mma_tidx);
     int const seqlen_q = p.mask.seqlen_q;
-    if (p.sched.num_splits > 1) {
+    if constexpr (Traits::kSplit) {
       int64_t const row0 = partial_row0(p, t);
       CUTLASS_PRAGMA_UNROLL
       for (int mi = 0; mi < size<0>(o); ++mi) {
@@ -68,7 +69,7 @@ struct FwdEpilogue {
   // never reads the O of such a split, so it is not written.
   static CUTLASS_DEVICE void store_empty(Params const& p, TileCoord t, int mma_tidx) {
     int const seqlen_q = p.mask.seqlen_q;
-    if (p.sched.num_splits > 1) {
+    if constexpr (Traits::kSplit) {
       int64_t const row0 = partial_row0(p, t);
       for (int r = mma_tidx; r < kBlockM; r += Traits::kNumMmaThreads) {
         int const i = t.m_block * kBlockM + r;

@@ -91,19 +91,18 @@ size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
 
 int num_sms_here() { return std::max(cuda::device_facts(cuda::current_device()).num_sms, 0); }
 
-template <class Element, int kHeadDim, int kHeadDimV>
-const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
+template <class Element, int kHeadDim, int kHeadDimV, bool kSplit>
+const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
+                            cudaStream_t stream) {
   constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV);
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
-                                 ts.producer_regs, ts.consumer_regs, Element>;
+                                 ts.producer_regs, ts.consumer_regs, Element, kSplit>;
   using ShapeQKV = typename Traits::ShapeQKV;
   using StrideQKV = typename Traits::StrideQKV;
 
   int const b = int(p.batch), sk = int(p.seqlen_k);
   int const hq = int(p.heads_q), hkv = int(p.heads_kv);
-  if (b == 0 || p.seqlen_q == 0 || hq == 0) return nullptr;
   cuda::DeviceFacts const& dev = cuda::device_facts(cuda::current_device());
-  FwdPlan const plan = plan_fwd(p, pack_gqa(p), std::max(dev.num_sms, 0));
   // Tile coordinates: sq rows per head, h heads (packed: the group's query heads are the rows).
   int const sq = plan.seqlen_q, h = plan.heads;
   int const group = hq / hkv;
@@ -174,7 +173,7 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
   kp.lse_head_stride = plan.packed ? int64_t(group) : int64_t(p.seqlen_q);
   kp.lse_accum = nullptr;
   kp.o_accum = nullptr;
-  if (plan.num_splits > 1) {
+  if (kSplit) {
     if (!workspace) return "the sm90 split-KV forward needs its workspace";
     char* ws = static_cast<char*>(workspace);
     kp.lse_accum = reinterpret_cast<float*>(ws + kCounterBytes);
@@ -188,7 +187,7 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
     return "cannot raise the shared-memory limit of the sm90 forward kernel";
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(kp);
   if (cuda::launch_failed()) return "sm90 forward kernel launch failed";
-  if (plan.num_splits <= 1) return nullptr;
+  if constexpr (!kSplit) return nullptr;
 
   sm90::FwdCombineParams cp;
   cp.num_splits = plan.num_splits;
@@ -210,6 +209,15 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
   sm90::flash_fwd_combine_sm90<Element><<<combine_blocks, sm90::kCombineWarps * 32, 0, stream>>>(cp);
   if (cuda::launch_failed()) return "sm90 forward split-KV combine kernel launch failed";
   return nullptr;
+}
+
+template <class Element, int kHeadDim, int kHeadDimV>
+const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
+  if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return nullptr;
+  FwdPlan const plan = plan_fwd(p, pack_gqa(p), num_sms_here());
+  return plan.num_splits > 1
+             ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, true>(p, plan, workspace, stream)
+             : launch_fwd_plan<Element, kHeadDim, kHeadDimV, false>(p, plan, workspace, stream);
 }
 
 template <class Element>

@@ -112,8 +112,10 @@ def format_row(row):
     cells = []
     for impl in IMPLS:
         r = row["results"].get(impl)
+        # Significant digits below 0.1 TB/s, so CPU smoke runs still show a number.
         cells.append("-" if r is None else r["status"] if r["status"] != "ok"
-                     else f"{r['tb_per_s']:.2f}")
+                     else f"{r['tb_per_s']:.2f}" if r["tb_per_s"] >= 0.1
+                     else f"{r['tb_per_s']:.2g}")
     a, b = _tbs(row, "fa3_jax"), _tbs(row, "cudnn")
     ratio = "-" if a is None or b is None else f"{a / b:.3f}"
     fa3 = row["results"].get("fa3_jax")

@@ -16,3 +16,16 @@ for d in fa3_jax.cuda_head_dims():
         val, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
         jax.block_until_ready(grads)
         print(f"head_dim {d} causal {causal}: ok, loss {float(val):.4f}")
+
+# Decode shapes: split-KV (few tiles, many keys), seqlen_q-1 GQA packing in the kernel and
+# seqlen_q-4 row packing around it; FA3_JAX_FWD_NUM_SPLITS=5 adds empty splits at seqlen_k 300.
+for sq, sk, kw in ((1, 1000, dict(causal=True)), (4, 1000, dict()), (7, 300, dict(causal=True)),
+                   (1, 300, dict(window_size=(100, 0)))):
+    kq, kk, kv, key = jax.random.split(key, 4)
+    d = fa3_jax.cuda_head_dims()[0]
+    q = jax.random.normal(kq, (2, sq, 8, d), jnp.bfloat16)
+    k = jax.random.normal(kk, (2, sk, 2, d), jnp.bfloat16)
+    v = jax.random.normal(kv, (2, sk, 2, d), jnp.bfloat16)
+    out, lse = jax.jit(lambda q, k, v: fa3_jax.flash_attention(q, k, v, return_lse=True, **kw))(q, k, v)  # noqa
+    jax.block_until_ready(out)
+    print(f"decode sq {sq} sk {sk} {kw}: ok, sum {float(jnp.sum(out.astype(jnp.float32))):.4f}")

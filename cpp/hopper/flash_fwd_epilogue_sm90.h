@@ -1,6 +1,8 @@
 // fa3_jax Hopper forward epilogue: O (input dtype) and LSE (float32, natural log) of one tile,
 // written straight from the accumulator registers with row bounds checks, and the fill of
-// tiles whose rows see no key at all (out 0, lse -inf).
+// tiles whose rows see no key at all (out 0, lse -inf). With split-KV (sched.num_splits > 1) the
+// tile's float32 O and its LSE go to the workspace instead, for the combine kernel (the kSplit
+// instantiation).
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"
@@ -14,6 +16,12 @@ struct FwdEpilogue {
   using Params = typename Traits::Params;
   static constexpr int kBlockM = Traits::kBlockM, kHeadDimV = Traits::kHeadDimV;
 
+  // First row of (t.split, t.batch, t.head) in the split-KV partial buffers.
+  static CUTLASS_DEVICE int64_t partial_row0(Params const& p, TileCoord t) {
+    int64_t const hb = int64_t(t.batch) * p.sched.heads + t.head;
+    return (int64_t(t.split) * p.sched.num_hb + hb) * p.mask.seqlen_q;
+  }
+
   template <class TensorO>
   static CUTLASS_DEVICE void store(Params const& p, TensorO const& tOrO,
                                    cute::array<float, 2> const& lse, TileCoord t, int mma_tidx) {
@@ -21,8 +29,23 @@ struct FwdEpilogue {
     static_assert(decltype(size<0>(o))::value == 2);
     AccCoord const coord(mma_tidx);
     int const seqlen_q = p.mask.seqlen_q;
-    Element* out = p.out + t.batch * p.out_batch_stride + int64_t(t.head) * kHeadDimV;
-    float* lse_row = p.lse + (int64_t(t.batch) * p.sched.heads + t.head) * seqlen_q;
+    if constexpr (Traits::kSplit) {
+      int64_t const row0 = partial_row0(p, t);
+      CUTLASS_PRAGMA_UNROLL
+      for (int mi = 0; mi < size<0>(o); ++mi) {
+        int const i = t.m_block * kBlockM + coord.row0 + AccCoord::row_offset(mi);
+        if (i >= seqlen_q) continue;
+        float* o_row = p.o_accum + (row0 + i) * kHeadDimV + coord.col0;
+        CUTLASS_PRAGMA_UNROLL
+        for (int ni = 0; ni < size<1>(o); ni += 2)
+          *reinterpret_cast<float2*>(o_row + AccCoord::col_offset(ni)) =
+              make_float2(o(mi, ni), o(mi, ni + 1));
+        if (mma_tidx % 4 == 0) p.lse_accum[row0 + i] = lse[mi];
+      }
+      return;
+    }
+    Element* out = p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride;
+    float* lse_head = p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride;
     // Pairs are converted as they are stored: a converted copy of the whole accumulator would
     // not fit next to it in the register budget at head dim 256.
     cutlass::NumericArrayConverter<Element, float, 2> to_element;
@@ -38,13 +61,23 @@ struct FwdEpilogue {
         *reinterpret_cast<cutlass::Array<Element, 2>*>(out_row + AccCoord::col_offset(ni)) =
             to_element(pair);
       }
-      if (mma_tidx % 4 == 0) lse_row[i] = lse[mi];
+      if (mma_tidx % 4 == 0) lse_head[i * p.lse_row_stride] = lse[mi];
     }
   }
 
+  // A tile (or split) with no visible key. A split only marks its LSE -inf: the combine kernel
+  // never reads the O of such a split, so it is not written.
   static CUTLASS_DEVICE void store_empty(Params const& p, TileCoord t, int mma_tidx) {
     int const seqlen_q = p.mask.seqlen_q;
-    Element* out = p.out + t.batch * p.out_batch_stride + int64_t(t.head) * kHeadDimV;
+    if constexpr (Traits::kSplit) {
+      int64_t const row0 = partial_row0(p, t);
+      for (int r = mma_tidx; r < kBlockM; r += Traits::kNumMmaThreads) {
+        int const i = t.m_block * kBlockM + r;
+        if (i < seqlen_q) p.lse_accum[row0 + i] = -INFINITY;
+      }
+      return;
+    }
+    Element* out = p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride;
     constexpr int kChunks = kHeadDimV / 8;  // 16-byte chunks per row
     for (int idx = mma_tidx; idx < kBlockM * kChunks; idx += Traits::kNumMmaThreads) {
       int const i = t.m_block * kBlockM + idx / kChunks;
@@ -52,10 +85,10 @@ struct FwdEpilogue {
         *reinterpret_cast<uint4*>(out + i * p.out_row_stride + (idx % kChunks) * 8) =
             make_uint4(0, 0, 0, 0);
     }
-    float* lse_row = p.lse + (int64_t(t.batch) * p.sched.heads + t.head) * seqlen_q;
+    float* lse_head = p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride;
     for (int r = mma_tidx; r < kBlockM; r += Traits::kNumMmaThreads) {
       int const i = t.m_block * kBlockM + r;
-      if (i < seqlen_q) lse_row[i] = -INFINITY;
+      if (i < seqlen_q) lse_head[i * p.lse_row_stride] = -INFINITY;
     }
   }
 };

@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         TileCoord const t = decode_tile(sched, tile);
         int n_min, n_max;
         p.mask.n_block_range(t.m_block, n_min, n_max);
+        split_n_range(sched, t, n_min, n_max);
         if (n_max <= n_min) continue;
         Mainloop::load(p, ss, pipe_k, pipe_v, write, q_tile_count, t, n_min, n_max);
         ++q_tile_count;
@@ -99,6 +100,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       TileCoord const t = decode_tile(sched, tile);
       int n_min, n_max;
       p.mask.n_block_range(t.m_block, n_min, n_max);
+      split_n_range(sched, t, n_min, n_max);
       if (n_max <= n_min) {
         Epilogue::store_empty(p, t, mma_tidx);
         continue;
@@ -106,7 +108,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       cute::array<float, 2> lse;
       Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, n_min, n_max, mma_tidx, tOrO,
                     lse);
-      Epilogue::store(p, tOrO, lse, t, mma_tidx);
+      // Decoded again rather than kept: at head dim 256 the consumers' 240 registers hold the
+      // O accumulator, and tile coordinates live across the mainloop spilled there.
+      Epilogue::store(p, tOrO, lse, decode_tile(sched, tile), mma_tidx);
       ++q_tile_count;
     }
     // Absorb warpgroup 1's last arrive so that no named barrier is left half-arrived.

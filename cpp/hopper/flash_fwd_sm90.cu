@@ -1,6 +1,9 @@
 // fa3_jax Hopper forward: the flash.h entry points (sm90_supports_fwd, sm90_fwd_workspace_bytes,
 // run_fwd_sm90) and the one list of compiled instantiations.
 //
+// Split-KV (Flash-Decoding) and GQA packing are chosen here per call (plan_fwd, pack_gqa; the
+// split count's rule is fwd_num_splits in tile_size.h).
+//
 // Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128).
 // head_dims.h selects the head dims to build (both dtypes); the supports query then reports
 // exactly what was built.
@@ -11,9 +14,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "../cuda_device.h"
 #include "../flash.h"
+#include "flash_fwd_combine_sm90.h"
 #include "flash_fwd_kernel_sm90.h"
 #include "head_dims.h"
 #include "tile_size.h"
@@ -25,26 +30,95 @@ namespace {
 
 using namespace cute;
 
-template <class Element, int kHeadDim, int kHeadDimV>
-const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
+// GQA packing (FA3's PackGQA), decided on the host from the shapes and the band: with
+// seqlen_q == 1 the query heads of one KV group become the rows of one tile (row r = query head
+// h_kv * group + r), so a CTA reads each K/V block once for the whole group instead of once per
+// query head. It needs no copy: Q, out and lse are the same bytes seen with other strides. It
+// is taken only where every packed row sees the same keys, i.e. the one query row sees all of
+// them (diag_lo <= 0 and diag_hi >= seqlen_k - 1: no window cuts the keys; bottom-right causal
+// with seqlen_q 1 is such a case), since the kernel's band would otherwise mask the packed rows
+// as if they were different query positions.
+bool packable_gqa_shape(FwdParams const& p) { return p.seqlen_q == 1 && p.heads_q > p.heads_kv; }
+bool pack_gqa(FwdParams const& p) {
+  return packable_gqa_shape(p) && p.diag_lo <= 0 && p.diag_hi >= p.seqlen_k - 1;
+}
+
+// The grid as the kernel sees it: query rows and heads per tile coordinates, and the split.
+struct FwdPlan {
+  bool packed;
+  int seqlen_q, heads;  // of the tiles (packed: the group's heads as rows, heads_kv heads)
+  int num_m_blocks, num_tiles_unsplit, num_splits;
+};
+
+// Test hook: FA3_JAX_FWD_NUM_SPLITS=n forces n splits (1..kMaxSplits) on every call, including
+// more splits than key blocks (empty splits). Read once per process, so the workspace size
+// Python asked for and the launch always agree.
+int forced_num_splits() {
+  static int const forced = [] {
+    char const* env = std::getenv("FA3_JAX_FWD_NUM_SPLITS");
+    return env ? std::clamp(std::atoi(env), 0, sm90::kMaxSplits) : 0;
+  }();
+  return forced;
+}
+
+FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
+  sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v));
+  FwdPlan plan;
+  plan.packed = packed;
+  plan.seqlen_q = int(packed ? p.heads_q / p.heads_kv : p.seqlen_q);
+  plan.heads = int(packed ? p.heads_kv : p.heads_q);
+  plan.num_m_blocks = (plan.seqlen_q + ts.block_m - 1) / ts.block_m;
+  plan.num_tiles_unsplit = plan.num_m_blocks * plan.heads * int(p.batch);
+  int const num_n_blocks = int((p.seqlen_k + ts.block_n - 1) / ts.block_n);
+  int const forced = forced_num_splits();
+  plan.num_splits =
+      forced > 0 ? forced : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
+  return plan;
+}
+
+// Workspace: the tile counter, then (split-KV only) lse_accum and o_accum, 256-byte aligned.
+constexpr size_t kCounterBytes = 256;
+size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
+  return align256(size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * sizeof(float));
+}
+size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
+  if (plan.num_splits <= 1) return 16;
+  return kCounterBytes + partial_lse_bytes(p, plan) +
+         size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
+             sizeof(float);
+}
+
+int num_sms_here() { return std::max(cuda::device_facts(cuda::current_device()).num_sms, 0); }
+
+template <class Element, int kHeadDim, int kHeadDimV, bool kSplit>
+const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
+                            cudaStream_t stream) {
   constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV);
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
-                                 ts.producer_regs, ts.consumer_regs, Element>;
+                                 ts.producer_regs, ts.consumer_regs, Element, kSplit>;
   using ShapeQKV = typename Traits::ShapeQKV;
   using StrideQKV = typename Traits::StrideQKV;
 
-  int const b = int(p.batch), sq = int(p.seqlen_q), sk = int(p.seqlen_k);
+  int const b = int(p.batch), sk = int(p.seqlen_k);
   int const hq = int(p.heads_q), hkv = int(p.heads_kv);
-  if (b == 0 || sq == 0 || hq == 0) return nullptr;
+  cuda::DeviceFacts const& dev = cuda::device_facts(cuda::current_device());
+  // Tile coordinates: sq rows per head, h heads (packed: the group's query heads are the rows).
+  int const sq = plan.seqlen_q, h = plan.heads;
+  int const group = hq / hkv;
   // TMA boxes need non-empty tensors; with seqlen_k == 0 every tile is empty and none loads.
   int const sk_tma = std::max(sk, 1);
 
   typename Traits::Params kp;
-  kp.shape_q = ShapeQKV(sq, kHeadDim, hq, b);
+  kp.shape_q = ShapeQKV(sq, kHeadDim, h, b);
   kp.shape_k = ShapeQKV(sk_tma, kHeadDim, hkv, b);
   kp.shape_v = ShapeQKV(sk_tma, kHeadDimV, hkv, b);
-  StrideQKV const stride_q(int64_t(hq) * kHeadDim, _1{}, int64_t(kHeadDim),
-                           int64_t(sq) * hq * kHeadDim);
+  // Q [b, seqlen_q, hq, d]; packed (seqlen_q 1): row r of head h_kv is query head h_kv * group + r.
+  StrideQKV const stride_q =
+      plan.packed ? StrideQKV(int64_t(kHeadDim), _1{}, int64_t(group) * kHeadDim,
+                              int64_t(hq) * kHeadDim)
+                  : StrideQKV(int64_t(hq) * kHeadDim, _1{}, int64_t(kHeadDim),
+                              int64_t(sq) * hq * kHeadDim);
   StrideQKV const stride_k(int64_t(hkv) * kHeadDim, _1{}, int64_t(kHeadDim),
                            int64_t(sk) * hkv * kHeadDim);
   StrideQKV const stride_v(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
@@ -61,23 +135,25 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
                            select<2, 1>(typename Traits::TileShapePV{}), _1{});
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
-  int64_t const lo = std::clamp<int64_t>(p.diag_lo, -int64_t(sq), int64_t(sk));
-  int64_t const hi = std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
+  // Packed rows all see every key (pack_gqa), which the unbounded band says.
+  int64_t const lo = plan.packed ? -int64_t(sq) : std::clamp<int64_t>(p.diag_lo, -int64_t(sq), int64_t(sk));
+  int64_t const hi = plan.packed ? int64_t(sk) : std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
   kp.mask = {sq, sk, int(lo), int(hi)};
 
-  cuda::DeviceFacts const& dev = cuda::device_facts(cuda::current_device());
-  int const qheads_per_kvhead = hq / hkv;
-  int const num_m_blocks = (sq + ts.block_m - 1) / ts.block_m;
-  int const num_hb = hq * b;
+  int const num_m_blocks = plan.num_m_blocks;
+  int const num_hb = h * b;
   // K/V bytes one (head, batch) pair pulls through L2 (shared by the query heads of a group).
+  int const heads_per_kv = h / hkv;
   int64_t const kv_bytes = std::max<int64_t>(
-      1, int64_t(sk) * (kHeadDim + kHeadDimV) * sizeof(Element) / qheads_per_kvhead);
-  int const group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
-  kp.sched = {num_m_blocks, hq, num_hb, group, num_m_blocks * num_hb, hi < sk};
-  kp.qheads_per_kvhead = qheads_per_kvhead;
+      1, int64_t(sk) * (kHeadDim + kHeadDimV) * sizeof(Element) / heads_per_kv);
+  int const l2_group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
+  kp.sched = {num_m_blocks, h, num_hb, l2_group, num_m_blocks * num_hb * plan.num_splits, hi < sk,
+              plan.num_splits};
+  kp.qheads_per_kvhead = heads_per_kv;
   int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
   // With at most one tile per CTA there is nothing to balance: no counter and no memset (short
   // calls then cost one launch).
+  int* tile_counter = static_cast<int*>(workspace);
   kp.tile_counter = kp.sched.num_tiles > grid ? tile_counter : nullptr;
   if (kp.tile_counter && cudaMemsetAsync(kp.tile_counter, 0, sizeof(int), stream) != cudaSuccess)
     return "cannot reset the sm90 forward tile counter";
@@ -87,9 +163,22 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
   kp.softcap_pre = kp.has_softcap ? p.softmax_scale / p.softcap : 0.f;
   kp.scale_log2 = (kp.has_softcap ? p.softcap : p.softmax_scale) * kLog2e;
   kp.out = static_cast<Element*>(p.out);
-  kp.out_row_stride = int64_t(hq) * kHeadDimV;
-  kp.out_batch_stride = int64_t(sq) * hq * kHeadDimV;
+  // out [b, seqlen_q, hq, dv] and lse [b, hq, seqlen_q] in tile coordinates (row, head, batch).
+  kp.out_batch_stride = int64_t(p.seqlen_q) * hq * kHeadDimV;
+  kp.out_row_stride = plan.packed ? int64_t(kHeadDimV) : int64_t(hq) * kHeadDimV;
+  kp.out_head_stride = plan.packed ? int64_t(group) * kHeadDimV : int64_t(kHeadDimV);
   kp.lse = p.lse;
+  kp.lse_batch_stride = int64_t(hq) * p.seqlen_q;
+  kp.lse_row_stride = 1;
+  kp.lse_head_stride = plan.packed ? int64_t(group) : int64_t(p.seqlen_q);
+  kp.lse_accum = nullptr;
+  kp.o_accum = nullptr;
+  if (kSplit) {
+    if (!workspace) return "the sm90 split-KV forward needs its workspace";
+    char* ws = static_cast<char*>(workspace);
+    kp.lse_accum = reinterpret_cast<float*>(ws + kCounterBytes);
+    kp.o_accum = reinterpret_cast<float*>(ws + kCounterBytes + partial_lse_bytes(p, plan));
+  }
 
   auto kernel = sm90::flash_fwd_kernel_sm90<Traits>;
   constexpr int kSmemBytes = sizeof(typename Traits::SharedStorage);
@@ -98,32 +187,62 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
     return "cannot raise the shared-memory limit of the sm90 forward kernel";
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(kp);
   if (cuda::launch_failed()) return "sm90 forward kernel launch failed";
+  if constexpr (!kSplit) return nullptr;
+
+  sm90::FwdCombineParams cp;
+  cp.num_splits = plan.num_splits;
+  cp.num_rows = num_hb * sq;
+  cp.seqlen_q = sq;
+  cp.heads = h;
+  cp.head_dim_v = kHeadDimV;
+  cp.lse_accum = kp.lse_accum;
+  cp.o_accum = kp.o_accum;
+  cp.out = p.out;
+  cp.out_row_stride = kp.out_row_stride;
+  cp.out_head_stride = kp.out_head_stride;
+  cp.out_batch_stride = kp.out_batch_stride;
+  cp.lse = p.lse;
+  cp.lse_row_stride = kp.lse_row_stride;
+  cp.lse_head_stride = kp.lse_head_stride;
+  cp.lse_batch_stride = kp.lse_batch_stride;
+  int const combine_blocks = (cp.num_rows + sm90::kCombineWarps - 1) / sm90::kCombineWarps;
+  sm90::flash_fwd_combine_sm90<Element><<<combine_blocks, sm90::kCombineWarps * 32, 0, stream>>>(cp);
+  if (cuda::launch_failed()) return "sm90 forward split-KV combine kernel launch failed";
   return nullptr;
 }
 
+template <class Element, int kHeadDim, int kHeadDimV>
+const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
+  if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return nullptr;
+  FwdPlan const plan = plan_fwd(p, pack_gqa(p), num_sms_here());
+  return plan.num_splits > 1
+             ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, true>(p, plan, workspace, stream)
+             : launch_fwd_plan<Element, kHeadDim, kHeadDimV, false>(p, plan, workspace, stream);
+}
+
 template <class Element>
-const char* dispatch_hdim(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
+const char* dispatch_hdim(const FwdParams& p, void* workspace, cudaStream_t stream) {
 #if FA3_JAX_FWD_HDIM(64)
   if (p.head_dim == 64 && p.head_dim_v == 64)
-    return launch_fwd<Element, 64, 64>(p, tile_counter, stream);
+    return launch_fwd<Element, 64, 64>(p, workspace, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(96)
   if (p.head_dim == 96 && p.head_dim_v == 96)
-    return launch_fwd<Element, 96, 96>(p, tile_counter, stream);
+    return launch_fwd<Element, 96, 96>(p, workspace, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(128)
   if (p.head_dim == 128 && p.head_dim_v == 128)
-    return launch_fwd<Element, 128, 128>(p, tile_counter, stream);
+    return launch_fwd<Element, 128, 128>(p, workspace, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(192)
   if (p.head_dim == 192 && p.head_dim_v == 192)
-    return launch_fwd<Element, 192, 192>(p, tile_counter, stream);
+    return launch_fwd<Element, 192, 192>(p, workspace, stream);
   if (p.head_dim == 192 && p.head_dim_v == 128)
-    return launch_fwd<Element, 192, 128>(p, tile_counter, stream);
+    return launch_fwd<Element, 192, 128>(p, workspace, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(256)
   if (p.head_dim == 256 && p.head_dim_v == 256)
-    return launch_fwd<Element, 256, 256>(p, tile_counter, stream);
+    return launch_fwd<Element, 256, 256>(p, workspace, stream);
 #endif
   return "head dim not compiled into the sm90 forward kernel";
 }
@@ -147,16 +266,24 @@ bool sm90_supports_fwd(const FwdParams& p) {
   return p.seqlen_q < kMax && p.seqlen_k < kMax && p.batch * p.heads_q < kMax;
 }
 
-// One int: the dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream).
-size_t sm90_fwd_workspace_bytes(const FwdParams&) { return 16; }
+// The dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream) and, where the
+// shapes call for split-KV, the partial results. The band is not among the shapes Python passes
+// (cpp/module.cc), so the size covers both the packed and the unpacked GQA plan.
+size_t sm90_fwd_workspace_bytes(const FwdParams& p) {
+  if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0 || p.heads_kv <= 0) return 16;
+  int const num_sms = num_sms_here();
+  size_t bytes = workspace_bytes(p, plan_fwd(p, false, num_sms));
+  if (packable_gqa_shape(p)) bytes = std::max(bytes, workspace_bytes(p, plan_fwd(p, true, num_sms)));
+  return bytes;
+}
 
 const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stream) {
   if (!sm90_supports_fwd(p)) return "unsupported dtype or head dim for the sm90 forward";
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // Without a workspace the kernel falls back to the static round-robin schedule.
-  int* counter = static_cast<int*>(workspace);
-  if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, counter, s);
-  return dispatch_hdim<cutlass::bfloat16_t>(p, counter, s);
+  // Without a workspace the kernel falls back to the static round-robin schedule (and split-KV,
+  // which needs one, reports an error).
+  if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, workspace, s);
+  return dispatch_hdim<cutlass::bfloat16_t>(p, workspace, s);
 }
 
 }  // namespace fa3

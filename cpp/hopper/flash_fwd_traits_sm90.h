@@ -26,13 +26,18 @@ namespace fa3::sm90 {
 
 using namespace cute;
 
+// kSplit: split-KV instantiation (tiles write float32 partials for the combine kernel). A
+// compile-time flag, not a runtime branch: the partial-store path next to the regular one
+// pushed the head-dim-256 consumers (128-register O accumulator) into spills inside the mainloop,
+// so unsplit calls run a kernel without it.
 template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_,
-          int kProducerRegs_, int kConsumerRegs_, class Element_>
+          int kProducerRegs_, int kConsumerRegs_, class Element_, bool kSplit_ = false>
 struct FwdTraits {
   using Element = Element_;
   using ElementAccum = float;
   static constexpr int kHeadDim = kHeadDim_, kHeadDimV = kHeadDimV_;
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
+  static constexpr bool kSplit = kSplit_;
 
   static_assert(sizeof(Element) == 2, "only 16-bit inputs: FP8 needs a V transpose in smem");
   static_assert(kBlockM == 128, "two consumer warpgroups of 64 query rows each");
@@ -133,9 +138,17 @@ struct FwdTraits {
     float scale_log2;   // factor on the (capped) score before exp2
     float softcap_pre;  // softmax_scale / softcap, used only when has_softcap
     bool has_softcap;
+    // Rows (m_block * kBlockM + r) and heads are those of the tiles; with GQA packing a tile row
+    // is one query head of a KV group, so both strides are explicit.
     Element* out;
-    int64_t out_row_stride, out_batch_stride;  // in elements
+    int64_t out_row_stride, out_head_stride, out_batch_stride;  // in elements
     float* lse;
+    int64_t lse_row_stride, lse_head_stride, lse_batch_stride;
+    // With kSplit tiles write float32 partial results here instead (workspace):
+    // lse_accum [num_splits, batch, heads, seqlen_q], o_accum [..., kHeadDimV], rows in tile
+    // coordinates; flash_fwd_combine_sm90.h merges them into out and lse.
+    float* lse_accum;
+    float* o_accum;
   };
 };
 

@@ -123,7 +123,15 @@ struct Case {
 };
 
 int g_fail = 0, g_pass = 0;
-void* g_workspace = nullptr;  // sm90_fwd_workspace_bytes, allocated once
+
+// A workspace of sm90_fwd_workspace_bytes(p) for one call (split-KV sizes it by shape).
+struct Workspace {
+  void* ptr = nullptr;
+  explicit Workspace(FwdParams const& p) {
+    CHECK_CUDA(cudaMalloc(&ptr, std::max<size_t>(16, fa3::sm90_fwd_workspace_bytes(p))));
+  }
+  ~Workspace() { cudaFree(ptr); }
+};
 
 template <class T>
 void run_case(DType dt, int64_t d, int64_t dv, Case const& c, uint64_t seed, bool verbose) {
@@ -149,7 +157,8 @@ void run_case(DType dt, int64_t d, int64_t dv, Case const& c, uint64_t seed, boo
   CHECK_CUDA(cudaMemset(lse, 0xFF, nl * 4));
   CHECK_CUDA(cudaMemset(acc, 0, 5 * sizeof(double)));
   p.q = q; p.k = k; p.v = v; p.out = o; p.lse = lse;
-  char const* err = fa3::run_fwd_sm90(p, g_workspace, nullptr);
+  Workspace ws(p);
+  char const* err = fa3::run_fwd_sm90(p, ws.ptr, nullptr);
   CHECK_CUDA(cudaGetLastError());
   CHECK_CUDA(cudaDeviceSynchronize());
   if (err) { std::printf("FAIL %s: %s\n", c.name, err); ++g_fail; return; }
@@ -185,6 +194,10 @@ std::vector<Case> cases() {
       {2, 113, 113, 2, 2, -kInf, 0, 30.f, "causal softcap30"},
       {1, 4097, 1000, 2, 2, -kInf, 0, 0.f, "causal-tl 4097x1000"},
       {1, 1000, 113, 2, 2, -100, 5, 5.f, "band softcap5"},
+      // Decode shapes: split-KV and (seqlen_q 1, all keys visible) GQA packing.
+      {2, 1, 4097, 32, 8, -kInf, kInf, 0.f, "decode gqa 1x4097"},
+      {1, 1, 3001, 8, 8, 3001 - 1 - 100, 3001 - 1, 0.f, "decode window100"},
+      {1, 7, 20000, 8, 1, -kInf, 20000 - 7, 0.f, "spec mqa causal-br 7x20000"},
   };
 }
 
@@ -228,13 +241,14 @@ void time_paper(int only) {
         CHECK_CUDA(cudaMalloc(&lse, p.batch * p.heads_q * s * 4));
         fill_normal<<<1024, 256>>>(q, n, 11); fill_normal<<<1024, 256>>>(k, n, 12); fill_normal<<<1024, 256>>>(v, n, 13);
         p.q = q; p.k = k; p.v = v; p.out = o; p.lse = lse;
-        for (int w = 0; w < 5; ++w) fa3::run_fwd_sm90(p, g_workspace, nullptr);
+        Workspace ws(p);
+        for (int w = 0; w < 5; ++w) fa3::run_fwd_sm90(p, ws.ptr, nullptr);
         CHECK_CUDA(cudaDeviceSynchronize());
         std::vector<float> ms;
         cudaEvent_t e0, e1; cudaEventCreate(&e0); cudaEventCreate(&e1);
         for (int r = 0; r < 30; ++r) {
           cudaEventRecord(e0);
-          char const* err = fa3::run_fwd_sm90(p, g_workspace, nullptr);
+          char const* err = fa3::run_fwd_sm90(p, ws.ptr, nullptr);
           cudaEventRecord(e1);
           CHECK_CUDA(cudaEventSynchronize(e1));
           if (err) { std::printf(" %s\n", err); std::exit(1); }
@@ -263,10 +277,6 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--time")) do_time = true;
     else if (!std::strcmp(argv[i], "--small")) small = true;
     else if (!std::strcmp(argv[i], "--hdim") && i + 1 < argc) only = std::atoi(argv[++i]);
-  }
-  {
-    FwdParams p;
-    CHECK_CUDA(cudaMalloc(&g_workspace, std::max<size_t>(16, fa3::sm90_fwd_workspace_bytes(p))));
   }
   if (small) {
     HD hd = head_dims(only).front();

@@ -8,6 +8,11 @@
 // K/V fit in about half of L2; inside a section m_block varies slowest, so the CTAs running at
 // one time share K/V in L2. With a band mask (causal) the query blocks with the most keys come
 // first (longest-processing-time order), so the short ones fill the tail.
+//
+// Split-KV (Flash-Decoding): with num_splits > 1 every (m_block, head, batch) tile becomes
+// num_splits tiles, adjacent in tile order, each covering one contiguous range of the key blocks
+// (split_n_range); their partial results meet in the combine kernel (flash_fwd_combine_sm90.h).
+// num_splits comes from fwd_num_splits (tile_size.h).
 #pragma once
 
 #include <cutlass/cutlass.h>
@@ -19,15 +24,23 @@ struct TileSchedulerParams {
   int heads;
   int num_hb;      // heads * batch
   int group;       // (head, batch) pairs per L2 section
-  int num_tiles;   // num_m_blocks * num_hb
+  int num_tiles;   // num_m_blocks * num_hb * num_splits
   bool longest_first;
+  int num_splits;  // 1: each tile covers all its key blocks and writes out / lse itself
 };
 
 struct TileCoord {
   int m_block, head, batch;
+  int split;  // 0 when num_splits == 1
 };
 
 CUTLASS_HOST_DEVICE TileCoord decode_tile(TileSchedulerParams const& p, int tile) {
+  int split = 0;
+  if (p.num_splits > 1) {  // the splits of one tile are neighbours: they share Q and run together
+    int const whole = tile / p.num_splits;
+    split = tile - whole * p.num_splits;
+    tile = whole;
+  }
   int const section_tiles = p.group * p.num_m_blocks;
   int const section = tile / section_tiles;
   int const r = tile - section * section_tiles;
@@ -39,7 +52,18 @@ CUTLASS_HOST_DEVICE TileCoord decode_tile(TileSchedulerParams const& p, int tile
   t.m_block = p.longest_first ? p.num_m_blocks - 1 - m_idx : m_idx;
   t.batch = hb / p.heads;
   t.head = hb - t.batch * p.heads;
+  t.split = split;
   return t;
+}
+
+// Narrows a tile's key blocks [n_min, n_max) to those of its split: num_splits near-equal
+// contiguous ranges; a split past the end gets an empty range (n_max <= n_min).
+CUTLASS_HOST_DEVICE void split_n_range(TileSchedulerParams const& p, TileCoord t, int& n_min,
+                                       int& n_max) {
+  if (p.num_splits <= 1) return;
+  int const per_split = (n_max - n_min + p.num_splits - 1) / p.num_splits;
+  n_min += t.split * per_split;
+  n_max = min(n_max, n_min + per_split);
 }
 
 // Called by the producer thread only; the consumers learn the tile through shared memory.

@@ -41,4 +41,39 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v) {
   return {128, 80, 2, 24, 240};
 }
 
+// Split-KV (Flash-Decoding): how many key ranges each tile is cut into, from the tile count, the
+// key blocks per tile and the SM count; deterministic, so the workspace size Python asks for
+// (sm90_fwd_workspace_bytes) matches the launch.
+//  - A grid that fills at least 80% of one wave of CTAs (one CTA per SM) is not split: splitting
+//    adds the combine pass and its float32 traffic and gains at most the 20% idle tail. Long
+//    sequences therefore run exactly the unsplit path.
+//  - Otherwise the splits raise the CTA count towards whole waves. Wave efficiency of s splits
+//    is tiles * s / (waves * SMs) (tiles of one shape take about equal time); the smallest s
+//    within 95% of the best efficiency wins (fewer splits: fewer partial results to merge, and
+//    one full wave beats two). Measured on H200 (bf16, hdim 128, GQA 32/8 packed, forced split
+//    counts, 2026-11-22), K/V TB/s: 8x4k s=2 3.64 (s=4 3.29, s=8 2.99); 8x16k s=2 4.35
+//    (s=4 4.21, s=16 3.88); 1x128k s=16 4.27, s=15 4.20 (the 90% rule's pick), s=33 3.91
+//    (two exact waves), s=64 3.47.
+//  - Each split keeps at least kMinBlocksPerSplit key blocks, so the pipeline fill and the
+//    partial epilogue stay small next to its loads; at most kMaxSplits ranges per tile.
+inline constexpr int kMinBlocksPerSplit = 4;
+inline constexpr int kMaxSplits = 128;
+
+constexpr int fwd_num_splits(int num_tiles, int num_n_blocks, int num_sms) {
+  if (num_sms <= 0 || num_tiles <= 0 || num_tiles * 5 >= num_sms * 4) return 1;
+  int max_splits = num_n_blocks / kMinBlocksPerSplit;
+  if (max_splits > kMaxSplits) max_splits = kMaxSplits;
+  if (max_splits <= 1) return 1;
+  auto efficiency = [&](int s) {
+    int const ctas = num_tiles * s;
+    int const waves = (ctas + num_sms - 1) / num_sms;
+    return float(ctas) / float(waves * num_sms);
+  };
+  float best = 0.f;
+  for (int s = 1; s <= max_splits; ++s) best = efficiency(s) > best ? efficiency(s) : best;
+  for (int s = 1; s <= max_splits; ++s)
+    if (efficiency(s) >= 0.95f * best) return s;
+  return 1;
+}
+
 }  // namespace fa3::sm90

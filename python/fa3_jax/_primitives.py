@@ -56,7 +56,41 @@ def _workspace_type(direction, q, k, v, deterministic=False):
     return jax.ShapeDtypeStruct((nbytes,), jnp.uint8)
 
 
+# GQA row packing for short queries on the Hopper forward: the query heads of one KV group
+# become rows of one tile, so K/V stream once per group. seqlen_q 1 packs inside the kernel
+# without a copy (cpp/hopper/flash_fwd_sm90.cu: pack_gqa). For 1 < seqlen_q the rows (position s,
+# head j of the group) are not one stride apart, so q and out are transposed here, around the
+# call: legal only where every packed row sees the same keys, i.e. there is no mask at all, and
+# worth it only while the group's seqlen_q * group rows fit in one 128-row tile (block_m,
+# cpp/hopper/tile_size.h): the transposes then move a few KB next to the K/V megabytes.
+_PACKED_ROWS_MAX = 128
+
+
+def _packs_gqa_rows(q_shape, k_shape, diag_lo, diag_hi):
+    _, sq, hq, _ = q_shape
+    sk, hkv = k_shape[1], k_shape[2]
+    if not (isinstance(diag_lo, (int, np.integer)) and isinstance(diag_hi, (int, np.integer))):
+        return False  # band chosen per device (context parallelism): keep the plain call
+    return (1 < sq and hq > hkv and sq * (hq // hkv) <= _PACKED_ROWS_MAX
+            and diag_lo <= -(sq - 1) and diag_hi >= sk - 1)
+
+
+def _fwd_ffi_packed_rows(q, k, v, softmax_scale, softcap, cuda):
+    """The forward with the query heads of each KV group packed into the rows: row s * group + j
+    of KV head h is query position s of query head h * group + j. Returns out and lse unpacked."""
+    b, sq, hq, d = q.shape
+    hkv, dv = k.shape[2], v.shape[3]
+    g = hq // hkv
+    qp = q.reshape(b, sq, hkv, g, d).transpose(0, 1, 3, 2, 4).reshape(b, sq * g, hkv, d)
+    out, lse = _fwd_ffi(qp, k, v, softmax_scale, softcap, -UNBOUNDED, UNBOUNDED, cuda)
+    out = out.reshape(b, sq, g, hkv, dv).transpose(0, 1, 3, 2, 4).reshape(b, sq, hq, dv)
+    lse = lse.reshape(b, hkv, sq, g).transpose(0, 1, 3, 2).reshape(b, hq, sq)
+    return out, lse
+
+
 def _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda):
+    if cuda and _packs_gqa_rows(q.shape, k.shape, diag_lo, diag_hi):
+        return _fwd_ffi_packed_rows(q, k, v, softmax_scale, softcap, cuda)
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))

@@ -25,8 +25,11 @@ namespace {
 
 using namespace cute;
 
+// Workspace: the tile counter (16 bytes), then with cu_seqlens their clamped copies.
+constexpr size_t kCounterBytes = 16;
+
 template <class Element, int kHeadDim, int kHeadDimV>
-const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
+const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
   constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV);
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
                                  ts.producer_regs, ts.consumer_regs, Element>;
@@ -65,19 +68,50 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
   int64_t const hi = std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
   kp.mask = {sq, sk, int(lo), int(hi)};
 
+  // Varlen: tiles are (m_block, head, (batch row, sequence)); the grid covers the longest
+  // sequence the caller promises (max_seqlen_q), and each tile finds its sequence on the device.
+  bool const varlen = p.cu_seqlens_q != nullptr;
+  int const seqs = varlen ? int(p.num_seqs) : 1;
+  int const span_q = varlen ? int(std::min<int64_t>(p.max_seqlen_q, sq)) : sq;
+  int const span_k = varlen ? int(std::min<int64_t>(p.max_seqlen_k, sk)) : sk;
+  bool longest_first = hi < sk;
+  if (varlen) {
+    int* cu = reinterpret_cast<int*>(static_cast<char*>(workspace) + kCounterBytes);
+    sm90::VarlenPrepParams prep;
+    prep.raw_q = p.cu_seqlens_q;
+    prep.raw_k = p.cu_seqlens_k;
+    prep.cu_q = cu;
+    prep.cu_k = cu + b * (seqs + 1);
+    prep.batch = b;
+    prep.num_seqs = seqs;
+    prep.seqlen_q = sq;
+    prep.seqlen_k = sk;
+    prep.fill[0] = {p.out, int64_t(hq) * kHeadDimV * int64_t(sizeof(Element)), false};
+    prep.lse = p.lse;
+    prep.lse_heads = hq;
+    if (!sm90::launch_varlen_prepare(prep, stream)) return "sm90 varlen prepare kernel launch failed";
+    // Pre-clamped to +-(sq + sk) (< 2^31 by sm90_supports_fwd): the per-sequence band keeps its
+    // meaning (sm90::varlen_diag).
+    int64_t const far = int64_t(sq) + sk;
+    kp.varlen = {prep.cu_q, prep.cu_k, seqs, int(std::clamp<int64_t>(p.diag_lo, -far, far)),
+                 int(std::clamp<int64_t>(p.diag_hi, -far, far))};
+    longest_first = p.diag_hi < span_k;
+  }
+
   cuda::DeviceFacts const& dev = cuda::device_facts(cuda::current_device());
   int const qheads_per_kvhead = hq / hkv;
-  int const num_m_blocks = (sq + ts.block_m - 1) / ts.block_m;
-  int const num_hb = hq * b;
-  // K/V bytes one (head, batch) pair pulls through L2 (shared by the query heads of a group).
+  int const num_m_blocks = (span_q + ts.block_m - 1) / ts.block_m;
+  int const num_hb = hq * b * seqs;
+  // K/V bytes one (head, sequence) pair pulls through L2 (shared by the query heads of a group).
   int64_t const kv_bytes = std::max<int64_t>(
-      1, int64_t(sk) * (kHeadDim + kHeadDimV) * sizeof(Element) / qheads_per_kvhead);
+      1, int64_t(span_k) * (kHeadDim + kHeadDimV) * sizeof(Element) / qheads_per_kvhead);
   int const group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
-  kp.sched = {num_m_blocks, hq, num_hb, group, num_m_blocks * num_hb, hi < sk};
+  kp.sched = {num_m_blocks, hq, num_hb, group, num_m_blocks * num_hb, longest_first};
   kp.qheads_per_kvhead = qheads_per_kvhead;
   int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
   // With at most one tile per CTA there is nothing to balance: no counter and no memset (short
   // calls then cost one launch).
+  int* tile_counter = static_cast<int*>(workspace);
   kp.tile_counter = kp.sched.num_tiles > grid ? tile_counter : nullptr;
   if (kp.tile_counter && cudaMemsetAsync(kp.tile_counter, 0, sizeof(int), stream) != cudaSuccess)
     return "cannot reset the sm90 forward tile counter";
@@ -102,28 +136,28 @@ const char* launch_fwd(const FwdParams& p, int* tile_counter, cudaStream_t strea
 }
 
 template <class Element>
-const char* dispatch_hdim(const FwdParams& p, int* tile_counter, cudaStream_t stream) {
+const char* dispatch_hdim(const FwdParams& p, void* workspace, cudaStream_t stream) {
 #if FA3_JAX_FWD_HDIM(64)
   if (p.head_dim == 64 && p.head_dim_v == 64)
-    return launch_fwd<Element, 64, 64>(p, tile_counter, stream);
+    return launch_fwd<Element, 64, 64>(p, workspace, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(96)
   if (p.head_dim == 96 && p.head_dim_v == 96)
-    return launch_fwd<Element, 96, 96>(p, tile_counter, stream);
+    return launch_fwd<Element, 96, 96>(p, workspace, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(128)
   if (p.head_dim == 128 && p.head_dim_v == 128)
-    return launch_fwd<Element, 128, 128>(p, tile_counter, stream);
+    return launch_fwd<Element, 128, 128>(p, workspace, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(192)
   if (p.head_dim == 192 && p.head_dim_v == 192)
-    return launch_fwd<Element, 192, 192>(p, tile_counter, stream);
+    return launch_fwd<Element, 192, 192>(p, workspace, stream);
   if (p.head_dim == 192 && p.head_dim_v == 128)
-    return launch_fwd<Element, 192, 128>(p, tile_counter, stream);
+    return launch_fwd<Element, 192, 128>(p, workspace, stream);
 #endif
 #if FA3_JAX_FWD_HDIM(256)
   if (p.head_dim == 256 && p.head_dim_v == 256)
-    return launch_fwd<Element, 256, 256>(p, tile_counter, stream);
+    return launch_fwd<Element, 256, 256>(p, workspace, stream);
 #endif
   return "head dim not compiled into the sm90 forward kernel";
 }
@@ -144,19 +178,30 @@ bool sm90_supports_fwd(const FwdParams& p) {
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return false;
   // Tile coordinates and TMA box coordinates are 32-bit.
   int64_t const kMax = int64_t(1) << 30;
+  if (p.q_segment_ids) return false;  // segment ids: CPU backend only
+  if (p.cu_seqlens_q) {
+    // Tiles (m_block, head, sequence) are numbered in int; the prepare grid's y is the batch.
+    int64_t const m_blocks = (std::min(p.max_seqlen_q, p.seqlen_q) + 127) / 128;
+    if (p.num_seqs < 1 || p.batch > 65535 ||
+        m_blocks * p.heads_q * p.batch * p.num_seqs >= kMax)
+      return false;
+  }
   return p.seqlen_q < kMax && p.seqlen_k < kMax && p.batch * p.heads_q < kMax;
 }
 
-// One int: the dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream).
-size_t sm90_fwd_workspace_bytes(const FwdParams&) { return 16; }
+// The dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream), then with
+// cu_seqlens (num_seqs > 0) their clamped copies (varlen_sm90.h).
+size_t sm90_fwd_workspace_bytes(const FwdParams& p) {
+  return kCounterBytes + (p.num_seqs > 0 ? sm90::varlen_workspace_bytes(p.batch, p.num_seqs) : 0);
+}
 
 const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stream) {
   if (!sm90_supports_fwd(p)) return "unsupported dtype or head dim for the sm90 forward";
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // Without a workspace the kernel falls back to the static round-robin schedule.
-  int* counter = static_cast<int*>(workspace);
-  if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, counter, s);
-  return dispatch_hdim<cutlass::bfloat16_t>(p, counter, s);
+  // Without a workspace the kernel falls back to the static round-robin schedule (dense only).
+  if (p.cu_seqlens_q && !workspace) return "the sm90 varlen forward needs its workspace";
+  if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, workspace, s);
+  return dispatch_hdim<cutlass::bfloat16_t>(p, workspace, s);
 }
 
 }  // namespace fa3

@@ -20,8 +20,8 @@ Packed sequences (end of this file): ``packed_fwd_p`` / ``packed_bwd_p`` take tw
 operands after the dense ones, ``meta_q`` and ``meta_k``: cu_seqlens ``[batch, num_seqs + 1]``
 (``packing="varlen"``, band per sequence, bottom-right aligned; see cpp/flash.h) or segment ids
 ``[batch, seqlen]`` (``packing="segments"``). Static ``max_seqlen_q``/``max_seqlen_k`` bound the
-varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. CPU only
-for now: the CUDA lowering raises.
+varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. On CUDA
+only the varlen forward has a kernel so far; the other packed lowerings raise there.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi):
                 diag_lo=np.int64(diag_lo), diag_hi=np.int64(diag_hi))
 
 
-def _workspace_type(direction, q, k, v, deterministic=False):
-    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic)
+def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0):
+    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic, num_seqs)
     return jax.ShapeDtypeStruct((nbytes,), jnp.uint8)
 
 
@@ -394,13 +394,15 @@ def _packed_attrs(softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_se
 
 
 def _packed_fwd_local(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, diag_lo, diag_hi,
-                      max_seqlen_q, max_seqlen_k):
+                      max_seqlen_q, max_seqlen_k, cuda=False):
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    if cuda:  # varlen only (the other CUDA lowerings raise): the clamped cu_seqlens live there
+        out_types += (_workspace_type("fwd", q, k, v, num_seqs=meta_q.shape[1] - 1),)
     call = jax.ffi.ffi_call(f"fa3_fwd_{packing}", out_types)
     return tuple(call(q, k, v, meta_q, meta_k, **_packed_attrs(
-        softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))
+        softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))[:2]
 
 
 def _packed_bwd_local(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, softmax_scale,
@@ -462,7 +464,7 @@ def _packed_bwd_infer(*static_and_mesh):
     return (t, t, t)
 
 
-_packed_fwd_partitioned = custom_partitioning(_packed_fwd_local, static_argnums=tuple(range(5, 12)))
+_packed_fwd_partitioned = custom_partitioning(_packed_fwd_local, static_argnums=tuple(range(5, 13)))
 _packed_fwd_partitioned.def_partition(
     partition=_packed_fwd_partition, infer_sharding_from_operands=_packed_fwd_infer,
     sharding_rule=lambda *a: _packed_rule(a[-2], 3))
@@ -479,9 +481,9 @@ packed_bwd_p.multiple_results = True
 
 
 def _packed_fwd_lower_impl(q, k, v, meta_q, meta_k, *, packing, softmax_scale, softcap, diag_lo,
-                           diag_hi, max_seqlen_q, max_seqlen_k):
+                           diag_hi, max_seqlen_q, max_seqlen_k, cuda=False):
     return _packed_fwd_partitioned(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap,
-                                   diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)
+                                   diag_lo, diag_hi, max_seqlen_q, max_seqlen_k, cuda)
 
 
 def _packed_bwd_lower_impl(q, k, v, out, lse, dout, dlse, meta_q, meta_k, *, packing,
@@ -493,16 +495,25 @@ def _packed_bwd_lower_impl(q, k, v, out, lse, dout, dlse, meta_q, meta_k, *, pac
 
 
 def _packed_cuda_lowering(ctx, *args, packing, **params):
-    what = ("variable-length attention (cu_seqlens, flash_attention_varlen)" if packing == "varlen"
-            else "segment ids (q_segment_ids / kv_segment_ids)")
+    what = ("the backward of variable-length attention (cu_seqlens, flash_attention_varlen)"
+            if packing == "varlen" else "segment ids (q_segment_ids / kv_segment_ids)")
     raise ValueError(f"fa3_jax: {what} is not yet supported by the Hopper kernels (CPU backend "
                      "only for now); run this call on a CPU device, e.g. under "
                      "jax.default_device(jax.devices('cpu')[0])")
 
 
+def _packed_cuda_fwd_lowering(ctx, *args, packing, **params):
+    if packing != "varlen":
+        return _packed_cuda_lowering(ctx, *args, packing=packing, **params)
+    aq, _, av = ctx.avals_in[:3]
+    _check_cuda_lowering(aq, av, "variable-length attention forward")
+    return mlir.lower_fun(_packed_fwd_lower_impl, multiple_results=True)(
+        ctx, *args, packing=packing, cuda=True, **params)
+
+
 _dispatch.prim_requires_devices_during_lowering.update({packed_fwd_p, packed_bwd_p})
 
 _register(packed_fwd_p, lambda q, k, v, meta_q, meta_k, **_: _fwd_abstract(q, k, v), 2,
-          _packed_fwd_lower_impl, _packed_cuda_lowering)
+          _packed_fwd_lower_impl, _packed_cuda_fwd_lowering)
 _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest[:4]), 3,
           _packed_bwd_lower_impl, _packed_cuda_lowering)

@@ -20,7 +20,7 @@
 // A query row with no visible key gets out = 0, lse = -inf, and zero gradients.
 //
 // Packed sequences (optional; FwdParams below; the CPU backend takes both forms, the Hopper
-// forward cu_seqlens). Two forms, never both in one call:
+// kernels cu_seqlens). Two forms, never both in one call:
 //  - cu_seqlens (varlen): the seqlen axis of each batch row holds num_seqs sequences back to back;
 //    sequence s of batch row b is query rows [cu_seqlens_q[b][s], cu_seqlens_q[b][s+1]) and key
 //    rows [cu_seqlens_k[b][s], cu_seqlens_k[b][s+1]). The band is then per sequence and bottom-right

@@ -28,5 +28,6 @@ cu_q = jnp.array([-5, 90, 40, 700, 2 ** 31 - 1, 299], jnp.int32)
 cu_k = jnp.array([3, 2 ** 31 - 1, 0, 100, -7, 7], jnp.int32)
 fv = lambda q: fa3_jax.flash_attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=300,  # noqa
                                               max_seqlen_k=250, causal=True)
-out = jax.block_until_ready(jax.jit(fv)(q))
-print(f"varlen head_dim {d}: ok, sum {float(jnp.sum(out.astype(jnp.float32))):.4f}")
+val, grad = jax.jit(jax.value_and_grad(lambda q: jnp.sum(fv(q).astype(jnp.float32))))(q)
+jax.block_until_ready(grad)
+print(f"varlen head_dim {d}: ok, loss {float(val):.4f}")

@@ -116,9 +116,65 @@ def test_vmap_batch_rows():
         assert max_err(out[i], ref) <= 2e-2 and max_err(lse[i], ref_lse) <= 2e-3
 
 
-def test_backward_raises_clearly():
-    q, k, v, cq, ck = _gpu(*make([30, 40], [30, 40], 2, 2, _hdims()[0], dtype=jnp.bfloat16))
-    f = lambda q: fa3_jax.flash_attention_varlen(q, k, v, cq, ck, max_seqlen_q=40,
-                                                 max_seqlen_k=40).astype(jnp.float32).sum()
-    with pytest.raises(ValueError, match="backward of variable-length attention"):
-        jax.jit(jax.grad(f))(q)
+def _grads(fn, q, k, v, dout, dlse):
+    def loss(q, k, v):
+        out, lse = fn(q, k, v)
+        lse = jnp.where(jnp.isneginf(lse), 0.0, lse)
+        return jnp.sum(out.astype(jnp.float32) * dout) + jnp.sum(lse * dlse)
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def check_grads(q, k, v, cq, ck, deterministic=False, **kw):
+    """dq, dk, dv (through out and lse) within twice the error of the same reference run in q's
+    dtype (plus ATOL) of the float32 reference; rows outside every sequence exactly zero."""
+    cq_np, ck_np = np.asarray(cq), np.asarray(ck)
+    mq = max(int(np.diff(safe_cu(cq_np, q.shape[0])).max()), 1)
+    mk = max(int(np.diff(safe_cu(ck_np, k.shape[0])).max()), 1)
+    dout = jax.random.normal(jax.random.PRNGKey(7), q.shape[:2] + v.shape[2:])
+    dlse = jax.random.normal(jax.random.PRNGKey(8), (q.shape[1], q.shape[0]))
+    q, k, v, cq, ck, dout, dlse = _gpu(q, k, v, cq, ck, dout, dlse)
+    kernel = lambda q, k, v: fa3_jax.flash_attention_varlen(  # noqa: E731
+        q, k, v, cq, ck, max_seqlen_q=mq, max_seqlen_k=mk, return_lse=True,
+        deterministic=deterministic, **kw)
+    got = jax.jit(lambda *a: _grads(kernel, *a))(q, k, v, dout, dlse)
+    ref = jax.jit(lambda *a: _grads(lambda *b: varlen_reference(*b, cq_np, ck_np, **kw), *a))(
+        *(x.astype(jnp.float32) for x in (q, k, v)), dout, dlse)
+    low = jax.jit(lambda *a: _grads(lambda *b: varlen_reference(*b, cq_np, ck_np, **kw), *a))(
+        q, k, v, dout, dlse)
+    for name, g, r, l in zip(("dq", "dk", "dv"), got, ref, low):
+        err, base = max_err(g, r), max_err(l, r)
+        assert err <= 2 * base + ATOL[jnp.dtype(q.dtype)], (name, err, base)
+    for g, cu in zip(got, (cq_np, ck_np, ck_np)):
+        c = safe_cu(cu, g.shape[0])
+        outside = np.ones(g.shape[0], bool)
+        outside[c[0]:c[-1]] = False
+        assert not np.asarray(g)[outside].any()
+    return got
+
+
+@pytest.mark.parametrize("kw", list(KW))
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
+def test_backward_odd_lengths(kw, hq, hkv):
+    for d in _hdims():
+        q, k, v, cq, ck = make(ODD + [300], [5, 0, 1000, 113, 7, 1], hq, hkv, d, pad_q=5,
+                               pad_k=3, dtype=jnp.bfloat16)
+        check_grads(q, k, v, cq, ck, **KW[kw])
+
+
+def test_backward_many_short_and_one_long():
+    rng = np.random.default_rng(1)
+    lens_q, lens_k = rng.integers(0, 40, 200).tolist(), rng.integers(0, 40, 200).tolist()
+    q, k, v, cq, ck = make(lens_q, lens_k, 4, 1, _hdims()[-1], dtype=jnp.bfloat16)
+    check_grads(q, k, v, cq, ck, causal=True)
+    q, k, v, cq, ck = make([2049], [3000], 2, 1, _hdims()[-1], pad_q=1, dtype=jnp.bfloat16)
+    check_grads(q, k, v, cq, ck, window_size=(300, 0))
+
+
+def test_backward_bad_cu_seqlens_and_deterministic():
+    q, k, v, _, _ = make([640], [500], 4, 2, _hdims()[0], dtype=jnp.bfloat16)
+    cq = np.array([10, 200, 150, 390, 600], np.int32)
+    ck = np.array([-20, 100, 2 ** 31 - 1, 200, 300], np.int32)
+    a = check_grads(q, k, v, cq, ck, causal=True, deterministic=True)
+    b = check_grads(q, k, v, cq, ck, causal=True, deterministic=True)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

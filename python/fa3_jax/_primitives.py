@@ -21,7 +21,7 @@ operands after the dense ones, ``meta_q`` and ``meta_k``: cu_seqlens ``[batch, n
 (``packing="varlen"``, band per sequence, bottom-right aligned; see cpp/flash.h) or segment ids
 ``[batch, seqlen]`` (``packing="segments"``). Static ``max_seqlen_q``/``max_seqlen_k`` bound the
 varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. On CUDA
-only the varlen forward has a kernel so far; the other packed lowerings raise there.
+varlen runs on the Hopper kernels; segment ids are CPU-only (their CUDA lowering raises).
 """
 
 from __future__ import annotations
@@ -406,13 +406,16 @@ def _packed_fwd_local(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, 
 
 
 def _packed_bwd_local(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, softmax_scale,
-                      softcap, diag_lo, diag_hi, deterministic, max_seqlen_q, max_seqlen_k):
+                      softcap, diag_lo, diag_hi, deterministic, max_seqlen_q, max_seqlen_k,
+                      cuda=False):
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype))
+    if cuda:
+        out_types += (_workspace_type("bwd", q, k, v, deterministic, meta_q.shape[1] - 1),)
     call = jax.ffi.ffi_call(f"fa3_bwd_{packing}", out_types)
     return tuple(call(q, k, v, out, lse, dout, dlse, meta_q, meta_k,
                       deterministic=bool(deterministic), **_packed_attrs(
-                          softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))
+                          softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))[:3]
 
 
 def _packed_shardings(mesh, arg_shapes):
@@ -469,7 +472,7 @@ _packed_fwd_partitioned.def_partition(
     partition=_packed_fwd_partition, infer_sharding_from_operands=_packed_fwd_infer,
     sharding_rule=lambda *a: _packed_rule(a[-2], 3))
 _packed_bwd_partitioned = custom_partitioning(_packed_bwd_local,
-                                              static_argnums=tuple(range(9, 17)))
+                                              static_argnums=tuple(range(9, 18)))
 _packed_bwd_partitioned.def_partition(
     partition=_packed_bwd_partition, infer_sharding_from_operands=_packed_bwd_infer,
     sharding_rule=lambda *a: _packed_rule(a[-2], 7))
@@ -488,32 +491,30 @@ def _packed_fwd_lower_impl(q, k, v, meta_q, meta_k, *, packing, softmax_scale, s
 
 def _packed_bwd_lower_impl(q, k, v, out, lse, dout, dlse, meta_q, meta_k, *, packing,
                            softmax_scale, softcap, diag_lo, diag_hi, deterministic, max_seqlen_q,
-                           max_seqlen_k):
+                           max_seqlen_k, cuda=False):
     return _packed_bwd_partitioned(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing,
                                    softmax_scale, softcap, diag_lo, diag_hi, deterministic,
-                                   max_seqlen_q, max_seqlen_k)
+                                   max_seqlen_q, max_seqlen_k, cuda)
 
 
-def _packed_cuda_lowering(ctx, *args, packing, **params):
-    what = ("the backward of variable-length attention (cu_seqlens, flash_attention_varlen)"
-            if packing == "varlen" else "segment ids (q_segment_ids / kv_segment_ids)")
-    raise ValueError(f"fa3_jax: {what} is not yet supported by the Hopper kernels (CPU backend "
-                     "only for now); run this call on a CPU device, e.g. under "
-                     "jax.default_device(jax.devices('cpu')[0])")
-
-
-def _packed_cuda_fwd_lowering(ctx, *args, packing, **params):
-    if packing != "varlen":
-        return _packed_cuda_lowering(ctx, *args, packing=packing, **params)
-    aq, _, av = ctx.avals_in[:3]
-    _check_cuda_lowering(aq, av, "variable-length attention forward")
-    return mlir.lower_fun(_packed_fwd_lower_impl, multiple_results=True)(
-        ctx, *args, packing=packing, cuda=True, **params)
+def _packed_cuda_lowering(impl, direction):
+    """CUDA lowering of a packed primitive: varlen on the Hopper kernels; segment ids raise."""
+    def lowering(ctx, *args, packing, **params):
+        if packing != "varlen":
+            raise ValueError("fa3_jax: segment ids (q_segment_ids / kv_segment_ids) are not yet "
+                             "supported by the Hopper kernels (CPU backend only for now); run "
+                             "this call on a CPU device, e.g. under "
+                             "jax.default_device(jax.devices('cpu')[0])")
+        aq, _, av = ctx.avals_in[:3]
+        _check_cuda_lowering(aq, av, f"variable-length attention {direction}")
+        return mlir.lower_fun(impl, multiple_results=True)(ctx, *args, packing=packing,
+                                                           cuda=True, **params)
+    return lowering
 
 
 _dispatch.prim_requires_devices_during_lowering.update({packed_fwd_p, packed_bwd_p})
 
 _register(packed_fwd_p, lambda q, k, v, meta_q, meta_k, **_: _fwd_abstract(q, k, v), 2,
-          _packed_fwd_lower_impl, _packed_cuda_fwd_lowering)
+          _packed_fwd_lower_impl, _packed_cuda_lowering(_packed_fwd_lower_impl, "forward"))
 _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest[:4]), 3,
-          _packed_bwd_lower_impl, _packed_cuda_lowering)
+          _packed_bwd_lower_impl, _packed_cuda_lowering(_packed_bwd_lower_impl, "backward"))

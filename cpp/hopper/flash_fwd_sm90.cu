@@ -162,12 +162,25 @@ const char* dispatch_hdim(const FwdParams& p, void* workspace, cudaStream_t stre
   return "head dim not compiled into the sm90 forward kernel";
 }
 
+// #if, not expressions: with FA3_JAX_SELECTED_HDIMS an unselected FA3_JAX_FWD_HDIM(N) is an
+// undefined identifier (it reads as 0 only in the preprocessor).
 bool hdim_compiled(int64_t d, int64_t dv) {
-  return (FA3_JAX_FWD_HDIM(64) && d == 64 && dv == 64) ||
-         (FA3_JAX_FWD_HDIM(96) && d == 96 && dv == 96) ||
-         (FA3_JAX_FWD_HDIM(128) && d == 128 && dv == 128) ||
-         (FA3_JAX_FWD_HDIM(192) && d == 192 && (dv == 192 || dv == 128)) ||
-         (FA3_JAX_FWD_HDIM(256) && d == 256 && dv == 256);
+#if FA3_JAX_FWD_HDIM(64)
+  if (d == 64 && dv == 64) return true;
+#endif
+#if FA3_JAX_FWD_HDIM(96)
+  if (d == 96 && dv == 96) return true;
+#endif
+#if FA3_JAX_FWD_HDIM(128)
+  if (d == 128 && dv == 128) return true;
+#endif
+#if FA3_JAX_FWD_HDIM(192)
+  if (d == 192 && (dv == 192 || dv == 128)) return true;
+#endif
+#if FA3_JAX_FWD_HDIM(256)
+  if (d == 256 && dv == 256) return true;
+#endif
+  return false;
 }
 
 }  // namespace

@@ -109,6 +109,24 @@ std::string hdim_str(const FwdParams& p) {
   return "head_dim=" + std::to_string(p.head_dim) + ", head_dim_v=" + std::to_string(p.head_dim_v);
 }
 
+// The forward after its params are filled: outputs, support check, workspace, launch.
+ffi::Error launch_fwd(cudaStream_t stream, int32_t device, FwdParams& p,
+                      ffi::Result<ffi::AnyBuffer>& out, ffi::Result<ffi::AnyBuffer>& lse,
+                      ffi::Result<ffi::AnyBuffer>& workspace) {
+  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
+  p.out = out->untyped_data();
+  p.lse = static_cast<float*>(lse->untyped_data());
+  if (!sm90_supports_fwd(p))
+    return invalid("this build has no Hopper forward kernel for " + hdim_str(p) +
+                   " with this dtype (fp16/bf16 only)" +
+                   (p.cu_seqlens_q ? std::string(", or this varlen call has too many tiles "
+                                                 "(batch * num_seqs * heads * max_seqlen_q / 128 "
+                                                 ">= 2^30) or batch > 65535")
+                                   : std::string()));
+  if (auto e = check_workspace(*workspace, sm90_fwd_workspace_bytes(p)); e.failure()) return e;
+  return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
+}
+
 ffi::Error fwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
                     ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
@@ -119,14 +137,38 @@ ffi::Error fwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::
   FwdParams p;
   if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
     return e;
-  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
-  p.out = out->untyped_data();
-  p.lse = static_cast<float*>(lse->untyped_data());
-  if (!sm90_supports_fwd(p))
-    return invalid("this build has no Hopper forward kernel for " + hdim_str(p) +
-                   " with this dtype (fp16/bf16 only)");
-  if (auto e = check_workspace(*workspace, sm90_fwd_workspace_bytes(p)); e.failure()) return e;
-  return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
+  return launch_fwd(stream, device, p, out, lse, workspace);
+}
+
+// Varlen: cu_seqlens stay on the device (the kernels clamp them, flash.h); only their shape is
+// checked here.
+ffi::Error fwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+                           ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer cu_q,
+                           ffi::AnyBuffer cu_k, ffi::Result<ffi::AnyBuffer> out,
+                           ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
+                           float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
+                           int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
+    return e;
+  if (auto e = ffi_util::fill_varlen(cu_q, cu_k, max_seqlen_q, max_seqlen_k, &p); e.failure())
+    return e;
+  return launch_fwd(stream, device, p, out, lse, workspace);
+}
+
+// The backward after its params are filled: support check, workspace, launch.
+ffi::Error launch_bwd(cudaStream_t stream, int32_t device, const BwdParams& p,
+                      ffi::Result<ffi::AnyBuffer>& workspace) {
+  if (!sm90_supports_bwd(p))
+    return invalid("this build has no Hopper backward kernel for " + hdim_str(p) +
+                   " with this dtype (fp16/bf16 only)" +
+                   (p.cu_seqlens_q ? std::string(", or this varlen call has batch * num_seqs > 65535")
+                                   : std::string()));
+  if (auto e = check_workspace(*workspace, sm90_bwd_workspace_bytes(p)); e.failure()) return e;
+  return launch_result(run_bwd_sm90(p, workspace->untyped_data(), stream), device);
 }
 
 ffi::Error bwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
@@ -143,11 +185,28 @@ ffi::Error bwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::
                         diag_lo, diag_hi, deterministic, &p);
       e.failure())
     return e;
-  if (!sm90_supports_bwd(p))
-    return invalid("this build has no Hopper backward kernel for " + hdim_str(p) +
-                   " with this dtype (fp16/bf16 only)");
-  if (auto e = check_workspace(*workspace, sm90_bwd_workspace_bytes(p)); e.failure()) return e;
-  return launch_result(run_bwd_sm90(p, workspace->untyped_data(), stream), device);
+  return launch_bwd(stream, device, p, workspace);
+}
+
+ffi::Error bwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+                           ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
+                           ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
+                           ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k,
+                           ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                           ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> workspace,
+                           float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
+                           bool deterministic, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  BwdParams p;
+  if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
+                        diag_lo, diag_hi, deterministic, &p);
+      e.failure())
+    return e;
+  if (auto e = ffi_util::fill_varlen(cu_q, cu_k, max_seqlen_q, max_seqlen_k, &p); e.failure())
+    return e;
+  return launch_bwd(stream, device, p, workspace);
 }
 
 }  // namespace
@@ -173,6 +232,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fwd_varlen_cuda, fa3::fwd_varlen_cuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // q
+        .Arg<xla::ffi::AnyBuffer>()  // k
+        .Arg<xla::ffi::AnyBuffer>()  // v
+        .Arg<xla::ffi::AnyBuffer>()  // cu_seqlens_q int32 [batch, num_seqs + 1]
+        .Arg<xla::ffi::AnyBuffer>()  // cu_seqlens_k int32 [batch, num_seqs + 1]
+        .Ret<xla::ffi::AnyBuffer>()  // out
+        .Ret<xla::ffi::AnyBuffer>()  // lse
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; tile counter + clamped cu_seqlens)
+            FA3_JAX_MASK_ATTRS
+        .Attr<int64_t>("max_seqlen_q")   // bound on every query sequence's length (grid size)
+        .Attr<int64_t>("max_seqlen_k"),  // bound on every key sequence's length
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
     fa3_bwd_cuda, fa3::bwd_cuda,
     xla::ffi::Ffi::Bind()
         .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
@@ -190,4 +267,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
             FA3_JAX_MASK_ATTRS
         .Attr<bool>("deterministic"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_bwd_varlen_cuda, fa3::bwd_varlen_cuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // q
+        .Arg<xla::ffi::AnyBuffer>()  // k
+        .Arg<xla::ffi::AnyBuffer>()  // v
+        .Arg<xla::ffi::AnyBuffer>()  // out
+        .Arg<xla::ffi::AnyBuffer>()  // lse
+        .Arg<xla::ffi::AnyBuffer>()  // dout
+        .Arg<xla::ffi::AnyBuffer>()  // dlse
+        .Arg<xla::ffi::AnyBuffer>()  // cu_seqlens_q int32 [batch, num_seqs + 1]
+        .Arg<xla::ffi::AnyBuffer>()  // cu_seqlens_k int32 [batch, num_seqs + 1]
+        .Ret<xla::ffi::AnyBuffer>()  // dq
+        .Ret<xla::ffi::AnyBuffer>()  // dk
+        .Ret<xla::ffi::AnyBuffer>()  // dv
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; see flash_bwd_launch_sm90.h)
+            FA3_JAX_MASK_ATTRS
+        .Attr<bool>("deterministic")
+        .Attr<int64_t>("max_seqlen_q")
+        .Attr<int64_t>("max_seqlen_k"),
     {xla::ffi::Traits::kCmdBufferCompatible});

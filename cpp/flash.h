@@ -19,8 +19,8 @@
 // Scores: s = softmax_scale * (q . k); if softcap > 0, s = softcap * tanh(s / softcap).
 // A query row with no visible key gets out = 0, lse = -inf, and zero gradients.
 //
-// Packed sequences (optional; FwdParams below; the CPU backend takes them, the Hopper kernels not
-// yet). Two forms, never both in one call:
+// Packed sequences (optional; FwdParams below; the CPU backend takes both forms, the Hopper
+// kernels cu_seqlens). Two forms, never both in one call:
 //  - cu_seqlens (varlen): the seqlen axis of each batch row holds num_seqs sequences back to back;
 //    sequence s of batch row b is query rows [cu_seqlens_q[b][s], cu_seqlens_q[b][s+1]) and key
 //    rows [cu_seqlens_k[b][s], cu_seqlens_k[b][s+1]). The band is then per sequence and bottom-right
@@ -82,9 +82,11 @@ struct FwdParams {
   // Varlen (see the header comment); null for the dense layout. int32 [batch, num_seqs + 1].
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
-  int64_t num_seqs = 0;
+  int64_t num_seqs = 0;  // >= 1 with cu_seqlens; the Hopper workspace size depends on it
   // Upper bounds on any sequence's length, for sizing kernel grids; the CPU backend reads the
-  // lengths themselves and does not need them.
+  // lengths themselves and does not need them. The Hopper kernels trust them: rows of a sequence
+  // past max_seqlen_q (after clamping) are never read or written out of bounds, but their
+  // outputs are left unwritten.
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   // Segment ids (see the header comment); null when unused. int32 [batch, seqlen_q] and
   // [batch, seqlen_k].

@@ -50,18 +50,32 @@ NB_MODULE(_fa3_jax_ext, m) {
 #endif
     all["fa3_fwd"] = fwd;
     all["fa3_bwd"] = bwd;
-    // Packed sequences and FP8: CPU only until the Hopper kernels take them (the CUDA lowering
-    // raises).
-    const std::pair<const char*, void*> cpu_only[] = {
-        {"fa3_fwd_varlen", reinterpret_cast<void*>(fa3_fwd_varlen_cpu)},
-        {"fa3_bwd_varlen", reinterpret_cast<void*>(fa3_bwd_varlen_cpu)},
-        {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu)},
-        {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu)},
-        {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu)}};
-    for (const auto& [name, fn] : cpu_only) {
+    // Packed sequences and FP8: CPU, plus varlen on CUDA (the segment-id and FP8 CUDA lowerings
+    // raise).
+    // {name, CPU handler, CUDA handler or null}.
+    struct Packed {
+      const char* name;
+      void* cpu;
+      void* cuda;
+    };
+#ifdef FA3_JAX_WITH_CUDA
+    void* const fwd_varlen_cuda = reinterpret_cast<void*>(fa3_fwd_varlen_cuda);
+    void* const bwd_varlen_cuda = reinterpret_cast<void*>(fa3_bwd_varlen_cuda);
+#else
+    void* const fwd_varlen_cuda = nullptr;
+    void* const bwd_varlen_cuda = nullptr;
+#endif
+    const Packed packed[] = {
+        {"fa3_fwd_varlen", reinterpret_cast<void*>(fa3_fwd_varlen_cpu), fwd_varlen_cuda},
+        {"fa3_bwd_varlen", reinterpret_cast<void*>(fa3_bwd_varlen_cpu), bwd_varlen_cuda},
+        {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu), nullptr},
+        {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu), nullptr},
+        {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu), nullptr}};
+    for (const Packed& e : packed) {
       nb::dict by_platform;
-      by_platform["cpu"] = nb::capsule(fn);
-      all[name] = by_platform;
+      by_platform["cpu"] = nb::capsule(e.cpu);
+      if (e.cuda) by_platform["CUDA"] = nb::capsule(e.cuda);
+      all[e.name] = by_platform;
     }
     return all;
   });
@@ -73,14 +87,27 @@ NB_MODULE(_fa3_jax_ext, m) {
   });
 #ifdef FA3_JAX_WITH_CUDA
   // Bytes of the uint8 workspace result the CUDA custom calls take (XLA allocates it).
-  m.def("sm90_fwd_workspace_bytes",
-        [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv) {
-          return fa3::sm90_fwd_workspace_bytes(shape_params(b, sq, sk, hq, hkv, d, dv, false));
-        });
-  m.def("sm90_bwd_workspace_bytes", [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv,
-                                       int64_t d, int64_t dv, bool deterministic) {
-    return fa3::sm90_bwd_workspace_bytes(shape_params(b, sq, sk, hq, hkv, d, dv, deterministic));
-  });
+  // num_seqs: sequences per batch row of a varlen call (0: dense).
+  m.def(
+      "sm90_fwd_workspace_bytes",
+      [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
+         int64_t num_seqs) {
+        fa3::BwdParams p = shape_params(b, sq, sk, hq, hkv, d, dv, false);
+        p.num_seqs = num_seqs;
+        return fa3::sm90_fwd_workspace_bytes(p);
+      },
+      nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
+      nb::arg("dv"), nb::arg("num_seqs") = 0);
+  m.def(
+      "sm90_bwd_workspace_bytes",
+      [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
+         bool deterministic, int64_t num_seqs) {
+        fa3::BwdParams p = shape_params(b, sq, sk, hq, hkv, d, dv, deterministic);
+        p.num_seqs = num_seqs;
+        return fa3::sm90_bwd_workspace_bytes(p);
+      },
+      nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
+      nb::arg("dv"), nb::arg("deterministic"), nb::arg("num_seqs") = 0);
   m.def("cuda_call_stats", [] {
     int64_t calls = 0, captured = 0;
     fa3_cuda_call_stats(&calls, &captured);

@@ -37,6 +37,7 @@
 #include <cutlass/numeric_types.h>
 #include <cutlass/pipeline/pipeline.hpp>
 
+#include "flash_bwd_preprocess_sm90.h"
 #include "flash_bwd_tile_size_sm90.h"
 #include "named_barrier.h"
 
@@ -62,6 +63,10 @@ struct BwdMainParams {
   float softcap_log2;     // softcap * log2(e)
   float scale_div_softcap;
   bool deterministic;
+  // Varlen (cu_q non-null): grid z is (batch row, sequence); each CTA works inside its sequence,
+  // with the band relative to the sequence's bottom-right diagonal and its query blocks at their
+  // padded plane rows (varlen_q_block_row).
+  sm90::VarlenParams varlen;
 };
 
 template <int kHeadDim_, int kHeadDimV_, class Element_, bool kHasSoftcap_>
@@ -355,9 +360,11 @@ __device__ __forceinline__ void bulk_load_g2s(void* smem, const void* gmem, uint
 // and hands the buffer back (dQEmpty) once the bulk copy has read it. The first dQEmpty arrival
 // marks the buffers empty, so a consumer only waits when the add of its previous tile is still
 // reading shared memory: one step of slack. No arrival follows the last step (no one waits on it).
+// q_row0: plane row of the sequence's first query block (0 when dense); diag_lo: its band.
 template <class Tr>
 __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::SharedStorage& ss, int b, int hkv,
-                                         int n_block, int m_lo, int num_m, int n_iter) {
+                                         int n_block, int m_lo, int num_m, int n_iter, int q_row0,
+                                         int diag_lo) {
   constexpr int kNumMmaWG = Tr::kNumMmaWG;
   constexpr int kBarThreads = cutlass::NumThreadsPerWarpGroup + cutlass::NumThreadsPerWarp;
   constexpr uint32_t kWgBytes = Tr::kDqWgFloats * sizeof(float);
@@ -367,11 +374,11 @@ __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::Sh
   CUTLASS_PRAGMA_NO_UNROLL
   for (int it = 0; it < n_iter; ++it) {
     const int m0 = m_block * Tr::kBlockM;
-    float* dst = p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + m0) * Tr::kHeadDim;
-    int* sem = p.semaphores + (int64_t(b) * p.heads_q + h) * p.sem_per_head + m_block;
+    float* dst = p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + q_row0 + m0) * Tr::kHeadDim;
+    int* sem = p.semaphores + (int64_t(b) * p.heads_q + h) * p.sem_per_head + (q_row0 + m0) / 64;
     if (p.deterministic && lane0) {
       // Key blocks first_key_block(m) .. n-1 have each added this tile once.
-      const int turn = n_block - first_key_block(m0, p.diag_lo, Tr::kBlockN);
+      const int turn = n_block - first_key_block(m0, diag_lo, Tr::kBlockN);
       while (ld_acquire(sem) < turn) {}
       fence_proxy_async_global();  // their adds are visible to this thread's bulk adds
     }
@@ -428,16 +435,31 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   const int warp_group = __shfl_sync(0xffffffffu, threadIdx.x / cutlass::NumThreadsPerWarpGroup, 0);
-  const int n_block = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
+  const int n_block = blockIdx.x, hkv = blockIdx.y;
   const int n0 = n_block * kBlockN;
-  const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
+  // The CTA's sequence: lengths, band, where its rows start (offset_*), and the plane row of its
+  // first query block (q_row0). Dense: the whole batch row.
+  int b = blockIdx.z, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, diag_lo = p.diag_lo,
+      diag_hi = p.diag_hi, offset_q = 0, offset_k = 0, q_row0 = 0;
+  if (p.varlen.cu_q) {
+    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, blockIdx.z);
+    if (n0 >= s.len_k) return;  // past the sequence's keys: nothing to compute or write
+    b = s.batch;
+    seqlen_q = s.len_q;
+    seqlen_k = s.len_k;
+    diag_lo = sm90::varlen_diag(p.varlen.diag_lo, s.len_q, s.len_k);
+    diag_hi = sm90::varlen_diag(p.varlen.diag_hi, s.len_q, s.len_k);
+    offset_q = s.offset_q;
+    offset_k = s.offset_k;
+    q_row0 = varlen_q_block_row(s.offset_q, blockIdx.z - b * p.varlen.num_seqs);
+  }
 
   // Query blocks with at least one visible (query, key) pair for this key block:
   // m0 <= n_end - 1 - diag_lo and min(m0 + kBlockM, seqlen_q) - 1 >= n0 - diag_hi.
   const int n_end = min(n0 + kBlockN, seqlen_k);
-  const int hi_num = n_end - 1 - p.diag_lo;
+  const int hi_num = n_end - 1 - diag_lo;
   const int m_hi = hi_num < 0 ? 0 : min((seqlen_q + kBlockM - 1) / kBlockM, hi_num / kBlockM + 1);
-  const int lo_num = n0 - p.diag_hi;
+  const int lo_num = n0 - diag_hi;
   const int m_lo = lo_num <= 0 ? 0 : (lo_num > seqlen_q - 1 ? m_hi : lo_num / kBlockM);
   const int num_m = max(m_hi - m_lo, 0);
   // Step `it` covers query head hkv * group + it / num_m and query block m_lo + it % num_m.
@@ -463,8 +485,12 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // ---- producer: thread 0 issues every TMA (none at all when no query block is visible) --------
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegs>();
     if (threadIdx.x == 0 && n_iter > 0) {
-      Tensor mK = args.tma_k.get_tma_tensor(make_shape(seqlen_k, kHeadDim, p.heads_kv, p.batch))(_, _, hkv, b);
-      Tensor mV = args.tma_v.get_tma_tensor(make_shape(seqlen_k, kHeadDimV, p.heads_kv, p.batch))(_, _, hkv, b);
+      // Rows past a varlen sequence's end load the next sequence's rows (or TMA's zero fill): its
+      // keys are masked, and its query rows have lse_log2 = +inf (the preprocess), so P = dS = 0.
+      Tensor mK = domain_offset(make_coord(offset_k, _0{}),
+                                args.tma_k.get_tma_tensor(make_shape(p.seqlen_k, kHeadDim, p.heads_kv, p.batch))(_, _, hkv, b));
+      Tensor mV = domain_offset(make_coord(offset_k, _0{}),
+                                args.tma_v.get_tma_tensor(make_shape(p.seqlen_k, kHeadDimV, p.heads_kv, p.batch))(_, _, hkv, b));
       Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(n_block, _0{}));   // (N, d)
       Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDimV>>{}, make_coord(n_block, _0{}));  // (N, dv)
       auto [tKgK, tKsK] = tma_partition(args.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK), group_modes<0, 2>(gK));
@@ -474,21 +500,23 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       copy(args.tma_k.with(*kv_bar, 0), tKgK, tKsK);
       copy(args.tma_v.with(*kv_bar, 0), tVgV, tVsV);
 
-      Tensor mQ = args.tma_q.get_tma_tensor(make_shape(seqlen_q, kHeadDim, p.heads_q, p.batch));
-      Tensor mdO = args.tma_do.get_tma_tensor(make_shape(seqlen_q, kHeadDimV, p.heads_q, p.batch));
+      Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.seqlen_q, kHeadDim, p.heads_q, p.batch));
+      Tensor mdO = args.tma_do.get_tma_tensor(make_shape(p.seqlen_q, kHeadDimV, p.heads_q, p.batch));
       auto state = cutlass::make_producer_start_state<Pipeline>();
       CUTLASS_PRAGMA_NO_UNROLL
       for (int it = 0; it < n_iter; ++it) {
         const int h = hkv * p.group + it / num_m;
         const int m_block = m_lo + it % num_m;
-        Tensor gQ = local_tile(mQ(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
-        Tensor gdO = local_tile(mdO(_, _, h, b), Shape<Int<kBlockM>, Int<kHeadDimV>>{}, make_coord(m_block, _0{}));
+        Tensor gQ = local_tile(domain_offset(make_coord(offset_q, _0{}), mQ(_, _, h, b)),
+                               Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
+        Tensor gdO = local_tile(domain_offset(make_coord(offset_q, _0{}), mdO(_, _, h, b)),
+                                Shape<Int<kBlockM>, Int<kHeadDimV>>{}, make_coord(m_block, _0{}));
         auto [tQgQ, tQsQ] = tma_partition(args.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ), group_modes<0, 2>(gQ));
         auto [tdOgdO, tdOsdO] = tma_partition(args.tma_do, _0{}, Layout<_1>{}, group_modes<0, 2>(sdO), group_modes<0, 2>(gdO));
         // Both pipelines advance in lockstep, so one state (stage index and phase) serves both.
         const int stage = state.index();
         // lse_log2 / dpsum rows are padded to seqlen_q_pad, so a whole block is always readable.
-        const int64_t row = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + int64_t(m_block) * kBlockM;
+        const int64_t row = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + q_row0 + int64_t(m_block) * kBlockM;
         pipeline_q.producer_acquire(state);  // also arms the stage's barrier with kTxBytesQ
         auto* bar_q = pipeline_q.producer_get_barrier(state);
         copy(args.tma_q.with(*bar_q, 0), tQgQ, tQsQ(_, stage));
@@ -500,7 +528,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
         ++state;
       }
     } else if constexpr (Tr::kDqBulk) {
-      if (threadIdx.x / cutlass::NumThreadsPerWarp == 1 && n_iter > 0) store_dq<Tr>(p, ss, b, hkv, n_block, m_lo, num_m, n_iter);
+      if (threadIdx.x / cutlass::NumThreadsPerWarp == 1 && n_iter > 0) store_dq<Tr>(p, ss, b, hkv, n_block, m_lo, num_m, n_iter, q_row0, diag_lo);
     }
     return;
   }
@@ -609,8 +637,8 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     };
     // Blocks entirely inside the band and inside seqlen_k need no per-element mask (rows past
     // seqlen_q have lse_log2 = +inf, so their P is 0 without one).
-    const bool need_mask = !(n0 + kBlockN <= seqlen_k && n0 - (m0 + kBlockM - 1) >= p.diag_lo &&
-                             n0 + kBlockN - 1 - m0 <= p.diag_hi);
+    const bool need_mask = !(n0 + kBlockN <= seqlen_k && n0 - (m0 + kBlockM - 1) >= diag_lo &&
+                             n0 + kBlockN - 1 - m0 <= diag_hi);
     // Softcap derivative 1 - tanh^2, kept as packed fp16 pairs (16 registers instead of 32): it
     // only scales dS, which is rounded to 16 bits anyway.
     uint32_t dtanh2[Tr::kHasSoftcap ? decltype(size(tSrS))::value / 2 : 1];
@@ -638,7 +666,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
           for (int j = 0; j < 2; ++j) {
             const int kn = get<0>(tScS(i + j)), qm = get<1>(tScS(i + j));
             const int diag = (n0 + kn) - (m0 + qm);
-            const bool visible = n0 + kn < seqlen_k && diag >= p.diag_lo && diag <= p.diag_hi;
+            const bool visible = n0 + kn < seqlen_k && diag >= diag_lo && diag <= diag_hi;
             pv[j] = visible ? pv[j] : 0.f;
           }
         }
@@ -726,14 +754,14 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_full(wg));
     } else {
       float4* gdq = reinterpret_cast<float4*>(
-                        p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + m0) * kHeadDim +
+                        p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + q_row0 + m0) * kHeadDim +
                         wg * Tr::kDqWgFloats) + wg_tid;
-      int* sem = p.semaphores + (int64_t(b) * p.heads_q + h) * p.sem_per_head + m_block;
+      int* sem = p.semaphores + (int64_t(b) * p.heads_q + h) * p.sem_per_head + (q_row0 + m0) / 64;
       const auto order_barrier = sm90::bwd_dq_order(wg);
       if (p.deterministic) {
         // Key blocks n_lo(m) .. n-1 each add once per warpgroup before this block adds. ">=", not
         // "==": the other warpgroup of this CTA may already have counted its own add.
-        const int turn = Tr::kNumMmaWG * (n_block - first_key_block(m0, p.diag_lo, kBlockN));
+        const int turn = Tr::kNumMmaWG * (n_block - first_key_block(m0, diag_lo, kBlockN));
         if (wg_tid == 0) {
           while (ld_acquire(sem) < turn) {}
         }
@@ -755,8 +783,9 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
 
   // Epilogue: dK * softmax_scale and dV, straight from registers (rows past seqlen_k dropped).
   const int valid_n = n_end - n0;
-  Element* gdk = static_cast<Element*>(p.dk) + ((int64_t(b) * seqlen_k + n0) * p.heads_kv + hkv) * kHeadDim;
-  Element* gdv = static_cast<Element*>(p.dv) + ((int64_t(b) * seqlen_k + n0) * p.heads_kv + hkv) * kHeadDimV;
+  const int64_t k_row = int64_t(b) * p.seqlen_k + offset_k + n0;
+  Element* gdk = static_cast<Element*>(p.dk) + (k_row * p.heads_kv + hkv) * kHeadDim;
+  Element* gdv = static_cast<Element*>(p.dv) + (k_row * p.heads_kv + hkv) * kHeadDimV;
   Tensor gdK = make_tensor(make_gmem_ptr(gdk), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(k_row_stride, _1{}));
   Tensor gdV = make_tensor(make_gmem_ptr(gdv), Shape<Int<kBlockN>, Int<kHeadDimV>>{}, make_stride(v_row_stride, _1{}));
   Tensor tdKgdK = thr_dk.partition_C(gdK);

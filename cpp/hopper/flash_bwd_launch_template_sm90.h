@@ -36,6 +36,33 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   float* dpsum = reinterpret_cast<float*>(ws + w.dpsum);
   int* semaphores = reinterpret_cast<int*>(ws + w.semaphores);
 
+  // Varlen: clamp cu_seqlens into the workspace and zero dq/dk/dv rows outside every sequence
+  // (no CTA below covers them); grids then cover (block, head, sequence) up to max_seqlen.
+  sm90::VarlenParams varlen;
+  const bool is_varlen = p.cu_seqlens_q != nullptr;
+  const int seqs = is_varlen ? int(p.num_seqs) : 1;
+  const int64_t span_q = is_varlen ? std::min(p.max_seqlen_q, p.seqlen_q) : p.seqlen_q;
+  const int64_t span_k = is_varlen ? std::min(p.max_seqlen_k, p.seqlen_k) : p.seqlen_k;
+  if (is_varlen) {
+    int* cu = reinterpret_cast<int*>(ws + w.cu_seqlens);
+    sm90::VarlenPrepParams prep;
+    prep.raw_q = p.cu_seqlens_q;
+    prep.raw_k = p.cu_seqlens_k;
+    prep.cu_q = cu;
+    prep.cu_k = cu + p.batch * (seqs + 1);
+    prep.batch = int(p.batch);
+    prep.num_seqs = seqs;
+    prep.seqlen_q = int(p.seqlen_q);
+    prep.seqlen_k = int(p.seqlen_k);
+    prep.fill[0] = {p.dq, int64_t(p.heads_q) * kHeadDim * int64_t(sizeof(Element)), false};
+    prep.fill[1] = {p.dk, int64_t(p.heads_kv) * kHeadDim * int64_t(sizeof(Element)), true};
+    prep.fill[2] = {p.dv, int64_t(p.heads_kv) * kHeadDimV * int64_t(sizeof(Element)), true};
+    if (!sm90::launch_varlen_prepare(prep, stream)) return "sm90 varlen prepare kernel launch failed";
+    const int64_t far = p.seqlen_q + p.seqlen_k;  // keeps the band's meaning per sequence
+    varlen = {prep.cu_q, prep.cu_k, seqs, int(std::clamp<int64_t>(p.diag_lo, -far, far)),
+              int(std::clamp<int64_t>(p.diag_hi, -far, far))};
+  }
+
   BwdPreParams pre{};
   pre.out = p.out_in;
   pre.dout = p.dout;
@@ -49,9 +76,11 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   pre.seqlen_q_pad = int(w.seqlen_q_pad);
   pre.heads_q = int(p.heads_q);
   pre.sem_per_head = int(w.sem_per_head);
+  pre.varlen = varlen;
   static_assert(kBwdSeqlenQPad % kPreRowsPerBlock == 0, "the preprocess covers seqlen_q_pad in whole blocks");
-  dim3 pre_grid(unsigned(w.seqlen_q_pad / kPreRowsPerBlock), unsigned(p.heads_q),
-                unsigned(p.batch));
+  dim3 pre_grid(unsigned(is_varlen ? (span_q + kPreRowsPerBlock - 1) / kPreRowsPerBlock
+                                   : w.seqlen_q_pad / kPreRowsPerBlock),
+                unsigned(p.heads_q), unsigned(p.batch * seqs));
   flash_bwd_preprocess_sm90<Element, kHeadDim, kHeadDimV><<<pre_grid, kPreThreads, 0, stream>>>(pre);
   if (cuda::launch_failed()) return "sm90 backward preprocess kernel launch failed";
 
@@ -81,11 +110,12 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   m.softcap_log2 = p.softcap * 1.4426950408889634f;
   m.scale_div_softcap = kSoftcap ? p.softmax_scale / p.softcap : 0.f;
   m.deterministic = p.deterministic;
+  m.varlen = varlen;
   auto kernel = flash_bwd_kernel_sm90<Tr>;
   static cuda::PerDevice<cudaError_t> smem_limit_set;
   if (cuda::set_smem_limit_once(smem_limit_set, kernel, Tr::kSmemBytes) != cudaSuccess)
     return "cannot raise the shared-memory limit of the sm90 backward main kernel";
-  dim3 grid(unsigned((p.seqlen_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_kv), unsigned(p.batch));
+  dim3 grid(unsigned((span_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_kv), unsigned(p.batch * seqs));
   kernel<<<grid, Tr::kNumThreads, Tr::kSmemBytes, stream>>>(make_bwd_kernel_args<Tr>(m, int(p.batch)));
   if (cuda::launch_failed()) return "sm90 backward main kernel launch failed";
 
@@ -97,9 +127,10 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   post.seqlen_q = int(p.seqlen_q);
   post.seqlen_q_pad = int(w.seqlen_q_pad);
   post.heads_q = int(p.heads_q);
+  post.varlen = varlen;
   static_assert(Tr::kBlockM == kDqBlockRows && Tr::kNumMmaWG == kDqWarpGroups,
                 "the postprocess un-permutes the main kernel's dQ fragment order");
-  dim3 post_grid(unsigned((p.seqlen_q + kDqBlockRows - 1) / kDqBlockRows), unsigned(p.heads_q), unsigned(p.batch));
+  dim3 post_grid(unsigned((span_q + kDqBlockRows - 1) / kDqBlockRows), unsigned(p.heads_q), unsigned(p.batch * seqs));
   flash_bwd_postprocess_sm90<Element, kHeadDim, Tr::kDqAtomN><<<post_grid, kPostThreads, 0, stream>>>(post);
   if (cuda::launch_failed()) return "sm90 backward postprocess kernel launch failed";
   return nullptr;

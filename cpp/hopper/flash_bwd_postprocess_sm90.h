@@ -13,6 +13,8 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "flash_bwd_preprocess_sm90.h"
+
 namespace fa3::sm90_bwd {
 
 struct BwdPostParams {
@@ -20,6 +22,7 @@ struct BwdPostParams {
   void* dq;
   float scale;
   int batch, seqlen_q, seqlen_q_pad, heads_q;
+  sm90::VarlenParams varlen;  // cu_q null: dense; else one CTA per (block, head, sequence)
 };
 
 inline constexpr int kPostThreads = 256;
@@ -37,8 +40,18 @@ __global__ void __launch_bounds__(kPostThreads) flash_bwd_postprocess_sm90(const
   constexpr int kChunks = kDqBlockRows * kHeadDim / kDqWarpGroups / (4 * 128);  // float4s per thread
   constexpr int kGroups = kAtomN / 8;
   static_assert(kHeadDim % (kDqWarpGroups * kAtomN) == 0, "whole dQ atoms per warpgroup");
-  const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t block = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + int64_t(m_block) * kDqBlockRows;
+  const int m_block = blockIdx.x, h = blockIdx.y;
+  // Global rows src0 + r (r < rows) of batch row b, from plane rows dst0 + r of dq_accum.
+  int b = blockIdx.z, src0 = m_block * kDqBlockRows, rows = p.seqlen_q - src0, dst0 = src0;
+  if (p.varlen.cu_q) {
+    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, blockIdx.z);
+    if (src0 >= s.len_q) return;
+    b = s.batch;
+    rows = s.len_q - src0;
+    dst0 = varlen_q_block_row(s.offset_q, blockIdx.z - b * p.varlen.num_seqs) + src0;
+    src0 += s.offset_q;
+  }
+  const int64_t block = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + dst0;
   const float4* src = reinterpret_cast<const float4*>(p.dq_accum + block * kHeadDim);
   // All loads first (the kernel is bound by memory latency), then the scatter into the tile.
   constexpr int kLoads = kDqBlockRows * kHeadDim / 4 / kPostThreads;
@@ -62,11 +75,11 @@ __global__ void __launch_bounds__(kPostThreads) flash_bwd_postprocess_sm90(const
   }
   __syncthreads();
   constexpr int kVecs = kHeadDim * int(sizeof(Element)) / 16;  // 16-byte vectors per row
-  const int rows = min(kDqBlockRows, p.seqlen_q - m_block * kDqBlockRows);
+  rows = min(kDqBlockRows, rows);
   Element* dq = static_cast<Element*>(p.dq);
   for (int g = threadIdx.x; g < rows * kVecs; g += kPostThreads) {
     const int row = g / kVecs, c = g % kVecs;
-    const int64_t i = int64_t(m_block) * kDqBlockRows + row;
+    const int64_t i = int64_t(src0) + row;
     *reinterpret_cast<uint4*>(dq + ((int64_t(b) * p.seqlen_q + i) * p.heads_q + h) * kHeadDim + c * 8) =
         *reinterpret_cast<const uint4*>(&tile[row * kRowPad + c * 8]);
   }

@@ -4,12 +4,25 @@
 //   lse_log2[b,h,i] = lse[b,h,i] * log2(e), and +inf where lse = -inf (empty rows) or i >= seqlen_q,
 //                     so that exp2(s - lse_log2) = 0 there and the main kernel needs no row checks;
 //   dq_accum[b,h,i,:] = 0 and the deterministic-mode semaphores = 0 (the workspace is not zeroed).
+// Varlen: one CTA per (64-row block of a sequence, head, sequence), writing that block's rows at
+// its padded position (varlen_q_block_row), past the sequence's end as if past seqlen_q.
 #pragma once
 
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "varlen_sm90.h"
+
 namespace fa3::sm90_bwd {
+
+// Varlen: where the 64-row query blocks of sequence s (index s_in_row within its batch row,
+// starting at row offset_q) sit in the per-(batch, head) planes of dq_accum, lse_log2, dpsum and
+// the semaphores: FlashAttention-3's padded layout, each sequence starting at a multiple of 64
+// rows at or after offset_q + 64 s, so that a sequence's blocks are whole fragment-ordered tiles
+// and no two sequences share a block. Planes then need seqlen_q + 64 num_seqs rows.
+__host__ __device__ __forceinline__ int varlen_q_block_row(int offset_q, int s_in_row) {
+  return (offset_q + 64 * s_in_row) / 64 * 64;
+}
 
 struct BwdPreParams {
   const void* out;     // [b, seqlen_q, heads_q, head_dim_v]
@@ -21,6 +34,7 @@ struct BwdPreParams {
   float* dq_accum;     // [b, heads_q, seqlen_q_pad, head_dim]
   int* semaphores;     // [b, heads_q, sem_per_head]
   int seqlen_q, seqlen_q_pad, heads_q, sem_per_head;
+  sm90::VarlenParams varlen;  // cu_q null: dense
 };
 
 inline constexpr int kPreThreads = 256;
@@ -50,21 +64,33 @@ __global__ void __launch_bounds__(kPreThreads) flash_bwd_preprocess_sm90(const B
   constexpr int kPasses = kRowsPerWarp / kRowsPerPass;
   static_assert(kHeadDimV % 8 == 0 && kRowsPerWarp % kRowsPerPass == 0, "whole 16-byte vectors and passes");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int h = blockIdx.y, b = blockIdx.z;
+  const int h = blockIdx.y;
+  // The block's rows: global rows src0 + r of batch row b for r < rows, statistics and dq_accum
+  // at plane rows dst0 + r (the same rows when dense).
+  int b = blockIdx.z, src0 = blockIdx.x * kPreRowsPerBlock, rows = p.seqlen_q - src0, dst0 = src0;
+  if (p.varlen.cu_q) {
+    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, blockIdx.z);
+    const int m0 = blockIdx.x * kPreRowsPerBlock;
+    if (m0 >= s.len_q) return;
+    b = s.batch;
+    src0 = s.offset_q + m0;
+    rows = s.len_q - m0;
+    dst0 = varlen_q_block_row(s.offset_q, blockIdx.z - b * p.varlen.num_seqs) + m0;
+  }
   const int64_t bh = int64_t(b) * p.heads_q + h;
-  const int row0 = blockIdx.x * kPreRowsPerBlock + warp * kRowsPerWarp + lane / kLanesPerRow;
+  const int row0 = warp * kRowsPerWarp + lane / kLanesPerRow;  // within the block
   const int c0 = lane % kLanesPerRow;
   uint4 o[kPasses][kVecsPerLane], g[kPasses][kVecsPerLane];
 #pragma unroll
   for (int r = 0; r < kPasses; ++r) {
     const int i = row0 + r * kRowsPerPass;
-    const int64_t row = ((int64_t(b) * p.seqlen_q + i) * p.heads_q + h) * kHeadDimV;
+    const int64_t row = ((int64_t(b) * p.seqlen_q + src0 + i) * p.heads_q + h) * kHeadDimV;
     const uint4* po = reinterpret_cast<const uint4*>(static_cast<const Element*>(p.out) + row);
     const uint4* pg = reinterpret_cast<const uint4*>(static_cast<const Element*>(p.dout) + row);
 #pragma unroll
     for (int v = 0; v < kVecsPerLane; ++v) {
       const int c = c0 + v * kLanesPerRow;
-      const bool ok = i < p.seqlen_q && c < kVecs;
+      const bool ok = i < rows && c < kVecs;
       o[r][v] = ok ? po[c] : make_uint4(0, 0, 0, 0);
       g[r][v] = ok ? pg[c] : make_uint4(0, 0, 0, 0);
     }
@@ -79,19 +105,21 @@ __global__ void __launch_bounds__(kPreThreads) flash_bwd_preprocess_sm90(const B
     for (int off = kLanesPerRow / 2; off > 0; off /= 2) dsum += __shfl_xor_sync(0xffffffffu, dsum, off);
     if (c0 == 0) {
       float lse2 = INFINITY;
-      if (i < p.seqlen_q) {
-        if (p.dlse) dsum -= p.dlse[bh * p.seqlen_q + i];
-        const float l = p.lse[bh * p.seqlen_q + i];
+      if (i < rows) {
+        if (p.dlse) dsum -= p.dlse[bh * p.seqlen_q + src0 + i];
+        const float l = p.lse[bh * p.seqlen_q + src0 + i];
         lse2 = l == -INFINITY ? INFINITY : l * 1.4426950408889634f;
       }
-      p.dpsum[bh * p.seqlen_q_pad + i] = dsum;
-      p.lse_log2[bh * p.seqlen_q_pad + i] = lse2;
+      p.dpsum[bh * p.seqlen_q_pad + dst0 + i] = dsum;
+      p.lse_log2[bh * p.seqlen_q_pad + dst0 + i] = lse2;
     }
   }
-  float4* acc = reinterpret_cast<float4*>(p.dq_accum + (bh * p.seqlen_q_pad + int64_t(blockIdx.x) * kPreRowsPerBlock) * kHeadDim);
+  float4* acc = reinterpret_cast<float4*>(p.dq_accum + (bh * p.seqlen_q_pad + dst0) * kHeadDim);
 #pragma unroll
   for (int c = threadIdx.x; c < kPreRowsPerBlock * kHeadDim / 4; c += kPreThreads) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (blockIdx.x == 0) {
+  if (p.varlen.cu_q) {
+    if (threadIdx.x == 0) p.semaphores[bh * p.sem_per_head + dst0 / 64] = 0;
+  } else if (blockIdx.x == 0) {
     for (int t = threadIdx.x; t < p.sem_per_head; t += kPreThreads) p.semaphores[bh * p.sem_per_head + t] = 0;
   }
 }

@@ -10,12 +10,24 @@ namespace {
 
 using sm90_bwd::run_bwd_sm90_hdim;
 
+// #if, not expressions: with FA3_JAX_SELECTED_HDIMS an unselected FA3_BWD_HDIM<N> is an
+// undefined identifier (it reads as 0 only in the preprocessor).
 bool bwd_hdim_compiled(int64_t d, int64_t dv) {
-  if (d == 64 && dv == 64) return FA3_BWD_HDIM64;
-  if (d == 96 && dv == 96) return FA3_BWD_HDIM96;
-  if (d == 128 && dv == 128) return FA3_BWD_HDIM128;
-  if (d == 192 && (dv == 192 || dv == 128)) return FA3_BWD_HDIM192;
-  if (d == 256 && dv == 256) return FA3_BWD_HDIM256;
+#if FA3_BWD_HDIM64
+  if (d == 64 && dv == 64) return true;
+#endif
+#if FA3_BWD_HDIM96
+  if (d == 96 && dv == 96) return true;
+#endif
+#if FA3_BWD_HDIM128
+  if (d == 128 && dv == 128) return true;
+#endif
+#if FA3_BWD_HDIM192
+  if (d == 192 && (dv == 192 || dv == 128)) return true;
+#endif
+#if FA3_BWD_HDIM256
+  if (d == 256 && dv == 256) return true;
+#endif
   return false;
 }
 
@@ -33,6 +45,9 @@ const char* run_dtype(const BwdParams& p, void* ws, cudaStream_t_ stream) {
 }  // namespace
 
 bool sm90_supports_bwd(const BwdParams& p) {
+  if (p.q_segment_ids) return false;  // segment ids: CPU backend only
+  // Varlen grids put (batch row, sequence) on z; the prepare kernel puts the batch on y.
+  if (p.cu_seqlens_q && (p.num_seqs < 1 || p.batch * p.num_seqs > 65535)) return false;
   return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && p.heads_kv > 0 &&
          p.heads_q % p.heads_kv == 0 && bwd_hdim_compiled(p.head_dim, p.head_dim_v) &&
          p.seqlen_q < (int64_t(1) << 30) && p.seqlen_k < (int64_t(1) << 30) && p.heads_kv <= 65535 &&
@@ -46,6 +61,7 @@ const char* run_bwd_sm90(const BwdParams& p, void* workspace, cudaStream_t_ stre
   if (!sm90_supports_bwd(p)) return "unsupported dtype, head dim or head counts for the sm90 backward";
   const size_t elem = 2;
   if (p.batch == 0 || p.heads_q == 0) return nullptr;
+  if (p.cu_seqlens_q && !workspace) return "the sm90 varlen backward needs its workspace";
   if (p.seqlen_q == 0 || p.seqlen_k == 0) {
     // No (query, key) pairs: every gradient is zero.
     const size_t nq = size_t(p.batch) * p.seqlen_q * p.heads_q * p.head_dim * elem;

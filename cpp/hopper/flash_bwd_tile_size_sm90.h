@@ -23,8 +23,10 @@ struct BwdTileSize {
 // for one step.
 //  * hdim <= 128: 64 x 128. Each warpgroup owns 64 keys: S^T/dP^T 32 + 32 regs, dK + dV
 //    2 * hdim/2 regs (128 at hdim 128); 128 keys per CTA halves the passes over Q/dO compared
-//    with 64, and lets P^T/dS^T feed dK/dV from registers. No spills at any head dim, with or
-//    without softcap, since lse/dpsum are kept shuffled and dV is issued after dS (hdim 128 had
+//    with 64, and lets P^T/dS^T feed dK/dV from registers. No consumer spills at any head dim,
+//    with or without softcap (the 24-register producer warpgroup of hdim 64 without softcap
+//    spills 8 bytes since the varlen sequence lookup), since lse/dpsum are kept shuffled and dV
+//    is issued after dS (hdim 128 had
 //    spilled 96 bytes, 200 with softcap; removing that alone measured +7..15% at hdim 128 full,
 //    H200, bf16, 16k tokens, 512..16k).
 //  * hdim 192/256: 64 x 64. A 128-key block would need 2 * 192 (or 256) dK+dV registers per

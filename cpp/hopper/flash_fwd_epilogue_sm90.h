@@ -1,8 +1,9 @@
 // fa3_jax Hopper forward epilogue: O (input dtype) and LSE (float32, natural log) of one tile,
 // written straight from the accumulator registers with row bounds checks, and the fill of
-// tiles whose rows see no key at all (out 0, lse -inf). With split-KV (sched.num_splits > 1) the
-// tile's float32 O and its LSE go to the workspace instead, for the combine kernel (the kSplit
-// instantiation).
+// tiles whose rows see no key at all (out 0, lse -inf). Rows are bounded by the tile's sequence
+// (mask.seqlen_q rows from offset_q; dense: the batch row); varlen_prepare fills the rows outside
+// every sequence. With split-KV (sched.num_splits > 1; dense calls only) the tile's float32 O and
+// its LSE go to the workspace instead, for the combine kernel (the kSplit instantiation).
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"
@@ -16,19 +17,21 @@ struct FwdEpilogue {
   using Params = typename Traits::Params;
   static constexpr int kBlockM = Traits::kBlockM, kHeadDimV = Traits::kHeadDimV;
 
-  // First row of (t.split, t.batch, t.head) in the split-KV partial buffers.
+  // First row of (t.split, t.batch, t.head) in the split-KV partial buffers (dense layout: a
+  // varlen call never splits).
   static CUTLASS_DEVICE int64_t partial_row0(Params const& p, TileCoord t) {
     int64_t const hb = int64_t(t.batch) * p.sched.heads + t.head;
     return (int64_t(t.split) * p.sched.num_hb + hb) * p.mask.seqlen_q;
   }
 
-  template <class TensorO>
+  template <class TensorO, class Mask>
   static CUTLASS_DEVICE void store(Params const& p, TensorO const& tOrO,
-                                   cute::array<float, 2> const& lse, TileCoord t, int mma_tidx) {
+                                   cute::array<float, 2> const& lse, TileCoord t,
+                                   Mask const& mask, int offset_q, int mma_tidx) {
     Tensor o = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
     static_assert(decltype(size<0>(o))::value == 2);
     AccCoord const coord(mma_tidx);
-    int const seqlen_q = p.mask.seqlen_q;
+    int const seqlen_q = mask.seqlen_q;
     if constexpr (Traits::kSplit) {
       int64_t const row0 = partial_row0(p, t);
       CUTLASS_PRAGMA_UNROLL
@@ -44,8 +47,10 @@ struct FwdEpilogue {
       }
       return;
     }
-    Element* out = p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride;
-    float* lse_head = p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride;
+    Element* out = p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride +
+                   offset_q * p.out_row_stride;
+    float* lse_head = p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride +
+                      offset_q * p.lse_row_stride;
     // Pairs are converted as they are stored: a converted copy of the whole accumulator would
     // not fit next to it in the register budget at head dim 256.
     cutlass::NumericArrayConverter<Element, float, 2> to_element;
@@ -67,8 +72,10 @@ struct FwdEpilogue {
 
   // A tile (or split) with no visible key. A split only marks its LSE -inf: the combine kernel
   // never reads the O of such a split, so it is not written.
-  static CUTLASS_DEVICE void store_empty(Params const& p, TileCoord t, int mma_tidx) {
-    int const seqlen_q = p.mask.seqlen_q;
+  template <class Mask>
+  static CUTLASS_DEVICE void store_empty(Params const& p, TileCoord t, Mask const& mask,
+                                         int offset_q, int mma_tidx) {
+    int const seqlen_q = mask.seqlen_q;
     if constexpr (Traits::kSplit) {
       int64_t const row0 = partial_row0(p, t);
       for (int r = mma_tidx; r < kBlockM; r += Traits::kNumMmaThreads) {
@@ -77,7 +84,8 @@ struct FwdEpilogue {
       }
       return;
     }
-    Element* out = p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride;
+    Element* out = p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride +
+                   offset_q * p.out_row_stride;
     constexpr int kChunks = kHeadDimV / 8;  // 16-byte chunks per row
     for (int idx = mma_tidx; idx < kBlockM * kChunks; idx += Traits::kNumMmaThreads) {
       int const i = t.m_block * kBlockM + idx / kChunks;
@@ -85,7 +93,8 @@ struct FwdEpilogue {
         *reinterpret_cast<uint4*>(out + i * p.out_row_stride + (idx % kChunks) * 8) =
             make_uint4(0, 0, 0, 0);
     }
-    float* lse_head = p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride;
+    float* lse_head = p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride +
+                      offset_q * p.lse_row_stride;
     for (int r = mma_tidx; r < kBlockM; r += Traits::kNumMmaThreads) {
       int const i = t.m_block * kBlockM + r;
       if (i < seqlen_q) lse_head[i * p.lse_row_stride] = -INFINITY;

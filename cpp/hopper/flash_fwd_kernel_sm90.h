@@ -73,12 +73,16 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         int const tile = ss.tile_ids[seq & 1];
         ss.tile_empty[seq & 1].arrive();
         if (tile >= sched.num_tiles) break;
-        TileCoord const t = decode_tile(sched, tile);
+        TileCoord t = decode_tile(sched, tile);
+        typename Traits::Mask mask;
+        int offset_q, offset_k;
+        if (!p.locate(t, mask, offset_q, offset_k)) continue;
         int n_min, n_max;
-        p.mask.n_block_range(t.m_block, n_min, n_max);
+        mask.n_block_range(t.m_block, n_min, n_max);
         split_n_range(sched, t, n_min, n_max);
         if (n_max <= n_min) continue;
-        Mainloop::load(p, ss, pipe_k, pipe_v, write, q_tile_count, t, n_min, n_max);
+        Mainloop::load(p, ss, pipe_k, pipe_v, write, q_tile_count, t, offset_q, offset_k, n_min,
+                       n_max);
         ++q_tile_count;
       }
     }
@@ -97,20 +101,26 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       int const tile = ss.tile_ids[seq & 1];
       ss.tile_empty[seq & 1].arrive();
       if (tile >= sched.num_tiles) break;
-      TileCoord const t = decode_tile(sched, tile);
+      TileCoord t = decode_tile(sched, tile);
+      typename Traits::Mask mask;
+      int offset_q, offset_k;
+      if (!p.locate(t, mask, offset_q, offset_k)) continue;
       int n_min, n_max;
-      p.mask.n_block_range(t.m_block, n_min, n_max);
+      mask.n_block_range(t.m_block, n_min, n_max);
       split_n_range(sched, t, n_min, n_max);
       if (n_max <= n_min) {
-        Epilogue::store_empty(p, t, mma_tidx);
+        Epilogue::store_empty(p, t, mask, offset_q, mma_tidx);
         continue;
       }
       cute::array<float, 2> lse;
-      Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, n_min, n_max, mma_tidx, tOrO,
-                    lse);
-      // Decoded again rather than kept: at head dim 256 the consumers' 240 registers hold the
-      // O accumulator, and tile coordinates live across the mainloop spilled there.
-      Epilogue::store(p, tOrO, lse, decode_tile(sched, tile), mma_tidx);
+      Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, mask, n_min, n_max, mma_tidx,
+                    tOrO, lse);
+      // Decoded and located again rather than kept: at head dim 256 the consumers' 240
+      // registers hold the O accumulator, and tile coordinates live across the mainloop spilled
+      // there.
+      t = decode_tile(sched, tile);
+      p.locate(t, mask, offset_q, offset_k);
+      Epilogue::store(p, tOrO, lse, t, mask, offset_q, mma_tidx);
       ++q_tile_count;
     }
     // Absorb warpgroup 1's last arrive so that no named barrier is left half-arrived.

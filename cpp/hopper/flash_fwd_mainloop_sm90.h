@@ -29,17 +29,23 @@ struct FwdMainloop {
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
 
   // Called by a single producer thread. q_tile_count: non-empty tiles this CTA loaded before.
+  // offset_q / offset_k: first row of the tile's sequence in its batch row (0 when dense). Rows
+  // past the sequence's end load the next sequence's rows or TMA's zero fill; the mask and the
+  // epilogue's row bounds keep them out of every result.
   static CUTLASS_DEVICE void load(Params const& p, SharedStorage& ss, PipelineK& pipe_k,
                                   PipelineV& pipe_v, PipelineState& write, int q_tile_count,
-                                  TileCoord t, int n_min, int n_max) {
+                                  TileCoord t, int offset_q, int offset_k, int n_min, int n_max) {
     Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});  // (M, D)
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});  // (N, D, PIPE)
     Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});  // (N, Dv, PIPE)
 
     int const h_kv = t.head / p.qheads_per_kvhead;
-    Tensor mQ = p.tma_q.get_tma_tensor(p.shape_q)(_, _, t.head, t.batch);  // (Sq, D)
-    Tensor mK = p.tma_k.get_tma_tensor(p.shape_k)(_, _, h_kv, t.batch);    // (Sk, D)
-    Tensor mV = p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, t.batch);    // (Sk, Dv)
+    Tensor mQ = domain_offset(make_coord(offset_q, _0{}),
+                              p.tma_q.get_tma_tensor(p.shape_q)(_, _, t.head, t.batch));  // (Sq, D)
+    Tensor mK = domain_offset(make_coord(offset_k, _0{}),
+                              p.tma_k.get_tma_tensor(p.shape_k)(_, _, h_kv, t.batch));  // (Sk, D)
+    Tensor mV = domain_offset(make_coord(offset_k, _0{}),
+                              p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, t.batch));  // (Sk, Dv)
     Tensor gQ = local_tile(mQ, select<0, 2>(typename Traits::TileShapeQK{}),
                            make_coord(t.m_block, _0{}));  // (M, D)
     Tensor gK = local_tile(mK, select<1, 2>(typename Traits::TileShapeQK{}),
@@ -89,12 +95,13 @@ struct FwdMainloop {
     load_v_prev(n_min);
   }
 
-  // Consumer side for one tile. tOrO: output accumulator (cleared here); lse: per-row LSE out.
-  template <class TensorO>
+  // Consumer side for one tile. tOrO: output accumulator (cleared here); lse: per-row LSE out;
+  // mask: the tile's band (Params::locate).
+  template <class TensorO, class Mask>
   static CUTLASS_DEVICE void mma(Params const& p, SharedStorage& ss, PipelineK& pipe_k,
                                  PipelineV& pipe_v, PipelineState& read, int q_tile_count,
-                                 TileCoord t, int n_min, int n_max, int mma_tidx, TensorO& tOrO,
-                                 cute::array<float, 2>& lse) {
+                                 TileCoord t, Mask const& mask, int n_min, int n_max, int mma_tidx,
+                                 TensorO& tOrO, cute::array<float, 2>& lse) {
     Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});   // (M, D)
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});   // (N, D, PIPE)
     Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVt{}); // (Dv, N, PIPE)
@@ -125,7 +132,7 @@ struct FwdMainloop {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) tSrS(i) = fast_tanh(tSrS(i) * p.softcap_pre);
       }
-      if (p.mask.needs_mask(t.m_block, n)) p.mask.apply(tSrS, coord, t.m_block, n);
+      if (mask.needs_mask(t.m_block, n)) mask.apply(tSrS, coord, t.m_block, n);
     };
 
     OnlineSoftmax<2> softmax(p.scale_log2);

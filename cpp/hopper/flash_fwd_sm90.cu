@@ -38,7 +38,10 @@ using namespace cute;
 // them (diag_lo <= 0 and diag_hi >= seqlen_k - 1: no window cuts the keys; bottom-right causal
 // with seqlen_q 1 is such a case), since the kernel's band would otherwise mask the packed rows
 // as if they were different query positions.
-bool packable_gqa_shape(FwdParams const& p) { return p.seqlen_q == 1 && p.heads_q > p.heads_kv; }
+// Varlen calls are never packed (nor split) yet.
+bool packable_gqa_shape(FwdParams const& p) {
+  return p.seqlen_q == 1 && p.heads_q > p.heads_kv && p.num_seqs == 0;
+}
 bool pack_gqa(FwdParams const& p) {
   return packable_gqa_shape(p) && p.diag_lo <= 0 && p.diag_hi >= p.seqlen_k - 1;
 }
@@ -72,18 +75,22 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
   int const num_n_blocks = int((p.seqlen_k + ts.block_n - 1) / ts.block_n);
   int const forced = forced_num_splits();
   plan.num_splits =
-      forced > 0 ? forced : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
+      p.num_seqs > 0 ? 1
+      : forced > 0   ? forced
+                     : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
   return plan;
 }
 
-// Workspace: the tile counter, then (split-KV only) lse_accum and o_accum, 256-byte aligned.
+// Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens or
+// (split-KV) lse_accum and o_accum, 256-byte aligned.
 constexpr size_t kCounterBytes = 256;
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
   return align256(size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * sizeof(float));
 }
 size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
-  if (plan.num_splits <= 1) return 16;
+  if (p.num_seqs > 0) return kCounterBytes + sm90::varlen_workspace_bytes(p.batch, p.num_seqs);
+  if (plan.num_splits <= 1) return kCounterBytes;
   return kCounterBytes + partial_lse_bytes(p, plan) +
          size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
              sizeof(float);
@@ -140,15 +147,46 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   int64_t const hi = plan.packed ? int64_t(sk) : std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
   kp.mask = {sq, sk, int(lo), int(hi)};
 
-  int const num_m_blocks = plan.num_m_blocks;
-  int const num_hb = h * b;
-  // K/V bytes one (head, batch) pair pulls through L2 (shared by the query heads of a group).
+  // Varlen: tiles are (m_block, head, (batch row, sequence)); the grid covers the longest
+  // sequence the caller promises (max_seqlen_q), and each tile finds its sequence on the device.
+  // A varlen plan is never packed or split (plan_fwd).
+  bool const varlen = p.cu_seqlens_q != nullptr;
+  int const seqs = varlen ? int(p.num_seqs) : 1;
+  int const span_q = varlen ? int(std::min<int64_t>(p.max_seqlen_q, sq)) : sq;
+  int const span_k = varlen ? int(std::min<int64_t>(p.max_seqlen_k, sk)) : sk;
+  bool longest_first = hi < sk;
+  if (varlen) {
+    int* cu = reinterpret_cast<int*>(static_cast<char*>(workspace) + kCounterBytes);
+    sm90::VarlenPrepParams prep;
+    prep.raw_q = p.cu_seqlens_q;
+    prep.raw_k = p.cu_seqlens_k;
+    prep.cu_q = cu;
+    prep.cu_k = cu + b * (seqs + 1);
+    prep.batch = b;
+    prep.num_seqs = seqs;
+    prep.seqlen_q = sq;
+    prep.seqlen_k = sk;
+    prep.fill[0] = {p.out, int64_t(hq) * kHeadDimV * int64_t(sizeof(Element)), false};
+    prep.lse = p.lse;
+    prep.lse_heads = hq;
+    if (!sm90::launch_varlen_prepare(prep, stream)) return "sm90 varlen prepare kernel launch failed";
+    // Pre-clamped to +-(sq + sk) (< 2^31 by sm90_supports_fwd): the per-sequence band keeps its
+    // meaning (sm90::varlen_diag).
+    int64_t const far = int64_t(sq) + sk;
+    kp.varlen = {prep.cu_q, prep.cu_k, seqs, int(std::clamp<int64_t>(p.diag_lo, -far, far)),
+                 int(std::clamp<int64_t>(p.diag_hi, -far, far))};
+    longest_first = p.diag_hi < span_k;
+  }
+
+  int const num_m_blocks = (span_q + ts.block_m - 1) / ts.block_m;
+  int const num_hb = h * b * seqs;
+  // K/V bytes one (head, sequence) pair pulls through L2 (shared by the query heads of a group).
   int const heads_per_kv = h / hkv;
   int64_t const kv_bytes = std::max<int64_t>(
-      1, int64_t(sk) * (kHeadDim + kHeadDimV) * sizeof(Element) / heads_per_kv);
+      1, int64_t(span_k) * (kHeadDim + kHeadDimV) * sizeof(Element) / heads_per_kv);
   int const l2_group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
-  kp.sched = {num_m_blocks, h, num_hb, l2_group, num_m_blocks * num_hb * plan.num_splits, hi < sk,
-              plan.num_splits};
+  kp.sched = {num_m_blocks, h, num_hb, l2_group, num_m_blocks * num_hb * plan.num_splits,
+              longest_first, plan.num_splits};
   kp.qheads_per_kvhead = heads_per_kv;
   int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
   // With at most one tile per CTA there is nothing to balance: no counter and no memset (short
@@ -247,12 +285,25 @@ const char* dispatch_hdim(const FwdParams& p, void* workspace, cudaStream_t stre
   return "head dim not compiled into the sm90 forward kernel";
 }
 
+// #if, not expressions: with FA3_JAX_SELECTED_HDIMS an unselected FA3_JAX_FWD_HDIM(N) is an
+// undefined identifier (it reads as 0 only in the preprocessor).
 bool hdim_compiled(int64_t d, int64_t dv) {
-  return (FA3_JAX_FWD_HDIM(64) && d == 64 && dv == 64) ||
-         (FA3_JAX_FWD_HDIM(96) && d == 96 && dv == 96) ||
-         (FA3_JAX_FWD_HDIM(128) && d == 128 && dv == 128) ||
-         (FA3_JAX_FWD_HDIM(192) && d == 192 && (dv == 192 || dv == 128)) ||
-         (FA3_JAX_FWD_HDIM(256) && d == 256 && dv == 256);
+#if FA3_JAX_FWD_HDIM(64)
+  if (d == 64 && dv == 64) return true;
+#endif
+#if FA3_JAX_FWD_HDIM(96)
+  if (d == 96 && dv == 96) return true;
+#endif
+#if FA3_JAX_FWD_HDIM(128)
+  if (d == 128 && dv == 128) return true;
+#endif
+#if FA3_JAX_FWD_HDIM(192)
+  if (d == 192 && (dv == 192 || dv == 128)) return true;
+#endif
+#if FA3_JAX_FWD_HDIM(256)
+  if (d == 256 && dv == 256) return true;
+#endif
+  return false;
 }
 
 }  // namespace
@@ -263,14 +314,23 @@ bool sm90_supports_fwd(const FwdParams& p) {
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return false;
   // Tile coordinates and TMA box coordinates are 32-bit.
   int64_t const kMax = int64_t(1) << 30;
+  if (p.q_segment_ids) return false;  // segment ids: CPU backend only
+  if (p.cu_seqlens_q) {
+    // Tiles (m_block, head, sequence) are numbered in int; the prepare grid's y is the batch.
+    int64_t const m_blocks = (std::min(p.max_seqlen_q, p.seqlen_q) + 127) / 128;
+    if (p.num_seqs < 1 || p.batch > 65535 ||
+        m_blocks * p.heads_q * p.batch * p.num_seqs >= kMax)
+      return false;
+  }
   return p.seqlen_q < kMax && p.seqlen_k < kMax && p.batch * p.heads_q < kMax;
 }
 
-// The dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream) and, where the
-// shapes call for split-KV, the partial results. The band is not among the shapes Python passes
-// (cpp/module.cc), so the size covers both the packed and the unpacked GQA plan.
+// The dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream) and either the
+// clamped cu_seqlens (varlen: num_seqs > 0) or, where the shapes call for split-KV, the partial
+// results. The band is not among the shapes Python passes (cpp/module.cc), so the size covers
+// both the packed and the unpacked GQA plan.
 size_t sm90_fwd_workspace_bytes(const FwdParams& p) {
-  if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0 || p.heads_kv <= 0) return 16;
+  if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0 || p.heads_kv <= 0) return kCounterBytes;
   int const num_sms = num_sms_here();
   size_t bytes = workspace_bytes(p, plan_fwd(p, false, num_sms));
   if (packable_gqa_shape(p)) bytes = std::max(bytes, workspace_bytes(p, plan_fwd(p, true, num_sms)));
@@ -280,8 +340,9 @@ size_t sm90_fwd_workspace_bytes(const FwdParams& p) {
 const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stream) {
   if (!sm90_supports_fwd(p)) return "unsupported dtype or head dim for the sm90 forward";
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // Without a workspace the kernel falls back to the static round-robin schedule (and split-KV,
-  // which needs one, reports an error).
+  // Without a workspace the kernel falls back to the static round-robin schedule (dense,
+  // unsplit only: split-KV reports an error).
+  if (p.cu_seqlens_q && !workspace) return "the sm90 varlen forward needs its workspace";
   if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, workspace, s);
   return dispatch_hdim<cutlass::bfloat16_t>(p, workspace, s);
 }

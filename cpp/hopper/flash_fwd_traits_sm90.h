@@ -21,6 +21,7 @@
 
 #include "mask.h"
 #include "tile_scheduler.h"
+#include "varlen_sm90.h"
 
 namespace fa3::sm90 {
 
@@ -92,6 +93,8 @@ struct FwdTraits {
   using PipelineV = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename PipelineK::PipelineState;
 
+  using Mask = BandMask<kBlockM, kBlockN>;
+
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesV = kBlockN * kHeadDimV * sizeof(Element);
@@ -131,7 +134,7 @@ struct FwdTraits {
     TmaK tma_k;
     TmaV tma_v;
     ShapeQKV shape_q, shape_k, shape_v;
-    BandMask<kBlockM, kBlockN> mask;
+    Mask mask;  // dense band; varlen: per sequence (locate)
     TileSchedulerParams sched;
     int* tile_counter;  // zeroed before launch; nullptr: static round-robin schedule
     int qheads_per_kvhead;
@@ -149,6 +152,27 @@ struct FwdTraits {
     // coordinates; flash_fwd_combine_sm90.h merges them into out and lse.
     float* lse_accum;
     float* o_accum;
+    VarlenParams varlen;  // varlen.cu_q == nullptr: the dense layout
+
+    // Resolves a scheduler tile to its sequence: t.batch becomes the batch row, `mask` the
+    // sequence's band, (offset_q, offset_k) where its rows start in the batch row. Dense: the
+    // whole batch row. False when the tile's query block starts past its sequence's end (the
+    // grid is sized by the longest sequence): then nothing is loaded, computed or written.
+    CUTLASS_DEVICE bool locate(TileCoord& t, Mask& m, int& offset_q,
+                               int& offset_k) const {
+      if (!varlen.cu_q) {
+        m = mask;
+        offset_q = offset_k = 0;
+        return true;
+      }
+      SeqSpan const s = varlen_span(varlen, t.batch);
+      t.batch = s.batch;
+      offset_q = s.offset_q;
+      offset_k = s.offset_k;
+      m = {s.len_q, s.len_k, varlen_diag(varlen.diag_lo, s.len_q, s.len_k),
+           varlen_diag(varlen.diag_hi, s.len_q, s.len_k)};
+      return t.m_block * kBlockM < s.len_q;
+    }
   };
 };
 

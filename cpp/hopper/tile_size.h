@@ -36,8 +36,9 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v) {
   if (head_dim <= 192) return {128, head_dim_v <= 128 ? 128 : 112, 2};
   // hdim 256: O accumulator is 128 registers per thread; block_n 80 (FA3's choice) fits the
   // register budget and smem = Q 64 KB + 2 * (40 + 40) KB = 224 KB. Consumers need all 240
-  // registers (232 spills), which leaves the producer 24: ptxas spills 56 bytes there, off the
-  // tensor-core path.
+  // registers (232 spills), which leaves the producer 24: ptxas reports 60 bytes of spill
+  // stores (56 before varlen's per-tile sequence offsets), in the producer thread and in the
+  // consumers' setup before the mainloop, off the tensor-core path.
   return {128, 80, 2, 24, 240};
 }
 

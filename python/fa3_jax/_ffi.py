@@ -63,18 +63,22 @@ def cuda_call_stats() -> dict[str, int]:
 
 def platforms() -> frozenset[str]:
     """Platforms ("cpu", "cuda") for which the dense FFI targets (fa3_fwd, fa3_bwd) are
-    registered. The packed-sequence targets (fa3_*_varlen, fa3_*_segments) are CPU-only so far."""
+    registered. Of the packed-sequence targets (fa3_*_varlen, fa3_*_segments) only the varlen
+    ones have CUDA handlers so far."""
     sets = [_REGISTERED[n] for n in ("fa3_fwd", "fa3_bwd") if n in _REGISTERED]
     return frozenset(set.intersection(*sets)) if sets else frozenset()
 
 
-def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=False) -> int:
+def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=False,
+                    num_seqs=0) -> int:
     """Bytes of the uint8 workspace result the CUDA ``fa3_{direction}`` custom call takes.
 
     XLA allocates it like any other result, so it shows in ``compiled.memory_analysis()``; the
-    size comes from the kernels' own layout (``sm90_*_workspace_bytes`` in cpp/flash.h)."""
+    size comes from the kernels' own layout (``sm90_*_workspace_bytes`` in cpp/flash.h).
+    num_seqs: sequences per batch row of a varlen call (``fa3_*_varlen``), 0 when dense."""
     b, sq, hq, d = q_shape
     sk, hkv, dv = k_shape[1], k_shape[2], v_shape[3]
     if direction == "fwd":
-        return int(_ext.sm90_fwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv))
-    return int(_ext.sm90_bwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, bool(deterministic)))
+        return int(_ext.sm90_fwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, int(num_seqs)))
+    return int(_ext.sm90_bwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, bool(deterministic),
+                                             int(num_seqs)))

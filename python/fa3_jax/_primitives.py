@@ -20,8 +20,8 @@ Packed sequences (end of this file): ``packed_fwd_p`` / ``packed_bwd_p`` take tw
 operands after the dense ones, ``meta_q`` and ``meta_k``: cu_seqlens ``[batch, num_seqs + 1]``
 (``packing="varlen"``, band per sequence, bottom-right aligned; see cpp/flash.h) or segment ids
 ``[batch, seqlen]`` (``packing="segments"``). Static ``max_seqlen_q``/``max_seqlen_k`` bound the
-varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. CPU only
-for now: the CUDA lowering raises.
+varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. On CUDA
+varlen runs on the Hopper kernels; segment ids are CPU-only (their CUDA lowering raises).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi):
                 diag_lo=np.int64(diag_lo), diag_hi=np.int64(diag_hi))
 
 
-def _workspace_type(direction, q, k, v, deterministic=False):
-    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic)
+def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0):
+    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic, num_seqs)
     return jax.ShapeDtypeStruct((nbytes,), jnp.uint8)
 
 
@@ -428,23 +428,28 @@ def _packed_attrs(softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_se
 
 
 def _packed_fwd_local(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, diag_lo, diag_hi,
-                      max_seqlen_q, max_seqlen_k):
+                      max_seqlen_q, max_seqlen_k, cuda=False):
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    if cuda:  # varlen only (the other CUDA lowerings raise): the clamped cu_seqlens live there
+        out_types += (_workspace_type("fwd", q, k, v, num_seqs=meta_q.shape[1] - 1),)
     call = jax.ffi.ffi_call(f"fa3_fwd_{packing}", out_types)
     return tuple(call(q, k, v, meta_q, meta_k, **_packed_attrs(
-        softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))
+        softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))[:2]
 
 
 def _packed_bwd_local(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, softmax_scale,
-                      softcap, diag_lo, diag_hi, deterministic, max_seqlen_q, max_seqlen_k):
+                      softcap, diag_lo, diag_hi, deterministic, max_seqlen_q, max_seqlen_k,
+                      cuda=False):
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype))
+    if cuda:
+        out_types += (_workspace_type("bwd", q, k, v, deterministic, meta_q.shape[1] - 1),)
     call = jax.ffi.ffi_call(f"fa3_bwd_{packing}", out_types)
     return tuple(call(q, k, v, out, lse, dout, dlse, meta_q, meta_k,
                       deterministic=bool(deterministic), **_packed_attrs(
-                          softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))
+                          softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))[:3]
 
 
 def _packed_shardings(mesh, arg_shapes):
@@ -496,12 +501,12 @@ def _packed_bwd_infer(*static_and_mesh):
     return (t, t, t)
 
 
-_packed_fwd_partitioned = custom_partitioning(_packed_fwd_local, static_argnums=tuple(range(5, 12)))
+_packed_fwd_partitioned = custom_partitioning(_packed_fwd_local, static_argnums=tuple(range(5, 13)))
 _packed_fwd_partitioned.def_partition(
     partition=_packed_fwd_partition, infer_sharding_from_operands=_packed_fwd_infer,
     sharding_rule=lambda *a: _packed_rule(a[-2], 3))
 _packed_bwd_partitioned = custom_partitioning(_packed_bwd_local,
-                                              static_argnums=tuple(range(9, 17)))
+                                              static_argnums=tuple(range(9, 18)))
 _packed_bwd_partitioned.def_partition(
     partition=_packed_bwd_partition, infer_sharding_from_operands=_packed_bwd_infer,
     sharding_rule=lambda *a: _packed_rule(a[-2], 7))
@@ -513,33 +518,40 @@ packed_bwd_p.multiple_results = True
 
 
 def _packed_fwd_lower_impl(q, k, v, meta_q, meta_k, *, packing, softmax_scale, softcap, diag_lo,
-                           diag_hi, max_seqlen_q, max_seqlen_k):
+                           diag_hi, max_seqlen_q, max_seqlen_k, cuda=False):
     return _packed_fwd_partitioned(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap,
-                                   diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)
+                                   diag_lo, diag_hi, max_seqlen_q, max_seqlen_k, cuda)
 
 
 def _packed_bwd_lower_impl(q, k, v, out, lse, dout, dlse, meta_q, meta_k, *, packing,
                            softmax_scale, softcap, diag_lo, diag_hi, deterministic, max_seqlen_q,
-                           max_seqlen_k):
+                           max_seqlen_k, cuda=False):
     return _packed_bwd_partitioned(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing,
                                    softmax_scale, softcap, diag_lo, diag_hi, deterministic,
-                                   max_seqlen_q, max_seqlen_k)
+                                   max_seqlen_q, max_seqlen_k, cuda)
 
 
-def _packed_cuda_lowering(ctx, *args, packing, **params):
-    what = ("variable-length attention (cu_seqlens, flash_attention_varlen)" if packing == "varlen"
-            else "segment ids (q_segment_ids / kv_segment_ids)")
-    raise ValueError(f"fa3_jax: {what} is not yet supported by the Hopper kernels (CPU backend "
-                     "only for now); run this call on a CPU device, e.g. under "
-                     "jax.default_device(jax.devices('cpu')[0])")
+def _packed_cuda_lowering(impl, direction):
+    """CUDA lowering of a packed primitive: varlen on the Hopper kernels; segment ids raise."""
+    def lowering(ctx, *args, packing, **params):
+        if packing != "varlen":
+            raise ValueError("fa3_jax: segment ids (q_segment_ids / kv_segment_ids) are not yet "
+                             "supported by the Hopper kernels (CPU backend only for now); run "
+                             "this call on a CPU device, e.g. under "
+                             "jax.default_device(jax.devices('cpu')[0])")
+        aq, _, av = ctx.avals_in[:3]
+        _check_cuda_lowering(aq, av, f"variable-length attention {direction}")
+        return mlir.lower_fun(impl, multiple_results=True)(ctx, *args, packing=packing,
+                                                           cuda=True, **params)
+    return lowering
 
 
 _dispatch.prim_requires_devices_during_lowering.update({packed_fwd_p, packed_bwd_p})
 
 _register(packed_fwd_p, lambda q, k, v, meta_q, meta_k, **_: _fwd_abstract(q, k, v), 2,
-          _packed_fwd_lower_impl, _packed_cuda_lowering)
+          _packed_fwd_lower_impl, _packed_cuda_lowering(_packed_fwd_lower_impl, "forward"))
 _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest[:4]), 3,
-          _packed_bwd_lower_impl, _packed_cuda_lowering)
+          _packed_bwd_lower_impl, _packed_cuda_lowering(_packed_bwd_lower_impl, "backward"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 Same arguments and semantics, including jax.nn's top-left aligned ``is_causal`` and its
 ``local_window_size`` (query i sees keys i - left .. i + right). ``query_seq_lengths`` and
-``key_value_seq_lengths`` run on the kernels as segment ids (id 1 for the first ``length`` tokens
-of a batch row, 0 for padding): query rows past their length give 0, keys past theirs are
-masked, as in jax.nn (CPU backend; on a GPU they fall back until the Hopper kernels take segment
-ids). Arguments the kernels cannot express (``bias``, ``mask``) fall back to
+``key_value_seq_lengths`` run on the kernels: query rows past their length give 0, keys past
+theirs are masked, as in jax.nn. Without ``is_causal`` / ``local_window_size`` they run as varlen
+(one sequence [0, length) per batch row; Hopper and CPU); with them as segment ids (id 1 for the
+first ``length`` tokens, CPU only: on a GPU such calls fall back, since jax.nn's top-left band
+would need a per-row shift of varlen's per-sequence bottom-right band). Arguments the kernels cannot express (``bias``, ``mask``) fall back to
 ``jax.nn.dot_product_attention`` with a warning, once per argument. ``implementation="xla"`` or
 ``"cudnn"`` calls jax.nn with that implementation; ``None`` or ``"fa3"`` uses fa3_jax.
 float64 inputs (with x64 enabled) fall back to jax.nn too, with a warning. As in jax.nn, the
@@ -26,8 +27,8 @@ import numpy as np
 
 from fa3_jax import _ffi
 from fa3_jax._primitives import UNBOUNDED
-from fa3_jax.attention import (_check_float, attention_with_band, check_context_parallel,
-                               check_qkv)
+from fa3_jax.attention import (_check_float, _PackedConfig, attention_with_band,
+                               check_context_parallel, check_qkv, packed_attention)
 
 class FallbackWarner:
     """Warns once per reason key that ``who`` hands such calls to ``to`` (the drop-in, the Flax
@@ -94,10 +95,8 @@ def _is_float64(x):
     return dtype is not None and jnp.dtype(dtype) == jnp.float64
 
 
-def _lengths_to_segment_ids(lengths, b, n, name):
-    """jax.nn's [B] int32 lengths as segment ids [B, n]: 1 for positions < length, else 0."""
-    if lengths is None:
-        return jnp.ones((b, n), jnp.int32)
+def _check_lengths(lengths, b, name):
+    """jax.nn's [B] int32 lengths, checked with jax.nn's own messages."""
     lengths = jnp.asarray(lengths)
     # jax.nn's own checks, with its messages.
     if lengths.ndim != 1:
@@ -106,7 +105,24 @@ def _lengths_to_segment_ids(lengths, b, n, name):
         raise ValueError(f"{name} dtype should be int32, but got {lengths.dtype}")
     if lengths.shape[0] != b:
         raise ValueError(f"{name} shape should be [{b}]: but got {lengths.shape}")
+    return lengths
+
+
+def _lengths_to_segment_ids(lengths, b, n, name):
+    """jax.nn's [B] int32 lengths as segment ids [B, n]: 1 for positions < length, else 0."""
+    if lengths is None:
+        return jnp.ones((b, n), jnp.int32)
+    lengths = _check_lengths(lengths, b, name)
     return (jnp.arange(n, dtype=jnp.int32)[None, :] < lengths[:, None]).astype(jnp.int32)
+
+
+def _lengths_to_cu_seqlens(lengths, b, n, name):
+    """jax.nn's [B] int32 lengths as varlen cu_seqlens [B, 2]: one sequence [0, length) per row
+    (lengths past n are clamped by the kernels' cu_seqlens policy)."""
+    if lengths is None:
+        return jnp.tile(jnp.array([[0, n]], jnp.int32), (b, 1))
+    lengths = _check_lengths(lengths, b, name)
+    return jnp.stack([jnp.zeros_like(lengths), lengths], axis=1)
 
 
 def _gpu_unsupported(query, value):
@@ -146,9 +162,10 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         fallback.append(("float64", "inputs are not supported by the fa3_jax kernels"))
     elif why := _gpu_unsupported(query, value):
         fallback.append(("query", f"is not supported on this GPU ({why})"))
-    elif lengths and jax.default_backend() == "gpu":
-        fallback += [(n, "is not yet supported by the Hopper kernels (segment ids are CPU-only)")
-                     for n, _ in lengths]
+    elif lengths and (is_causal or local_window_size is not None) and \
+            jax.default_backend() == "gpu":
+        fallback += [(n, "with is_causal or local_window_size is not yet supported by the Hopper "
+                      "kernels (segment ids are CPU-only)") for n, _ in lengths]
     if fallback:
         for arg, reason in fallback:
             _warn_once(arg, f"{arg} {reason}")
@@ -177,16 +194,23 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
     if is_causal:
         hi = min(hi, 0)
     segment_ids = None
-    if lengths:
-        if shards:
-            raise ValueError("fa3_jax: load_balance is not supported with query_seq_lengths / "
-                             "key_value_seq_lengths yet; pass load_balance=0")
-        segment_ids = (_lengths_to_segment_ids(query_seq_lengths, b, t, "query_seq_lengths"),
-                       _lengths_to_segment_ids(key_value_seq_lengths, b, s,
-                                               "key_value_seq_lengths"))
-    out, lse = attention_with_band(query, key, value, softmax_scale=sc, softcap=0.0,
-                                   diag_lo=lo, diag_hi=hi, context_parallel=strategy,
-                                   load_balance=shards, segment_ids=segment_ids)
+    if lengths and shards:
+        raise ValueError("fa3_jax: load_balance is not supported with query_seq_lengths / "
+                         "key_value_seq_lengths yet; pass load_balance=0")
+    if lengths and lo == -UNBOUNDED and hi == UNBOUNDED:
+        # No band: one varlen sequence per batch row (the Hopper kernels take these).
+        cu = (_lengths_to_cu_seqlens(query_seq_lengths, b, t, "query_seq_lengths"),
+              _lengths_to_cu_seqlens(key_value_seq_lengths, b, s, "key_value_seq_lengths"))
+        pcfg = _PackedConfig("varlen", sc, 0.0, lo, hi, False, t, s)
+        out, lse = packed_attention(query, key, value, *cu, pcfg)
+    else:
+        if lengths:
+            segment_ids = (_lengths_to_segment_ids(query_seq_lengths, b, t, "query_seq_lengths"),
+                           _lengths_to_segment_ids(key_value_seq_lengths, b, s,
+                                                   "key_value_seq_lengths"))
+        out, lse = attention_with_band(query, key, value, softmax_scale=sc, softcap=0.0,
+                                       diag_lo=lo, diag_hi=hi, context_parallel=strategy,
+                                       load_balance=shards, segment_ids=segment_ids)
     if unbatch:
         out, lse = out[0], lse[0]
     if not return_residual:

@@ -67,8 +67,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q,
     sequence (negative lengths are empty), sequences never overlap, and entries past total end
     the last sequence at total. Gradients (jax.grad) flow to q, k, v, and through lse when
     returned. Works under jit, grad and vmap (over a leading axis of all five arrays); under
-    multi-device jit the heads axis stays sharded (the token axis is gathered). CPU backend
-    only for now: on a CUDA device the call raises when lowered.
+    multi-device jit the heads axis stays sharded (the token axis is gathered). On a Hopper GPU
+    forward and backward run on the sm90 kernels; max_seqlen_q/k must then be true bounds (rows
+    of a sequence past them are never touched out of bounds, but their results are left
+    unwritten).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):

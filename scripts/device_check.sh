@@ -47,9 +47,10 @@ fi
 
 if has tests; then
   log "GPU tests"
+  # Every gpu-marked test but the multi-GPU file (test_gpu.py, decode, varlen, KV cache...).
   # Eight workers share the GPU(s) (compilation dominates); none preallocates the memory.
   XLA_PYTHON_CLIENT_PREALLOCATE=false "$PY" -m pytest -q -m gpu -ra -n ${PYTEST_WORKERS:-8} \
-    ${PYTEST_ARGS:-} tests/test_gpu.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
+    ${PYTEST_ARGS:-} --ignore tests/test_multi_gpu.py tests 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -25
   # Multi-GPU tests (skip on one GPU) and the command-buffer test, in one process: they compare
   # devices with each other.
   nvidia-smi -L

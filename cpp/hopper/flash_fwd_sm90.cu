@@ -98,12 +98,13 @@ size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
 
 int num_sms_here() { return std::max(cuda::device_facts(cuda::current_device()).num_sms, 0); }
 
-template <class Element, int kHeadDim, int kHeadDimV, bool kSplit>
+template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode>
 const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
                             cudaStream_t stream) {
   constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV);
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
-                                 ts.producer_regs, ts.consumer_regs, Element, kSplit>;
+                                 ts.producer_regs, ts.consumer_regs, Element, kMode>;
+  constexpr bool kSplit = Traits::kSplit, varlen = Traits::kVarlen;
   using ShapeQKV = typename Traits::ShapeQKV;
   using StrideQKV = typename Traits::StrideQKV;
 
@@ -150,12 +151,11 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   // Varlen: tiles are (m_block, head, (batch row, sequence)); the grid covers the longest
   // sequence the caller promises (max_seqlen_q), and each tile finds its sequence on the device.
   // A varlen plan is never packed or split (plan_fwd).
-  bool const varlen = p.cu_seqlens_q != nullptr;
   int const seqs = varlen ? int(p.num_seqs) : 1;
   int const span_q = varlen ? int(std::min<int64_t>(p.max_seqlen_q, sq)) : sq;
   int const span_k = varlen ? int(std::min<int64_t>(p.max_seqlen_k, sk)) : sk;
   bool longest_first = hi < sk;
-  if (varlen) {
+  if constexpr (varlen) {
     int* cu = reinterpret_cast<int*>(static_cast<char*>(workspace) + kCounterBytes);
     sm90::VarlenPrepParams prep;
     prep.raw_q = p.cu_seqlens_q;
@@ -253,9 +253,15 @@ template <class Element, int kHeadDim, int kHeadDimV>
 const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream) {
   if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return nullptr;
   FwdPlan const plan = plan_fwd(p, pack_gqa(p), num_sms_here());
+  using sm90::FwdMode;
+  if (p.cu_seqlens_q)
+    return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kVarlen>(p, plan, workspace,
+                                                                           stream);
   return plan.num_splits > 1
-             ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, true>(p, plan, workspace, stream)
-             : launch_fwd_plan<Element, kHeadDim, kHeadDimV, false>(p, plan, workspace, stream);
+             ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit>(p, plan, workspace,
+                                                                              stream)
+             : launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense>(p, plan, workspace,
+                                                                              stream);
 }
 
 template <class Element>

@@ -27,18 +27,26 @@ namespace fa3::sm90 {
 
 using namespace cute;
 
-// kSplit: split-KV instantiation (tiles write float32 partials for the combine kernel). A
-// compile-time flag, not a runtime branch: the partial-store path next to the regular one
-// pushed the head-dim-256 consumers (128-register O accumulator) into spills inside the mainloop,
-// so unsplit calls run a kernel without it.
+// The kernel's three instantiations per head dim and dtype. Compile-time, not runtime branches,
+// because each costs the dense path when it is only a branch away:
+//  - kSplit: split-KV (tiles write float32 partials for the combine kernel); the partial-store
+//    path next to the regular one pushed the head-dim-256 consumers (128-register O
+//    accumulator) into spills inside the mainloop.
+//  - kVarlen: tiles look their sequence up in cu_seqlens (Params::locate); as a runtime branch it
+//    cost the dense kernel 2-4% at 512-2k tokens (H200, hdim 64, measured 2026-11-22: causal 512
+//    205 -> 200 TFLOP/s, 1k 294 -> 283, 2k 365 -> 355).
+// A varlen call never splits (flash_fwd_sm90.cu: plan_fwd).
+enum class FwdMode { kDense, kSplit, kVarlen };
+
 template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_,
-          int kProducerRegs_, int kConsumerRegs_, class Element_, bool kSplit_ = false>
+          int kProducerRegs_, int kConsumerRegs_, class Element_, FwdMode kMode_ = FwdMode::kDense>
 struct FwdTraits {
   using Element = Element_;
   using ElementAccum = float;
   static constexpr int kHeadDim = kHeadDim_, kHeadDimV = kHeadDimV_;
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
-  static constexpr bool kSplit = kSplit_;
+  static constexpr bool kSplit = kMode_ == FwdMode::kSplit;
+  static constexpr bool kVarlen = kMode_ == FwdMode::kVarlen;
 
   static_assert(sizeof(Element) == 2, "only 16-bit inputs: FP8 needs a V transpose in smem");
   static_assert(kBlockM == 128, "two consumer warpgroups of 64 query rows each");
@@ -152,7 +160,7 @@ struct FwdTraits {
     // coordinates; flash_fwd_combine_sm90.h merges them into out and lse.
     float* lse_accum;
     float* o_accum;
-    VarlenParams varlen;  // varlen.cu_q == nullptr: the dense layout
+    VarlenParams varlen;  // kVarlen only
 
     // Resolves a scheduler tile to its sequence: t.batch becomes the batch row, `mask` the
     // sequence's band, (offset_q, offset_k) where its rows start in the batch row. Dense: the
@@ -160,18 +168,19 @@ struct FwdTraits {
     // grid is sized by the longest sequence): then nothing is loaded, computed or written.
     CUTLASS_DEVICE bool locate(TileCoord& t, Mask& m, int& offset_q,
                                int& offset_k) const {
-      if (!varlen.cu_q) {
+      if constexpr (!kVarlen) {
         m = mask;
         offset_q = offset_k = 0;
         return true;
+      } else {
+        SeqSpan const s = varlen_span(varlen, t.batch);
+        t.batch = s.batch;
+        offset_q = s.offset_q;
+        offset_k = s.offset_k;
+        m = {s.len_q, s.len_k, varlen_diag(varlen.diag_lo, s.len_q, s.len_k),
+             varlen_diag(varlen.diag_hi, s.len_q, s.len_k)};
+        return t.m_block * kBlockM < s.len_q;
       }
-      SeqSpan const s = varlen_span(varlen, t.batch);
-      t.batch = s.batch;
-      offset_q = s.offset_q;
-      offset_k = s.offset_k;
-      m = {s.len_q, s.len_k, varlen_diag(varlen.diag_lo, s.len_q, s.len_k),
-           varlen_diag(varlen.diag_hi, s.len_q, s.len_k)};
-      return t.m_block * kBlockM < s.len_q;
     }
   };
 };

@@ -32,9 +32,11 @@ using namespace cute;
 //  - kSplit: split-KV (tiles write float32 partials for the combine kernel); the partial-store
 //    path next to the regular one pushed the head-dim-256 consumers (128-register O
 //    accumulator) into spills inside the mainloop.
-//  - kVarlen: tiles look their sequence up in cu_seqlens (Params::locate); as a runtime branch it
-//    cost the dense kernel 2-4% at 512-2k tokens (H200, hdim 64, measured 2026-11-22: causal 512
-//    205 -> 200 TFLOP/s, 1k 294 -> 283, 2k 365 -> 355).
+//  - kVarlen: tiles look their sequence up in cu_seqlens (Params::locate) and carry its band in
+//    registers; the dense kernel reads its band from the parameters instead (the kernel's
+//    `mask`). The register copy cost the dense kernel 1.5-4% from 512 to 8k tokens (H200, hdim
+//    64, 2026-11-22, TFLOP/s: causal 1k 294 -> 284, 2k 366 -> 355, 8k 444 -> 437); with this
+//    split it is back (294, 365, 444).
 // A varlen call never splits (flash_fwd_sm90.cu: plan_fwd).
 enum class FwdMode { kDense, kSplit, kVarlen };
 

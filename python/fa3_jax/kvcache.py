@@ -169,7 +169,7 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     length), vmap (over a leading axis of every array) and multi-device jit: batch and head
     sharding stay local for a contiguous cache; a paged pool (shared by the rows) may be sharded
     on heads, and each of its replicas then receives every row's new tokens. Runs where
-    flash_attention_varlen runs: the CPU backend now, Hopper once the varlen kernels land. Paged
+    flash_attention_varlen runs: the CPU backend and the Hopper varlen forward. Paged
     caches are gathered into a contiguous view first (interim path; the Hopper kernel will read
     pages directly).
     """

@@ -50,7 +50,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q,
         (device arrays: they are read by the kernels, never on the host). Query sequence s
         attends to key sequence s only.
       max_seqlen_q, max_seqlen_k: static ints >= 1, at least the longest query / key sequence
-        (the Hopper kernels will size their grids by them; the CPU backend reads the lengths).
+        (the Hopper kernels size their grids by them: rows of a longer sequence past them are
+        left unwritten; the CPU backend reads the lengths).
       softmax_scale, softcap, deterministic: as in flash_attention.
       causal, window_size: as in flash_attention, bottom-right aligned in each sequence: with
         i, j positions inside sequence s of lengths lq, lk, query i sees key j when

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import fa3_jax
+from bench_attention import _failed
 from fa3_jax.timing import kernel_time_ms
 
 IMPLS = ("fa3_jax", "cudnn", "xla")
@@ -55,18 +56,6 @@ def _attention(impl, q, k, v):
     if impl == "fa3_jax":
         return fa3_jax.flash_attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-
-
-def _failed(impl, err, where):
-    msg = str(err)
-    if "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower():
-        status = "oom"
-    else:
-        status = "n/a" if impl == "fa3_jax" else "err"
-    lines = msg.strip().splitlines()
-    first = f"{type(err).__name__}: {lines[0] if lines else ''}"
-    print(f"  [{impl} {where}] {status}: {first}", file=sys.stderr, flush=True)
-    return dict(status=status, error=first)
 
 
 def run(args):

@@ -3,8 +3,11 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+# bench_decode imports its shared helpers from bench_attention, beside it (as a script does).
+sys.path.insert(0, str(_PATH.parent))
 _spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

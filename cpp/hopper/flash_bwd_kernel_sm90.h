@@ -629,8 +629,9 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     const int lane = tid % cutlass::NumThreadsPerWarp;
     const float* s_lse = ss.lse.data() + stage * kBlockM + get<1>(tScS(0));
     const float* s_dpsum = ss.dpsum.data() + stage * kBlockM + get<1>(tScS(0));
-    // Statistics of this thread's columns from shared memory: lse before the exponentials, dpsum
-    // only once dP^T is complete (4 registers fewer at the peak, while dP^T is in flight).
+    // Statistics of this thread's columns from shared memory: lse before the exponentials; dpsum
+    // without softcap only once dP^T is complete (registers fewer at the peak, while dP^T is in
+    // flight: hdim 64 spilled without it), with softcap with lse (ptxas spills less at 96/128).
     auto load_stats = [&](const float* s_stat, float* held) {
       if constexpr (kShuffleStats) {
         const int r = lane / 4;
@@ -646,6 +647,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     };
     float lse_r[kHeld], dpsum_r[kHeld];
     load_stats(s_lse, lse_r);
+    if constexpr (Tr::kHasSoftcap) load_stats(s_dpsum, dpsum_r);
     // The statistic of the columns of group k, j = 0 / 1.
     auto stat = [&](const float* held, int k, int j) {
       if constexpr (kShuffleStats) {
@@ -662,55 +664,70 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // only scales dS, which is rounded to 16 bits anyway.
     uint32_t dtanh2[Tr::kHasSoftcap ? decltype(size(tSrS))::value / 2 : 1];
     warpgroup_wait<1>();
-    // Logits in log2 units: softcap's tanh first (its mask must follow it), then the mask as
-    // -inf logits in a pass of its own, only on boundary blocks (coordinates are dead outside
-    // it), then P = exp2(x - lse) with the scale folded into one FFMA when there is no softcap.
-    if constexpr (Tr::kHasSoftcap) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); i += 2) {
-        const float t0 = tanh_approx(tSrS(i) * p.scale_div_softcap);
-        const float t1 = tanh_approx(tSrS(i + 1) * p.scale_div_softcap);
-        dtanh2[i / 2] = pack2<cutlass::half_t>(1.f - t0 * t0, 1.f - t1 * t1);
-        tSrS(i) = t0 * p.softcap_log2;
-        tSrS(i + 1) = t1 * p.softcap_log2;
+    auto masked = [&](int i) {
+      const int kn = n0 + get<0>(tScS(i)), diag = kn - (m0 + get<1>(tScS(i)));
+      return !(kn < seqlen_k && diag >= diag_lo && diag <= diag_hi);
+    };
+    // Without softcap the mask is a pass of its own before the exponentials (-inf logits, only on
+    // boundary blocks): fused into their loop, its coordinates and comparisons stayed live across
+    // it and spilled (hdim 64 at block_m 128: 92 bytes, about 20 local loads/stores per step).
+    // With softcap the mask must follow tanh; there, fused into the loop (P = 0) spills least.
+    if constexpr (!Tr::kHasSoftcap) {
+      if (need_mask) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) tSrS(i) = masked(i) ? -INFINITY : tSrS(i);
       }
     }
-    if (need_mask) {
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) {
-        const int kn = n0 + get<0>(tScS(i)), diag = kn - (m0 + get<1>(tScS(i)));
-        if (!(kn < seqlen_k && diag >= diag_lo && diag <= diag_hi)) tSrS(i) = -INFINITY;
-      }
-    }
-    const float x_scale = Tr::kHasSoftcap ? 1.f : p.scale_log2;
     // Values 4 k + 2 v + {0, 1} (rows +0/+8, adjacent columns) share the two statistics of group k.
-    // Masked logits give exp2(-inf) = 0 (lse_log2 is never -inf: the preprocess makes it +inf).
+    // exp2(-inf - lse_log2) = 0: lse_log2 is never -inf (the preprocess makes empty rows +inf).
     CUTLASS_PRAGMA_UNROLL
     for (int k = 0; k < kStatGroups; ++k) {
       const float lse0 = stat(lse_r, k, 0), lse1 = stat(lse_r, k, 1);
       CUTLASS_PRAGMA_UNROLL
       for (int i = 4 * k; i < 4 * k + 4; i += 2) {
-        tSrS(i) = exp2_approx(tSrS(i) * x_scale - lse0);
-        tSrS(i + 1) = exp2_approx(tSrS(i + 1) * x_scale - lse1);
+        if constexpr (Tr::kHasSoftcap) {
+          const float t0 = tanh_approx(tSrS(i) * p.scale_div_softcap);
+          const float t1 = tanh_approx(tSrS(i + 1) * p.scale_div_softcap);
+          dtanh2[i / 2] = pack2<cutlass::half_t>(1.f - t0 * t0, 1.f - t1 * t1);
+          float pv[2] = {exp2_approx(t0 * p.softcap_log2 - lse0), exp2_approx(t1 * p.softcap_log2 - lse1)};
+          if (need_mask) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int j = 0; j < 2; ++j) pv[j] = masked(i + j) ? 0.f : pv[j];
+          }
+          tSrS(i) = pv[0];
+          tSrS(i + 1) = pv[1];
+        } else {
+          tSrS(i) = exp2_approx(tSrS(i) * p.scale_log2 - lse0);
+          tSrS(i + 1) = exp2_approx(tSrS(i + 1) * p.scale_log2 - lse1);
+        }
       }
     }
     warpgroup_wait<0>();
-    load_stats(s_dpsum, dpsum_r);
+    if constexpr (!Tr::kHasSoftcap) load_stats(s_dpsum, dpsum_r);
     if constexpr (Tr::kStagesdS == 1) {
       // The other warpgroup may still be reading the previous step's P/dS in its dQ/dK/dV MMAs.
       sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSFree);
     }
-    // dS = P (dP - dpsum) [* dtanh], rounded to 16 bits together with P in one pass: value pairs
-    // 2k, 2k+1 (adjacent queries, adjacent in sPt/sdSt) become one 32-bit register and one 32-bit
-    // store, so the float32 S^T/dP^T die as the 16-bit P^T/dS^T grow (the register peak of hdim 64
-    // at block_m 128 and of hdim 128). P^T stays in registers for the RS dV product, or goes to
-    // shared memory for the SS one.
+    // dS = P (dP - dpsum) [* dtanh], then P and dS rounded to 16 bits: value pairs 2k, 2k+1
+    // (adjacent queries, adjacent in sPt/sdSt) become one 32-bit register and one 32-bit store.
+    // P^T stays in registers for the RS dV product, or goes to shared memory for the SS one.
+    // Without softcap, in one pass: the float32 S^T/dP^T die as the 16-bit P^T/dS^T grow (the
+    // register peak of hdim 64 at block_m 128). With softcap, dS in place first and then the
+    // packing: ptxas spills less that way with the tanh derivatives live (0 bytes at hdim 96/128,
+    // against 12..20 in one pass).
+    constexpr bool kOnePass = !Tr::kHasSoftcap;
     Tensor rdS = make_tensor_like<Element>(tdPrdP);
     Tensor rdS32 = recast<uint32_t>(rdS);
     Tensor rP = make_tensor_like<Element>(tSrS);
     Tensor rP32 = recast<uint32_t>(rP);
     Tensor tdSsdS_cur = tdSsdS(_, _, _, ds_stage);
     Tensor tPsP = thr_s.partition_C(sPt);  // SS dV path only
+    auto pack_pair = [&](int i, float ds0, float ds1) {
+      rdS32(i / 2) = pack2<Element>(ds0, ds1);
+      *reinterpret_cast<uint32_t*>(&tdSsdS_cur(i)) = rdS32(i / 2);
+      rP32(i / 2) = pack2<Element>(tSrS(i), tSrS(i + 1));
+      if constexpr (!Tr::kDkvRS) *reinterpret_cast<uint32_t*>(&tPsP(i)) = rP32(i / 2);
+    };
     CUTLASS_PRAGMA_UNROLL
     for (int k = 0; k < kStatGroups; ++k) {
       const float dpsum0 = stat(dpsum_r, k, 0), dpsum1 = stat(dpsum_r, k, 1);
@@ -723,13 +740,17 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
           ds0 *= dt.x;
           ds1 *= dt.y;
         }
-        rdS32(i / 2) = pack2<Element>(ds0, ds1);
-        *reinterpret_cast<uint32_t*>(&tdSsdS_cur(i)) = rdS32(i / 2);
-        rP32(i / 2) = pack2<Element>(tSrS(i), tSrS(i + 1));
-        if constexpr (!Tr::kDkvRS) {
-          *reinterpret_cast<uint32_t*>(&tPsP(i)) = rP32(i / 2);
+        if constexpr (kOnePass) {
+          pack_pair(i, ds0, ds1);
+        } else {
+          tdPrdP(i) = ds0;
+          tdPrdP(i + 1) = ds1;
         }
       }
+    }
+    if constexpr (!kOnePass) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < size(tdPrdP); i += 2) pack_pair(i, tdPrdP(i), tdPrdP(i + 1));
     }
     if constexpr (Tr::kDkvRS) {
       // dV += P^T dO, issued once P^T and dS^T are in 16 bits; it overlaps the barrier wait below.

@@ -75,7 +75,7 @@ struct BwdTraitsSm90 {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr bool kHasSoftcap = kHasSoftcap_;
-  static constexpr BwdTileSize kTile = bwd_tile_size_sm90(kHeadDim, kHeadDimV);
+  static constexpr BwdTileSize kTile = bwd_tile_size_sm90(kHeadDim, kHeadDimV, kHasSoftcap);
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kNumMmaWG = 2;
@@ -97,7 +97,15 @@ struct BwdTraitsSm90 {
   static constexpr bool kSplitKeys = kBlockN == 64 * kNumMmaWG;
   static constexpr int kDkvSplit = kSplitKeys ? 1 : kNumMmaWG;
   static_assert(kSplitKeys || kBlockN == 64, "key block must be 64 per warpgroup or 64 in all");
-  static_assert(kBlockM == 64, "the dQ product is one 64-row M tile split over warpgroups along d");
+  // dQ = dS K is split over the warpgroups along its rows when the query block is one 64-row M
+  // tile per warpgroup (hdim 64: each warpgroup computes a whole 64-row dQ block), otherwise
+  // (block_m 64) along the head dim.
+  static constexpr bool kDqSplitM = kBlockM == 64 * kNumMmaWG;
+  static constexpr int kDqRowSplit = kDqSplitM ? kNumMmaWG : 1;  // warpgroups along dQ's rows
+  static constexpr int kDqColSplit = kDqSplitM ? 1 : kNumMmaWG;  // ... and along its columns
+  static_assert(kBlockM == 64 * kDqRowSplit, "query block: one 64-row M tile, or one per warpgroup");
+  static_assert(!kDqSplitM || kSplitKeys, "128 query rows need the key split (S^T N = queries)");
+  static_assert(kBwdSeqlenQPad % kBlockM == 0, "workspace planes hold whole query blocks");
   static_assert(kHeadDim % (16 * kNumMmaWG) == 0 && kHeadDimV % (16 * kNumMmaWG) == 0,
                 "head dims must split into 16-wide GMMA tiles per warpgroup");
 
@@ -130,23 +138,25 @@ struct BwdTraitsSm90 {
   // dS double-buffered when shared memory allows (RS path: no P buffer), so a warpgroup can write
   // step i+1's dS while the other still reads step i's in its dQ product.
   static constexpr int kStagesdS = kDkvRS ? 2 : 1;
-  // dQ = dS K: M = queries, N = head dim (split over warpgroups), K = keys; both MN-major.
+  // dQ = dS K: M = queries, N = head dim, K = keys; both MN-major. Split over warpgroups by rows or
+  // by columns (kDqSplitM).
   using TiledMmadQ = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim / kNumMmaWG>, Int<kBlockN>>,
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim / kDqColSplit>, Int<kBlockN>>,
                            GMMA::Major::MN, GMMA::Major::MN>(),
-      AtomLayoutSplitN{}));
-  // dQ atoms along N are dealt to the warpgroups round-robin (hdim 96: 64 x 16 atoms, not 64 x 48):
-  // the dQ fragment order and its un-permutation in the postprocess depend on this width.
+      std::conditional_t<kDqSplitM, AtomLayoutSplitM, AtomLayoutSplitN>{}));
+  // With the column split, dQ atoms along N are dealt to the warpgroups round-robin (hdim 96:
+  // 64 x 16 atoms, not 64 x 48): the dQ fragment order and its un-permutation in the postprocess
+  // depend on this width.
   static constexpr int kDqAtomN = decltype(size<1>(typename TiledMmadQ::AtomShape_MNK{}))::value;
 
   // Swizzle atoms: Q/dO are read K-major (S^T, dP^T) and MN-major with N = d / kDkvSplit per
-  // warpgroup (dK, dV), so their atom width must divide that slice; likewise K for dQ's d / 2.
+  // warpgroup (dK, dV), so their atom width must divide that slice; likewise K for dQ's columns.
   using SmemAtomQ = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
                              GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDim / kDkvSplit>>());
   using SmemAtomdO = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
                               GMMA::Major::K, Element, Int<kBlockM>, Int<kHeadDimV / kDkvSplit>>());
   using SmemAtomK = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
-                             GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim / kNumMmaWG>>());
+                             GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDim / kDqColSplit>>());
   using SmemAtomV = decltype(cutlass::gemm::collective::detail::ss_smem_selector<
                              GMMA::Major::K, Element, Int<kBlockN>, Int<kHeadDimV>>());
   // P and dS as (queries, keys), queries contiguous: the accumulator pairs of S^T are adjacent
@@ -193,8 +203,9 @@ struct BwdTraitsSm90 {
   static constexpr uint32_t kTxBytesKV = (kBlockN * kHeadDim + kBlockN * kHeadDimV) * sizeof(Element);
   using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
-  // One warpgroup's dQ tile (64 x d/2 floats), stored in fragment order: float4 j of consumer
-  // thread t at j * 128 + t, so a warp's 128-bit stores cover 512 contiguous bytes.
+  // One warpgroup's dQ tile (64 x d/2 floats, or 64 x d with the row split: the next 64-row block),
+  // stored in fragment order: float4 j of consumer thread t at j * 128 + t, so a warp's 128-bit
+  // stores cover 512 contiguous bytes; warpgroup w's tile follows w - 1's in dq_accum.
   static constexpr int kDqWgFloats = kBlockM * kHeadDim / kNumMmaWG;
   static_assert(kDqWgFloats % (4 * cutlass::NumThreadsPerWarpGroup) == 0, "dQ fragment is whole float4s");
 
@@ -220,6 +231,7 @@ struct BwdTraitsSm90 {
   static constexpr bool kDqBulk =
       int(sizeof(SharedStorageT<kBlockM * kHeadDim>)) + 1024 <= 227 * 1024;
   using SharedStorage = SharedStorageT<kDqBulk ? kBlockM * kHeadDim : 0>;
+  static_assert(kDqBulk || !kDqSplitM, "the atomic dQ path orders one 64-row block per CTA step");
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
@@ -599,38 +611,47 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // Per-query statistics. Accumulator value i = j + 2 v + 4 k of the single 64 x N atom sits in
     // column col0 + 8 k + j, where col0 = 2 (t % 4) plus the warpgroup's column offset: the 8
     // threads of a warp with the same t % 4 share the same 2 N / 8 columns.
-    //  * hdim <= 128 (warpgroups split keys, N = 64: 16 columns), shuffled as FlashAttention-3's
-    //    ShuffleLSE / ShuffledPsum: the thread of row group r = (t % 32) / 4 keeps only the two
-    //    statistics of group k = r, and value i takes its own from lane 4 k + t % 4. 2 + 2 registers
-    //    instead of 16 + 16 keep hdim 96/128 within the 240-register budget.
+    //  * hdim <= 128 (warpgroups split keys, N = block_m: 16 or 32 columns per thread), shuffled as
+    //    FlashAttention-3's ShuffleLSE / ShuffledPsum: the thread of row group r = (t % 32) / 4
+    //    keeps only the two statistics of groups k = r (mod 8), and value i takes its own from lane
+    //    4 (k % 8) + t % 4. 2 + 2 registers (4 + 4 at block_m 128) instead of 16 + 16 (32 + 32)
+    //    keep hdim 64..128 within the 240-register budget.
     //  * hdim 192/256 (warpgroups split queries, N = 32: 8 columns) have registers to spare and
     //    keep all of their statistics, with no shuffles on the way to the exponentials.
-    // Both are read while the MMAs run.
+    // lse is read while the MMAs run.
     static_assert(decltype(size<1>(tSrS))::value == 1 && decltype(size<2>(tSrS))::value == 1,
                   "one WGMMA atom per warpgroup for S^T/dP^T");
     constexpr int kStatGroups = Tr::kSdPN / 8;  // column groups of 8 per accumulator row
-    static_assert(kStatGroups <= 8 && decltype(size(tSrS))::value == 4 * kStatGroups,
-                  "one statistics pair per row group of a warp");
+    static_assert(decltype(size(tSrS))::value == 4 * kStatGroups, "one statistics pair per column group");
     constexpr bool kShuffleStats = Tr::kSplitKeys;
-    static_assert(!kShuffleStats || kStatGroups == 8, "a shuffled pair for each of the 8 row groups");
-    constexpr int kHeld = kShuffleStats ? 2 : 2 * kStatGroups;
+    static_assert(!kShuffleStats || kStatGroups % 8 == 0, "shuffled pairs cover the 8 row groups evenly");
+    constexpr int kHeld = kShuffleStats ? 2 * kStatGroups / 8 : 2 * kStatGroups;
     const int lane = tid % cutlass::NumThreadsPerWarp;
     const float* s_lse = ss.lse.data() + stage * kBlockM + get<1>(tScS(0));
     const float* s_dpsum = ss.dpsum.data() + stage * kBlockM + get<1>(tScS(0));
+    // Statistics of this thread's columns from shared memory: lse before the exponentials; dpsum
+    // without softcap only once dP^T is complete (registers fewer at the peak, while dP^T is in
+    // flight: hdim 64 spilled without it), with softcap with lse (ptxas spills less at 96/128).
+    auto load_stats = [&](const float* s_stat, float* held) {
+      if constexpr (kShuffleStats) {
+        const int r = lane / 4;
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kHeld / 2; ++c) {
+          const float2 v2 = *reinterpret_cast<const float2*>(s_stat + 8 * (r + 8 * c));
+          held[2 * c] = v2.x, held[2 * c + 1] = v2.y;
+        }
+      } else {
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kHeld; ++c) held[c] = s_stat[8 * (c / 2) + c % 2];
+      }
+    };
     float lse_r[kHeld], dpsum_r[kHeld];
-    if constexpr (kShuffleStats) {
-      const int r = lane / 4;
-      const float2 l2 = *reinterpret_cast<const float2*>(s_lse + 8 * r);
-      const float2 d2 = *reinterpret_cast<const float2*>(s_dpsum + 8 * r);
-      lse_r[0] = l2.x, lse_r[1] = l2.y, dpsum_r[0] = d2.x, dpsum_r[1] = d2.y;
-    } else {
-      CUTLASS_PRAGMA_UNROLL
-      for (int c = 0; c < kHeld; ++c) lse_r[c] = s_lse[8 * (c / 2) + c % 2], dpsum_r[c] = s_dpsum[8 * (c / 2) + c % 2];
-    }
+    load_stats(s_lse, lse_r);
+    if constexpr (Tr::kHasSoftcap) load_stats(s_dpsum, dpsum_r);
     // The statistic of the columns of group k, j = 0 / 1.
     auto stat = [&](const float* held, int k, int j) {
       if constexpr (kShuffleStats) {
-        return __shfl_sync(0xffffffffu, held[j], 4 * k + lane % 4);
+        return __shfl_sync(0xffffffffu, held[2 * (k / 8) + j], 4 * (k % 8) + lane % 4);
       } else {
         return held[2 * k + j];
       }
@@ -643,38 +664,70 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // only scales dS, which is rounded to 16 bits anyway.
     uint32_t dtanh2[Tr::kHasSoftcap ? decltype(size(tSrS))::value / 2 : 1];
     warpgroup_wait<1>();
+    auto masked = [&](int i) {
+      const int kn = n0 + get<0>(tScS(i)), diag = kn - (m0 + get<1>(tScS(i)));
+      return !(kn < seqlen_k && diag >= diag_lo && diag <= diag_hi);
+    };
+    // Without softcap the mask is a pass of its own before the exponentials (-inf logits, only on
+    // boundary blocks): fused into their loop, its coordinates and comparisons stayed live across
+    // it and spilled (hdim 64 at block_m 128: 92 bytes, about 20 local loads/stores per step).
+    // With softcap the mask must follow tanh; there, fused into the loop (P = 0) spills least.
+    if constexpr (!Tr::kHasSoftcap) {
+      if (need_mask) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) tSrS(i) = masked(i) ? -INFINITY : tSrS(i);
+      }
+    }
     // Values 4 k + 2 v + {0, 1} (rows +0/+8, adjacent columns) share the two statistics of group k.
+    // exp2(-inf - lse_log2) = 0: lse_log2 is never -inf (the preprocess makes empty rows +inf).
     CUTLASS_PRAGMA_UNROLL
     for (int k = 0; k < kStatGroups; ++k) {
       const float lse0 = stat(lse_r, k, 0), lse1 = stat(lse_r, k, 1);
       CUTLASS_PRAGMA_UNROLL
       for (int i = 4 * k; i < 4 * k + 4; i += 2) {
-        float x0, x1;
         if constexpr (Tr::kHasSoftcap) {
           const float t0 = tanh_approx(tSrS(i) * p.scale_div_softcap);
           const float t1 = tanh_approx(tSrS(i + 1) * p.scale_div_softcap);
           dtanh2[i / 2] = pack2<cutlass::half_t>(1.f - t0 * t0, 1.f - t1 * t1);
-          x0 = t0 * p.softcap_log2;
-          x1 = t1 * p.softcap_log2;
-        } else {
-          x0 = tSrS(i) * p.scale_log2;
-          x1 = tSrS(i + 1) * p.scale_log2;
-        }
-        float pv[2] = {exp2_approx(x0 - lse0), exp2_approx(x1 - lse1)};
-        if (need_mask) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            const int kn = get<0>(tScS(i + j)), qm = get<1>(tScS(i + j));
-            const int diag = (n0 + kn) - (m0 + qm);
-            const bool visible = n0 + kn < seqlen_k && diag >= diag_lo && diag <= diag_hi;
-            pv[j] = visible ? pv[j] : 0.f;
+          float pv[2] = {exp2_approx(t0 * p.softcap_log2 - lse0), exp2_approx(t1 * p.softcap_log2 - lse1)};
+          if (need_mask) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int j = 0; j < 2; ++j) pv[j] = masked(i + j) ? 0.f : pv[j];
           }
+          tSrS(i) = pv[0];
+          tSrS(i + 1) = pv[1];
+        } else {
+          tSrS(i) = exp2_approx(tSrS(i) * p.scale_log2 - lse0);
+          tSrS(i + 1) = exp2_approx(tSrS(i + 1) * p.scale_log2 - lse1);
         }
-        tSrS(i) = pv[0];
-        tSrS(i + 1) = pv[1];
       }
     }
     warpgroup_wait<0>();
+    if constexpr (!Tr::kHasSoftcap) load_stats(s_dpsum, dpsum_r);
+    if constexpr (Tr::kStagesdS == 1) {
+      // The other warpgroup may still be reading the previous step's P/dS in its dQ/dK/dV MMAs.
+      sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSFree);
+    }
+    // dS = P (dP - dpsum) [* dtanh], then P and dS rounded to 16 bits: value pairs 2k, 2k+1
+    // (adjacent queries, adjacent in sPt/sdSt) become one 32-bit register and one 32-bit store.
+    // P^T stays in registers for the RS dV product, or goes to shared memory for the SS one.
+    // Without softcap, in one pass: the float32 S^T/dP^T die as the 16-bit P^T/dS^T grow (the
+    // register peak of hdim 64 at block_m 128). With softcap, dS in place first and then the
+    // packing: ptxas spills less that way with the tanh derivatives live (0 bytes at hdim 96/128,
+    // against 12..20 in one pass).
+    constexpr bool kOnePass = !Tr::kHasSoftcap;
+    Tensor rdS = make_tensor_like<Element>(tdPrdP);
+    Tensor rdS32 = recast<uint32_t>(rdS);
+    Tensor rP = make_tensor_like<Element>(tSrS);
+    Tensor rP32 = recast<uint32_t>(rP);
+    Tensor tdSsdS_cur = tdSsdS(_, _, _, ds_stage);
+    Tensor tPsP = thr_s.partition_C(sPt);  // SS dV path only
+    auto pack_pair = [&](int i, float ds0, float ds1) {
+      rdS32(i / 2) = pack2<Element>(ds0, ds1);
+      *reinterpret_cast<uint32_t*>(&tdSsdS_cur(i)) = rdS32(i / 2);
+      rP32(i / 2) = pack2<Element>(tSrS(i), tSrS(i + 1));
+      if constexpr (!Tr::kDkvRS) *reinterpret_cast<uint32_t*>(&tPsP(i)) = rP32(i / 2);
+    };
     CUTLASS_PRAGMA_UNROLL
     for (int k = 0; k < kStatGroups; ++k) {
       const float dpsum0 = stat(dpsum_r, k, 0), dpsum1 = stat(dpsum_r, k, 1);
@@ -687,37 +740,20 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
           ds0 *= dt.x;
           ds1 *= dt.y;
         }
-        tdPrdP(i) = ds0;
-        tdPrdP(i + 1) = ds1;
+        if constexpr (kOnePass) {
+          pack_pair(i, ds0, ds1);
+        } else {
+          tdPrdP(i) = ds0;
+          tdPrdP(i + 1) = ds1;
+        }
       }
     }
-    // Accumulator values 2k, 2k+1 are adjacent queries, adjacent in sPt/sdSt: one 32-bit store.
-    if constexpr (Tr::kStagesdS == 1) {
-      // The other warpgroup may still be reading the previous step's P/dS in its dQ/dK/dV MMAs.
-      sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSFree);
-    }
-    Tensor rdS = make_tensor_like<Element>(tdPrdP);
-    Tensor rdS32 = recast<uint32_t>(rdS);
-    Tensor tdSsdS_cur = tdSsdS(_, _, _, ds_stage);
-    CUTLASS_PRAGMA_UNROLL
-    for (int i = 0; i < size(rdS32); ++i) {
-      rdS32(i) = pack2<Element>(tdPrdP(2 * i), tdPrdP(2 * i + 1));
-      *reinterpret_cast<uint32_t*>(&tdSsdS_cur(2 * i)) = rdS32(i);
-    }
-    if constexpr (!Tr::kDkvRS) {
-      Tensor tPsP = thr_s.partition_C(sPt);
+    if constexpr (!kOnePass) {
       CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(tSrS); i += 2) {
-        *reinterpret_cast<uint32_t*>(&tPsP(i)) = pack2<Element>(tSrS(i), tSrS(i + 1));
-      }
+      for (int i = 0; i < size(tdPrdP); i += 2) pack_pair(i, tdPrdP(i), tdPrdP(i + 1));
     }
     if constexpr (Tr::kDkvRS) {
-      // dV += P^T dO, issued once dS is computed: P^T (16-bit) and the fp32 S^T/dP^T are never live
-      // together (the register peak of hdim 128); it overlaps the barrier wait below.
-      Tensor rP = make_tensor_like<Element>(tSrS);
-      Tensor rP32 = recast<uint32_t>(rP);
-      CUTLASS_PRAGMA_UNROLL
-      for (int i = 0; i < size(rP32); ++i) rP32(i) = pack2<Element>(tSrS(2 * i), tSrS(2 * i + 1));
+      // dV += P^T dO, issued once P^T and dS^T are in 16 bits; it overlaps the barrier wait below.
       wgmma_gemm<false>(mma_dv, make_tensor(rP.data(), acc_as_a_layout(tSrS.layout())), tdVrdO(_, _, _, stage), tdVrdV);
     }
     // Generic-proxy stores must be fenced before WGMMA (async proxy) reads them.
@@ -738,7 +774,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
 
     // This warpgroup's dQ tile, value 4j+v of thread t as float4 j*128+t (fragment order).
     static_assert(decltype(size(tdQrdQ))::value * cutlass::NumThreadsPerWarpGroup == Tr::kDqWgFloats,
-                  "each warpgroup owns a 64 x d/2 dQ tile");
+                  "each warpgroup owns a 64 x d/2 (or, split by rows, 64 x d) dQ tile");
     constexpr int kDqChunks = Tr::kDqWgFloats / (4 * cutlass::NumThreadsPerWarpGroup);
     const int wg_tid = tid % cutlass::NumThreadsPerWarpGroup;
     auto dq_chunk = [&](int j) {

@@ -13,8 +13,8 @@ namespace fa3::sm90_bwd {
 // Workspace: float dq_accum [b, hq, sq_pad, d] (each 64-row block in the main kernel's fragment order,
 // see flash_bwd_postprocess_sm90.h); float lse_log2 and dpsum [b, hq, sq_pad];
 // int semaphores [b, hq, sq_pad / 64] (one per 64-row query block, the smallest block_m).
-// Varlen (num_seqs > 0): planes of sq + 64 num_seqs rows (varlen_q_block_row pads each sequence
-// to whole blocks), then the clamped cu_seqlens_q/k (int [b, num_seqs + 1] each).
+// Varlen (num_seqs > 0): planes of sq + kBwdSeqlenQPad num_seqs rows (varlen_q_block_row pads each
+// sequence to whole blocks), then the clamped cu_seqlens_q/k (int [b, num_seqs + 1] each).
 struct BwdWorkspaceLayout {
   int64_t seqlen_q_pad = 0, sem_per_head = 0;
   size_t dq_accum = 0, lse_log2 = 0, dpsum = 0, semaphores = 0, cu_seqlens = 0, total = 0;  // byte offsets, size
@@ -24,7 +24,7 @@ inline size_t bwd_align256(size_t x) { return (x + 255) / 256 * 256; }
 
 inline BwdWorkspaceLayout bwd_workspace_layout(const BwdParams& p) {
   BwdWorkspaceLayout w;
-  const int64_t plane_rows = p.seqlen_q + (p.num_seqs > 0 ? 64 * p.num_seqs : 0);
+  const int64_t plane_rows = p.seqlen_q + (p.num_seqs > 0 ? kBwdSeqlenQPad * p.num_seqs : 0);
   w.seqlen_q_pad = (plane_rows + kBwdSeqlenQPad - 1) / kBwdSeqlenQPad * kBwdSeqlenQPad;
   w.sem_per_head = w.seqlen_q_pad / 64;
   const size_t rows = size_t(p.batch) * p.heads_q * w.seqlen_q_pad;

@@ -78,7 +78,8 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   pre.sem_per_head = int(w.sem_per_head);
   pre.varlen = varlen;
   static_assert(kBwdSeqlenQPad % kPreRowsPerBlock == 0, "the preprocess covers seqlen_q_pad in whole blocks");
-  dim3 pre_grid(unsigned(is_varlen ? (span_q + kPreRowsPerBlock - 1) / kPreRowsPerBlock
+  // Varlen: each sequence's rows up to a whole kBwdSeqlenQPad (the main kernel reads whole blocks).
+  dim3 pre_grid(unsigned(is_varlen ? (span_q + kBwdSeqlenQPad - 1) / kBwdSeqlenQPad * (kBwdSeqlenQPad / kPreRowsPerBlock)
                                    : w.seqlen_q_pad / kPreRowsPerBlock),
                 unsigned(p.heads_q), unsigned(p.batch * seqs));
   flash_bwd_preprocess_sm90<Element, kHeadDim, kHeadDimV><<<pre_grid, kPreThreads, 0, stream>>>(pre);
@@ -128,10 +129,11 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   post.seqlen_q_pad = int(w.seqlen_q_pad);
   post.heads_q = int(p.heads_q);
   post.varlen = varlen;
-  static_assert(Tr::kBlockM == kDqBlockRows && Tr::kNumMmaWG == kDqWarpGroups,
-                "the postprocess un-permutes the main kernel's dQ fragment order");
+  static_assert(Tr::kBlockM / Tr::kDqRowSplit == kDqBlockRows,
+                "the postprocess un-permutes the main kernel's dQ fragment order, one 64-row block at a time");
   dim3 post_grid(unsigned((span_q + kDqBlockRows - 1) / kDqBlockRows), unsigned(p.heads_q), unsigned(p.batch * seqs));
-  flash_bwd_postprocess_sm90<Element, kHeadDim, Tr::kDqAtomN><<<post_grid, kPostThreads, 0, stream>>>(post);
+  flash_bwd_postprocess_sm90<Element, kHeadDim, Tr::kDqAtomN, Tr::kDqColSplit>
+      <<<post_grid, kPostThreads, 0, stream>>>(post);
   if (cuda::launch_failed()) return "sm90 backward postprocess kernel launch failed";
   return nullptr;
 }

@@ -2,12 +2,13 @@
 // fragment-ordered float32 accumulator to the row-major dq [b, seqlen_q, h, d].
 //
 // dq_accum [b, h, seqlen_q_pad, d] is stored per 64-row query block (kDqBlockRows x d floats) in the
-// order the main kernel's dQ accumulators sit in registers. The dQ product is a row of 64 x kAtomN
-// WGMMA atoms dealt round-robin to the two consumer warpgroups (atom a to warpgroup a % 2), each
-// thread holding the atoms of its warpgroup in turn. In the WGMMA C layout, value 4k+v of thread t
-// (t < 128 within its warpgroup) is row 16 (t/32) + (t%32)/4 + 8 (v/2) and, with G = kAtomN/8
-// column groups per atom, column kAtomN (wg + 2 (k / G)) + 8 (k % G) + 2 (t%4) + v%2.
-// Float4 k of thread t is stored at float4 k * 128 + t of its warpgroup's half of the block.
+// order the main kernel's dQ accumulators sit in registers. A block's dQ is a row of 64 x kAtomN
+// WGMMA atoms dealt round-robin to the kColSplit consumer warpgroups that share it (atom a to
+// warpgroup a % kColSplit; kColSplit = 1 when the warpgroups split dQ by rows and one owns the
+// block), each thread holding the atoms of its warpgroup in turn. In the WGMMA C layout, value
+// 4k+v of thread t (t < 128 within its warpgroup) is row 16 (t/32) + (t%32)/4 + 8 (v/2) and, with
+// G = kAtomN/8 column groups per atom, column kAtomN (wg + kColSplit (k / G)) + 8 (k % G) + 2 (t%4)
+// + v%2. Float4 k of thread t is stored at float4 k * 128 + t of its warpgroup's part of the block.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -26,20 +27,19 @@ struct BwdPostParams {
 };
 
 inline constexpr int kPostThreads = 256;
-inline constexpr int kDqBlockRows = 64;  // the main kernel's block_m
-inline constexpr int kDqWarpGroups = 2;  // the main kernel's consumer warpgroups
+inline constexpr int kDqBlockRows = 64;  // one WGMMA M tile of the main kernel's dQ product
 
 // One CTA per (64-row query block, head, batch): coalesced 16-byte loads of the fragment-ordered
 // tile, scattered into a row-major 16-bit tile in shared memory, then 16-byte row stores to dq.
-template <class Element, int kHeadDim, int kAtomN>
+template <class Element, int kHeadDim, int kAtomN, int kColSplit>
 __global__ void __launch_bounds__(kPostThreads) flash_bwd_postprocess_sm90(const BwdPostParams p) {
   // +8 elements per row: the 4-byte scatter stores of a warp (8 rows x 4 column pairs) then fall
   // in distinct banks for every head dim, and rows stay 16-byte aligned.
   constexpr int kRowPad = kHeadDim + 8;
   __shared__ __align__(16) Element tile[kDqBlockRows * kRowPad];
-  constexpr int kChunks = kDqBlockRows * kHeadDim / kDqWarpGroups / (4 * 128);  // float4s per thread
+  constexpr int kChunks = kDqBlockRows * kHeadDim / kColSplit / (4 * 128);  // float4s per thread
   constexpr int kGroups = kAtomN / 8;
-  static_assert(kHeadDim % (kDqWarpGroups * kAtomN) == 0, "whole dQ atoms per warpgroup");
+  static_assert(kHeadDim % (kColSplit * kAtomN) == 0, "whole dQ atoms per warpgroup");
   const int m_block = blockIdx.x, h = blockIdx.y;
   // Global rows src0 + r (r < rows) of batch row b, from plane rows dst0 + r of dq_accum.
   int b = blockIdx.z, src0 = m_block * kDqBlockRows, rows = p.seqlen_q - src0, dst0 = src0;
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kPostThreads) flash_bwd_postprocess_sm90(const
     const int g = threadIdx.x + l * kPostThreads;
     const int t = g % 128, k = (g / 128) % kChunks, wg = g / (128 * kChunks);
     const int row = 16 * (t / 32) + (t % 32) / 4;
-    const int col = kAtomN * (wg + kDqWarpGroups * (k / kGroups)) + 8 * (k % kGroups) + 2 * (t % 4);
+    const int col = kAtomN * (wg + kColSplit * (k / kGroups)) + 8 * (k % kGroups) + 2 * (t % 4);
     union { Element e[2]; uint32_t u; } lo, hi;
     lo.e[0] = Element(a[l].x * p.scale);
     lo.e[1] = Element(a[l].y * p.scale);

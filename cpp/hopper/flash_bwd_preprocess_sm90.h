@@ -5,23 +5,26 @@
 //                     so that exp2(s - lse_log2) = 0 there and the main kernel needs no row checks;
 //   dq_accum[b,h,i,:] = 0 and the deterministic-mode semaphores = 0 (the workspace is not zeroed).
 // Varlen: one CTA per (64-row block of a sequence, head, sequence), writing that block's rows at
-// its padded position (varlen_q_block_row), past the sequence's end as if past seqlen_q.
+// its padded position (varlen_q_block_row), past the sequence's end as if past seqlen_q, up to
+// the sequence's last whole kBwdSeqlenQPad rows (the main kernel reads whole query blocks).
 #pragma once
 
 #include <cuda_runtime.h>
 #include <cstdint>
 
+#include "flash_bwd_tile_size_sm90.h"
 #include "varlen_sm90.h"
 
 namespace fa3::sm90_bwd {
 
-// Varlen: where the 64-row query blocks of sequence s (index s_in_row within its batch row,
-// starting at row offset_q) sit in the per-(batch, head) planes of dq_accum, lse_log2, dpsum and
-// the semaphores: FlashAttention-3's padded layout, each sequence starting at a multiple of 64
-// rows at or after offset_q + 64 s, so that a sequence's blocks are whole fragment-ordered tiles
-// and no two sequences share a block. Planes then need seqlen_q + 64 num_seqs rows.
+// Varlen: where the query blocks of sequence s (index s_in_row within its batch row, starting at
+// row offset_q) sit in the per-(batch, head) planes of dq_accum, lse_log2, dpsum and the
+// semaphores: FlashAttention-3's padded layout, each sequence starting at a multiple of G =
+// kBwdSeqlenQPad rows at or after offset_q + G s, so that a sequence's blocks are whole
+// fragment-ordered tiles and no two sequences share a block (a sequence of L rows owns at least
+// round_up(L, G) plane rows). Planes then need seqlen_q + G num_seqs rows.
 __host__ __device__ __forceinline__ int varlen_q_block_row(int offset_q, int s_in_row) {
-  return (offset_q + 64 * s_in_row) / 64 * 64;
+  return (offset_q + kBwdSeqlenQPad * s_in_row) / kBwdSeqlenQPad * kBwdSeqlenQPad;
 }
 
 struct BwdPreParams {
@@ -71,7 +74,7 @@ __global__ void __launch_bounds__(kPreThreads) flash_bwd_preprocess_sm90(const B
   if (p.varlen.cu_q) {
     const sm90::SeqSpan s = sm90::varlen_span(p.varlen, blockIdx.z);
     const int m0 = blockIdx.x * kPreRowsPerBlock;
-    if (m0 >= s.len_q) return;
+    if (m0 >= (s.len_q + kBwdSeqlenQPad - 1) / kBwdSeqlenQPad * kBwdSeqlenQPad) return;
     b = s.batch;
     src0 = s.offset_q + m0;
     rows = s.len_q - m0;

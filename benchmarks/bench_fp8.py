@@ -5,9 +5,8 @@ Shapes as benchmarks/bench_attention.py (the FlashAttention-3 paper's): hidden 2
 Columns (TFLOP/s with bench_attention.flops, i.e. the attention FLOPs whatever else runs; the
 time is the CUPTI sum of every kernel the jitted call launches, median of --reps):
 
-  fp8       fa3_jax.flash_attention on e4m3 q/k/v with per-tensor descales: the FP8 kernel plus
-            the V transpose the lowering makes (vt, cpp/flash.h "FP8")
-  kernel    fp8 minus the median time of that V transpose alone (column vt_ms)
+  fp8       fa3_jax.flash_attention on e4m3 q/k/v with per-tensor descales: the FP8 kernel and
+            the V transpose it runs first (cpp/hopper/fp8_vt_sm90.h)
   fp8+q     fa3_jax.fp8_attention on bfloat16 inputs (default: block scales + Hadamard), i.e.
             with the quantization pass (its time alone: column quant_ms)
   cudnn8    jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(..., use_fp8=True),
@@ -33,7 +32,6 @@ import jax.numpy as jnp
 
 import fa3_jax
 from fa3_jax import fp8
-from fa3_jax._primitives import fp8_vt
 from fa3_jax.timing import kernel_time_ms
 
 _spec = importlib.util.spec_from_file_location(
@@ -42,7 +40,7 @@ bench_attention = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_attention)
 
 E4M3 = jnp.float8_e4m3fn
-COLUMNS = ("fp8", "kernel", "fp8+q", "cudnn8", "bf16")
+COLUMNS = ("fp8", "fp8+q", "cudnn8", "bf16")
 
 
 def _cudnn_fp8(q8, k8, v8, causal):
@@ -73,21 +71,18 @@ def row(hdim, mask, seqlen, tokens, hidden, reps):
     ms = {
         "fp8": _median_ms(partial(fa3_jax.flash_attention, causal=causal, descale_q=ones,
                                   descale_k=ones, descale_v=ones), q8, k8, v8, reps=reps),
-        "vt": _median_ms(fp8_vt, v8, reps=reps),
         "fp8+q": _median_ms(partial(fa3_jax.fp8_attention, causal=causal), q, k, v, reps=reps),
         "quant": _median_ms(lambda q, k, v: fp8.quantize(q, k, v)[:2], q, k, v, reps=reps),
         "cudnn8": _median_ms(partial(_cudnn_fp8, causal=causal), q8, k8, v8, reps=reps),
         "bf16": _median_ms(partial(fa3_jax.flash_attention, causal=causal), q, k, v, reps=reps),
     }
-    if ms["fp8"] is not None and ms["vt"] is not None:
-        ms["kernel"] = ms["fp8"] - ms["vt"]
     n = bench_attention.flops(b, h, seqlen, seqlen, hdim, causal=causal)
     tflops = {c: (n / (ms[c] * 1e-3) / 1e12 if ms.get(c) else None) for c in COLUMNS}
     return dict(hdim=hdim, mask=mask, seqlen=seqlen, batch=b, heads=h, ms=ms, tflops=tflops)
 
 
 HEADER = (f"{'hdim':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>7}" for c in COLUMNS)
-          + f" {'vt_ms':>7} {'quant_ms':>8} {'fp8/cudnn8':>10}")
+          + f" {'quant_ms':>8} {'fp8/cudnn8':>10}")
 
 
 def format_row(r):
@@ -95,8 +90,7 @@ def format_row(r):
     cells = " ".join(f"{t[c]:7.0f}" if t[c] else f"{'err':>7}" for c in COLUMNS)
     ratio = (f"{t['fp8'] / t['cudnn8']:10.2f}" if t["fp8"] and t["cudnn8"] else f"{'-':>10}")
     ms = r["ms"]
-    extra = " ".join(f"{ms[c]:{w}.3f}" if ms[c] is not None else f"{'err':>{w}}"
-                     for c, w in (("vt", 7), ("quant", 8)))
+    extra = f"{ms['quant']:8.3f}" if ms["quant"] is not None else f"{'err':>8}"
     return f"{r['hdim']:4d} {r['mask']:>6} {r['seqlen']:6d} {cells} {extra} {ratio}"
 
 

@@ -159,10 +159,10 @@ ffi::Error fwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q
   return launch_fwd(stream, device, p, out, lse, workspace);
 }
 
-// FP8 forward: q and k as for fwd_cuda, v as vt [batch, heads_kv, head_dim_v, seqlen_k rounded up
-// to 16] with keys permuted within each 16 (flash.h, "FP8"; the Python lowering makes it).
+// FP8 forward: float8_e4m3fn q, k, v with float32 descales (flash.h, "FP8"); out bfloat16. The
+// kernel transposes v into its workspace first (cpp/hopper/fp8_vt_sm90.h).
 ffi::Error fwd_fp8_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
-                        ffi::AnyBuffer vt, ffi::AnyBuffer descale_q, ffi::AnyBuffer descale_k,
+                        ffi::AnyBuffer v, ffi::AnyBuffer descale_q, ffi::AnyBuffer descale_k,
                         ffi::AnyBuffer descale_v, ffi::Result<ffi::AnyBuffer> out,
                         ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
                         float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
@@ -171,20 +171,9 @@ ffi::Error fwd_fp8_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, f
   if (auto e = enter_device(scope, device); e.failure()) return e;
   count_call(stream);
   FwdParams p;
-  // k stands in for v in the shared checks (v's layout differs here); vt is checked below.
-  if (auto e = fill_fwd(q, k, k, softmax_scale, softcap, diag_lo, diag_hi, &p, /*fp8=*/true);
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, /*fp8=*/true);
       e.failure())
     return e;
-  if (vt.element_type() != ffi::DataType::F8E4M3FN) return invalid("vt must be float8_e4m3fn");
-  auto const vd = vt.dimensions();
-  if (vd.size() != 4)
-    return invalid("vt must have rank 4, got shape " + ffi_util::dims_str(vd));
-  p.head_dim_v = vd[2];
-  if (auto e = ffi_util::check_shape("vt", vd, {p.batch, p.heads_kv, p.head_dim_v,
-                                                 (p.seqlen_k + 15) / 16 * 16});
-      e.failure())
-    return e;
-  p.v = vt.untyped_data();
   if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
   if (auto e = ffi_util::fill_fp8_descales(descale_q, descale_k, descale_v, descale_block_q,
                                            descale_block_k, *out, &p);
@@ -299,13 +288,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ctx<xla::ffi::DeviceOrdinal>()
         .Arg<xla::ffi::AnyBuffer>()  // q float8_e4m3fn [batch, seqlen_q, heads_q, head_dim]
         .Arg<xla::ffi::AnyBuffer>()  // k float8_e4m3fn [batch, seqlen_k, heads_kv, head_dim]
-        .Arg<xla::ffi::AnyBuffer>()  // vt float8_e4m3fn [batch, heads_kv, head_dim_v, sk_vt]
+        .Arg<xla::ffi::AnyBuffer>()  // v float8_e4m3fn [batch, seqlen_k, heads_kv, head_dim_v]
         .Arg<xla::ffi::AnyBuffer>()  // descale_q float32 (flash.h: per tensor or per block)
         .Arg<xla::ffi::AnyBuffer>()  // descale_k float32
         .Arg<xla::ffi::AnyBuffer>()  // descale_v float32
         .Ret<xla::ffi::AnyBuffer>()  // out bfloat16
         .Ret<xla::ffi::AnyBuffer>()  // lse
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; the tile counter)
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; tile counter, then V transposed)
             FA3_JAX_MASK_ATTRS
         .Attr<int64_t>("descale_block_q")   // query rows per descale block, 0: per tensor
         .Attr<int64_t>("descale_block_k"),  // keys per descale block, 0: per tensor

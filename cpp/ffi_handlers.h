@@ -13,7 +13,7 @@ XLA_FFI_Error* fa3_fwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
-// FP8 forward (cpp/flash.h); the CUDA one takes v transposed (vt).
+// FP8 forward (cpp/flash.h).
 XLA_FFI_Error* fa3_fwd_fp8_cpu(XLA_FFI_CallFrame* call_frame);
 #ifdef FA3_JAX_WITH_CUDA
 XLA_FFI_Error* fa3_fwd_cuda(XLA_FFI_CallFrame* call_frame);

@@ -106,24 +106,6 @@ def test_scale_blocks_are_the_forward_tiles():
     assert all(fp8.scale_blocks(d, d)[1] % 32 == 0 for d in (64, 128, 256))
 
 
-@pytest.mark.parametrize("sk", [1, 16, 37])
-def test_vt_layout_of_the_hopper_fp8_kernel(sk):
-    """The V copy the Hopper FP8 lowering makes (cpp/flash.h, "FP8"): vt [b, hkv, dv, sk16],
-    keys permuted within each aligned 16 as the kernel's P registers are, zeros past sk."""
-    from fa3_jax._primitives import fp8_vt
-    order = [2 * (p // 4) + p % 2 + 8 * ((p % 4) // 2) for p in range(16)]
-    assert sorted(order) == list(range(16))
-    v = jax.random.normal(fresh_key(), (2, sk, 3, 32)).astype(E4M3)
-    vt = np.asarray(jax.jit(fp8_vt)(v).astype(jnp.float32))
-    sk16 = -(-sk // 16) * 16
-    assert vt.shape == (2, 3, 32, sk16)
-    vf = np.asarray(v.astype(jnp.float32))
-    for p in range(sk16):
-        key = 16 * (p // 16) + order[p % 16]
-        want = vf[:, key] if key < sk else np.zeros((2, 3, 32), np.float32)
-        np.testing.assert_array_equal(vt[:, :, :, p], want)
-
-
 # ---- the CPU backend against the reference on the dequantized inputs -------------------------
 
 def test_e4m3_decoding_of_every_byte():

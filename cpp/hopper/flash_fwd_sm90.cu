@@ -21,6 +21,7 @@
 #include "../flash.h"
 #include "flash_fwd_combine_sm90.h"
 #include "flash_fwd_kernel_sm90.h"
+#include "fp8_vt_sm90.h"
 #include "head_dims.h"
 #include "tile_size.h"
 
@@ -85,8 +86,8 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
   return plan;
 }
 
-// Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens or
-// (split-KV) lse_accum and o_accum, 256-byte aligned.
+// Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens,
+// (split-KV) lse_accum and o_accum, 256-byte aligned, or (FP8) vt, V transposed (fp8_vt_sm90.h).
 constexpr size_t kCounterBytes = 256;
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
@@ -94,6 +95,8 @@ size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
 }
 size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
   if (p.num_seqs > 0) return kCounterBytes + sm90::varlen_workspace_bytes(p.batch, p.num_seqs);
+  if (p.dtype == DType::kFloat8E4M3)
+    return kCounterBytes + sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v);
   if (plan.num_splits <= 1) return kCounterBytes;
   return kCounterBytes + partial_lse_bytes(p, plan) +
          size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
@@ -126,10 +129,18 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   typename Traits::Params kp;
   kp.shape_q = ShapeQKV(sq, kHeadDim, h, b);
   kp.shape_k = ShapeQKV(sk_tma, kHeadDim, hkv, b);
-  // FP8 reads vt [b, hkv, dv, sk_vt] (flash.h, "FP8"): rows of keys, the TMA's 16-byte row
-  // stride alignment being why sk_vt is seqlen_k rounded up to 16.
-  // (At least 16: with seqlen_k 0 no tile loads, but the descriptor needs a valid shape.)
-  int const sk_vt = std::max((sk + 15) / 16 * 16, 16);
+  // FP8 reads vt [b, hkv, dv, sk16] (fp8_vt_sm90.h), written here into the workspace: rows of
+  // keys, the TMA's 16-byte row stride alignment being one reason sk16 is seqlen_k rounded up to
+  // 16. (sk_vt is at least 16: with seqlen_k 0 no tile loads, but the descriptor needs a shape.)
+  int const sk16 = (sk + 15) / 16 * 16, sk_vt = std::max(sk16, 16);
+  void const* v_ptr = p.v;
+  if constexpr (kFp8) {
+    if (!workspace) return "the sm90 FP8 forward needs its workspace";
+    auto* vt = reinterpret_cast<uint8_t*>(static_cast<char*>(workspace) + kCounterBytes);
+    sm90::VtParams const vp{static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0};
+    if (!sm90::launch_fp8_transpose_v(vp, b, stream)) return "sm90 FP8 V transpose launch failed";
+    v_ptr = vt;
+  }
   kp.shape_v = kFp8 ? ShapeQKV(kHeadDimV, sk_vt, hkv, b)
                     : ShapeQKV(sk_tma, kHeadDimV, hkv, b);
   // Q [b, seqlen_q, hq, d]; packed (seqlen_q 1): row r of head h_kv is query head h_kv * group + r.
@@ -152,7 +163,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.k), kp.shape_k, stride_k),
                            take<0, 2>(typename Traits::SmemLayoutK{}),
                            select<1, 2>(typename Traits::TileShapeQK{}), _1{});
-  kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.v), kp.shape_v, stride_v),
+  kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(v_ptr), kp.shape_v, stride_v),
                            take<0, 2>(typename Traits::SmemLayoutVLoad{}),
                            typename Traits::TileShapeVLoad{}, _1{});
 

@@ -4,9 +4,9 @@
 // Templated on the element type: fp16 / bf16, or float_e4m3_t (FP8, kDense only, bfloat16 out).
 // The e4m3 WGMMA takes both operands K-major only, so for P @ V the V tile must have the keys
 // contiguous: the 16-bit kernel reads its row-major V tile as an MN-major operand, while the FP8
-// kernel loads a transposed copy of V, vt [batch, heads_kv, head_dim_v, seqlen_k rounded up to
-// 16], that the lowering makes (flash.h, "FP8"), with the keys of each aligned group of 16
-// permuted so that the S accumulator's registers are the P operand's (convert_p_to_e4m3).
+// kernel loads vt [batch, heads_kv, head_dim_v, seqlen_k rounded up to 16], a transposed copy of
+// V it writes into its workspace first, with the keys of each aligned group of 16 permuted so
+// that the S accumulator's registers are the P operand (fp8_vt_sm90.h, convert_p_to_e4m3).
 #pragma once
 
 // WGMMA N sizes that are not multiples of 32 (block_n 80 and 112) exist only with this switch;

@@ -21,7 +21,7 @@ struct FwdTileSize {
 
 // FP8 (e4m3) forward (fp8 = true): the tiles are also the FP8 scale blocks (flash.h, "FP8";
 // python/fa3_jax/fp8.py reads them from here). block_n must be a multiple of 32, the K of one
-// e4m3 WGMMA in the P @ V GEMM (and 16-key groups are permuted in V, see flash.h).
+// e4m3 WGMMA in the P @ V GEMM (and 16-key groups are permuted in V, fp8_vt_sm90.h).
 //  - hdim 64 and 128: the 16-bit tiles (128 x 128): e4m3 halves every smem tile (hdim 128: Q 16
 //    KB + 2 * (16 + 16) KB = 80 KB) and P takes 16 registers instead of 32, so the 16-bit register
 //    budget holds. Larger block_n (FA3 uses up to 224 for non-causal FP8) not measured yet.

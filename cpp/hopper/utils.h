@@ -83,7 +83,7 @@ CUTLASS_DEVICE void convert_fragment(TSrc const& src, TDst& dst) {
 // and 16+4q..16+4q+3 (4 bytes per register: rows r and r + 8, each for both halves), while the
 // accumulator holds keys 2q, 2q+1 of every group of 8. The P @ V sum runs over keys in any
 // order, so the operand's slot 4q+i of each aligned 16 is given key 2q + i%2 + 8*(i/2) (the
-// lane's own) and V's keys are stored in that order too (vt, flash.h "FP8"): then each
+// lane's own) and V's keys are stored in that order too (vt, fp8_vt_sm90.h): then each
 // register is 4 of the lane's own scores, converted with cvt e4m3x2.
 template <class TensorS, class TensorP>
 CUTLASS_DEVICE void convert_p_to_e4m3(TensorS const& acc_s, TensorP& frag_p) {

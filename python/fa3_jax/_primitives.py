@@ -559,33 +559,13 @@ _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest
 # float32. Operands q, k, v, descale_q, descale_k, descale_v; static parameters the mask's plus
 # ``block_q``/``block_k``, the rows per scale block (0 and 0: per-tensor descales [batch,
 # heads_kv]; else descale_q [batch, heads_q, ceil(seqlen_q / block_q)] and descale_k/v [batch,
-# heads_kv, ceil(seqlen_k / block_k)]). Forward only: differentiating raises. On CUDA the Hopper
-# FP8 kernel takes V transposed (vt, made here, below); per-block descales must be its tiles. No
-# partitioning rule: under a multi-device jit XLA gathers the operands.
+# heads_kv, ceil(seqlen_k / block_k)]). Forward only: differentiating raises. On CUDA per-block
+# descales must be on the Hopper FP8 kernel's tiles. No partitioning rule: under a multi-device
+# jit XLA gathers the operands.
 # ---------------------------------------------------------------------------------------------
 
 fp8_fwd_p = jex_core.Primitive("fa3_fwd_fp8")
 fp8_fwd_p.multiple_results = True
-
-def fp8_vt(v):
-    """v float8_e4m3fn [batch, seqlen_k, heads_kv, dv] -> the Hopper FP8 kernel's vt.
-
-    The e4m3 WGMMA reads both operands K-major, so the P @ V GEMM needs V with the keys
-    contiguous: vt [batch, heads_kv, dv, seqlen_k rounded up to 16 (zeros)]. Inside each aligned
-    group of 16 keys, position p holds key 2 * (p // 4) + p % 2 + 8 * ((p % 4) // 2): the order in
-    which the kernel's registers hold the probabilities P (cpp/hopper/utils.h, convert_p_to_e4m3),
-    so that P needs no shuffle between lanes (cpp/flash.h, "FP8"). Writing the key in a group as
-    8c + 2a + e (c, e in {0, 1}, a in 0..3), position p is 4a + 2c + e: a transpose of (c, a, e)
-    to (a, c, e), part of the one transpose of V. A memory-bound pass, 1 byte per element each
-    way; under jit XLA may fuse it with the quantization of fp8_attention."""
-    b, sk, hkv, dv = v.shape
-    sk16 = -(-sk // 16) * 16
-    u = jax.lax.bitcast_convert_type(v, jnp.uint8)  # layout moves on plain bytes
-    u = jnp.pad(u, ((0, 0), (0, sk16 - sk), (0, 0), (0, 0)))
-    u = u.reshape(b, sk16 // 16, 2, 4, 2, hkv, dv)  # key = 16 n + 8 c + 2 a + e
-    u = u.transpose(0, 5, 6, 1, 3, 2, 4).reshape(b, hkv, dv, sk16)  # (n, a, c, e)
-    return jax.lax.bitcast_convert_type(u, v.dtype)
-
 
 def _fp8_fwd_abstract(q, k, v, descale_q, descale_k, descale_v, **params):
     b, sq, hq, _ = q.shape
@@ -598,10 +578,9 @@ def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_sca
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), jnp.bfloat16),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
-    if cuda:
+    if cuda:  # the tile counter, then V transposed by the kernel (cpp/hopper/fp8_vt_sm90.h)
         nbytes = _ffi.workspace_bytes("fwd", q.shape, k.shape, v.shape, fp8=True)
         out_types += (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),)
-        v = fp8_vt(v)
     call = jax.ffi.ffi_call("fa3_fwd_fp8", out_types)
     return tuple(call(q, k, v, descale_q, descale_k, descale_v,
                       descale_block_q=np.int64(block_q), descale_block_k=np.int64(block_k),

@@ -159,6 +159,38 @@ ffi::Error fwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q
   return launch_fwd(stream, device, p, out, lse, workspace);
 }
 
+// FP8 forward: float8_e4m3fn q, k, v with float32 descales (flash.h, "FP8"); out bfloat16. The
+// kernel transposes v into its workspace first (cpp/hopper/fp8_vt_sm90.h).
+ffi::Error fwd_fp8_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                        ffi::AnyBuffer v, ffi::AnyBuffer descale_q, ffi::AnyBuffer descale_k,
+                        ffi::AnyBuffer descale_v, ffi::Result<ffi::AnyBuffer> out,
+                        ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
+                        float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
+                        int64_t descale_block_q, int64_t descale_block_k) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, /*fp8=*/true);
+      e.failure())
+    return e;
+  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
+  if (auto e = ffi_util::fill_fp8_descales(descale_q, descale_k, descale_v, descale_block_q,
+                                           descale_block_k, *out, &p);
+      e.failure())
+    return e;
+  p.out = out->untyped_data();
+  p.lse = static_cast<float*>(lse->untyped_data());
+  if (!sm90_supports_fwd(p))
+    return invalid("this build has no Hopper FP8 forward kernel for " + hdim_str(p) +
+                   " (FP8 takes head_dim == head_dim_v in {64, 128, 256}, built ones only), or "
+                   "the per-block descales are not on the kernel's tiles (descale_block_q, "
+                   "descale_block_k = " + std::to_string(p.descale_block_q) + ", " +
+                   std::to_string(p.descale_block_k) + "; fa3_jax.fp8.scale_blocks gives them)");
+  if (auto e = check_workspace(*workspace, sm90_fwd_workspace_bytes(p)); e.failure()) return e;
+  return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
+}
+
 // The backward after its params are filled: support check, workspace, launch.
 ffi::Error launch_bwd(cudaStream_t stream, int32_t device, const BwdParams& p,
                       ffi::Result<ffi::AnyBuffer>& workspace) {
@@ -247,6 +279,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
             FA3_JAX_MASK_ATTRS
         .Attr<int64_t>("max_seqlen_q")   // bound on every query sequence's length (grid size)
         .Attr<int64_t>("max_seqlen_k"),  // bound on every key sequence's length
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fwd_fp8_cuda, fa3::fwd_fp8_cuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // q float8_e4m3fn [batch, seqlen_q, heads_q, head_dim]
+        .Arg<xla::ffi::AnyBuffer>()  // k float8_e4m3fn [batch, seqlen_k, heads_kv, head_dim]
+        .Arg<xla::ffi::AnyBuffer>()  // v float8_e4m3fn [batch, seqlen_k, heads_kv, head_dim_v]
+        .Arg<xla::ffi::AnyBuffer>()  // descale_q float32 (flash.h: per tensor or per block)
+        .Arg<xla::ffi::AnyBuffer>()  // descale_k float32
+        .Arg<xla::ffi::AnyBuffer>()  // descale_v float32
+        .Ret<xla::ffi::AnyBuffer>()  // out bfloat16
+        .Ret<xla::ffi::AnyBuffer>()  // lse
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; tile counter, then V transposed)
+            FA3_JAX_MASK_ATTRS
+        .Attr<int64_t>("descale_block_q")   // query rows per descale block, 0: per tensor
+        .Attr<int64_t>("descale_block_k"),  // keys per descale block, 0: per tensor
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

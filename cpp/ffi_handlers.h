@@ -13,13 +13,14 @@ XLA_FFI_Error* fa3_fwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
-// FP8 forward (cpp/flash.h): CPU only until the Hopper FP8 kernel exists.
+// FP8 forward (cpp/flash.h).
 XLA_FFI_Error* fa3_fwd_fp8_cpu(XLA_FFI_CallFrame* call_frame);
 #ifdef FA3_JAX_WITH_CUDA
 XLA_FFI_Error* fa3_fwd_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_varlen_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_varlen_cuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_fwd_fp8_cuda(XLA_FFI_CallFrame* call_frame);
 // Process totals of CUDA handler executions and of those made during stream capture.
 void fa3_cuda_call_stats(int64_t* calls, int64_t* captured);
 #endif

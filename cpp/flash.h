@@ -48,6 +48,11 @@
 //    must reject the call; the CPU backend takes any block sizes (it scales each loaded row).
 //    A query block is rows of one head: a kernel that packs GQA heads into a tile needs the
 //    per-tensor form or its own layout.
+// The Hopper FP8 kernel (run_fwd_sm90) first transposes v into its workspace (the e4m3 WGMMA
+// reads both operands K-major, and keys are P @ V's K; cpp/hopper/fp8_vt_sm90.h). It folds the q
+// and k descales into the softmax scale, so they must be > 0 there (a negative scale would turn
+// the running max into a running min); dense calls only, head_dim == head_dim_v in {64, 128,
+// 256}, per-block descales only on its own tiles (tile_size.h).
 #pragma once
 
 #include <cstddef>

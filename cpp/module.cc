@@ -31,7 +31,7 @@ fa3::BwdParams shape_params(int64_t batch, int64_t seqlen_q, int64_t seqlen_k, i
   p.heads_kv = heads_kv;
   p.head_dim = head_dim;
   p.head_dim_v = head_dim_v;
-  p.dtype = fa3::DType::kBFloat16;  // the workspace does not depend on the 2-byte dtype
+  p.dtype = fa3::DType::kBFloat16;  // the workspace does not depend on the 16-bit dtype
   p.deterministic = deterministic;
   return p;
 }
@@ -50,8 +50,8 @@ NB_MODULE(_fa3_jax_ext, m) {
 #endif
     all["fa3_fwd"] = fwd;
     all["fa3_bwd"] = bwd;
-    // Packed sequences and FP8: CPU, plus varlen on CUDA (the segment-id and FP8 CUDA lowerings
-    // raise).
+    // Packed sequences and FP8: CPU, plus varlen and FP8 on CUDA (the segment-id CUDA lowering
+    // raises).
     // {name, CPU handler, CUDA handler or null}.
     struct Packed {
       const char* name;
@@ -61,16 +61,18 @@ NB_MODULE(_fa3_jax_ext, m) {
 #ifdef FA3_JAX_WITH_CUDA
     void* const fwd_varlen_cuda = reinterpret_cast<void*>(fa3_fwd_varlen_cuda);
     void* const bwd_varlen_cuda = reinterpret_cast<void*>(fa3_bwd_varlen_cuda);
+    void* const fwd_fp8_cuda = reinterpret_cast<void*>(fa3_fwd_fp8_cuda);
 #else
     void* const fwd_varlen_cuda = nullptr;
     void* const bwd_varlen_cuda = nullptr;
+    void* const fwd_fp8_cuda = nullptr;
 #endif
     const Packed packed[] = {
         {"fa3_fwd_varlen", reinterpret_cast<void*>(fa3_fwd_varlen_cpu), fwd_varlen_cuda},
         {"fa3_bwd_varlen", reinterpret_cast<void*>(fa3_bwd_varlen_cpu), bwd_varlen_cuda},
         {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu), nullptr},
         {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu), nullptr},
-        {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu), nullptr}};
+        {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu), fwd_fp8_cuda}};
     for (const Packed& e : packed) {
       nb::dict by_platform;
       by_platform["cpu"] = nb::capsule(e.cpu);
@@ -79,25 +81,29 @@ NB_MODULE(_fa3_jax_ext, m) {
     }
     return all;
   });
-  // (block_m, block_n) of the Hopper forward for these head dims: the FP8 scale blocks
-  // (python/fa3_jax/fp8.py), so that the kernel applies one scale per tile.
-  m.def("fwd_tile_size", [](int head_dim, int head_dim_v) {
-    const auto t = fa3::sm90::fwd_tile_size(head_dim, head_dim_v);
-    return nb::make_tuple(t.block_m, t.block_n);
-  });
+  // (block_m, block_n) of the Hopper forward for these head dims (fp8: of the FP8 forward, whose
+  // tiles are the FP8 scale blocks of python/fa3_jax/fp8.py: one scale per tile).
+  m.def(
+      "fwd_tile_size",
+      [](int head_dim, int head_dim_v, bool fp8) {
+        const auto t = fa3::sm90::fwd_tile_size(head_dim, head_dim_v, fp8);
+        return nb::make_tuple(t.block_m, t.block_n);
+      },
+      nb::arg("head_dim"), nb::arg("head_dim_v"), nb::arg("fp8") = false);
 #ifdef FA3_JAX_WITH_CUDA
   // Bytes of the uint8 workspace result the CUDA custom calls take (XLA allocates it).
   // num_seqs: sequences per batch row of a varlen call (0: dense).
   m.def(
       "sm90_fwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
-         int64_t num_seqs) {
+         int64_t num_seqs, bool fp8) {
         fa3::BwdParams p = shape_params(b, sq, sk, hq, hkv, d, dv, false);
         p.num_seqs = num_seqs;
+        if (fp8) p.dtype = fa3::DType::kFloat8E4M3;  // never split: the counter only
         return fa3::sm90_fwd_workspace_bytes(p);
       },
       nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
-      nb::arg("dv"), nb::arg("num_seqs") = 0);
+      nb::arg("dv"), nb::arg("num_seqs") = 0, nb::arg("fp8") = false);
   m.def(
       "sm90_bwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,

@@ -98,10 +98,12 @@ def test_per_head_quantization_shares_scales_in_gqa_groups():
 
 
 def test_scale_blocks_are_the_forward_tiles():
-    # cpp/hopper/tile_size.h: 128 query rows; block_n 128 up to head dim 128, 80 at 256.
+    # cpp/hopper/tile_size.h (fwd_tile_size_fp8): 128 query rows; block_n 128 up to head dim
+    # 128, 96 at 256 (a multiple of 32, the K of the e4m3 P @ V WGMMA).
     assert fp8.scale_blocks(64, 64) == (128, 128)
     assert fp8.scale_blocks(128, 128) == (128, 128)
-    assert fp8.scale_blocks(256, 256) == (128, 80)
+    assert fp8.scale_blocks(256, 256) == (128, 96)
+    assert all(fp8.scale_blocks(d, d)[1] % 32 == 0 for d in (64, 128, 256))
 
 
 # ---- the CPU backend against the reference on the dequantized inputs -------------------------
@@ -274,10 +276,20 @@ def test_gradients_raise_forward_only():
     assert np.isfinite(float(g))
 
 
-def test_cuda_lowering_raises_clearly():
-    q, k, v = make_qkv(1, 16, 16, 2, 2, 64, dtype=jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="FP8 attention .* has no Hopper kernel yet"):
-        jax.jit(fa3_jax.fp8_attention).trace(q, k, v).lower(lowering_platforms=("cuda",))
+def test_cuda_lowering_refuses_clearly():
+    q, k, v = make_qkv(1, 16, 16, 2, 2, 96, dtype=jnp.bfloat16)
+    why = ("no CUDA kernels" if not fa3_jax.cuda_built() else
+           r"supports head_dim == head_dim_v in .*got head_dim=96")
+    with pytest.raises(ValueError, match="FP8 attention on a CUDA device: .*" + why):
+        jax.jit(partial(fa3_jax.fp8_attention, incoherent=False)).trace(q, k, v).lower(
+            lowering_platforms=("cuda",))
+    if fa3_jax.cuda_built() and 64 in fa3_jax.cuda_head_dims():
+        (q8, k8, v8), ds = _fp8_qkv()  # per-block descales on blocks other than the tiles
+        call = partial(fp8_forward, softmax_scale=0.1, softcap=0.0, diag_lo=-100, diag_hi=100,
+                       block_q=64, block_k=64)
+        with pytest.raises(ValueError, match=r"per-block ones on its tiles \(128, 128\)"):
+            jax.jit(call).trace(q8, k8, v8, jnp.ones((1, 4, 1)), jnp.ones((1, 2, 1)),
+                                jnp.ones((1, 2, 1))).lower(lowering_platforms=("cuda",))
 
 
 def test_ffi_handler_rejects_bad_descales():

@@ -1,9 +1,10 @@
-// fa3_jax Hopper forward epilogue: O (input dtype) and LSE (float32, natural log) of one tile,
-// written straight from the accumulator registers with row bounds checks, and the fill of
-// tiles whose rows see no key at all (out 0, lse -inf). Rows are bounded by the tile's sequence
-// (mask.seqlen_q rows from offset_q; dense: the batch row); varlen_prepare fills the rows outside
-// every sequence. With split-KV (sched.num_splits > 1; dense calls only) the tile's float32 O and
-// its LSE go to the workspace instead, for the combine kernel (the kSplit instantiation).
+// fa3_jax Hopper forward epilogue: O (input dtype; FP8: bfloat16) and LSE (float32, natural log)
+// of one tile, written straight from the accumulator registers with row bounds checks, and the
+// fill of tiles whose rows see no key at all (out 0, lse -inf). Rows are bounded by the tile's
+// sequence (mask.seqlen_q rows from offset_q; dense: the batch row); varlen_prepare fills the rows
+// outside every sequence. With split-KV (sched.num_splits > 1; dense calls only) the tile's
+// float32 O and its LSE go to the workspace instead, for the combine kernel (the kSplit
+// instantiation).
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"
@@ -13,7 +14,8 @@ namespace fa3::sm90 {
 
 template <class Traits>
 struct FwdEpilogue {
-  using Element = typename Traits::Element;
+  using Element = typename Traits::ElementOut;  // of out (FP8 inputs: bfloat16)
+  static_assert(sizeof(Element) == 2, "store_empty writes rows in 8-element chunks");
   using Params = typename Traits::Params;
   static constexpr int kBlockM = Traits::kBlockM, kHeadDimV = Traits::kHeadDimV;
 

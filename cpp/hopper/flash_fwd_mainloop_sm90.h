@@ -37,21 +37,27 @@ struct FwdMainloop {
                                   TileCoord t, int offset_q, int offset_k, int n_min, int n_max) {
     Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});  // (M, D)
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});  // (N, D, PIPE)
-    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutV{});  // (N, Dv, PIPE)
+    // (N, Dv, PIPE); FP8: (Dv, N, PIPE)
+    Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVLoad{});
 
     int const h_kv = t.head / p.qheads_per_kvhead;
     Tensor mQ = domain_offset(make_coord(offset_q, _0{}),
                               p.tma_q.get_tma_tensor(p.shape_q)(_, _, t.head, t.batch));  // (Sq, D)
     Tensor mK = domain_offset(make_coord(offset_k, _0{}),
                               p.tma_k.get_tma_tensor(p.shape_k)(_, _, h_kv, t.batch));  // (Sk, D)
-    Tensor mV = domain_offset(make_coord(offset_k, _0{}),
-                              p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, t.batch));  // (Sk, Dv)
+    // (Sk, Dv); FP8: vt (Dv, Sk), dense only (offset_k 0)
+    Tensor mV = domain_offset(make_coord(Traits::kFp8 ? 0 : offset_k, _0{}),
+                              p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, t.batch));
     Tensor gQ = local_tile(mQ, select<0, 2>(typename Traits::TileShapeQK{}),
                            make_coord(t.m_block, _0{}));  // (M, D)
     Tensor gK = local_tile(mK, select<1, 2>(typename Traits::TileShapeQK{}),
                            make_coord(_, _0{}));  // (N, D, n_blocks)
-    Tensor gV = local_tile(mV, select<2, 1>(typename Traits::TileShapePV{}),
-                           make_coord(_, _0{}));  // (N, Dv, n_blocks)
+    Tensor gV = [&] {  // (N, Dv, n_blocks); FP8: (Dv, N, n_blocks)
+      if constexpr (Traits::kFp8)
+        return local_tile(mV, typename Traits::TileShapeVLoad{}, make_coord(_0{}, _));
+      else
+        return local_tile(mV, typename Traits::TileShapeVLoad{}, make_coord(_, _0{}));
+    }();
 
     auto [tQgQ, tQsQ] = tma_partition(p.tma_q, _0{}, Layout<_1>{}, group_modes<0, 2>(sQ),
                                       group_modes<0, 2>(gQ));
@@ -114,8 +120,47 @@ struct FwdMainloop {
     Tensor tSrK = thr_qk.partition_fragment_B(sK);   // (MMA, MMA_N, MMA_K, PIPE)
     Tensor tOrV = thr_pv.partition_fragment_B(sVt);  // (MMA, MMA_N, MMA_K, PIPE)
     Tensor tSrS = partition_fragment_C(mma_qk, select<0, 1>(typename Traits::TileShapeQK{}));
-    Tensor tOrP = make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
+    // P as the A operand of P @ V: 16-bit, the accumulator's registers seen with another layout;
+    // FP8, a compact e4m3 fragment ((4, 2, 2), 1, k blocks of 32) that convert_p_to_e4m3 fills.
+    Tensor tOrP = [&] {
+      if constexpr (Traits::kFp8)
+        return make_tensor<Element>(
+            Layout<Shape<Shape<_4, _2, _2>, _1, Int<kBlockN / 32>>>{});
+      else
+        return make_tensor<Element>(acc_as_a_operand(tSrS.layout()));
+    }();
+    auto convert_p = [&] {
+      if constexpr (Traits::kFp8)
+        convert_p_to_e4m3(tSrS, tOrP);
+      else
+        convert_fragment(tSrS, tOrP);
+    };
     AccCoord const coord(mma_tidx);
+
+    // FP8 descales (flash.h, "FP8"): the tile's q (and per-tensor k) descale folds into the
+    // softmax scale; a per-block k descale multiplies the block's scores (the online softmax
+    // compares raw scores across blocks, so it cannot ride on the scale); v descales scale O:
+    // O is kept in units of the pending block's v descale, the ratio between consecutive blocks
+    // folds into the O rescale, the last block's into the final 1 / row sum.
+    float qk_descale = 1.f;
+    float const* descale_k_row = nullptr;  // per-block k descales of this (batch, kv head)
+    float const* descale_v_row = nullptr;  // per-block v descales; per tensor: the one value
+    if constexpr (Traits::kFp8) {
+      int const hkv = get<2>(p.shape_k);
+      int64_t const bh_kv = int64_t(t.batch) * hkv + t.head / p.qheads_per_kvhead;
+      if (p.descale_nk > 0) {
+        qk_descale =
+            p.descale_q[(int64_t(t.batch) * (hkv * p.qheads_per_kvhead) + t.head) * p.descale_nq +
+                        t.m_block];
+        descale_k_row = p.descale_k + bh_kv * p.descale_nk;
+        descale_v_row = p.descale_v + bh_kv * p.descale_nk;
+      } else {
+        qk_descale = p.descale_q[bh_kv] * p.descale_k[bh_kv];
+        descale_v_row = p.descale_v + bh_kv;
+      }
+    }
+    bool const per_block = Traits::kFp8 && p.descale_nk > 0;
+    float const softcap_pre = Traits::kFp8 ? p.softcap_pre * qk_descale : p.softcap_pre;
 
     int const wg = mma_tidx / 128;
     auto scheduler_sync = [&] {
@@ -128,14 +173,20 @@ struct FwdMainloop {
           static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + (1 - wg)));
     };
     auto score_mod = [&](int n) {
+      if (per_block) {
+        float const dk = descale_k_row[n];
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= dk;
+      }
       if (p.has_softcap) {
         CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) tSrS(i) = fast_tanh(tSrS(i) * p.softcap_pre);
+        for (int i = 0; i < size(tSrS); ++i) tSrS(i) = fast_tanh(tSrS(i) * softcap_pre);
       }
       if (mask.needs_mask(t.m_block, n)) mask.apply(tSrS, coord, t.m_block, n);
     };
 
-    OnlineSoftmax<2> softmax(p.scale_log2);
+    OnlineSoftmax<2> softmax(Traits::kFp8 && !p.has_softcap ? p.scale_log2 * qk_descale
+                                                            : p.scale_log2);
     clear(tOrO);
     ss.q_full.wait(q_tile_count & 1);
 
@@ -148,7 +199,8 @@ struct FwdMainloop {
     pipe_k.consumer_release(read);
     score_mod(n);
     softmax.template step<true>(tSrS);
-    convert_fragment(tSrS, tOrP);
+    convert_p();
+    float v_descale = per_block ? descale_v_row[n] : 1.f;  // units of O (FP8 per block)
     PipelineState read_v = read;
     ++read;
 
@@ -164,11 +216,18 @@ struct FwdMainloop {
       ++read;
       score_mod(n);
       cute::array<float, 2> o_scale = softmax.template step<false>(tSrS);
+      if (per_block) {  // O from units of block n + 1's v descale to block n's
+        float const next = descale_v_row[n];
+        float const ratio = v_descale / next;
+        v_descale = next;
+        o_scale[0] *= ratio;
+        o_scale[1] *= ratio;
+      }
       warpgroup_wait<0>();  // P V done: tOrP and the V slot are free
       pipe_v.consumer_release(read_v);
       ++read_v;
       rescale_rows(tOrO, o_scale);
-      convert_fragment(tSrS, tOrP);
+      convert_p();
     }
     // Every S WGMMA of this tile has retired: the producer may load the next tile's Q.
     ss.q_empty.arrive();
@@ -177,6 +236,11 @@ struct FwdMainloop {
     wgmma_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
     pipe_v.consumer_release(read_v);
     cute::array<float, 2> inv = softmax.finalize(lse);
+    if constexpr (Traits::kFp8) {
+      float const dv = per_block ? v_descale : *descale_v_row;
+      inv[0] *= dv;
+      inv[1] *= dv;
+    }
     rescale_rows(tOrO, inv);
   }
 };

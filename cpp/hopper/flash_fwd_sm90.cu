@@ -4,8 +4,9 @@
 // Split-KV (Flash-Decoding) and GQA packing are chosen here per call (plan_fwd, pack_gqa; the
 // split count's rule is fwd_num_splits in tile_size.h).
 //
-// Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128).
-// head_dims.h selects the head dims to build (both dtypes); the supports query then reports
+// Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128), each
+// dense, split-KV and varlen; FP8 (e4m3, dense only) at head dims 64, 128 and 256.
+// head_dims.h selects the head dims to build (all dtypes); the supports query then reports
 // exactly what was built.
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED  // WGMMA N = 80, 112 (see flash_fwd_traits_sm90.h)
@@ -20,6 +21,7 @@
 #include "../flash.h"
 #include "flash_fwd_combine_sm90.h"
 #include "flash_fwd_kernel_sm90.h"
+#include "fp8_vt_sm90.h"
 #include "head_dims.h"
 #include "tile_size.h"
 
@@ -39,8 +41,10 @@ using namespace cute;
 // with seqlen_q 1 is such a case), since the kernel's band would otherwise mask the packed rows
 // as if they were different query positions.
 // Varlen calls are never packed (nor split) yet.
+// FP8 calls are never packed (nor split): the per-block descales are per query head (flash.h).
 bool packable_gqa_shape(FwdParams const& p) {
-  return p.seqlen_q == 1 && p.heads_q > p.heads_kv && p.num_seqs == 0;
+  return p.seqlen_q == 1 && p.heads_q > p.heads_kv && p.num_seqs == 0 &&
+         p.dtype != DType::kFloat8E4M3;
 }
 bool pack_gqa(FwdParams const& p) {
   return packable_gqa_shape(p) && p.diag_lo <= 0 && p.diag_hi >= p.seqlen_k - 1;
@@ -65,7 +69,8 @@ int forced_num_splits() {
 }
 
 FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
-  sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v));
+  bool const fp8 = p.dtype == DType::kFloat8E4M3;
+  sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v), fp8);
   FwdPlan plan;
   plan.packed = packed;
   plan.seqlen_q = int(packed ? p.heads_q / p.heads_kv : p.seqlen_q);
@@ -75,14 +80,14 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
   int const num_n_blocks = int((p.seqlen_k + ts.block_n - 1) / ts.block_n);
   int const forced = forced_num_splits();
   plan.num_splits =
-      p.num_seqs > 0 ? 1
-      : forced > 0   ? forced
-                     : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
+      p.num_seqs > 0 || fp8 ? 1
+      : forced > 0          ? forced
+                            : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
   return plan;
 }
 
-// Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens or
-// (split-KV) lse_accum and o_accum, 256-byte aligned.
+// Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens,
+// (split-KV) lse_accum and o_accum, 256-byte aligned, or (FP8) vt, V transposed (fp8_vt_sm90.h).
 constexpr size_t kCounterBytes = 256;
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
@@ -90,6 +95,8 @@ size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
 }
 size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
   if (p.num_seqs > 0) return kCounterBytes + sm90::varlen_workspace_bytes(p.batch, p.num_seqs);
+  if (p.dtype == DType::kFloat8E4M3)
+    return kCounterBytes + sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v);
   if (plan.num_splits <= 1) return kCounterBytes;
   return kCounterBytes + partial_lse_bytes(p, plan) +
          size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
@@ -101,9 +108,11 @@ int num_sms_here() { return std::max(cuda::device_facts(cuda::current_device()).
 template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode>
 const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
                             cudaStream_t stream) {
-  constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV);
+  constexpr bool kFp8 = sizeof(Element) == 1;
+  constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8);
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
                                  ts.producer_regs, ts.consumer_regs, Element, kMode>;
+  using ElementOut = typename Traits::ElementOut;
   constexpr bool kSplit = Traits::kSplit, varlen = Traits::kVarlen;
   using ShapeQKV = typename Traits::ShapeQKV;
   using StrideQKV = typename Traits::StrideQKV;
@@ -120,7 +129,20 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   typename Traits::Params kp;
   kp.shape_q = ShapeQKV(sq, kHeadDim, h, b);
   kp.shape_k = ShapeQKV(sk_tma, kHeadDim, hkv, b);
-  kp.shape_v = ShapeQKV(sk_tma, kHeadDimV, hkv, b);
+  // FP8 reads vt [b, hkv, dv, sk16] (fp8_vt_sm90.h), written here into the workspace: rows of
+  // keys, the TMA's 16-byte row stride alignment being one reason sk16 is seqlen_k rounded up to
+  // 16. (sk_vt is at least 16: with seqlen_k 0 no tile loads, but the descriptor needs a shape.)
+  int const sk16 = (sk + 15) / 16 * 16, sk_vt = std::max(sk16, 16);
+  void const* v_ptr = p.v;
+  if constexpr (kFp8) {
+    if (!workspace) return "the sm90 FP8 forward needs its workspace";
+    auto* vt = reinterpret_cast<uint8_t*>(static_cast<char*>(workspace) + kCounterBytes);
+    sm90::VtParams const vp{static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0};
+    if (!sm90::launch_fp8_transpose_v(vp, b, stream)) return "sm90 FP8 V transpose launch failed";
+    v_ptr = vt;
+  }
+  kp.shape_v = kFp8 ? ShapeQKV(kHeadDimV, sk_vt, hkv, b)
+                    : ShapeQKV(sk_tma, kHeadDimV, hkv, b);
   // Q [b, seqlen_q, hq, d]; packed (seqlen_q 1): row r of head h_kv is query head h_kv * group + r.
   StrideQKV const stride_q =
       plan.packed ? StrideQKV(int64_t(kHeadDim), _1{}, int64_t(group) * kHeadDim,
@@ -129,8 +151,11 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
                               int64_t(sq) * hq * kHeadDim);
   StrideQKV const stride_k(int64_t(hkv) * kHeadDim, _1{}, int64_t(kHeadDim),
                            int64_t(sk) * hkv * kHeadDim);
-  StrideQKV const stride_v(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
-                           int64_t(sk) * hkv * kHeadDimV);
+  StrideQKV const stride_v =
+      kFp8 ? StrideQKV(int64_t(sk_vt), _1{}, int64_t(kHeadDimV) * sk_vt,
+                       int64_t(hkv) * kHeadDimV * sk_vt)
+           : StrideQKV(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
+                       int64_t(sk) * hkv * kHeadDimV);
   auto gmem = [](const void* ptr) { return make_gmem_ptr(static_cast<Element const*>(ptr)); };
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.q), kp.shape_q, stride_q),
                            typename Traits::SmemLayoutQ{},
@@ -138,9 +163,9 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.tma_k = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.k), kp.shape_k, stride_k),
                            take<0, 2>(typename Traits::SmemLayoutK{}),
                            select<1, 2>(typename Traits::TileShapeQK{}), _1{});
-  kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.v), kp.shape_v, stride_v),
-                           take<0, 2>(typename Traits::SmemLayoutV{}),
-                           select<2, 1>(typename Traits::TileShapePV{}), _1{});
+  kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(v_ptr), kp.shape_v, stride_v),
+                           take<0, 2>(typename Traits::SmemLayoutVLoad{}),
+                           typename Traits::TileShapeVLoad{}, _1{});
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
   // Packed rows all see every key (pack_gqa), which the unbounded band says.
@@ -166,7 +191,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     prep.num_seqs = seqs;
     prep.seqlen_q = sq;
     prep.seqlen_k = sk;
-    prep.fill[0] = {p.out, int64_t(hq) * kHeadDimV * int64_t(sizeof(Element)), false};
+    prep.fill[0] = {p.out, int64_t(hq) * kHeadDimV * int64_t(sizeof(ElementOut)), false};
     prep.lse = p.lse;
     prep.lse_heads = hq;
     if (!sm90::launch_varlen_prepare(prep, stream)) return "sm90 varlen prepare kernel launch failed";
@@ -200,7 +225,13 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.has_softcap = p.softcap > 0.f;
   kp.softcap_pre = kp.has_softcap ? p.softmax_scale / p.softcap : 0.f;
   kp.scale_log2 = (kp.has_softcap ? p.softcap : p.softmax_scale) * kLog2e;
-  kp.out = static_cast<Element*>(p.out);
+  kp.out = static_cast<ElementOut*>(p.out);
+  kp.descale_q = p.descale_q;
+  kp.descale_k = p.descale_k;
+  kp.descale_v = p.descale_v;
+  // Per block: the blocks are this kernel's tiles (sm90_supports_fwd checked it).
+  kp.descale_nq = p.descale_block_q > 0 ? (int(p.seqlen_q) + ts.block_m - 1) / ts.block_m : 0;
+  kp.descale_nk = p.descale_block_k > 0 ? (sk + ts.block_n - 1) / ts.block_n : 0;
   // out [b, seqlen_q, hq, dv] and lse [b, hq, seqlen_q] in tile coordinates (row, head, batch).
   kp.out_batch_stride = int64_t(p.seqlen_q) * hq * kHeadDimV;
   kp.out_row_stride = plan.packed ? int64_t(kHeadDimV) : int64_t(hq) * kHeadDimV;
@@ -244,7 +275,8 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   cp.lse_head_stride = kp.lse_head_stride;
   cp.lse_batch_stride = kp.lse_batch_stride;
   int const combine_blocks = (cp.num_rows + sm90::kCombineWarps - 1) / sm90::kCombineWarps;
-  sm90::flash_fwd_combine_sm90<Element><<<combine_blocks, sm90::kCombineWarps * 32, 0, stream>>>(cp);
+  sm90::flash_fwd_combine_sm90<ElementOut>
+      <<<combine_blocks, sm90::kCombineWarps * 32, 0, stream>>>(cp);
   if (cuda::launch_failed()) return "sm90 forward split-KV combine kernel launch failed";
   return nullptr;
 }
@@ -254,14 +286,19 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
   if (p.batch == 0 || p.seqlen_q == 0 || p.heads_q == 0) return nullptr;
   FwdPlan const plan = plan_fwd(p, pack_gqa(p), num_sms_here());
   using sm90::FwdMode;
-  if (p.cu_seqlens_q)
-    return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kVarlen>(p, plan, workspace,
-                                                                           stream);
-  return plan.num_splits > 1
-             ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit>(p, plan, workspace,
-                                                                              stream)
-             : launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense>(p, plan, workspace,
-                                                                              stream);
+  if constexpr (sizeof(Element) == 1) {  // FP8: never varlen, packed or split (plan_fwd)
+    return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense>(p, plan, workspace,
+                                                                          stream);
+  } else {
+    if (p.cu_seqlens_q)
+      return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kVarlen>(p, plan, workspace,
+                                                                             stream);
+    return plan.num_splits > 1
+               ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit>(p, plan,
+                                                                                workspace, stream)
+               : launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense>(p, plan,
+                                                                                workspace, stream);
+  }
 }
 
 template <class Element>
@@ -291,6 +328,23 @@ const char* dispatch_hdim(const FwdParams& p, void* workspace, cudaStream_t stre
   return "head dim not compiled into the sm90 forward kernel";
 }
 
+// FP8 head dims: the power-of-two ones, which fp8_attention's Hadamard transform also needs.
+const char* dispatch_hdim_fp8(const FwdParams& p, void* workspace, cudaStream_t stream) {
+  using E4M3 = cutlass::float_e4m3_t;
+#if FA3_JAX_FWD_HDIM(64)
+  if (p.head_dim == 64 && p.head_dim_v == 64) return launch_fwd<E4M3, 64, 64>(p, workspace, stream);
+#endif
+#if FA3_JAX_FWD_HDIM(128)
+  if (p.head_dim == 128 && p.head_dim_v == 128)
+    return launch_fwd<E4M3, 128, 128>(p, workspace, stream);
+#endif
+#if FA3_JAX_FWD_HDIM(256)
+  if (p.head_dim == 256 && p.head_dim_v == 256)
+    return launch_fwd<E4M3, 256, 256>(p, workspace, stream);
+#endif
+  return "head dim not compiled into the sm90 FP8 forward kernel";
+}
+
 // #if, not expressions: with FA3_JAX_SELECTED_HDIMS an unselected FA3_JAX_FWD_HDIM(N) is an
 // undefined identifier (it reads as 0 only in the preprocessor).
 bool hdim_compiled(int64_t d, int64_t dv) {
@@ -315,7 +369,19 @@ bool hdim_compiled(int64_t d, int64_t dv) {
 }  // namespace
 
 bool sm90_supports_fwd(const FwdParams& p) {
-  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  if (p.dtype == DType::kFloat8E4M3) {
+    // Dense only, head dims 64 / 128 / 256, per-block descales only on this kernel's tiles.
+    if (p.head_dim != p.head_dim_v || (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256))
+      return false;
+    if (p.cu_seqlens_q || p.q_segment_ids || !p.descale_q || !p.descale_k || !p.descale_v)
+      return false;
+    if (p.descale_block_q > 0 || p.descale_block_k > 0) {
+      sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v), true);
+      if (p.descale_block_q != ts.block_m || p.descale_block_k != ts.block_n) return false;
+    }
+  } else if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
+    return false;
+  }
   if (!hdim_compiled(p.head_dim, p.head_dim_v)) return false;
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return false;
   // Tile coordinates and TMA box coordinates are 32-bit.
@@ -349,6 +415,7 @@ const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stre
   // Without a workspace the kernel falls back to the static round-robin schedule (dense,
   // unsplit only: split-KV reports an error).
   if (p.cu_seqlens_q && !workspace) return "the sm90 varlen forward needs its workspace";
+  if (p.dtype == DType::kFloat8E4M3) return dispatch_hdim_fp8(p, workspace, s);
   if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, workspace, s);
   return dispatch_hdim<cutlass::bfloat16_t>(p, workspace, s);
 }

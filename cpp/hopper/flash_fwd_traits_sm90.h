@@ -1,9 +1,12 @@
 // fa3_jax Hopper forward: compile-time configuration (tile shapes, shared-memory layouts,
 // WGMMA and TMA types) and the kernel's runtime parameters.
 //
-// Templated on the element type so that an FP8 variant can reuse the mainloop; for FP8 the
-// P @ V WGMMA needs V K-major, i.e. an in-smem transpose step this 16-bit version avoids by
-// reading the V tile as an MN-major operand.
+// Templated on the element type: fp16 / bf16, or float_e4m3_t (FP8, kDense only, bfloat16 out).
+// The e4m3 WGMMA takes both operands K-major only, so for P @ V the V tile must have the keys
+// contiguous: the 16-bit kernel reads its row-major V tile as an MN-major operand, while the FP8
+// kernel loads vt [batch, heads_kv, head_dim_v, seqlen_k rounded up to 16], a transposed copy of
+// V it writes into its workspace first, with the keys of each aligned group of 16 permuted so
+// that the S accumulator's registers are the P operand (fp8_vt_sm90.h, convert_p_to_e4m3).
 #pragma once
 
 // WGMMA N sizes that are not multiples of 32 (block_n 80 and 112) exist only with this switch;
@@ -45,12 +48,20 @@ template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages
 struct FwdTraits {
   using Element = Element_;
   using ElementAccum = float;
+  static constexpr bool kFp8 = sizeof(Element) == 1;
+  // FP8 writes bfloat16 (flash.h); the 16-bit kernels write their input dtype.
+  using ElementOut = cute::conditional_t<kFp8, cutlass::bfloat16_t, Element>;
   static constexpr int kHeadDim = kHeadDim_, kHeadDimV = kHeadDimV_;
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr bool kSplit = kMode_ == FwdMode::kSplit;
   static constexpr bool kVarlen = kMode_ == FwdMode::kVarlen;
 
-  static_assert(sizeof(Element) == 2, "only 16-bit inputs: FP8 needs a V transpose in smem");
+  static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>,
+                "fp16, bf16 or e4m3 inputs");
+  static_assert(!kFp8 || kMode_ == FwdMode::kDense,
+                "FP8 is dense only: no split-KV partials or varlen offsets (issue 11 scope)");
+  static_assert(!kFp8 || kBlockN % 32 == 0,
+                "FP8: block_n is the K of the e4m3 P @ V WGMMA, 32 per instruction");
   static_assert(kBlockM == 128, "two consumer warpgroups of 64 query rows each");
   static_assert(kBlockN % 16 == 0, "block_n is the K dimension of the P @ V WGMMA");
   static_assert(kHeadDim % 32 == 0 && kHeadDimV % 32 == 0, "head dims in 32-element steps");
@@ -71,10 +82,11 @@ struct FwdTraits {
   // S = Q K^T: both operands K-major in smem.
   using TiledMmaQK = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Element, Element, ElementAccum, TileShapeQK>(), AtomLayoutMma{}));
-  // O += P V: P from registers, V^T read MN-major straight from the row-major V tile.
+  // O += P V: P from registers. 16-bit: V^T read MN-major straight from the row-major V tile;
+  // FP8: the loaded vt tile is K-major.
   using TiledMmaPV = decltype(make_tiled_mma(
       GMMA::rs_op_selector<Element, Element, ElementAccum, TileShapePV, GMMA::Major::K,
-                           GMMA::Major::MN>(),
+                           kFp8 ? GMMA::Major::K : GMMA::Major::MN>(),
       AtomLayoutMma{}));
 
   static_assert(size<1>(typename TiledMmaQK::AtomShape_MNK{}) == kBlockN,
@@ -94,10 +106,22 @@ struct FwdTraits {
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element, Int<kBlockN>,
                                                           Int<kHeadDimV>>(),
       Shape<Int<kBlockN>, Int<kHeadDimV>, Int<kStages>>{}));
-  // (Dv, N, PIPE) view of the same bytes: the transpose costs nothing but a descriptor bit.
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutV{}, make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{},
-                                         Step<_2, _1, _3>{})));
+  // (Dv, N, PIPE), the B operand of P @ V. 16-bit: a view of the row-major V tile (the
+  // transpose costs nothing but a descriptor bit); FP8: the vt tile as loaded, keys contiguous.
+  using SmemLayoutVt = cute::conditional_t<
+      kFp8,
+      decltype(tile_to_shape(
+          cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, Element,
+                                                              Int<kHeadDimV>, Int<kBlockN>>(),
+          Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{})),
+      decltype(composition(SmemLayoutV{},
+                           make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{},
+                                               Step<_2, _1, _3>{})))>;
+  // What the V TMA writes: (N, Dv, PIPE) from v rows (16-bit) or (Dv, N, PIPE) from vt rows
+  // (FP8), and the matching tile of the global tensor.
+  using SmemLayoutVLoad = cute::conditional_t<kFp8, SmemLayoutVt, SmemLayoutV>;
+  using TileShapeVLoad = cute::conditional_t<kFp8, Shape<Int<kHeadDimV>, Int<kBlockN>>,
+                                             Shape<Int<kBlockN>, Int<kHeadDimV>>>;
 
   using PipelineK = cutlass::PipelineTmaAsync<kStages>;
   using PipelineV = cutlass::PipelineTmaAsync<kStages>;
@@ -114,7 +138,7 @@ struct FwdTraits {
     // descriptors assume a pattern-aligned base.
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutV>, 1024> v;
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVLoad>, 1024> v;
     cutlass::arch::ClusterTransactionBarrier q_full;  // TMA of Q landed
     cutlass::arch::ClusterBarrier q_empty;            // consumers done reading Q
     // Tile ids handed from the producer (which runs the scheduler) to the consumers.
@@ -135,9 +159,10 @@ struct FwdTraits {
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
                                       take<0, 2>(SmemLayoutK{}), select<1, 2>(TileShapeQK{}),
                                       _1{}));
+  // Global V is (seqlen_k, dv, heads, batch), or for FP8 vt (dv, seqlen_k rounded up to 16,
+  // heads, batch): the same types, with the contiguous mode second.
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
-                                      take<0, 2>(SmemLayoutV{}), select<2, 1>(TileShapePV{}),
-                                      _1{}));
+                                      take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{}, _1{}));
 
   struct Params {
     TmaQ tma_q;
@@ -153,7 +178,7 @@ struct FwdTraits {
     bool has_softcap;
     // Rows (m_block * kBlockM + r) and heads are those of the tiles; with GQA packing a tile row
     // is one query head of a KV group, so both strides are explicit.
-    Element* out;
+    ElementOut* out;
     int64_t out_row_stride, out_head_stride, out_batch_stride;  // in elements
     float* lse;
     int64_t lse_row_stride, lse_head_stride, lse_batch_stride;
@@ -163,6 +188,13 @@ struct FwdTraits {
     float* lse_accum;
     float* o_accum;
     VarlenParams varlen;  // kVarlen only
+    // FP8 descales (kFp8 only; flash.h, "FP8"). Per tensor (descale_nk == 0): q, k, v
+    // [batch, heads_kv]. Per tile (descale_nk > 0; the scale blocks are this kernel's tiles):
+    // q [batch, heads_q, descale_nq], k and v [batch, heads_kv, descale_nk].
+    float const* descale_q;
+    float const* descale_k;
+    float const* descale_v;
+    int descale_nq, descale_nk;
 
     // Resolves a scheduler tile to its sequence: t.batch becomes the batch row, `mask` the
     // sequence's band, (offset_q, offset_k) where its rows start in the batch row. Dense: the

@@ -19,7 +19,22 @@ struct FwdTileSize {
   int consumer_regs = 232;
 };
 
-constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v) {
+// FP8 (e4m3) forward (fp8 = true): the tiles are also the FP8 scale blocks (flash.h, "FP8";
+// python/fa3_jax/fp8.py reads them from here). block_n must be a multiple of 32, the K of one
+// e4m3 WGMMA in the P @ V GEMM (and 16-key groups are permuted in V, fp8_vt_sm90.h).
+//  - hdim 64 and 128: the 16-bit tiles (128 x 128): e4m3 halves every smem tile (hdim 128: Q 16
+//    KB + 2 * (16 + 16) KB = 80 KB) and P takes 16 registers instead of 32, so the 16-bit register
+//    budget holds. Larger block_n (FA3 uses up to 224 for non-causal FP8) not measured yet.
+//  - hdim 256: 80 is not a multiple of 32; block_n 96 keeps S at 48 registers next to the
+//    128-register O accumulator (P 12), smem Q 32 KB + 2 * (24 + 24) KB = 128 KB.
+constexpr FwdTileSize fwd_tile_size_fp8(int head_dim) {
+  if (head_dim <= 64) return {128, 128, 3};
+  if (head_dim <= 128) return {128, 128, 2};
+  return {128, 96, 2, 24, 240};
+}
+
+constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = false) {
+  if (fp8) return fwd_tile_size_fp8(head_dim);
   // hdim 64: operands are small, so the S accumulator (64 x 128 per warpgroup) dominates the
   // registers; 3 stages (Q 16 KB + 3 * 32 KB) hide load latency of the short K/V tiles.
   if (head_dim <= 64) return {128, 128, 3};

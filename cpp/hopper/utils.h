@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cute/tensor.hpp>
+#include <cutlass/float8.h>
 #include <cutlass/numeric_conversion.h>
 
 namespace fa3::sm90 {
@@ -74,6 +75,40 @@ CUTLASS_DEVICE void convert_fragment(TSrc const& src, TDst& dst) {
   cutlass::NumericArrayConverter<To, From, N> op;
   *reinterpret_cast<cutlass::Array<To, N>*>(dst.data()) =
       op(*reinterpret_cast<cutlass::Array<From, N> const*>(src.data()));
+}
+
+// FP8 P operand: fills the e4m3 A fragment of the P @ V WGMMA, ((4, 2, 2), 1, k blocks) compact,
+// from the float scores acc_s (one 64 x kBlockN accumulator) without moving data between lanes.
+// The e4m3 A operand gives lane (row r, quad index q) of each 32-key block the keys 4q..4q+3
+// and 16+4q..16+4q+3 (4 bytes per register: rows r and r + 8, each for both halves), while the
+// accumulator holds keys 2q, 2q+1 of every group of 8. The P @ V sum runs over keys in any
+// order, so the operand's slot 4q+i of each aligned 16 is given key 2q + i%2 + 8*(i/2) (the
+// lane's own) and V's keys are stored in that order too (vt, fp8_vt_sm90.h): then each
+// register is 4 of the lane's own scores, converted with cvt e4m3x2.
+template <class TensorS, class TensorP>
+CUTLASS_DEVICE void convert_p_to_e4m3(TensorS const& acc_s, TensorP& frag_p) {
+  Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));  // (2 rows, cols)
+  constexpr int kKBlocks = decltype(size<2>(frag_p))::value;
+  static_assert(decltype(size<0>(s))::value == 2 && decltype(size<1>(s))::value == 8 * kKBlocks,
+                "per 32 keys a lane holds 8 scores of each of its 2 rows");
+  static_assert(decltype(size(frag_p))::value == 16 * kKBlocks);
+  using E4M3x4 = cutlass::Array<cutlass::float_e4m3_t, 4>;
+  cutlass::NumericArrayConverter<cutlass::float_e4m3_t, float, 4> to_e4m3;
+  E4M3x4* words = reinterpret_cast<E4M3x4*>(frag_p.data());
+  CUTLASS_PRAGMA_UNROLL
+  for (int kb = 0; kb < kKBlocks; ++kb) {
+    CUTLASS_PRAGMA_UNROLL
+    for (int half = 0; half < 2; ++half) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int row = 0; row < 2; ++row) {
+        // Column groups 4kb + 2half and the next: acc_rowcol column 2g + (0, 1) of group g.
+        int const c = 2 * (4 * kb + 2 * half);
+        cutlass::Array<float, 4> const f = {s(row, c), s(row, c + 1), s(row, c + 2),
+                                            s(row, c + 3)};
+        words[4 * kb + 2 * half + row] = to_e4m3(f);
+      }
+    }
+  }
 }
 
 // The 4 lanes of a quad hold the columns of the same accumulator rows.

@@ -45,7 +45,7 @@ flash_attention; varlen: flash_attention_varlen) -> nn (jax.nn drop-in).
 | varlen (cu_seqlens)                   | yes (fwd + bwd)        | yes (fwd + bwd)               |
 | segment ids                           | yes (fwd + bwd)        | not yet (raises at lowering)  |
 | KV cache (contiguous, paged), append  | yes (forward)          | with the varlen kernels; paged gathered first |
-| FP8 (e4m3) forward                    | yes (dequantize + f32) | not yet (raises at lowering)  |
+| FP8 (e4m3) forward                    | yes (dequantize + f32) | yes (hdim 64/128/256, dense)  |
 
 Sharding (multi-device jit): batch and head axes stay sharded (heads split kv-head-major and
 only when the split divides heads_kv). A sharded sequence axis runs context-parallel

@@ -25,11 +25,32 @@ def cuda_head_dims() -> tuple[int, ...]:
     return tuple(int(x) for x in str(_ext.cuda_head_dims).split(",") if x)
 
 
-def fwd_tile_size(head_dim: int, head_dim_v: int) -> tuple[int, int]:
-    """(block_m, block_n) of the Hopper forward for these head dims (cpp/hopper/tile_size.h, the
-    one place tile sizes are chosen; known to every build, CUDA or not)."""
-    block_m, block_n = _ext.fwd_tile_size(int(head_dim), int(head_dim_v))
+def fwd_tile_size(head_dim: int, head_dim_v: int, fp8: bool = False) -> tuple[int, int]:
+    """(block_m, block_n) of the Hopper forward for these head dims (``fp8``: of the FP8 forward)
+    (cpp/hopper/tile_size.h, the one place tile sizes are chosen; known to every build, CUDA or
+    not)."""
+    block_m, block_n = _ext.fwd_tile_size(int(head_dim), int(head_dim_v), bool(fp8))
     return int(block_m), int(block_n)
+
+
+FP8_HEAD_DIMS = (64, 128, 256)  # of the Hopper FP8 forward (cpp/hopper/flash_fwd_sm90.cu)
+
+
+def cuda_unsupported_fp8(head_dim: int, head_dim_v: int, block_q: int, block_k: int) -> str | None:
+    """Why the Hopper FP8 forward of this build cannot take these head dims and descale blocks
+    (0, 0: per tensor), or None."""
+    if not cuda_built():
+        return ("this fa3_jax build has no CUDA kernels; reinstall with nvcc available "
+                "(FA3_JAX_CUDA=ON), or run on CPU")
+    dims = tuple(d for d in FP8_HEAD_DIMS if d in cuda_head_dims())
+    if head_dim != head_dim_v or head_dim not in dims:
+        return (f"the Hopper FP8 forward supports head_dim == head_dim_v in {dims}, got "
+                f"head_dim={head_dim}, head_dim_v={head_dim_v}")
+    tiles = fwd_tile_size(head_dim, head_dim_v, fp8=True)
+    if (block_q, block_k) not in ((0, 0), tiles):
+        return (f"the Hopper FP8 forward takes per-tensor descales or per-block ones on its tiles "
+                f"{tiles} (fa3_jax.fp8.scale_blocks), got blocks ({block_q}, {block_k})")
+    return None
 
 
 def cuda_unsupported(dtype, head_dim: int, head_dim_v: int) -> str | None:
@@ -64,21 +85,23 @@ def cuda_call_stats() -> dict[str, int]:
 def platforms() -> frozenset[str]:
     """Platforms ("cpu", "cuda") for which the dense FFI targets (fa3_fwd, fa3_bwd) are
     registered. Of the packed-sequence targets (fa3_*_varlen, fa3_*_segments) only the varlen
-    ones have CUDA handlers so far."""
+    ones have CUDA handlers so far; the FP8 forward (fa3_fwd_fp8) has one."""
     sets = [_REGISTERED[n] for n in ("fa3_fwd", "fa3_bwd") if n in _REGISTERED]
     return frozenset(set.intersection(*sets)) if sets else frozenset()
 
 
 def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=False,
-                    num_seqs=0) -> int:
+                    num_seqs=0, fp8=False) -> int:
     """Bytes of the uint8 workspace result the CUDA ``fa3_{direction}`` custom call takes.
 
     XLA allocates it like any other result, so it shows in ``compiled.memory_analysis()``; the
     size comes from the kernels' own layout (``sm90_*_workspace_bytes`` in cpp/flash.h).
-    num_seqs: sequences per batch row of a varlen call (``fa3_*_varlen``), 0 when dense."""
+    num_seqs: sequences per batch row of a varlen call (``fa3_*_varlen``), 0 when dense.
+    fp8: the FP8 forward (``fa3_fwd_fp8``; v_shape the usual [batch, seqlen_k, heads_kv, dv])."""
     b, sq, hq, d = q_shape
     sk, hkv, dv = k_shape[1], k_shape[2], v_shape[3]
     if direction == "fwd":
-        return int(_ext.sm90_fwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, int(num_seqs)))
+        return int(_ext.sm90_fwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, int(num_seqs),
+                                                 bool(fp8)))
     return int(_ext.sm90_bwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, bool(deterministic),
                                              int(num_seqs)))

@@ -559,14 +559,13 @@ _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest
 # float32. Operands q, k, v, descale_q, descale_k, descale_v; static parameters the mask's plus
 # ``block_q``/``block_k``, the rows per scale block (0 and 0: per-tensor descales [batch,
 # heads_kv]; else descale_q [batch, heads_q, ceil(seqlen_q / block_q)] and descale_k/v [batch,
-# heads_kv, ceil(seqlen_k / block_k)]). Forward only: differentiating raises. CPU only until the
-# Hopper FP8 kernel exists: the CUDA lowering raises. No partitioning rule: under a multi-device
+# heads_kv, ceil(seqlen_k / block_k)]). Forward only: differentiating raises. On CUDA per-block
+# descales must be on the Hopper FP8 kernel's tiles. No partitioning rule: under a multi-device
 # jit XLA gathers the operands.
 # ---------------------------------------------------------------------------------------------
 
 fp8_fwd_p = jex_core.Primitive("fa3_fwd_fp8")
 fp8_fwd_p.multiple_results = True
-
 
 def _fp8_fwd_abstract(q, k, v, descale_q, descale_k, descale_v, **params):
     b, sq, hq, _ = q.shape
@@ -575,22 +574,26 @@ def _fp8_fwd_abstract(q, k, v, descale_q, descale_k, descale_v, **params):
 
 
 def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_scale, softcap,
-                        diag_lo, diag_hi, block_q, block_k):
+                        diag_lo, diag_hi, block_q, block_k, cuda=False):
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), jnp.bfloat16),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    if cuda:  # the tile counter, then V transposed by the kernel (cpp/hopper/fp8_vt_sm90.h)
+        nbytes = _ffi.workspace_bytes("fwd", q.shape, k.shape, v.shape, fp8=True)
+        out_types += (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),)
     call = jax.ffi.ffi_call("fa3_fwd_fp8", out_types)
     return tuple(call(q, k, v, descale_q, descale_k, descale_v,
                       descale_block_q=np.int64(block_q), descale_block_k=np.int64(block_k),
-                      **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))
+                      **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))[:2]
 
 
-def _fp8_cuda_lowering(ctx, *args, **params):
-    raise NotImplementedError(
-        "fa3_jax: FP8 attention (float8_e4m3fn q/k/v, fp8_attention) has no Hopper kernel yet "
-        "(fa3_jax issue 11: the e4m3 WGMMA forward is still missing); only the CPU backend runs "
-        "it for now, e.g. under jax.default_device(jax.devices('cpu')[0]). For speed on this GPU "
-        "use bfloat16 inputs")
+def _fp8_cuda_lowering(ctx, *args, block_q, block_k, **params):
+    aq, _, av = ctx.avals_in[:3]
+    why = _ffi.cuda_unsupported_fp8(aq.shape[3], av.shape[3], block_q, block_k)
+    if why:
+        raise ValueError(f"fa3_jax: FP8 attention on a CUDA device: {why}")
+    return mlir.lower_fun(_fp8_fwd_lower_impl, multiple_results=True)(
+        ctx, *args, block_q=block_q, block_k=block_k, cuda=True, **params)
 
 
 def _fp8_no_derivative(primals, tangents, **params):

@@ -330,8 +330,9 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
         float32 [batch, heads_kv] arrays; the true value of an element is its stored value times
         its (batch, kv head)'s descale (query head h uses kv head h // (heads_q // heads_kv)).
         out is then bfloat16; gradients raise; segment ids and load_balance are not supported.
-        CPU backend only until the Hopper FP8 kernel exists (the CUDA lowering raises
-        NotImplementedError). fa3_jax.fp8_attention quantizes wider inputs itself.
+        Runs on the CPU backend and on the Hopper FP8 kernel (head_dim == head_dim_v in 64,
+        128, 256; descales > 0 there, as the kernel folds them into the softmax scale).
+        fa3_jax.fp8_attention quantizes wider inputs itself.
 
     Returns:
       out [batch, seqlen_q, heads_q, head_dim_v] in q's dtype, and lse if return_lse.

@@ -40,10 +40,10 @@ E4M3_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
 
 
 def scale_blocks(head_dim: int, head_dim_v: int) -> tuple[int, int]:
-    """(query rows, keys) per FP8 scale block: the Hopper forward's (block_m, block_n) tile, so
-    that its kernel applies one descale per tile. cpp/hopper/tile_size.h is the one place that
-    chooses them (e.g. (128, 128) at head_dim 128, (128, 80) at 256)."""
-    return _ffi.fwd_tile_size(head_dim, head_dim_v)
+    """(query rows, keys) per FP8 scale block: the Hopper FP8 forward's (block_m, block_n) tile,
+    so that its kernel applies one descale per tile. cpp/hopper/tile_size.h is the one place that
+    chooses them (e.g. (128, 128) at head_dim 128, (128, 96) at 256)."""
+    return _ffi.fwd_tile_size(head_dim, head_dim_v, fp8=True)
 
 
 def random_signs(seed, head_dim: int) -> jax.Array:
@@ -159,8 +159,9 @@ def fp8_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1,
       out [batch, seqlen_q, heads_q, head_dim_v] in q's dtype (the FP8 forward writes bfloat16),
       and lse [batch, heads_q, seqlen_q] float32 if return_lse.
 
-    Gradients raise (forward only for now). CPU backend only until the Hopper FP8 kernel exists:
-    on a GPU the lowering raises NotImplementedError. Works under jit and vmap.
+    Gradients raise (forward only for now). Runs on the CPU backend and, at head_dim ==
+    head_dim_v in (64, 128, 256), on the Hopper FP8 kernel (e4m3 WGMMA). Works under jit and
+    vmap.
     """
     b, sq, sk, hq, hkv, d, dv = check_qkv(q, k, v)
     block_quantize = _check_bool("block_quantize", block_quantize)

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"
+#include "named_barrier.h"
 #include "utils.h"
 
 namespace fa3::sm90 {
@@ -27,13 +28,23 @@ struct FwdEpilogue {
   }
 
   template <class TensorO, class Mask>
-  static CUTLASS_DEVICE void store(Params const& p, TensorO const& tOrO,
-                                   cute::array<float, 2> const& lse, TileCoord t,
-                                   Mask const& mask, int offset_q, int mma_tidx) {
+  static CUTLASS_DEVICE void store(Params const& p, typename Traits::SharedStorage& ss,
+                                   TensorO const& tOrO, cute::array<float, 2> const& lse,
+                                   TileCoord t, Mask const& mask, int offset_q, int mma_tidx) {
     Tensor o = make_tensor(tOrO.data(), acc_rowcol(tOrO.layout()));  // (rows, cols)
     static_assert(decltype(size<0>(o))::value == 2);
     AccCoord const coord(mma_tidx);
     int const seqlen_q = mask.seqlen_q;
+    if constexpr (Traits::kTmaStoreO) {
+      store_tma(p, ss, tOrO, t, mma_tidx);
+      float* lse_head = p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride;
+      CUTLASS_PRAGMA_UNROLL
+      for (int mi = 0; mi < size<0>(o); ++mi) {
+        int const i = t.m_block * kBlockM + coord.row0 + AccCoord::row_offset(mi);
+        if (i < seqlen_q && mma_tidx % 4 == 0) lse_head[i * p.lse_row_stride] = lse[mi];
+      }
+      return;
+    }
     if constexpr (Traits::kSplit) {
       int64_t const row0 = partial_row0(p, t);
       CUTLASS_PRAGMA_UNROLL
@@ -69,6 +80,41 @@ struct FwdEpilogue {
             to_element(pair);
       }
       if (mma_tidx % 4 == 0) lse_head[i * p.lse_row_stride] = lse[mi];
+    }
+  }
+
+  // O of the tile through shared memory: each consumer warpgroup waits until its previous TMA
+  // store has read its half of the buffer, writes its 64 rows there (16-bit pairs, in the PV
+  // accumulator's order), fences them for the async proxy, and one of its threads issues the TMA
+  // store (rows past the tensor's end are dropped by the TMA unit) without waiting for it.
+  template <class TensorO>
+  static CUTLASS_DEVICE void store_tma(Params const& p, typename Traits::SharedStorage& ss,
+                                       TensorO const& tOrO, TileCoord t, int mma_tidx) {
+    int const wg = mma_tidx / 128;
+    bool const issuer = mma_tidx % 128 == 0;
+    auto const bar = wg == 0 ? FwdNamedBarrier::EpilogueWG0 : FwdNamedBarrier::EpilogueWG1;
+    if (issuer) tma_store_wait<0>();
+    named_barrier_sync(128, bar);
+    Tensor sO = make_tensor(make_smem_ptr(ss.o.data()), typename Traits::SmemLayoutOTile{});
+    typename Traits::TiledMmaPV mma_pv;
+    Tensor tOsO = mma_pv.get_thread_slice(mma_tidx).partition_C(sO);
+    static_assert(decltype(size(tOsO))::value == decltype(size(tOrO))::value);
+    cutlass::NumericArrayConverter<Element, float, 2> to_element;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tOrO); i += 2) {
+      cutlass::Array<float, 2> const pair = {tOrO(i), tOrO(i + 1)};
+      *reinterpret_cast<cutlass::Array<Element, 2>*>(&tOsO(i)) = to_element(pair);
+    }
+    cutlass::arch::fence_view_async_shared();
+    named_barrier_sync(128, bar);
+    if (issuer) {
+      Tensor mO = p.tma_o.get_tma_tensor(p.shape_o)(_, _, t.head, t.batch);
+      Tensor gO = local_tile(mO, Shape<_64, Int<kHeadDimV>>{}, make_coord(t.m_block * 2 + wg, _0{}));
+      Tensor sOw = make_tensor(make_smem_ptr(ss.o.data()), typename Traits::SmemLayoutO{})(_, _, wg);
+      auto [tOgO, tOsOw] = tma_partition(p.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sOw),
+                                         group_modes<0, 2>(gO));
+      copy(p.tma_o, tOsOw, tOgO);
+      tma_store_arrive();
     }
   }
 

@@ -32,6 +32,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
+    if constexpr (Traits::kTmaStoreO) cute::prefetch_tma_descriptor(p.tma_o.get_tma_descriptor());
     ss.q_full.init(1);
     ss.q_empty.init(Traits::kNumMmaThreads);
     for (int i = 0; i < 2; ++i) {
@@ -123,8 +124,12 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // there.
       t = decode_tile(sched, tile);
       p.locate(t, seq_mask, offset_q, offset_k);
-      Epilogue::store(p, tOrO, lse, t, mask, offset_q, mma_tidx);
+      Epilogue::store(p, ss, tOrO, lse, t, mask, offset_q, mma_tidx);
       ++q_tile_count;
+    }
+    // The last TMA store of O must have read shared memory before the CTA exits.
+    if constexpr (Traits::kTmaStoreO) {
+      if (mma_tidx % 128 == 0) tma_store_wait<0>();
     }
     // Absorb warpgroup 1's last arrive so that no named barrier is left half-arrived.
     if (mma_tidx < 128) named_barrier_sync(Traits::kNumMmaThreads, FwdNamedBarrier::WarpSchedulerWG0);

@@ -236,6 +236,14 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.out_batch_stride = int64_t(p.seqlen_q) * hq * kHeadDimV;
   kp.out_row_stride = plan.packed ? int64_t(kHeadDimV) : int64_t(hq) * kHeadDimV;
   kp.out_head_stride = plan.packed ? int64_t(group) * kHeadDimV : int64_t(kHeadDimV);
+  if constexpr (Traits::kTmaStoreO) {
+    kp.shape_o = ShapeQKV(sq, kHeadDimV, h, b);
+    kp.tma_o = make_tma_copy(
+        SM90_TMA_STORE{},
+        make_tensor(make_gmem_ptr(static_cast<ElementOut*>(p.out)), kp.shape_o,
+                    StrideQKV(kp.out_row_stride, _1{}, kp.out_head_stride, kp.out_batch_stride)),
+        take<0, 2>(typename Traits::SmemLayoutO{}), Shape<_64, Int<kHeadDimV>>{}, _1{});
+  }
   kp.lse = p.lse;
   kp.lse_batch_stride = int64_t(hq) * p.seqlen_q;
   kp.lse_row_stride = 1;

@@ -24,6 +24,7 @@
 
 #include "mask.h"
 #include "tile_scheduler.h"
+#include "tile_size.h"
 #include "varlen_sm90.h"
 
 namespace fa3::sm90 {
@@ -129,16 +130,34 @@ struct FwdTraits {
 
   using Mask = BandMask<kBlockM, kBlockN>;
 
+  // O leaves through shared memory and one TMA store per consumer warpgroup (its 64 rows), which
+  // runs while the warpgroup starts its next tile, where tile_size.h says so
+  // (fwd_store_o_with_tma), shared memory has room for the 128 x dv 16-bit tile and the layout
+  // is the dense one: varlen tiles stop at their sequence's end, which a TMA box cannot (the
+  // tensor's bounds are the batch row's), and split-KV tiles write float32 partials. Otherwise
+  // registers to global.
+  using SmemLayoutO = decltype(tile_to_shape(
+      cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, ElementOut, _64,
+                                                          Int<kHeadDimV>>(),
+      Shape<_64, Int<kHeadDimV>, Int<kNumMmaWarpGroups>>{}));
+  // The (128, dv) view of it that the PV accumulator partitions: row r of warpgroup w's half is
+  // tile row 64 w + r.
+  using SmemLayoutOTile = decltype(composition(
+      SmemLayoutO{}, make_layout(Shape<Shape<_64, Int<kNumMmaWarpGroups>>, Int<kHeadDimV>>{},
+                                 Stride<Stride<_1, Int<64 * kHeadDimV>>, _64>{})));
+
   static constexpr uint32_t kBytesQ = kBlockM * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesV = kBlockN * kHeadDimV * sizeof(Element);
 
-  struct SharedStorage {
+  template <int kOElements>
+  struct SharedStorageT {
     // 1024-byte alignment: the 128-byte swizzle pattern repeats every 1024 bytes and the WGMMA
     // descriptors assume a pattern-aligned base.
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVLoad>, 1024> v;
+    alignas(1024) cute::array_aligned<ElementOut, kOElements, 1024> o;  // kTmaStoreO only
     cutlass::arch::ClusterTransactionBarrier q_full;  // TMA of Q landed
     cutlass::arch::ClusterBarrier q_empty;            // consumers done reading Q
     // Tile ids handed from the producer (which runs the scheduler) to the consumers.
@@ -147,6 +166,10 @@ struct FwdTraits {
     typename PipelineK::SharedStorage pipe_k;
     typename PipelineV::SharedStorage pipe_v;
   };
+  static constexpr bool kTmaStoreO =
+      fwd_store_o_with_tma(kHeadDimV, kFp8) && !kSplit && !kVarlen &&
+      sizeof(SharedStorageT<cute::cosize_v<SmemLayoutO>>) <= 227 * 1024;
+  using SharedStorage = SharedStorageT<kTmaStoreO ? cute::cosize_v<SmemLayoutO> : 0>;
   static_assert(sizeof(SharedStorage) <= 227 * 1024, "tile does not fit in shared memory");
 
   // Global tensors are (seqlen, head_dim, heads, batch); head_dim is contiguous.
@@ -164,10 +187,18 @@ struct FwdTraits {
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
                                       take<0, 2>(SmemLayoutVLoad{}), TileShapeVLoad{}, _1{}));
 
+  // out as (rows, dv, heads, batch) with the tiles' row and head strides (packed tiles too).
+  using GmemTensorO = decltype(make_tensor(make_gmem_ptr(static_cast<ElementOut*>(nullptr)),
+                                           ShapeQKV{}, StrideQKV{}));
+  using TmaO = decltype(make_tma_copy(SM90_TMA_STORE{}, GmemTensorO{}, take<0, 2>(SmemLayoutO{}),
+                                      Shape<_64, Int<kHeadDimV>>{}, _1{}));
+
   struct Params {
     TmaQ tma_q;
     TmaK tma_k;
     TmaV tma_v;
+    TmaO tma_o;  // kTmaStoreO only
+    ShapeQKV shape_o;
     ShapeQKV shape_q, shape_k, shape_v;
     Mask mask;  // dense band; varlen: per sequence (locate)
     TileSchedulerParams sched;

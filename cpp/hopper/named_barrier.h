@@ -15,6 +15,10 @@ enum class FwdNamedBarrier : uint32_t {
   // overlaps the other's tensor-core work.
   WarpSchedulerWG0 = 0,
   WarpSchedulerWG1 = 1,
+  // The epilogue's O tile in shared memory, per consumer warpgroup (128 threads): free to
+  // overwrite (its previous TMA store has read it), then written and fenced for the TMA store.
+  EpilogueWG0 = 2,
+  EpilogueWG1 = 3,
 };
 
 enum class BwdNamedBarrier : uint32_t {

@@ -57,6 +57,19 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
   return {128, 80, 2, 24, 240};
 }
 
+// The forward epilogue: O through shared memory and one TMA store per consumer warpgroup, which
+// overlaps the next tile's mainloop (flash_fwd_epilogue_sm90.h, store_tma), or straight from the
+// registers with 4-byte stores. Dense tiles only (varlen tiles end at their sequence, split-KV
+// tiles write float32 partials) and only where shared memory has room for the 128 x dv tile
+// (flash_fwd_traits_sm90.h). Measured on H200 (bf16, 16k tokens, hidden 2048, scripts/dev_fwd.sh
+// --time, 2026-11-22), TFLOP/s registers -> TMA store at 512 / 1k / 2k / 4k+:
+//  - hdim 128: full 426 / 521 / 584 -> 449 / 538 / 594, causal 234 / 334 / 430 -> 259 / 364 /
+//    434, 4k-16k within 2% either way: on.
+//  - hdim 64: full 339 / 397 / 435 -> 331 / 390 / 429, causal 273 -> 265 at 1k: off (its 64-column
+//    rows are cheap to store from registers, and the extra barriers cost more).
+//  - hdim 96 and FP8 (bfloat16 out) not measured: off.
+constexpr bool fwd_store_o_with_tma(int head_dim_v, bool fp8) { return head_dim_v == 128 && !fp8; }
+
 // Split-KV (Flash-Decoding): how many key ranges each tile is cut into, from the tile count, the
 // key blocks per tile and the SM count; deterministic, so the workspace size Python asks for
 // (sm90_fwd_workspace_bytes) matches the launch.

@@ -67,8 +67,14 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    434, 4k-16k within 2% either way: on.
 //  - hdim 64: full 339 / 397 / 435 -> 331 / 390 / 429, causal 273 -> 265 at 1k: off (its 64-column
 //    rows are cheap to store from registers, and the extra barriers cost more).
-//  - hdim 96 and FP8 (bfloat16 out) not measured: off.
-constexpr bool fwd_store_o_with_tma(int head_dim_v, bool fp8) { return head_dim_v == 128 && !fp8; }
+//  - FP8 (bfloat16 out), fp8_epilogue_ab, TFLOP/s at 1k / 4k / 16k: hdim 128 full 506 / 717 /
+//    800 -> 541 / 734 / 805, causal 328 / 595 / 714 -> 358 / 617 / 721; hdim 256 full 566 / 899
+//    / 1053 -> 663 / 1017 / 1167, causal 368 / 674 / 871 -> 439 / 791 / 974: on at both, though
+//    ptxas then reports 212 spill bytes at FP8 hdim 256 (68 before).
+//  - hdim 96 not measured: off.
+constexpr bool fwd_store_o_with_tma(int head_dim_v, bool fp8) {
+  return head_dim_v == 128 || (fp8 && head_dim_v == 256);
+}
 
 // Split-KV (Flash-Decoding): how many key ranges each tile is cut into, from the tile count, the
 // key blocks per tile and the SM count; deterministic, so the workspace size Python asks for

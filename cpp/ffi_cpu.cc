@@ -18,6 +18,15 @@ int cpu_threads() {
   return env ? std::atoi(env) : 0;
 }
 
+// The last step of every CPU forward handler: point p at the checked outputs and run.
+ffi::Error run_fwd_into(FwdParams& p, ffi::Result<ffi::AnyBuffer>& out,
+                        ffi::Result<ffi::AnyBuffer>& lse) {
+  p.out = out->untyped_data();
+  p.lse = static_cast<float*>(lse->untyped_data());
+  run_fwd_cpu(p, cpu_threads());
+  return ffi::Error::Success();
+}
+
 ffi::Error fwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                    ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                    float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi) {
@@ -25,10 +34,7 @@ ffi::Error fwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
     return e;
   if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
-  p.out = out->untyped_data();
-  p.lse = static_cast<float*>(lse->untyped_data());
-  run_fwd_cpu(p, cpu_threads());
-  return ffi::Error::Success();
+  return run_fwd_into(p, out, lse);
 }
 
 // FP8 forward: float8_e4m3fn q, k, v with float32 descales (flash.h); out bfloat16.
@@ -47,10 +53,7 @@ ffi::Error fwd_fp8_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                                            descale_block_k, *out, &p);
       e.failure())
     return e;
-  p.out = out->untyped_data();
-  p.lse = static_cast<float*>(lse->untyped_data());
-  run_fwd_cpu(p, cpu_threads());
-  return ffi::Error::Success();
+  return run_fwd_into(p, out, lse);
 }
 
 ffi::Error bwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
@@ -94,10 +97,7 @@ ffi::Error fwd_packed_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   if (auto e = fill_packing<kPacking>(meta_q, meta_k, max_seqlen_q, max_seqlen_k, &p);
       e.failure())
     return e;
-  p.out = out->untyped_data();
-  p.lse = static_cast<float*>(lse->untyped_data());
-  run_fwd_cpu(p, cpu_threads());
-  return ffi::Error::Success();
+  return run_fwd_into(p, out, lse);
 }
 
 template <Packing kPacking>

@@ -79,7 +79,8 @@ __device__ __forceinline__ void transform(const uint32_t* w, uint32_t negate, in
   for (int j = 0; j < E; ++j) y[j] = Input<T>::get(w, j);
   if constexpr (kHadamard) {
 #pragma unroll
-    for (int j = 0; j < E; ++j) y[j] = __uint_as_float(__float_as_uint(y[j]) ^ (((negate >> j) & 1u) << 31));
+    for (int j = 0; j < E; ++j)
+      y[j] = __uint_as_float(__float_as_uint(y[j]) ^ (((negate >> j) & 1u) << 31));
 #pragma unroll
     for (int h = 1; h < E; h *= 2)
 #pragma unroll
@@ -132,10 +133,10 @@ __global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a, co
     for (int v = 0; v < kWords; v += kVec) {
       if (row < rows) {
         if constexpr (kVec == 4) {
-          const uint4 u = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint32_t*>(src) + v);
+          const uint4 u = reinterpret_cast<const uint4*>(src)[v / 4];
           raw[r][v] = u.x, raw[r][v + 1] = u.y, raw[r][v + 2] = u.z, raw[r][v + 3] = u.w;
         } else {
-          const uint2 u = *reinterpret_cast<const uint2*>(reinterpret_cast<const uint32_t*>(src) + v);
+          const uint2 u = reinterpret_cast<const uint2*>(src)[v / 2];
           raw[r][v] = u.x, raw[r][v + 1] = u.y;
         }
       } else {
@@ -201,8 +202,10 @@ __global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a, co
           q[i] = y[j + i] * inv;
           q[i] = q[i] > kFp8Max ? kFp8Max : (q[i] < -kFp8Max ? -kFp8Max : q[i]);  // nan stays
         }
-        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(q[0], q[1]), __NV_SATFINITE, __NV_E4M3);
-        const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(q[2], q[3]), __NV_SATFINITE, __NV_E4M3);
+        const uint32_t lo =
+            __nv_cvt_float2_to_fp8x2(make_float2(q[0], q[1]), __NV_SATFINITE, __NV_E4M3);
+        const uint32_t hi =
+            __nv_cvt_float2_to_fp8x2(make_float2(q[2], q[3]), __NV_SATFINITE, __NV_E4M3);
         out[j / 4] = lo | (hi << 16);
       }
       if (row < rows) {
@@ -212,7 +215,8 @@ __global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a, co
         } else {
 #pragma unroll
           for (int i = 0; i < E / 4; i += 4)
-            *reinterpret_cast<uint4*>(dst + 4 * i) = make_uint4(out[i], out[i + 1], out[i + 2], out[i + 3]);
+            *reinterpret_cast<uint4*>(dst + 4 * i) =
+                make_uint4(out[i], out[i + 1], out[i + 2], out[i + 3]);
         }
       }
     }
@@ -221,7 +225,8 @@ __global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a, co
 
 template <class T, int kHeadDim, bool kHadamard>
 bool launch(const Args& a, int64_t tiles_total, Pass pass, cudaStream_t stream) {
-  fp8_quantize_kernel<T, kHeadDim, kHadamard><<<unsigned(tiles_total), kThreads, 0, stream>>>(a, pass);
+  fp8_quantize_kernel<T, kHeadDim, kHadamard>
+      <<<unsigned(tiles_total), kThreads, 0, stream>>>(a, pass);
   return cudaPeekAtLastError() == cudaSuccess;
 }
 
@@ -285,8 +290,9 @@ const char* run_fp8_quantize_sm90(const Fp8QuantizeParams& p, void* workspace,
   a.tiles = int((p.seqlen + a.tile_rows - 1) / a.tile_rows);
   a.hadamard_scale = fp8_hadamard_scale(p.head_dim);
   if (p.block_rows)
-    return sm90::launch_pass(p, a, sm90::Pass::kBlock, stream) ? nullptr
-                                                               : "fp8_quantize_kernel launch failed";
+    return sm90::launch_pass(p, a, sm90::Pass::kBlock, stream)
+               ? nullptr
+               : "fp8_quantize_kernel launch failed";
   // Per tensor: at seqlen 0 one empty tile per head still writes the groups' descales (1).
   a.tiles = a.tiles > 0 ? a.tiles : 1;
   if (cudaMemsetAsync(workspace, 0, sm90_fp8_quantize_workspace_bytes(p), stream) != cudaSuccess)

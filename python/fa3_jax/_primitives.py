@@ -701,7 +701,8 @@ def _fp8_quantize_lower_impl(x, signs, *, block_rows, group, hadamard, cuda=Fals
 def _fp8_quantize_cuda_lowering(ctx, x, signs, *, block_rows, **params):
     why = _ffi.cuda_unsupported_fp8_quantize(ctx.avals_in[0].shape[3], block_rows)
     if why:
-        raise ValueError(f"fa3_jax: FP8 quantization on a CUDA device: {why}")
+        raise ValueError(f"fa3_jax: FP8 quantization on a CUDA device: {why} "
+                         "(fa3_jax.fp8.quantize(..., fused=False) runs the pass as XLA ops)")
     return mlir.lower_fun(_fp8_quantize_lower_impl, multiple_results=True)(
         ctx, x, signs, block_rows=block_rows, cuda=True, **params)
 

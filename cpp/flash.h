@@ -127,7 +127,7 @@ struct BwdParams : FwdParams {
 // block_rows == 0 gives [batch, heads_kv], one per GQA group of heads / heads_kv consecutive heads.
 // Each row is first y = float(x), then, with signs (float32 [batch, head_dim] of +-1, one vector
 // per batch row), y = y M with M = diag(signs) H / sqrt(head_dim) along head_dim (power of two):
-// y_i *= signs_i, then the butterfly stages h = 1, 2, 4, ..., head_dim / 2 in that order, each
+// y_i negated where signs_i < 0, then the butterfly stages h = 1, 2, 4, ..., head_dim / 2 in that order, each
 // (a, b) -> (a + b, a - b) for the entries i and i + h of every run of 2h entries, then y_i *=
 // fp8_hadamard_scale(head_dim). That is fp8.hadamard_transform's order of float32 operations, so
 // both give the same bits. Then per block (or group): amax = max |y| (nan wins), descale =

@@ -560,8 +560,9 @@ _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest
 # ``block_q``/``block_k``, the rows per scale block (0 and 0: per-tensor descales [batch,
 # heads_kv]; else descale_q [batch, heads_q, ceil(seqlen_q / block_q)] and descale_k/v [batch,
 # heads_kv, ceil(seqlen_k / block_k)]). Forward only: differentiating raises. On CUDA per-block
-# descales must be on the Hopper FP8 kernel's tiles. No partitioning rule: under a multi-device
-# jit XLA gathers the operands.
+# descales must be on the Hopper FP8 kernel's tiles. Under a multi-device jit, batch and head
+# sharding stay local as for the dense call (descales follow their tensor's batch and heads); a
+# sharded sequence is gathered (no FP8 context parallelism yet).
 # ---------------------------------------------------------------------------------------------
 
 fp8_fwd_p = jex_core.Primitive("fa3_fwd_fp8")
@@ -573,8 +574,8 @@ def _fp8_fwd_abstract(q, k, v, descale_q, descale_k, descale_v, **params):
             jax.core.ShapedArray((b, hq, sq), jnp.float32))
 
 
-def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_scale, softcap,
-                        diag_lo, diag_hi, block_q, block_k, cuda=False):
+def _fp8_fwd_local(q, k, v, descale_q, descale_k, descale_v, softmax_scale, softcap, diag_lo,
+                   diag_hi, block_q, block_k, cuda=False):
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), jnp.bfloat16),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
@@ -585,6 +586,56 @@ def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_sca
     return tuple(call(q, k, v, descale_q, descale_k, descale_v,
                       descale_block_q=np.int64(block_q), descale_block_k=np.int64(block_k),
                       **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))[:2]
+
+
+def _fp8_shardings(mesh, arg_shapes, per_block):
+    """(tensor, lse, descale) shardings: batch and heads as for the dense call, the rest whole.
+    Per-tensor descales are [batch, heads_kv]; per-block ones [batch, heads, blocks]."""
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    scale = P(b_ax, h_ax, None) if per_block else P(b_ax, h_ax)
+    return (NamedSharding(mesh, P(b_ax, None, h_ax, None)), NamedSharding(mesh, P(b_ax, h_ax, None)),
+            NamedSharding(mesh, scale))
+
+
+def _fp8_fwd_partition(*static_and_mesh):
+    *static, mesh, arg_shapes, result_shape = static_and_mesh
+    t, lse, scale = _fp8_shardings(mesh, arg_shapes, static[4] > 0)
+
+    def lower_fn(*args):
+        return _fp8_fwd_local(*args, *static)
+
+    return mesh, lower_fn, (t, lse), (t, t, t, scale, scale, scale)
+
+
+def _fp8_fwd_infer(*static_and_mesh):
+    t, lse, _ = _fp8_shardings(*static_and_mesh[-3:-1], static_and_mesh[4] > 0)
+    return (t, lse)
+
+
+def _fp8_fwd_rule(*static_and_mesh):
+    """Shardy rule: the dense rule with whole sequences, plus the descales' batch and heads."""
+    value_types = static_and_mesh[-2]
+    hq, hk, sizes, keep_whole = _heads_factor(value_types)
+    if static_and_mesh[4] > 0:  # per block: q's blocks m, k/v's blocks n
+        scales = f"b {hq} m, b {hk} n, b {hk} n"
+    else:  # per tensor: all three [batch, heads_kv]
+        scales = f"b {hk}, b {hk}, b {hk}"
+    rule = f"b s {hq} d, b t {hk} d, b t {hk} e, {scales} -> b s {hq} e, b {hq} s"
+    repl = _in_rule_order(rule, ("s", "t", "d", "e") + (("m", "n") if "m" in scales else ())
+                          + keep_whole)
+    return rule, dict(need_replication_factors=repl, **sizes)
+
+
+_fp8_fwd_partitioned = custom_partitioning(_fp8_fwd_local, static_argnums=tuple(range(6, 13)))
+_fp8_fwd_partitioned.def_partition(partition=_fp8_fwd_partition,
+                                   infer_sharding_from_operands=_fp8_fwd_infer,
+                                   sharding_rule=_fp8_fwd_rule)
+
+
+def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_scale, softcap,
+                        diag_lo, diag_hi, block_q, block_k, cuda=False):
+    return _fp8_fwd_partitioned(q, k, v, descale_q, descale_k, descale_v, softmax_scale, softcap,
+                                diag_lo, diag_hi, block_q, block_k, cuda)
 
 
 def _fp8_cuda_lowering(ctx, *args, block_q, block_k, **params):
@@ -604,4 +655,5 @@ def _fp8_no_derivative(primals, tangents, **params):
 
 
 ad.primitive_jvps[fp8_fwd_p] = _fp8_no_derivative
+_dispatch.prim_requires_devices_during_lowering.add(fp8_fwd_p)
 _register(fp8_fwd_p, _fp8_fwd_abstract, 2, _fp8_fwd_lower_impl, _fp8_cuda_lowering)

@@ -219,10 +219,10 @@ def _fit_band(bands, rows, cols, cq, ck):
     return None
 
 
-def plan_calls(bands, cq, ck, per_pair=False):
+def plan_calls(bands, cq, ck):
     """Chunk-pair bands ([local query chunk][key chunk] of size cq x ck, None where masked) ->
-    the fewest kernel calls that compute exactly those pairs (per_pair: one call per visible
-    pair): a tuple of Calls, None when every pair is masked.
+    the fewest kernel calls that compute exactly those pairs: a tuple of Calls, None when every
+    pair is masked.
 
     One call over the bounding rectangle of the visible pairs where one band reproduces them all:
     every step of the load-balanced causal layout (its diagonal step is the local causal mask, a
@@ -239,8 +239,6 @@ def plan_calls(bands, cq, ck, per_pair=False):
 
     if not live:
         return None
-    if per_pair:
-        return tuple(rect([p]) for p in live)
     whole = rect(live)
     if whole:
         return (whole,)
@@ -269,66 +267,6 @@ def split_calls(calls, m):
             before += [top] if top else []
             after += [bottom] if bottom else []
     return tuple(before) or None, tuple(after) or None
-
-
-def same_shapes(cases):
-    """[step][device] calls -> (the calls' shapes and bands [(rows, keys, lo, hi)], where each
-    device's calls start [step][device][call] = (q0, k0)) when every device makes calls of the
-    same shapes and bands at every step, only at other offsets; else None.
-
-    Such a step needs no lax.switch (an XLA conditional: its branch index is copied to the host,
-    which waits for the device): the offsets are looked up by device and step and the inputs
-    dynamic-sliced, so every device runs the same static calls."""
-    entries = [e for row in cases for e in row]
-    if any(e is None for e in entries):
-        return None
-    key = lambda c: (c.q1 - c.q0, c.k1 - c.k0, c.lo, c.hi, c.q0, c.k0)  # noqa: E731
-    shapes = {tuple(key(c)[:4] for c in sorted(e, key=key)) for e in entries}
-    if len(shapes) != 1:
-        return None
-    starts = [[[(c.q0, c.k0) for c in sorted(e, key=key)] for e in row] for row in cases]
-    return shapes.pop(), starts
-
-
-def _at(x, start, size, axis):
-    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
-
-
-def _add_at(x, part, start, axis):
-    """x with ``part`` added (float32) at ``start`` along ``axis``."""
-    here = _at(x, start, part.shape[axis], axis).astype(jnp.float32) + part.astype(jnp.float32)
-    return lax.dynamic_update_slice_in_dim(x, here, start, axis=axis)
-
-
-def _forward_same_shapes(acc, slots, index, device, q, kv, kernel):
-    """One step's calls from ``same_shapes``, each merged into the rows of the (float32)
-    accumulator (out, lse) of all local rows that it computes."""
-    (shapes, starts), (k, v) = slots, kv
-    where = jnp.asarray(starts, jnp.int32)[index, device]
-    out, lse = acc[0].astype(jnp.float32), acc[1]
-    for s, (rows, keys, lo, hi) in enumerate(shapes):
-        q0, k0 = where[s, 0], where[s, 1]
-        part = kernel(_at(q, q0, rows, 1), _at(k, k0, keys, 1), _at(v, k0, keys, 1), lo, hi)
-        new = merge((_at(out, q0, rows, 1), _at(lse, q0, rows, 2)), part)
-        out = lax.dynamic_update_slice_in_dim(out, new[0], q0, axis=1)
-        lse = lax.dynamic_update_slice_in_dim(lse, new[1], q0, axis=2)
-    return out, lse
-
-
-def _backward_same_shapes(dq, dkv, slots, index, device, q, kv, rows_in, kernel):
-    """One step's calls from ``same_shapes``: dq (all local rows) and dk/dv (the K/V in hand)
-    added, in float32, to the given sums at the rows each call computes."""
-    (shapes, starts), (k, v) = slots, kv
-    out, lse, dout, dlse = rows_in
-    where = jnp.asarray(starts, jnp.int32)[index, device]
-    dk, dv = dkv
-    for s, (rows, keys, lo, hi) in enumerate(shapes):
-        q0, k0 = where[s, 0], where[s, 1]
-        g = kernel(_at(q, q0, rows, 1), _at(k, k0, keys, 1), _at(v, k0, keys, 1),
-                   _at(out, q0, rows, 1), _at(lse, q0, rows, 2), _at(dout, q0, rows, 1),
-                   _at(dlse, q0, rows, 2), lo, hi)
-        dq, dk, dv = _add_at(dq, g[0], q0, 1), _add_at(dk, g[1], k0, 1), _add_at(dv, g[2], k0, 1)
-    return dq, (dk, dv)
 
 
 def _overlapping(calls, key_side):
@@ -457,31 +395,12 @@ def _ring_send(x, shards: SeqShards):
     return lax.ppermute(x, shards.axis, [(i, (i + 1) % shards.n) for i in range(shards.n)])
 
 
-def _step_plans(shards: SeqShards, t, cq, ck, diag_lo, diag_hi, per_pair=False):
+def _step_plans(shards: SeqShards, t, cq, ck, diag_lo, diag_hi):
     """[device] kernel calls of ring step t: the local Q chunks against the K/V of device r - t."""
     n, c = shards.n, shards.chunks
     return [plan_calls([[block_band(diag_lo, diag_hi, shards.chunk_ids(r)[i] * cq,
                                     shards.chunk_ids((r - t) % n)[j] * ck, cq, ck)
-                         for j in range(c)] for i in range(c)], cq, ck, per_pair)
-            for r in range(n)]
-
-
-def _ring_plans(shards: SeqShards, cq, ck, diag_lo, diag_hi):
-    """Per ring step: ([device] calls, the same_shapes form of the step's calls or None). Where
-    the devices' fewest calls differ in shape (a ring step of the load-balanced causal layout:
-    one device's two query chunks against one key chunk, another's one query chunk against two),
-    one call per chunk pair may agree (four equal blocks): those run without a conditional."""
-    plans = [_step_plans(shards, t, cq, ck, diag_lo, diag_hi) for t in range(shards.n)]
-    fine = [_step_plans(shards, t, cq, ck, diag_lo, diag_hi, True) for t in range(shards.n)]
-    return plans, fine
-
-
-def _slots(cases, fine):
-    """The same_shapes form of a step (fewest calls first, else per pair), or None where the
-    devices agree anyway (static calls) or no form fits (a lax.switch)."""
-    if len({e for row in cases for e in row}) == 1:
-        return None
-    return same_shapes(cases) or same_shapes(fine)
+                         for j in range(c)] for i in range(c)], cq, ck) for r in range(n)]
 
 
 def _ring_steps(shards: SeqShards, step, to_loop, carry, kv_t):
@@ -518,7 +437,7 @@ def ring_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_lo, dia
     n, c = shards.n, shards.chunks
     cq, ck = seqlen_q // (n * c), seqlen_k // (n * c)
     device = lax.axis_index(shards.axis)
-    plans, fine = _ring_plans(shards, cq, ck, diag_lo, diag_hi)
+    plans = [_step_plans(shards, t, cq, ck, diag_lo, diag_hi) for t in range(n)]
     b, rows, hq, _ = q.shape
 
     def empty(dtypes):
@@ -527,10 +446,6 @@ def ring_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_lo, dia
 
     def step(acc, kv, steps, index):
         cases = [plans[t] for t in steps]
-        slots = _slots(cases, [fine[t] for t in steps])
-        if slots:
-            return _forward_same_shapes(acc or empty((jnp.float32,)), slots, index, device, q,
-                                        kv, kernel)
         merged = any(_overlapping(p, False) for row in cases for p in row)
         dtypes = (jnp.float32 if merged else q.dtype, jnp.float32)
         part = _select(cases, index, device,
@@ -562,7 +477,7 @@ def ring_backward(q, k, v, out, lse, dout, dlse, *, shards: SeqShards, seqlen_q,
     n, c = shards.n, shards.chunks
     cq, ck = seqlen_q // (n * c), seqlen_k // (n * c)
     device = lax.axis_index(shards.axis)
-    plans, fine = _ring_plans(shards, cq, ck, diag_lo, diag_hi)
+    plans = [_step_plans(shards, t, cq, ck, diag_lo, diag_hi) for t in range(n)]
     early, late = zip(*(split_calls(p, (c * cq) // 2) for p in plans[0]))
     f32 = jnp.float32
 
@@ -578,12 +493,6 @@ def ring_backward(q, k, v, out, lse, dout, dlse, *, shards: SeqShards, seqlen_q,
         """state: (dq so far, the dK/dV sum that arrives at this step, None at step 1)."""
         dq, travelling = state
         received = None if travelling is None else _ring_send(travelling, shards)
-        slots = _slots([plans[t] for t in steps], [fine[t] for t in steps])
-        if slots:
-            dq, dkv = to_loop((dq, received))
-            dq, dkv = _backward_same_shapes(dq[0], dkv, slots, index, device, q, kv,
-                                            (out, lse, dout, dlse), kernel)
-            return (dq,), dkv
         grads = run([plans[t] for t in steps], index, kv)
         return (_add_opt(dq, grads and grads[:1]), _add_opt(received, grads and grads[1:]))
 

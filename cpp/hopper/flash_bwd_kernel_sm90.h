@@ -68,8 +68,8 @@ struct BwdMainParams {
   // with the band relative to the sequence's bottom-right diagonal and its query blocks at their
   // padded plane rows (varlen_q_block_row).
   sm90::VarlenParams varlen;
-  // Segment ids (Tr::kSegments only; dense layout): stats per block and per key block the hull
-  // of query blocks (segments_sm90.h, by_keys). Last: the other fields keep their offsets.
+  // Segment ids (Tr::kSegments only; dense layout): per key block the hull and uniform range of
+  // query blocks (segments_sm90.h, by_keys). Last: the other fields keep their offsets.
   sm90::SegmentParams seg;
 };
 
@@ -483,15 +483,16 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
   // Segment ids: only the query blocks of this key block's segment hull. Not in deterministic
   // mode, whose dQ semaphores count every key block of the band (first_key_block): there each
   // adds its tile, zeros where the ids mask everything.
-  int k_uniform = 0;  // this key block's uniform id (0: mixed)
+  // Query blocks [u_first, u_last) hold only this key block's one id: no id compare there.
+  int u_first = 0, u_last = 0;
   if constexpr (Tr::kSegments) {
-    const int64_t kb = int64_t(b) * p.seg.num_k_blocks + n_block;
-    k_uniform = __ldg(&p.seg.k_stats[kb].z);
+    const sm90::SegmentRanges r = __ldg(p.seg.ranges + int64_t(b) * p.seg.num_k_blocks + n_block);
     if (!p.deterministic) {
-      const int2 hull = __ldg(p.seg.ranges + kb);
-      m_lo = max(m_lo, hull.x);
-      m_hi = min(m_hi, hull.y);
+      m_lo = max(m_lo, r.x);
+      m_hi = min(m_hi, r.y);
     }
+    u_first = r.z;
+    u_last = r.w;
   }
   const int num_m = max(m_hi - m_lo, 0);
   // Step `it` covers query head hkv * group + it / num_m and query block m_lo + it % num_m.
@@ -680,9 +681,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // seqlen_q have lse_log2 = +inf, so their P is 0 without one).
     // Segment ids: also every block pair whose rows are not all of one and the same segment.
     bool seg_mask = false;
-    if constexpr (Tr::kSegments)
-      seg_mask = k_uniform == 0 ||
-                 __ldg(&p.seg.q_stats[int64_t(b) * p.seg.num_q_blocks + m_block].z) != k_uniform;
+    if constexpr (Tr::kSegments) seg_mask = m_block < u_first || m_block >= u_last;
     const bool need_mask = seg_mask || !(n0 + kBlockN <= seqlen_k && n0 - (m0 + kBlockM - 1) >= diag_lo &&
                                          n0 + kBlockN - 1 - m0 <= diag_hi);
     // Softcap derivative 1 - tanh^2, kept as packed fp16 pairs (16 registers instead of 32): it

@@ -254,14 +254,14 @@ struct FwdTraits {
              varlen_diag(varlen.diag_hi, s.len_q, s.len_k)};
         return t.m_block * kBlockM < s.len_q;
       } else if constexpr (kSegments) {
-        int64_t const qb = int64_t(t.batch) * seg.num_q_blocks + t.m_block;
-        int2 const hull = __ldg(seg.ranges + qb);
-        m.n_first = hull.x;
-        m.n_last = hull.y;
-        m.q_uniform = __ldg(&seg.q_stats[qb].z);
+        SegmentRanges const r =
+            __ldg(seg.ranges + int64_t(t.batch) * seg.num_q_blocks + t.m_block);
+        m.n_first = r.x;
+        m.n_last = r.y;
+        m.u_first = r.z;
+        m.u_last = r.w;
         m.q_ids = seg.q_ids + int64_t(t.batch) * mask.seqlen_q;
         m.k_ids = seg.k_ids + int64_t(t.batch) * mask.seqlen_k;
-        m.k_stats = seg.k_stats + int64_t(t.batch) * seg.num_k_blocks;
       }
       return true;
     }

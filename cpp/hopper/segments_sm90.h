@@ -9,12 +9,15 @@
 //    nonzero id and the block's "uniform" id: the id every row of the block has when that is one
 //    and the same nonzero id, else 0;
 //  - segment_ranges: per (batch row, block) of the tile side (query blocks in the forward, key
-//    blocks in the backward), the hull [first, last) of the other side's blocks whose nonzero-id
-//    interval meets this block's. Blocks outside the hull hold no visible pair, so the attention
-//    kernel does not visit them (it also intersects the hull with the band's range). For sorted
-//    ids (packed documents) the hull is exact; for interleaved ids it is conservative: the
-//    result is still exact, because the kernel masks every visited block element by element
-//    unless both blocks are uniform with the same id (SegmentBandMask in mask.h).
+//    blocks in the backward), two ranges of the other side's blocks:
+//     * the hull [first, last) of the blocks whose nonzero-id interval meets this block's.
+//       Blocks outside it hold no visible pair, so the attention kernel does not visit them (it
+//       also intersects the hull with the band's range). For sorted ids (packed documents) the
+//       hull is exact; for interleaved ids it is conservative, which costs time, not exactness;
+//     * the uniform range [ufirst, ulast): blocks uniform with this block's own uniform id,
+//       when those form one contiguous run (as in packed documents), else empty. Only block
+//       pairs inside it skip the element-wise id compare (SegmentBandMask in mask.h), so the
+//       kernels decide "mask or not" from registers, without a load per block.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,13 +31,15 @@ namespace fa3::sm90 {
 // mixed, or some row has id 0).
 using SegmentStat = int4;
 
+// Per block of the tile side: the other side's blocks, x = first, y = last (the hull), z =
+// ufirst, w = ulast (the uniform range); both half-open.
+using SegmentRanges = int4;
+
 // What a tile needs: the caller's ids and the prepare kernels' output for its batch row.
 struct SegmentParams {
   const int32_t* q_ids = nullptr;  // [batch, seqlen_q]
   const int32_t* k_ids = nullptr;  // [batch, seqlen_k]
-  const SegmentStat* q_stats = nullptr;  // [batch, num_q_blocks]
-  const SegmentStat* k_stats = nullptr;  // [batch, num_k_blocks]
-  const int2* ranges = nullptr;  // [batch, num blocks of the tile side]: other side's [first, last)
+  const SegmentRanges* ranges = nullptr;  // [batch, num blocks of the tile side]
   int num_q_blocks = 0, num_k_blocks = 0;
 };
 
@@ -43,7 +48,7 @@ struct SegmentPrepParams {
   const int32_t* k_ids = nullptr;
   SegmentStat* q_stats = nullptr;
   SegmentStat* k_stats = nullptr;
-  int2* ranges = nullptr;
+  SegmentRanges* ranges = nullptr;
   int batch = 0, seqlen_q = 0, seqlen_k = 0;
   int block_m = 0, block_n = 0;  // the attention kernel's tile
   bool by_keys = false;          // ranges per key block (backward), else per query block
@@ -109,7 +114,7 @@ static __global__ void __launch_bounds__(kSegmentPrepThreads)
   SegmentStat const* rows = (p.by_keys ? p.k_stats : p.q_stats) + int64_t(b) * nrows;
   SegmentStat const* cols = (p.by_keys ? p.q_stats : p.k_stats) + int64_t(b) * ncols;
   int4 const r = rows[row];
-  int first = INT_MAX, last = -1;
+  int first = INT_MAX, last = -1, ufirst = INT_MAX, ulast = -1, uniform = 0;
   if (r.x <= r.y) {
     for (int c = lane; c < ncols; c += 32) {
       int4 const s = cols[c];
@@ -117,12 +122,23 @@ static __global__ void __launch_bounds__(kSegmentPrepThreads)
         first = min(first, c);
         last = max(last, c);
       }
+      if (r.z != 0 && s.z == r.z) {  // both blocks hold this one id only
+        ufirst = min(ufirst, c);
+        ulast = max(ulast, c);
+        ++uniform;
+      }
     }
   }
   first = __reduce_min_sync(0xffffffffu, first);
   last = __reduce_max_sync(0xffffffffu, last);
+  ufirst = __reduce_min_sync(0xffffffffu, ufirst);
+  ulast = __reduce_max_sync(0xffffffffu, ulast);
+  uniform = __reduce_add_sync(0xffffffffu, uniform);
+  // A run with gaps (interleaved ids) becomes empty: every block there is masked element-wise.
+  bool const run = ulast >= 0 && uniform == ulast - ufirst + 1;
   if (lane == 0)
-    p.ranges[int64_t(b) * nrows + row] = last < 0 ? make_int2(0, 0) : make_int2(first, last + 1);
+    p.ranges[int64_t(b) * nrows + row] = make_int4(last < 0 ? 0 : first, last + 1,
+                                                   run ? ufirst : 0, run ? ulast + 1 : 0);
 }
 
 // Bytes of the stats and ranges in a workspace (each part 256-byte aligned).
@@ -132,7 +148,7 @@ inline size_t segment_workspace_bytes(int64_t batch, int64_t seqlen_q, int64_t s
   int64_t const nq = (seqlen_q + block_m - 1) / block_m, nk = (seqlen_k + block_n - 1) / block_n;
   return align(size_t(batch * nq) * sizeof(SegmentStat)) +
          align(size_t(batch * nk) * sizeof(SegmentStat)) +
-         align(size_t(batch * (nq > nk ? nq : nk)) * sizeof(int2));
+         align(size_t(batch * (nq > nk ? nq : nk)) * sizeof(SegmentRanges));
 }
 
 // Host side: carves the stats and ranges out of `workspace` (segment_workspace_bytes of it),
@@ -148,8 +164,8 @@ static inline bool launch_segment_prepare(SegmentPrepParams p, void* workspace,
   ws += align(size_t(p.batch) * nq * sizeof(SegmentStat));
   p.k_stats = reinterpret_cast<SegmentStat*>(ws);
   ws += align(size_t(p.batch) * nk * sizeof(SegmentStat));
-  p.ranges = reinterpret_cast<int2*>(ws);
-  out = {p.q_ids, p.k_ids, p.q_stats, p.k_stats, p.ranges, nq, nk};
+  p.ranges = reinterpret_cast<SegmentRanges*>(ws);
+  out = {p.q_ids, p.k_ids, p.ranges, nq, nk};
   if (p.batch == 0 || nq == 0 || nk == 0) return true;
   constexpr int kWarps = kSegmentPrepThreads / 32;
   segment_block_stats<<<dim3(unsigned(nq > nk ? nq : nk), unsigned(p.batch)),

@@ -21,7 +21,7 @@ operands after the dense ones, ``meta_q`` and ``meta_k``: cu_seqlens ``[batch, n
 (``packing="varlen"``, band per sequence, bottom-right aligned; see cpp/flash.h) or segment ids
 ``[batch, seqlen]`` (``packing="segments"``). Static ``max_seqlen_q``/``max_seqlen_k`` bound the
 varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. On CUDA
-varlen runs on the Hopper kernels; segment ids are CPU-only (their CUDA lowering raises).
+both run on the Hopper kernels (16-bit; segment ids never split the keys or pack GQA heads).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi):
                 diag_lo=np.int64(diag_lo), diag_hi=np.int64(diag_hi))
 
 
-def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0):
-    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic, num_seqs)
+def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0, segments=False):
+    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic, num_seqs,
+                                  segments=segments)
     return jax.ShapeDtypeStruct((nbytes,), jnp.uint8)
 
 
@@ -432,8 +433,10 @@ def _packed_fwd_local(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, 
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
-    if cuda:  # varlen only (the other CUDA lowerings raise): the clamped cu_seqlens live there
-        out_types += (_workspace_type("fwd", q, k, v, num_seqs=meta_q.shape[1] - 1),)
+    if cuda:  # varlen: the clamped cu_seqlens live there; segments: the ids' block stats
+        segments = packing == "segments"
+        num_seqs = 0 if segments else meta_q.shape[1] - 1
+        out_types += (_workspace_type("fwd", q, k, v, num_seqs=num_seqs, segments=segments),)
     call = jax.ffi.ffi_call(f"fa3_fwd_{packing}", out_types)
     return tuple(call(q, k, v, meta_q, meta_k, **_packed_attrs(
         softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))[:2]
@@ -445,7 +448,9 @@ def _packed_bwd_local(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, so
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype))
     if cuda:
-        out_types += (_workspace_type("bwd", q, k, v, deterministic, meta_q.shape[1] - 1),)
+        segments = packing == "segments"
+        num_seqs = 0 if segments else meta_q.shape[1] - 1
+        out_types += (_workspace_type("bwd", q, k, v, deterministic, num_seqs, segments),)
     call = jax.ffi.ffi_call(f"fa3_bwd_{packing}", out_types)
     return tuple(call(q, k, v, out, lse, dout, dlse, meta_q, meta_k,
                       deterministic=bool(deterministic), **_packed_attrs(
@@ -532,15 +537,11 @@ def _packed_bwd_lower_impl(q, k, v, out, lse, dout, dlse, meta_q, meta_k, *, pac
 
 
 def _packed_cuda_lowering(impl, direction):
-    """CUDA lowering of a packed primitive: varlen on the Hopper kernels; segment ids raise."""
+    """CUDA lowering of a packed primitive (varlen or segment ids) on the Hopper kernels."""
     def lowering(ctx, *args, packing, **params):
-        if packing != "varlen":
-            raise ValueError("fa3_jax: segment ids (q_segment_ids / kv_segment_ids) are not yet "
-                             "supported by the Hopper kernels (CPU backend only for now); run "
-                             "this call on a CPU device, e.g. under "
-                             "jax.default_device(jax.devices('cpu')[0])")
+        what = "variable-length" if packing == "varlen" else "segment-id"
         aq, _, av = ctx.avals_in[:3]
-        _check_cuda_lowering(aq, av, f"variable-length attention {direction}")
+        _check_cuda_lowering(aq, av, f"{what} attention {direction}")
         return mlir.lower_fun(impl, multiple_results=True)(ctx, *args, packing=packing,
                                                            cuda=True, **params)
     return lowering

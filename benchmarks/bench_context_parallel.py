@@ -120,6 +120,10 @@ def _parse(argv):
     p.add_argument("--profile", default=None,
                    help="write a jax.profiler trace of two steps of each n-device run here")
     p.add_argument("--json", default=None)
+    p.add_argument("--xla-flags", default="",
+                   help="appended to XLA_FLAGS before jax starts, e.g. to try the scheduler's "
+                        "collective overlap: --xla-flags=--xla_gpu_enable_latency_hiding_scheduler"
+                        "=true")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="smoke test: force this many host CPU devices (set before jax starts)")
     return p.parse_args(argv)
@@ -127,6 +131,8 @@ def _parse(argv):
 
 def main(argv=None):
     args = _parse(argv)
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                                    f"device_count={args.cpu_devices}").strip()
@@ -147,7 +153,8 @@ def main(argv=None):
     width = args.heads * args.head_dim
     print(f"backend={backend} device={jax.devices()[0].device_kind} x{n} | what={args.what} "
           f"batch={args.batch} heads={args.heads}/{kv_heads} head_dim={args.head_dim} "
-          f"dtype={dtype.name} causal", flush=True)
+          f"dtype={dtype.name} causal | XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+          flush=True)
 
     def make_step(load_balance=0, strategy="ring"):
         attend = lambda q, k, v: fa3_jax.flash_attention(  # noqa: E731

@@ -5,6 +5,8 @@ Workload: --tokens tokens (16k) of documents whose lengths are drawn uniformly f
 --min-len), heads = 2048 / head_dim, bfloat16 N(0, 1) inputs, full and causal masks. Rows:
 
   fa3_varlen  fa3_jax.flash_attention_varlen on the packed [tokens, heads, d] tensors
+  fa3_segments fa3_jax.flash_attention on the packed tokens as one batch row [1, tokens, ...]
+              with q/kv_segment_ids (document i has id i + 1)
   fa3_dense   fa3_jax.flash_attention, dense, at the mean document length (batch = tokens / mean):
               the same useful work per token without packing, what varlen should approach
   cudnn       jax.nn.dot_product_attention(implementation="cudnn") on the padded layout
@@ -38,7 +40,7 @@ from bench_attention import BWD_FLOPS_FACTOR, _failed, _ok, flops
 from fa3_jax.timing import kernel_time_ms
 from fa3_jax.varlen import cu_seqlens_from_lengths
 
-ROWS = ("fa3_varlen", "fa3_dense", "cudnn", "xla")
+ROWS = ("fa3_varlen", "fa3_segments", "fa3_dense", "cudnn", "xla")
 MASKS = ("full", "causal")
 PASSES = ("fwd", "bwd")
 
@@ -99,6 +101,7 @@ def run(args):
     qp, kp, vp, dop = (pad(x) for x in (q, k, v, do))
     seq_lens = jnp.asarray(lens, jnp.int32)
     doc = np.repeat(np.arange(n), lens)
+    seg_ids = jnp.asarray(doc + 1, jnp.int32)[None]
     bd = max(1, t // mean)
     qd, kd, vd, dod = (x[:bd * mean].reshape(bd, mean, h, d) for x in (q, k, v, do))
 
@@ -110,6 +113,9 @@ def run(args):
             "fa3_varlen": (lambda q, k, v: fa3_jax.flash_attention_varlen(
                 q, k, v, cu, cu, max_seqlen_q=lmax, max_seqlen_k=lmax, causal=causal),
                 (q, k, v), do, useful),
+            "fa3_segments": (lambda q, k, v: fa3_jax.flash_attention(
+                q[None], k[None], v[None], causal=causal, q_segment_ids=seg_ids,
+                kv_segment_ids=seg_ids)[0], (q, k, v), do, useful),
             "fa3_dense": (partial(fa3_jax.flash_attention, causal=causal), (qd, kd, vd), dod,
                           flops(bd, h, mean, mean, d, causal=causal)),
             "cudnn": (lambda q, k, v: jax.nn.dot_product_attention(
@@ -134,8 +140,8 @@ def run(args):
         results.append(row)
         for p in args.passes:
             cells = "  ".join(f"{r:>10}: {_fmt(row[r].get(p))}" for r in args.rows)
-            ratio = _ratio(row, p)
-            print(f"{mask:>6} {p}  {cells}  varlen/dense {ratio}", flush=True)
+            print(f"{mask:>6} {p}  {cells}  varlen/dense {_ratio(row, p, 'fa3_varlen')}  "
+                  f"segments/dense {_ratio(row, p, 'fa3_segments')}", flush=True)
     return results
 
 
@@ -145,8 +151,8 @@ def _fmt(cell):
     return f"{cell['tflops']:7.1f}" if cell["status"] == "ok" else cell["status"]
 
 
-def _ratio(row, p):
-    a, b = row.get("fa3_varlen", {}).get(p), row.get("fa3_dense", {}).get(p)
+def _ratio(row, p, impl):
+    a, b = row.get(impl, {}).get(p), row.get("fa3_dense", {}).get(p)
     if a and b and a["status"] == b["status"] == "ok":
         return f"{a['tflops'] / b['tflops']:.3f}"
     return "-"

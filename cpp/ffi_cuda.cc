@@ -122,7 +122,9 @@ ffi::Error launch_fwd(cudaStream_t stream, int32_t device, FwdParams& p,
                    (p.cu_seqlens_q ? std::string(", or this varlen call has too many tiles "
                                                  "(batch * num_seqs * heads * max_seqlen_q / 128 "
                                                  ">= 2^30) or batch > 65535")
-                                   : std::string()));
+                                   : std::string()) +
+                   (p.q_segment_ids ? std::string(", or this segment-id call has batch > 65535")
+                                    : std::string()));
   if (auto e = check_workspace(*workspace, sm90_fwd_workspace_bytes(p)); e.failure()) return e;
   return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
 }
@@ -156,6 +158,25 @@ ffi::Error fwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q
     return e;
   if (auto e = ffi_util::fill_varlen(cu_q, cu_k, max_seqlen_q, max_seqlen_k, &p); e.failure())
     return e;
+  return launch_fwd(stream, device, p, out, lse, workspace);
+}
+
+// Segment ids: the ids stay on the device (their values are the mask, not shapes); only their
+// shapes are checked here. max_seqlen_* are bound for symmetry with the CPU target and unused.
+ffi::Error fwd_segments_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+                             ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer q_ids,
+                             ffi::AnyBuffer kv_ids, ffi::Result<ffi::AnyBuffer> out,
+                             ffi::Result<ffi::AnyBuffer> lse,
+                             ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
+                             float softcap, int64_t diag_lo, int64_t diag_hi, int64_t,
+                             int64_t) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
+    return e;
+  if (auto e = ffi_util::fill_segments(q_ids, kv_ids, &p); e.failure()) return e;
   return launch_fwd(stream, device, p, out, lse, workspace);
 }
 
@@ -265,6 +286,26 @@ ffi::Error bwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q
   return launch_bwd(stream, device, p, workspace);
 }
 
+ffi::Error bwd_segments_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+                             ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
+                             ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
+                             ffi::AnyBuffer q_ids, ffi::AnyBuffer kv_ids,
+                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                             ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> workspace,
+                             float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
+                             bool deterministic, int64_t, int64_t) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  BwdParams p;
+  if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
+                        diag_lo, diag_hi, deterministic, &p);
+      e.failure())
+    return e;
+  if (auto e = ffi_util::fill_segments(q_ids, kv_ids, &p); e.failure()) return e;
+  return launch_bwd(stream, device, p, workspace);
+}
+
 }  // namespace
 }  // namespace fa3
 
@@ -303,6 +344,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
             FA3_JAX_MASK_ATTRS
         .Attr<int64_t>("max_seqlen_q")   // bound on every query sequence's length (grid size)
         .Attr<int64_t>("max_seqlen_k"),  // bound on every key sequence's length
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fwd_segments_cuda, fa3::fwd_segments_cuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // q
+        .Arg<xla::ffi::AnyBuffer>()  // k
+        .Arg<xla::ffi::AnyBuffer>()  // v
+        .Arg<xla::ffi::AnyBuffer>()  // q_segment_ids int32 [batch, seqlen_q]
+        .Arg<xla::ffi::AnyBuffer>()  // kv_segment_ids int32 [batch, seqlen_k]
+        .Ret<xla::ffi::AnyBuffer>()  // out
+        .Ret<xla::ffi::AnyBuffer>()  // lse
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; tile counter + segment stats and hulls)
+            FA3_JAX_MASK_ATTRS
+        .Attr<int64_t>("max_seqlen_q")   // unused (the CPU target's binding)
+        .Attr<int64_t>("max_seqlen_k"),  // unused
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -381,4 +440,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<bool>("deterministic")
         .Attr<int64_t>("max_seqlen_q")
         .Attr<int64_t>("max_seqlen_k"),
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_bwd_segments_cuda, fa3::bwd_segments_cuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // q
+        .Arg<xla::ffi::AnyBuffer>()  // k
+        .Arg<xla::ffi::AnyBuffer>()  // v
+        .Arg<xla::ffi::AnyBuffer>()  // out
+        .Arg<xla::ffi::AnyBuffer>()  // lse
+        .Arg<xla::ffi::AnyBuffer>()  // dout
+        .Arg<xla::ffi::AnyBuffer>()  // dlse
+        .Arg<xla::ffi::AnyBuffer>()  // q_segment_ids int32 [batch, seqlen_q]
+        .Arg<xla::ffi::AnyBuffer>()  // kv_segment_ids int32 [batch, seqlen_k]
+        .Ret<xla::ffi::AnyBuffer>()  // dq
+        .Ret<xla::ffi::AnyBuffer>()  // dk
+        .Ret<xla::ffi::AnyBuffer>()  // dv
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; see flash_bwd_launch_sm90.h)
+            FA3_JAX_MASK_ATTRS
+        .Attr<bool>("deterministic")
+        .Attr<int64_t>("max_seqlen_q")   // unused (the CPU target's binding)
+        .Attr<int64_t>("max_seqlen_k"),  // unused
     {xla::ffi::Traits::kCmdBufferCompatible});

@@ -8,7 +8,7 @@
 extern "C" {
 XLA_FFI_Error* fa3_fwd_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_cpu(XLA_FFI_CallFrame* call_frame);
-// Packed sequences (cpp/flash.h); on CUDA only varlen so far.
+// Packed sequences (cpp/flash.h).
 XLA_FFI_Error* fa3_fwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
@@ -21,6 +21,8 @@ XLA_FFI_Error* fa3_fwd_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_varlen_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_varlen_cuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_fwd_segments_cuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_bwd_segments_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_fp8_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fp8_quantize_cuda(XLA_FFI_CallFrame* call_frame);
 // Process totals of CUDA handler executions and of those made during stream capture.

@@ -19,8 +19,8 @@
 // Scores: s = softmax_scale * (q . k); if softcap > 0, s = softcap * tanh(s / softcap).
 // A query row with no visible key gets out = 0, lse = -inf, and zero gradients.
 //
-// Packed sequences (optional; FwdParams below; the CPU backend takes both forms, the Hopper
-// kernels cu_seqlens). Two forms, never both in one call:
+// Packed sequences (optional; FwdParams below; the CPU backend and the Hopper kernels take both
+// forms, Hopper 16-bit only). Two forms, never both in one call:
 //  - cu_seqlens (varlen): the seqlen axis of each batch row holds num_seqs sequences back to back;
 //    sequence s of batch row b is query rows [cu_seqlens_q[b][s], cu_seqlens_q[b][s+1]) and key
 //    rows [cu_seqlens_k[b][s], cu_seqlens_k[b][s+1]). The band is then per sequence and bottom-right
@@ -30,7 +30,9 @@
 //    entries before it, so sequences are disjoint and a negative length is empty. Rows outside
 //    every sequence get out = 0, lse = -inf and zero gradients (dq, dk, dv).
 //  - segment ids: on top of the band, key j is visible to query i only if
-//    q_segment_ids[b][i] == kv_segment_ids[b][j] != 0 (id 0 is padding).
+//    q_segment_ids[b][i] == kv_segment_ids[b][j] != 0 (id 0 is padding). The band stays on
+//    positions in the batch row. The Hopper workspace size depends on whether ids are given (not
+//    on their values); the kernels read the ids on the device (cpp/hopper/segments_sm90.h).
 //
 // FP8 (dtype kFloat8E4M3; forward only; dense layout only): q, k, v hold float8_e4m3fn values and
 // the true value of an element is its stored value times its descale (float32, never null). out

@@ -50,8 +50,7 @@ NB_MODULE(_fa3_jax_ext, m) {
 #endif
     all["fa3_fwd"] = fwd;
     all["fa3_bwd"] = bwd;
-    // Packed sequences and FP8: CPU, plus varlen and FP8 on CUDA (the segment-id CUDA lowering
-    // raises).
+    // Packed sequences and FP8: CPU and CUDA (FP8: forward only).
     // {name, CPU handler, CUDA handler or null}.
     struct Packed {
       const char* name;
@@ -62,18 +61,22 @@ NB_MODULE(_fa3_jax_ext, m) {
     void* const fwd_varlen_cuda = reinterpret_cast<void*>(fa3_fwd_varlen_cuda);
     void* const bwd_varlen_cuda = reinterpret_cast<void*>(fa3_bwd_varlen_cuda);
     void* const fwd_fp8_cuda = reinterpret_cast<void*>(fa3_fwd_fp8_cuda);
+    void* const fwd_segments_cuda = reinterpret_cast<void*>(fa3_fwd_segments_cuda);
+    void* const bwd_segments_cuda = reinterpret_cast<void*>(fa3_bwd_segments_cuda);
     void* const fp8_quantize_cuda = reinterpret_cast<void*>(fa3_fp8_quantize_cuda);
 #else
     void* const fwd_varlen_cuda = nullptr;
     void* const bwd_varlen_cuda = nullptr;
     void* const fwd_fp8_cuda = nullptr;
+    void* const fwd_segments_cuda = nullptr;
+    void* const bwd_segments_cuda = nullptr;
     void* const fp8_quantize_cuda = nullptr;
 #endif
     const Packed packed[] = {
         {"fa3_fwd_varlen", reinterpret_cast<void*>(fa3_fwd_varlen_cpu), fwd_varlen_cuda},
         {"fa3_bwd_varlen", reinterpret_cast<void*>(fa3_bwd_varlen_cpu), bwd_varlen_cuda},
-        {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu), nullptr},
-        {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu), nullptr},
+        {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu), fwd_segments_cuda},
+        {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu), bwd_segments_cuda},
         {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu), fwd_fp8_cuda},
         {"fa3_fp8_quantize", reinterpret_cast<void*>(fa3_fp8_quantize_cpu), fp8_quantize_cuda}};
     for (const Packed& e : packed) {
@@ -95,28 +98,35 @@ NB_MODULE(_fa3_jax_ext, m) {
       nb::arg("head_dim"), nb::arg("head_dim_v"), nb::arg("fp8") = false);
 #ifdef FA3_JAX_WITH_CUDA
   // Bytes of the uint8 workspace result the CUDA custom calls take (XLA allocates it).
-  // num_seqs: sequences per batch row of a varlen call (0: dense).
+  // num_seqs: sequences per batch row of a varlen call (0: dense). segments: a segment-id call
+  // (the size depends on whether ids are given, not on their values).
   m.def(
       "sm90_fwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
-         int64_t num_seqs, bool fp8) {
+         int64_t num_seqs, bool fp8, bool segments) {
         fa3::BwdParams p = shape_params(b, sq, sk, hq, hkv, d, dv, false);
         p.num_seqs = num_seqs;
         if (fp8) p.dtype = fa3::DType::kFloat8E4M3;  // never split: the counter only
+        static const int32_t kGiven = 0;
+        if (segments) p.q_segment_ids = p.kv_segment_ids = &kGiven;
         return fa3::sm90_fwd_workspace_bytes(p);
       },
       nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
-      nb::arg("dv"), nb::arg("num_seqs") = 0, nb::arg("fp8") = false);
+      nb::arg("dv"), nb::arg("num_seqs") = 0, nb::arg("fp8") = false,
+      nb::arg("segments") = false);
   m.def(
       "sm90_bwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
-         bool deterministic, int64_t num_seqs) {
+         bool deterministic, int64_t num_seqs, bool segments) {
         fa3::BwdParams p = shape_params(b, sq, sk, hq, hkv, d, dv, deterministic);
         p.num_seqs = num_seqs;
+        static const int32_t kGiven = 0;
+        if (segments) p.q_segment_ids = p.kv_segment_ids = &kGiven;
         return fa3::sm90_bwd_workspace_bytes(p);
       },
       nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
-      nb::arg("dv"), nb::arg("deterministic"), nb::arg("num_seqs") = 0);
+      nb::arg("dv"), nb::arg("deterministic"), nb::arg("num_seqs") = 0,
+      nb::arg("segments") = false);
   // Bytes of the uint8 workspace result of the CUDA fa3_fp8_quantize call (group maxima when
   // block_rows is 0).
   m.def(

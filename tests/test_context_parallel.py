@@ -103,6 +103,10 @@ def test_ring_equals_one_device(case):
     assert "all-gather" not in fwd and "all-gather" not in grad, (fwd, grad)
     assert fwd.get("collective-permute", 0) >= 2 and grad.get("collective-permute", 0) >= 4, \
         (fwd, grad)
+    if shape == (4,):
+        # K and V travel as one buffer, the last step sends none: n - 1 = 3 transfers forward;
+        # the backward adds 3 of K|V and 3 of dK|dV (two hops of the running sums, one home).
+        assert fwd["collective-permute"] == 3 and grad["collective-permute"] == 9, (fwd, grad)
     print(f"{case}: forward {fwd}, forward+backward {grad}")
 
 
@@ -148,6 +152,51 @@ def test_block_band_skips_and_normalises():
     # A window of 20 back: block 32 back is partly visible, block 48 back is not.
     assert cp.block_band(-20, 0, 48, 16, 16, 16) == (12, cp.UNBOUNDED)
     assert cp.block_band(-20, 0, 64, 16, 16, 16) is None
+
+
+def _render(calls, rows, cols):
+    """How often each (local query, key) element is computed by ``calls``."""
+    count = np.zeros((rows, cols), np.int32)
+    for c in calls or ():
+        i, j = np.arange(c.q1 - c.q0)[:, None], np.arange(c.k1 - c.k0)[None, :]
+        count[c.q0:c.q1, c.k0:c.k1] += ((j - i >= c.lo) & (j - i <= c.hi)).astype(np.int32)
+    return count
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_step_calls_compute_each_visible_pair_once(n, balanced):
+    """Every ring step's kernel calls (and the row halves the backward splits the own step into)
+    cover exactly the visible (query, key) pairs of the global band, each once; the
+    load-balanced causal layout needs one call per step."""
+    c = 2 if balanced else 1
+    shards = cp.SeqShards("seq", n, balanced, "ring")
+    for sq, sk in ((12, 12), (6, 12), (18, 6)):
+        cq, ck = sq // (n * c), sk // (n * c)
+        bands = {"causal": (-cp.UNBOUNDED, sk - sq), "full": (-cp.UNBOUNDED, cp.UNBOUNDED),
+                 "window": (sk - sq - 3, sk - sq + 1), "wide window": (sk - sq - 9, sk - sq)}
+        for name, (lo, hi) in bands.items():
+            for t in range(n):
+                plans = cp._step_plans(shards, t, cq, ck, lo, hi)
+                for r, calls in enumerate(plans):
+                    gq = np.concatenate([np.arange(cq) + x * cq for x in shards.chunk_ids(r)])
+                    gk = np.concatenate([np.arange(ck) + x * ck
+                                         for x in shards.chunk_ids((r - t) % n)])
+                    d = gk[None, :] - gq[:, None]
+                    want = ((d >= lo) & (d <= hi)).astype(np.int32)
+                    where = f"{name} sq={sq} sk={sk} step {t} device {r}: {calls}"
+                    np.testing.assert_array_equal(_render(calls, c * cq, c * ck), want, where)
+                    for m in range(c * cq + 1):
+                        halves = cp.split_calls(calls, m)
+                        assert all(x.q1 <= m for x in halves[0] or ()), where
+                        assert all(x.q0 >= m for x in halves[1] or ()), where
+                        got = sum(_render(h, c * cq, c * ck) for h in halves)
+                        np.testing.assert_array_equal(got, want, f"{where} split {m}")
+                    if balanced and name in ("causal", "full") and sq == sk:
+                        assert calls is None or len(calls) == 1, where
+    # The balanced causal layout's own step is the local causal mask, in one call.
+    assert cp._step_plans(shards, 0, 4, 4, -cp.UNBOUNDED, 0)[0] == (
+        cp.Call(0, 4 * c, 0, 4 * c, -cp.UNBOUNDED, 0),) if balanced else True
 
 
 def test_load_balance_helpers():

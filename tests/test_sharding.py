@@ -87,3 +87,29 @@ def test_shard_map():
                           mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec))
     got = f(*_put(mesh, spec, q, k, v))
     assert max_err(got, fa3_jax.flash_attention(q, k, v, window_size=(8, 0))) == 0
+
+
+@pytest.mark.parametrize("hq,hkv,block", [(8, 4, True), (4, 4, False), (8, 1, True)])
+def test_fp8_forward_batch_and_head_sharding_stays_local(hq, hkv, block):
+    """The FP8 forward's operands (e4m3 q/k/v and their per-tensor or per-block descales) keep
+    their batch/head sharding: same result as one device, no collective in the compiled call."""
+    mesh = _mesh()
+    q, k, v = make_qkv(4, 40, 72, hq, hkv, 64)
+    (q8, k8, v8), scales, (bq, bk) = fa3_jax.fp8.quantize(q, k, v, block_quantize=block)
+
+    def attend(q8, k8, v8, dq, dk, dv):
+        return fa3_jax.attention.fp8_forward(q8, k8, v8, dq, dk, dv, softmax_scale=0.125,
+                                             softcap=0.0, diag_lo=-(1 << 30), diag_hi=32,
+                                             block_q=bq, block_k=bk)
+
+    head = "model" if hkv > 1 else None  # MQA keeps heads whole (see the dense MQA test)
+    t = P("data", None, head, None)
+    s = P("data", head, None) if block else P("data", head)
+    args = _put(mesh, t, q8, k8, v8) + _put(mesh, s, *scales)
+    fwd = jax.jit(attend)
+    out, lse = fwd(*args)
+    ref_out, ref_lse = attend(q8, k8, v8, *scales)
+    assert max_err(out, ref_out) == 0 and max_err(lse, ref_lse) == 0
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, t), 4)
+    text = fwd.lower(*args).compile().as_text()
+    assert _collectives(text) == [], _collectives(text)

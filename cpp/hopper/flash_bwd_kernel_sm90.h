@@ -40,6 +40,7 @@
 #include "flash_bwd_preprocess_sm90.h"
 #include "flash_bwd_tile_size_sm90.h"
 #include "named_barrier.h"
+#include "segments_sm90.h"
 
 namespace fa3::sm90_bwd {
 
@@ -67,14 +68,20 @@ struct BwdMainParams {
   // with the band relative to the sequence's bottom-right diagonal and its query blocks at their
   // padded plane rows (varlen_q_block_row).
   sm90::VarlenParams varlen;
+  // Segment ids (Tr::kSegments only; dense layout): per key block the hull and uniform range of
+  // query blocks (segments_sm90.h, by_keys). Last: the other fields keep their offsets.
+  sm90::SegmentParams seg;
 };
 
-template <int kHeadDim_, int kHeadDimV_, class Element_, bool kHasSoftcap_>
+// kSegments: the segment-id variant (a template flag, like the forward's FwdMode, so that the
+// dense kernel neither carries the ids nor tests for them).
+template <int kHeadDim_, int kHeadDimV_, class Element_, bool kHasSoftcap_, bool kSegments_ = false>
 struct BwdTraitsSm90 {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr bool kHasSoftcap = kHasSoftcap_;
+  static constexpr bool kSegments = kSegments_;
   static constexpr BwdTileSize kTile = bwd_tile_size_sm90(kHeadDim, kHeadDimV, kHasSoftcap);
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
@@ -470,9 +477,23 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
   // m0 <= n_end - 1 - diag_lo and min(m0 + kBlockM, seqlen_q) - 1 >= n0 - diag_hi.
   const int n_end = min(n0 + kBlockN, seqlen_k);
   const int hi_num = n_end - 1 - diag_lo;
-  const int m_hi = hi_num < 0 ? 0 : min((seqlen_q + kBlockM - 1) / kBlockM, hi_num / kBlockM + 1);
+  int m_hi = hi_num < 0 ? 0 : min((seqlen_q + kBlockM - 1) / kBlockM, hi_num / kBlockM + 1);
   const int lo_num = n0 - diag_hi;
-  const int m_lo = lo_num <= 0 ? 0 : (lo_num > seqlen_q - 1 ? m_hi : lo_num / kBlockM);
+  int m_lo = lo_num <= 0 ? 0 : (lo_num > seqlen_q - 1 ? m_hi : lo_num / kBlockM);
+  // Segment ids: only the query blocks of this key block's segment hull. Not in deterministic
+  // mode, whose dQ semaphores count every key block of the band (first_key_block): there each
+  // adds its tile, zeros where the ids mask everything.
+  // Query blocks [u_first, u_last) hold only this key block's one id: no id compare there.
+  int u_first = 0, u_last = 0;
+  if constexpr (Tr::kSegments) {
+    const sm90::SegmentRanges r = __ldg(p.seg.ranges + int64_t(b) * p.seg.num_k_blocks + n_block);
+    if (!p.deterministic) {
+      m_lo = max(m_lo, r.x);
+      m_hi = min(m_hi, r.y);
+    }
+    u_first = r.z;
+    u_last = r.w;
+  }
   const int num_m = max(m_hi - m_lo, 0);
   // Step `it` covers query head hkv * group + it / num_m and query block m_lo + it % num_m.
   const int n_iter = num_m * p.group;
@@ -658,14 +679,25 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     };
     // Blocks entirely inside the band and inside seqlen_k need no per-element mask (rows past
     // seqlen_q have lse_log2 = +inf, so their P is 0 without one).
-    const bool need_mask = !(n0 + kBlockN <= seqlen_k && n0 - (m0 + kBlockM - 1) >= diag_lo &&
-                             n0 + kBlockN - 1 - m0 <= diag_hi);
+    // Segment ids: also every block pair whose rows are not all of one and the same segment.
+    bool seg_mask = false;
+    if constexpr (Tr::kSegments) seg_mask = m_block < u_first || m_block >= u_last;
+    const bool need_mask = seg_mask || !(n0 + kBlockN <= seqlen_k && n0 - (m0 + kBlockM - 1) >= diag_lo &&
+                                         n0 + kBlockN - 1 - m0 <= diag_hi);
     // Softcap derivative 1 - tanh^2, kept as packed fp16 pairs (16 registers instead of 32): it
     // only scales dS, which is rounded to 16 bits anyway.
     uint32_t dtanh2[Tr::kHasSoftcap ? decltype(size(tSrS))::value / 2 : 1];
     warpgroup_wait<1>();
     auto masked = [&](int i) {
       const int kn = n0 + get<0>(tScS(i)), diag = kn - (m0 + get<1>(tScS(i)));
+      if constexpr (Tr::kSegments) {
+        if (seg_mask) {  // q_segment_ids[qm] == kv_segment_ids[kn] != 0 (rows past the ends: 0)
+          const int qm = m0 + get<1>(tScS(i));
+          const int qid = qm < seqlen_q ? __ldg(p.seg.q_ids + int64_t(b) * p.seqlen_q + qm) : 0;
+          const int kid = kn < seqlen_k ? __ldg(p.seg.k_ids + int64_t(b) * p.seqlen_k + kn) : 0;
+          if (qid == 0 || qid != kid) return true;
+        }
+      }
       return !(kn < seqlen_k && diag >= diag_lo && diag <= diag_hi);
     };
     // Without softcap the mask is a pass of its own before the exponentials (-inf logits, only on

@@ -7,6 +7,7 @@
 
 #include "flash.h"
 #include "flash_bwd_tile_size_sm90.h"
+#include "segments_sm90.h"
 
 namespace fa3::sm90_bwd {
 
@@ -15,9 +16,13 @@ namespace fa3::sm90_bwd {
 // int semaphores [b, hq, sq_pad / 64] (one per 64-row query block, the smallest block_m).
 // Varlen (num_seqs > 0): planes of sq + kBwdSeqlenQPad num_seqs rows (varlen_q_block_row pads each
 // sequence to whole blocks), then the clamped cu_seqlens_q/k (int [b, num_seqs + 1] each).
+// Segment ids (q_segment_ids non-null): then the block stats and hulls (segments_sm90.h), sized
+// for 64-row blocks on both sides, the smallest tiles of any backward instantiation (the size
+// Python asks for does not know softcap, which picks the tiles).
 struct BwdWorkspaceLayout {
   int64_t seqlen_q_pad = 0, sem_per_head = 0;
-  size_t dq_accum = 0, lse_log2 = 0, dpsum = 0, semaphores = 0, cu_seqlens = 0, total = 0;  // byte offsets, size
+  size_t dq_accum = 0, lse_log2 = 0, dpsum = 0, semaphores = 0, cu_seqlens = 0, segments = 0,
+         total = 0;  // byte offsets, size
 };
 
 inline size_t bwd_align256(size_t x) { return (x + 255) / 256 * 256; }
@@ -34,7 +39,11 @@ inline BwdWorkspaceLayout bwd_workspace_layout(const BwdParams& p) {
   w.semaphores = bwd_align256(w.dpsum + rows * sizeof(float));
   w.cu_seqlens = bwd_align256(w.semaphores + size_t(p.batch) * p.heads_q * w.sem_per_head * sizeof(int));
   const size_t cu_bytes = p.num_seqs > 0 ? size_t(2 * p.batch * (p.num_seqs + 1)) * sizeof(int) : 0;
-  w.total = bwd_align256(w.cu_seqlens + cu_bytes);
+  w.segments = bwd_align256(w.cu_seqlens + cu_bytes);
+  const size_t seg_bytes = p.q_segment_ids
+                               ? sm90::segment_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, 64, 64)
+                               : 0;
+  w.total = bwd_align256(w.segments + seg_bytes);
   return w;
 }
 

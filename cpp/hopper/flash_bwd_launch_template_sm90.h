@@ -112,13 +112,32 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   m.scale_div_softcap = kSoftcap ? p.softmax_scale / p.softcap : 0.f;
   m.deterministic = p.deterministic;
   m.varlen = varlen;
-  auto kernel = flash_bwd_kernel_sm90<Tr>;
-  static cuda::PerDevice<cudaError_t> smem_limit_set;
-  if (cuda::set_smem_limit_once(smem_limit_set, kernel, Tr::kSmemBytes) != cudaSuccess)
-    return "cannot raise the shared-memory limit of the sm90 backward main kernel";
-  dim3 grid(unsigned((span_k + Tr::kBlockN - 1) / Tr::kBlockN), unsigned(p.heads_kv), unsigned(p.batch * seqs));
-  kernel<<<grid, Tr::kNumThreads, Tr::kSmemBytes, stream>>>(make_bwd_kernel_args<Tr>(m, int(p.batch)));
-  if (cuda::launch_failed()) return "sm90 backward main kernel launch failed";
+  // Segment ids: the segment-id variant of the main kernel, after the stats and hulls on its tiles.
+  if (p.q_segment_ids) {
+    sm90::SegmentPrepParams sp;
+    sp.q_ids = p.q_segment_ids;
+    sp.k_ids = p.kv_segment_ids;
+    sp.batch = int(p.batch);
+    sp.seqlen_q = int(p.seqlen_q);
+    sp.seqlen_k = int(p.seqlen_k);
+    sp.block_m = Tr::kBlockM;
+    sp.block_n = Tr::kBlockN;
+    sp.by_keys = true;
+    if (!sm90::launch_segment_prepare(sp, ws + w.segments, stream, m.seg))
+      return "sm90 segment-id prepare kernel launch failed";
+  }
+  auto launch_main = [&](auto traits) {
+    using T = decltype(traits);
+    auto kernel = flash_bwd_kernel_sm90<T>;
+    static cuda::PerDevice<cudaError_t> smem_limit_set;  // one per instantiation
+    if (cuda::set_smem_limit_once(smem_limit_set, kernel, T::kSmemBytes) != cudaSuccess)
+      return "cannot raise the shared-memory limit of the sm90 backward main kernel";
+    dim3 grid(unsigned((span_k + T::kBlockN - 1) / T::kBlockN), unsigned(p.heads_kv), unsigned(p.batch * seqs));
+    kernel<<<grid, T::kNumThreads, T::kSmemBytes, stream>>>(make_bwd_kernel_args<T>(m, int(p.batch)));
+    return cuda::launch_failed() ? "sm90 backward main kernel launch failed" : nullptr;
+  };
+  using TrSegments = BwdTraitsSm90<kHeadDim, kHeadDimV, Element, kSoftcap, true>;
+  if (const char* err = p.q_segment_ids ? launch_main(TrSegments{}) : launch_main(Tr{})) return err;
 
   BwdPostParams post{};
   post.dq_accum = dq_accum;

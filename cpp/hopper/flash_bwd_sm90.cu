@@ -45,7 +45,8 @@ const char* run_dtype(const BwdParams& p, void* ws, cudaStream_t_ stream) {
 }  // namespace
 
 bool sm90_supports_bwd(const BwdParams& p) {
-  if (p.q_segment_ids) return false;  // segment ids: CPU backend only
+  // Segment ids: dense layout only (never with cu_seqlens); the prepare grids' y is the batch.
+  if (p.q_segment_ids && p.cu_seqlens_q) return false;
   // Varlen grids put (batch row, sequence) on z; the prepare kernel puts the batch on y.
   if (p.cu_seqlens_q && (p.num_seqs < 1 || p.batch * p.num_seqs > 65535)) return false;
   return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && p.heads_kv > 0 &&
@@ -62,6 +63,7 @@ const char* run_bwd_sm90(const BwdParams& p, void* workspace, cudaStream_t_ stre
   const size_t elem = 2;
   if (p.batch == 0 || p.heads_q == 0) return nullptr;
   if (p.cu_seqlens_q && !workspace) return "the sm90 varlen backward needs its workspace";
+  if (p.q_segment_ids && !workspace) return "the sm90 segment-id backward needs its workspace";
   if (p.seqlen_q == 0 || p.seqlen_k == 0) {
     // No (query, key) pairs: every gradient is zero.
     const size_t nq = size_t(p.batch) * p.seqlen_q * p.heads_q * p.head_dim * elem;

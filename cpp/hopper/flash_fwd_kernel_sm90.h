@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       if (!p.locate(t, seq_mask, offset_q, offset_k)) continue;
       // Dense: the band straight from the kernel parameters, as before varlen existed; a register
       // copy of it held across the mainloop cost the dense kernel 2-4% (H200, hdim 64, 1k-2k).
-      typename Traits::Mask const& mask = Traits::kVarlen ? seq_mask : p.mask;
+      typename Traits::Mask const& mask = Traits::kLocated ? seq_mask : p.mask;
       int n_min, n_max;
       mask.n_block_range(t.m_block, n_min, n_max);
       split_n_range(sched, t, n_min, n_max);

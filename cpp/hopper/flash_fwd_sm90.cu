@@ -5,7 +5,7 @@
 // split count's rule is fwd_num_splits in tile_size.h).
 //
 // Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128), each
-// dense, split-KV and varlen; FP8 (e4m3, dense only) at head dims 64, 128 and 256.
+// dense, split-KV, varlen and segment ids; FP8 (e4m3, dense only) at head dims 64, 128 and 256.
 // head_dims.h selects the head dims to build (all dtypes); the supports query then reports
 // exactly what was built.
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
@@ -23,6 +23,7 @@
 #include "flash_fwd_kernel_sm90.h"
 #include "fp8_vt_sm90.h"
 #include "head_dims.h"
+#include "segments_sm90.h"
 #include "tile_size.h"
 
 #define FA3_JAX_FWD_HDIM(N) FA3_JAX_BUILD_HDIM(N)
@@ -40,10 +41,10 @@ using namespace cute;
 // them (diag_lo <= 0 and diag_hi >= seqlen_k - 1: no window cuts the keys; bottom-right causal
 // with seqlen_q 1 is such a case), since the kernel's band would otherwise mask the packed rows
 // as if they were different query positions.
-// Varlen calls are never packed (nor split) yet.
+// Varlen and segment-id calls are never packed (nor split) yet.
 // FP8 calls are never packed (nor split): the per-block descales are per query head (flash.h).
 bool packable_gqa_shape(FwdParams const& p) {
-  return p.seqlen_q == 1 && p.heads_q > p.heads_kv && p.num_seqs == 0 &&
+  return p.seqlen_q == 1 && p.heads_q > p.heads_kv && p.num_seqs == 0 && !p.q_segment_ids &&
          p.dtype != DType::kFloat8E4M3;
 }
 bool pack_gqa(FwdParams const& p) {
@@ -80,14 +81,15 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
   int const num_n_blocks = int((p.seqlen_k + ts.block_n - 1) / ts.block_n);
   int const forced = forced_num_splits();
   plan.num_splits =
-      p.num_seqs > 0 || fp8 ? 1
+      p.num_seqs > 0 || p.q_segment_ids || fp8 ? 1
       : forced > 0          ? forced
                             : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
   return plan;
 }
 
 // Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens,
-// (split-KV) lse_accum and o_accum, 256-byte aligned, or (FP8) vt, V transposed (fp8_vt_sm90.h).
+// (segment ids) the block stats and hulls (segments_sm90.h), (split-KV) lse_accum and o_accum,
+// 256-byte aligned, or (FP8) vt, V transposed (fp8_vt_sm90.h).
 constexpr size_t kCounterBytes = 256;
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
@@ -95,6 +97,11 @@ size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
 }
 size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
   if (p.num_seqs > 0) return kCounterBytes + sm90::varlen_workspace_bytes(p.batch, p.num_seqs);
+  if (p.q_segment_ids) {
+    sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v));
+    return kCounterBytes + sm90::segment_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k,
+                                                         ts.block_m, ts.block_n);
+  }
   if (p.dtype == DType::kFloat8E4M3)
     return kCounterBytes + sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v);
   if (plan.num_splits <= 1) return kCounterBytes;
@@ -171,7 +178,11 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   // Packed rows all see every key (pack_gqa), which the unbounded band says.
   int64_t const lo = plan.packed ? -int64_t(sq) : std::clamp<int64_t>(p.diag_lo, -int64_t(sq), int64_t(sk));
   int64_t const hi = plan.packed ? int64_t(sk) : std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
-  kp.mask = {sq, sk, int(lo), int(hi)};
+  kp.mask = {};  // segment fields (SegmentBandMask) are per tile: Params::locate
+  kp.mask.seqlen_q = sq;
+  kp.mask.seqlen_k = sk;
+  kp.mask.diag_lo = int(lo);
+  kp.mask.diag_hi = int(hi);
 
   // Varlen: tiles are (m_block, head, (batch row, sequence)); the grid covers the longest
   // sequence the caller promises (max_seqlen_q), and each tile finds its sequence on the device.
@@ -201,6 +212,21 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     kp.varlen = {prep.cu_q, prep.cu_k, seqs, int(std::clamp<int64_t>(p.diag_lo, -far, far)),
                  int(std::clamp<int64_t>(p.diag_hi, -far, far))};
     longest_first = p.diag_hi < span_k;
+  }
+  if constexpr (Traits::kSegments) {
+    if (!workspace) return "the sm90 segment-id forward needs its workspace";
+    sm90::SegmentPrepParams prep;
+    prep.q_ids = p.q_segment_ids;
+    prep.k_ids = p.kv_segment_ids;
+    prep.batch = b;
+    prep.seqlen_q = sq;
+    prep.seqlen_k = sk;
+    prep.block_m = ts.block_m;
+    prep.block_n = ts.block_n;
+    prep.by_keys = false;
+    if (!sm90::launch_segment_prepare(prep, static_cast<char*>(workspace) + kCounterBytes, stream,
+                                      kp.seg))
+      return "sm90 segment-id prepare kernel launch failed";
   }
 
   int const num_m_blocks = (span_q + ts.block_m - 1) / ts.block_m;
@@ -301,6 +327,9 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
     if (p.cu_seqlens_q)
       return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kVarlen>(p, plan, workspace,
                                                                              stream);
+    if (p.q_segment_ids)  // never packed or split (plan_fwd)
+      return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSegments>(p, plan, workspace,
+                                                                               stream);
     return plan.num_splits > 1
                ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit>(p, plan,
                                                                                 workspace, stream)
@@ -394,7 +423,8 @@ bool sm90_supports_fwd(const FwdParams& p) {
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return false;
   // Tile coordinates and TMA box coordinates are 32-bit.
   int64_t const kMax = int64_t(1) << 30;
-  if (p.q_segment_ids) return false;  // segment ids: CPU backend only
+  // Segment ids: 16-bit only (FP8 returned above); the prepare grids' y is the batch.
+  if (p.q_segment_ids && (p.cu_seqlens_q || p.batch > 65535)) return false;
   if (p.cu_seqlens_q) {
     // Tiles (m_block, head, sequence) are numbered in int; the prepare grid's y is the batch.
     int64_t const m_blocks = (std::min(p.max_seqlen_q, p.seqlen_q) + 127) / 128;
@@ -406,7 +436,8 @@ bool sm90_supports_fwd(const FwdParams& p) {
 }
 
 // The dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream) and either the
-// clamped cu_seqlens (varlen: num_seqs > 0) or, where the shapes call for split-KV, the partial
+// clamped cu_seqlens (varlen: num_seqs > 0), the segment stats and hulls (q_segment_ids non-null;
+// only whether it is null matters here) or, where the shapes call for split-KV, the partial
 // results. The band is not among the shapes Python passes (cpp/module.cc), so the size covers
 // both the packed and the unpacked GQA plan.
 size_t sm90_fwd_workspace_bytes(const FwdParams& p) {
@@ -423,6 +454,7 @@ const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stre
   // Without a workspace the kernel falls back to the static round-robin schedule (dense,
   // unsplit only: split-KV reports an error).
   if (p.cu_seqlens_q && !workspace) return "the sm90 varlen forward needs its workspace";
+  if (p.q_segment_ids && !workspace) return "the sm90 segment-id forward needs its workspace";
   if (p.dtype == DType::kFloat8E4M3) return dispatch_hdim_fp8(p, workspace, s);
   if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, workspace, s);
   return dispatch_hdim<cutlass::bfloat16_t>(p, workspace, s);

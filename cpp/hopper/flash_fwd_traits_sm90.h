@@ -41,8 +41,11 @@ using namespace cute;
 //    `mask`). The register copy cost the dense kernel 1.5-4% from 512 to 8k tokens (H200, hdim
 //    64, 2026-11-22, TFLOP/s: causal 1k 294 -> 284, 2k 366 -> 355, 8k 444 -> 437); with this
 //    split it is back (294, 365, 444).
-// A varlen call never splits (flash_fwd_sm90.cu: plan_fwd).
-enum class FwdMode { kDense, kSplit, kVarlen };
+//  - kSegments: segment ids (segments_sm90.h): tiles locate their segment hull and uniform ids
+//    and mask with SegmentBandMask; 16-bit only, never split or GQA-packed, so the dense and
+//    split kernels neither carry the ids nor test for them.
+// A varlen or segments call never splits (flash_fwd_sm90.cu: plan_fwd).
+enum class FwdMode { kDense, kSplit, kVarlen, kSegments };
 
 template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_,
           int kProducerRegs_, int kConsumerRegs_, class Element_, FwdMode kMode_ = FwdMode::kDense>
@@ -56,11 +59,14 @@ struct FwdTraits {
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr bool kSplit = kMode_ == FwdMode::kSplit;
   static constexpr bool kVarlen = kMode_ == FwdMode::kVarlen;
+  static constexpr bool kSegments = kMode_ == FwdMode::kSegments;
+  // Tiles find their mask (and offsets) on the device rather than reading the parameters'.
+  static constexpr bool kLocated = kVarlen || kSegments;
 
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>,
                 "fp16, bf16 or e4m3 inputs");
   static_assert(!kFp8 || kMode_ == FwdMode::kDense,
-                "FP8 is dense only: no split-KV partials or varlen offsets (issue 11 scope)");
+                "FP8 is dense only: no split-KV partials, varlen offsets or segment ids (issue 11 scope)");
   static_assert(!kFp8 || kBlockN % 32 == 0,
                 "FP8: block_n is the K of the e4m3 P @ V WGMMA, 32 per instruction");
   static_assert(kBlockM == 128, "two consumer warpgroups of 64 query rows each");
@@ -128,7 +134,8 @@ struct FwdTraits {
   using PipelineV = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename PipelineK::PipelineState;
 
-  using Mask = BandMask<kBlockM, kBlockN>;
+  using Mask = cute::conditional_t<kSegments, SegmentBandMask<kBlockM, kBlockN>,
+                                   BandMask<kBlockM, kBlockN>>;
 
   // O leaves through shared memory and one TMA store per consumer warpgroup (its 64 rows), which
   // runs while the warpgroup starts its next tile, where tile_size.h says so
@@ -226,18 +233,19 @@ struct FwdTraits {
     float const* descale_k;
     float const* descale_v;
     int descale_nq, descale_nk;
+    // kSegments only. Last, so that the other modes' parameters keep their offsets.
+    SegmentParams seg;
 
     // Resolves a scheduler tile to its sequence: t.batch becomes the batch row, `mask` the
     // sequence's band, (offset_q, offset_k) where its rows start in the batch row. Dense: the
-    // whole batch row. False when the tile's query block starts past its sequence's end (the
-    // grid is sized by the longest sequence): then nothing is loaded, computed or written.
+    // whole batch row. Segments: the whole batch row, and the band plus the query block's
+    // segment hull and ids. False when the tile's query block starts past its sequence's end
+    // (the grid is sized by the longest sequence): then nothing is loaded, computed or written.
     CUTLASS_DEVICE bool locate(TileCoord& t, Mask& m, int& offset_q,
                                int& offset_k) const {
-      if constexpr (!kVarlen) {
-        m = mask;
-        offset_q = offset_k = 0;
-        return true;
-      } else {
+      m = mask;
+      offset_q = offset_k = 0;
+      if constexpr (kVarlen) {
         SeqSpan const s = varlen_span(varlen, t.batch);
         t.batch = s.batch;
         offset_q = s.offset_q;
@@ -245,7 +253,17 @@ struct FwdTraits {
         m = {s.len_q, s.len_k, varlen_diag(varlen.diag_lo, s.len_q, s.len_k),
              varlen_diag(varlen.diag_hi, s.len_q, s.len_k)};
         return t.m_block * kBlockM < s.len_q;
+      } else if constexpr (kSegments) {
+        SegmentRanges const r =
+            __ldg(seg.ranges + int64_t(t.batch) * seg.num_q_blocks + t.m_block);
+        m.n_first = r.x;
+        m.n_last = r.y;
+        m.u_first = r.z;
+        m.u_last = r.w;
+        m.q_ids = seg.q_ids + int64_t(t.batch) * mask.seqlen_q;
+        m.k_ids = seg.k_ids + int64_t(t.batch) * mask.seqlen_k;
       }
+      return true;
     }
   };
 };

@@ -43,7 +43,7 @@ flash_attention; varlen: flash_attention_varlen) -> nn (jax.nn drop-in).
 | jit / grad / vmap / checkpoint        | yes                    | yes                           |
 | context parallelism (sequence sharding) | ring, all-gather, load-balanced causal | same |
 | varlen (cu_seqlens)                   | yes (fwd + bwd)        | yes (fwd + bwd)               |
-| segment ids                           | yes (fwd + bwd)        | not yet (raises at lowering)  |
+| segment ids                           | yes (fwd + bwd)        | yes (fwd + bwd)               |
 | KV cache (contiguous, paged), append  | yes (forward)          | with the varlen kernels; paged gathered first |
 | FP8 (e4m3) forward                    | yes (dequantize + f32) | yes (hdim 64/128/256, dense)  |
 

@@ -21,7 +21,7 @@ operands after the dense ones, ``meta_q`` and ``meta_k``: cu_seqlens ``[batch, n
 (``packing="varlen"``, band per sequence, bottom-right aligned; see cpp/flash.h) or segment ids
 ``[batch, seqlen]`` (``packing="segments"``). Static ``max_seqlen_q``/``max_seqlen_k`` bound the
 varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. On CUDA
-varlen runs on the Hopper kernels; segment ids are CPU-only (their CUDA lowering raises).
+both run on the Hopper kernels (16-bit; segment ids never split the keys or pack GQA heads).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi):
                 diag_lo=np.int64(diag_lo), diag_hi=np.int64(diag_hi))
 
 
-def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0):
-    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic, num_seqs)
+def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0, segments=False):
+    nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic, num_seqs,
+                                  segments=segments)
     return jax.ShapeDtypeStruct((nbytes,), jnp.uint8)
 
 
@@ -432,8 +433,10 @@ def _packed_fwd_local(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, 
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
-    if cuda:  # varlen only (the other CUDA lowerings raise): the clamped cu_seqlens live there
-        out_types += (_workspace_type("fwd", q, k, v, num_seqs=meta_q.shape[1] - 1),)
+    if cuda:  # varlen: the clamped cu_seqlens live there; segments: the ids' block stats
+        segments = packing == "segments"
+        num_seqs = 0 if segments else meta_q.shape[1] - 1
+        out_types += (_workspace_type("fwd", q, k, v, num_seqs=num_seqs, segments=segments),)
     call = jax.ffi.ffi_call(f"fa3_fwd_{packing}", out_types)
     return tuple(call(q, k, v, meta_q, meta_k, **_packed_attrs(
         softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))[:2]
@@ -445,7 +448,9 @@ def _packed_bwd_local(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, so
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype))
     if cuda:
-        out_types += (_workspace_type("bwd", q, k, v, deterministic, meta_q.shape[1] - 1),)
+        segments = packing == "segments"
+        num_seqs = 0 if segments else meta_q.shape[1] - 1
+        out_types += (_workspace_type("bwd", q, k, v, deterministic, num_seqs, segments),)
     call = jax.ffi.ffi_call(f"fa3_bwd_{packing}", out_types)
     return tuple(call(q, k, v, out, lse, dout, dlse, meta_q, meta_k,
                       deterministic=bool(deterministic), **_packed_attrs(
@@ -532,15 +537,11 @@ def _packed_bwd_lower_impl(q, k, v, out, lse, dout, dlse, meta_q, meta_k, *, pac
 
 
 def _packed_cuda_lowering(impl, direction):
-    """CUDA lowering of a packed primitive: varlen on the Hopper kernels; segment ids raise."""
+    """CUDA lowering of a packed primitive (varlen or segment ids) on the Hopper kernels."""
     def lowering(ctx, *args, packing, **params):
-        if packing != "varlen":
-            raise ValueError("fa3_jax: segment ids (q_segment_ids / kv_segment_ids) are not yet "
-                             "supported by the Hopper kernels (CPU backend only for now); run "
-                             "this call on a CPU device, e.g. under "
-                             "jax.default_device(jax.devices('cpu')[0])")
+        what = "variable-length" if packing == "varlen" else "segment-id"
         aq, _, av = ctx.avals_in[:3]
-        _check_cuda_lowering(aq, av, f"variable-length attention {direction}")
+        _check_cuda_lowering(aq, av, f"{what} attention {direction}")
         return mlir.lower_fun(impl, multiple_results=True)(ctx, *args, packing=packing,
                                                            cuda=True, **params)
     return lowering
@@ -560,8 +561,9 @@ _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest
 # ``block_q``/``block_k``, the rows per scale block (0 and 0: per-tensor descales [batch,
 # heads_kv]; else descale_q [batch, heads_q, ceil(seqlen_q / block_q)] and descale_k/v [batch,
 # heads_kv, ceil(seqlen_k / block_k)]). Forward only: differentiating raises. On CUDA per-block
-# descales must be on the Hopper FP8 kernel's tiles. No partitioning rule: under a multi-device
-# jit XLA gathers the operands.
+# descales must be on the Hopper FP8 kernel's tiles. Under a multi-device jit, batch and head
+# sharding stay local as for the dense call (descales follow their tensor's batch and heads); a
+# sharded sequence is gathered (no FP8 context parallelism yet).
 # ---------------------------------------------------------------------------------------------
 
 fp8_fwd_p = jex_core.Primitive("fa3_fwd_fp8")
@@ -573,8 +575,8 @@ def _fp8_fwd_abstract(q, k, v, descale_q, descale_k, descale_v, **params):
             jax.core.ShapedArray((b, hq, sq), jnp.float32))
 
 
-def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_scale, softcap,
-                        diag_lo, diag_hi, block_q, block_k, cuda=False):
+def _fp8_fwd_local(q, k, v, descale_q, descale_k, descale_v, softmax_scale, softcap, diag_lo,
+                   diag_hi, block_q, block_k, cuda=False):
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), jnp.bfloat16),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
@@ -585,6 +587,56 @@ def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_sca
     return tuple(call(q, k, v, descale_q, descale_k, descale_v,
                       descale_block_q=np.int64(block_q), descale_block_k=np.int64(block_k),
                       **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))[:2]
+
+
+def _fp8_shardings(mesh, arg_shapes, per_block):
+    """(tensor, lse, descale) shardings: batch and heads as for the dense call, the rest whole.
+    Per-tensor descales are [batch, heads_kv]; per-block ones [batch, heads, blocks]."""
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    scale = P(b_ax, h_ax, None) if per_block else P(b_ax, h_ax)
+    return (NamedSharding(mesh, P(b_ax, None, h_ax, None)), NamedSharding(mesh, P(b_ax, h_ax, None)),
+            NamedSharding(mesh, scale))
+
+
+def _fp8_fwd_partition(*static_and_mesh):
+    *static, mesh, arg_shapes, result_shape = static_and_mesh
+    t, lse, scale = _fp8_shardings(mesh, arg_shapes, static[4] > 0)
+
+    def lower_fn(*args):
+        return _fp8_fwd_local(*args, *static)
+
+    return mesh, lower_fn, (t, lse), (t, t, t, scale, scale, scale)
+
+
+def _fp8_fwd_infer(*static_and_mesh):
+    t, lse, _ = _fp8_shardings(*static_and_mesh[-3:-1], static_and_mesh[4] > 0)
+    return (t, lse)
+
+
+def _fp8_fwd_rule(*static_and_mesh):
+    """Shardy rule: the dense rule with whole sequences, plus the descales' batch and heads."""
+    value_types = static_and_mesh[-2]
+    hq, hk, sizes, keep_whole = _heads_factor(value_types)
+    if static_and_mesh[4] > 0:  # per block: q's blocks m, k/v's blocks n
+        scales = f"b {hq} m, b {hk} n, b {hk} n"
+    else:  # per tensor: all three [batch, heads_kv]
+        scales = f"b {hk}, b {hk}, b {hk}"
+    rule = f"b s {hq} d, b t {hk} d, b t {hk} e, {scales} -> b s {hq} e, b {hq} s"
+    repl = _in_rule_order(rule, ("s", "t", "d", "e") + (("m", "n") if "m" in scales else ())
+                          + keep_whole)
+    return rule, dict(need_replication_factors=repl, **sizes)
+
+
+_fp8_fwd_partitioned = custom_partitioning(_fp8_fwd_local, static_argnums=tuple(range(6, 13)))
+_fp8_fwd_partitioned.def_partition(partition=_fp8_fwd_partition,
+                                   infer_sharding_from_operands=_fp8_fwd_infer,
+                                   sharding_rule=_fp8_fwd_rule)
+
+
+def _fp8_fwd_lower_impl(q, k, v, descale_q, descale_k, descale_v, *, softmax_scale, softcap,
+                        diag_lo, diag_hi, block_q, block_k, cuda=False):
+    return _fp8_fwd_partitioned(q, k, v, descale_q, descale_k, descale_v, softmax_scale, softcap,
+                                diag_lo, diag_hi, block_q, block_k, cuda)
 
 
 def _fp8_cuda_lowering(ctx, *args, block_q, block_k, **params):
@@ -604,6 +656,7 @@ def _fp8_no_derivative(primals, tangents, **params):
 
 
 ad.primitive_jvps[fp8_fwd_p] = _fp8_no_derivative
+_dispatch.prim_requires_devices_during_lowering.add(fp8_fwd_p)
 _register(fp8_fwd_p, _fp8_fwd_abstract, 2, _fp8_fwd_lower_impl, _fp8_cuda_lowering)
 
 

@@ -325,7 +325,7 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
         sees key j only where both ids are equal and nonzero. Id 0 is padding: such a query row
         gets out = 0, lse = -inf and zero gradients. Key tiles whose ids cannot match are
         skipped. Batch and head sharding work as without them; a sharded sequence axis is
-        gathered (no ring yet) and load_balance must be 0. CPU backend only for now.
+        gathered (no ring yet) and load_balance must be 0. CPU backend and Hopper (16-bit).
       descale_q, descale_k, descale_v: FP8 (forward only): with q, k, v all float8_e4m3fn, three
         float32 [batch, heads_kv] arrays; the true value of an element is its stored value times
         its (batch, kv head)'s descale (query head h uses kv head h // (heads_q // heads_kv)).

@@ -4,9 +4,10 @@ Same arguments and semantics, including jax.nn's top-left aligned ``is_causal`` 
 ``local_window_size`` (query i sees keys i - left .. i + right). ``query_seq_lengths`` and
 ``key_value_seq_lengths`` run on the kernels: query rows past their length give 0, keys past
 theirs are masked, as in jax.nn. Without ``is_causal`` / ``local_window_size`` they run as varlen
-(one sequence [0, length) per batch row; Hopper and CPU); with them as segment ids (id 1 for the
-first ``length`` tokens, CPU only: on a GPU such calls fall back, since jax.nn's top-left band
-would need a per-row shift of varlen's per-sequence bottom-right band). Arguments the kernels cannot express (``bias``, ``mask``) fall back to
+(one sequence [0, length) per batch row); with them as segment ids (id 1 for the first ``length``
+tokens), whose band is on positions in the row, which is exactly jax.nn's top-left band for any
+seqlen_q and seqlen_k (varlen's per-sequence bottom-right band is not). Both on Hopper and CPU.
+Arguments the kernels cannot express (``bias``, ``mask``) fall back to
 ``jax.nn.dot_product_attention`` with a warning, once per argument. ``implementation="xla"`` or
 ``"cudnn"`` calls jax.nn with that implementation; ``None`` or ``"fa3"`` uses fa3_jax.
 float64 inputs (with x64 enabled) fall back to jax.nn too, with a warning. As in jax.nn, the
@@ -162,10 +163,6 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
         fallback.append(("float64", "inputs are not supported by the fa3_jax kernels"))
     elif why := _gpu_unsupported(query, value):
         fallback.append(("query", f"is not supported on this GPU ({why})"))
-    elif lengths and (is_causal or local_window_size is not None) and \
-            jax.default_backend() == "gpu":
-        fallback += [(n, "with is_causal or local_window_size is not yet supported by the Hopper "
-                      "kernels (segment ids are CPU-only)") for n, _ in lengths]
     if fallback:
         for arg, reason in fallback:
             _warn_once(arg, f"{arg} {reason}")

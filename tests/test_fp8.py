@@ -409,12 +409,15 @@ def test_ffi_handler_rejects_bad_descales():
         jax.jit(partial(call, block_q=128, block_k=0))(q8, k8, v8, dq, dk, dv)
 
 
-def test_sharded_operands_are_gathered():
-    # No partitioning rule yet: under a multi-device jit XLA gathers the operands; same result.
+@pytest.mark.parametrize("block_quantize", [True, False])
+def test_fp8_attention_keeps_batch_and_head_sharding(block_quantize):
+    # The quantization and the FP8 forward both keep batch/head sharding: no collective at all.
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("b", "h"))
     q, k, v = make_qkv(2, 40, 40, 8, 4, 64)
-    f = jax.jit(partial(fa3_jax.fp8_attention, causal=True))
+    f = jax.jit(partial(fa3_jax.fp8_attention, causal=True, block_quantize=block_quantize))
     want = f(q, k, v)
     sharded = [jax.device_put(x, NamedSharding(mesh, P("b", None, "h", None))) for x in (q, k, v)]
     np.testing.assert_array_equal(np.asarray(f(*sharded)), np.asarray(want))
+    text = f.lower(*sharded).compile().as_text()
+    assert not re.findall(r"\b(all-gather|all-to-all|collective-permute|all-reduce)", text)

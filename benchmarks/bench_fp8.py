@@ -8,7 +8,10 @@ time is the CUPTI sum of every kernel the jitted call launches, median of --reps
   fp8       fa3_jax.flash_attention on e4m3 q/k/v with per-tensor descales: the FP8 kernel and
             the V transpose it runs first (cpp/hopper/fp8_vt_sm90.h)
   fp8+q     fa3_jax.fp8_attention on bfloat16 inputs (default: block scales + Hadamard), i.e.
-            with the quantization pass (its time alone: column quant_ms)
+            with the fused quantization kernel (its time alone: column quant_ms, and the
+            bandwidth it reaches: quant_GB/s, bytes read and written over quant_ms)
+  fp8+qx    the same with the quantization pass as XLA ops (fused_quantize=False; its time
+            alone: column qxla_ms)
   cudnn8    jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(..., use_fp8=True),
             every scale 1 (shared/ANCHORS.md's method), e4m3 in and out
   bf16      fa3_jax.flash_attention on bfloat16
@@ -40,7 +43,7 @@ bench_attention = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_attention)
 
 E4M3 = jnp.float8_e4m3fn
-COLUMNS = ("fp8", "fp8+q", "cudnn8", "bf16")
+COLUMNS = ("fp8", "fp8+q", "fp8+qx", "cudnn8", "bf16")
 
 
 def _cudnn_fp8(q8, k8, v8, causal):
@@ -72,17 +75,27 @@ def row(hdim, mask, seqlen, tokens, hidden, reps):
         "fp8": _median_ms(partial(fa3_jax.flash_attention, causal=causal, descale_q=ones,
                                   descale_k=ones, descale_v=ones), q8, k8, v8, reps=reps),
         "fp8+q": _median_ms(partial(fa3_jax.fp8_attention, causal=causal), q, k, v, reps=reps),
+        "fp8+qx": _median_ms(partial(fa3_jax.fp8_attention, causal=causal, fused_quantize=False),
+                             q, k, v, reps=reps),
         "quant": _median_ms(lambda q, k, v: fp8.quantize(q, k, v)[:2], q, k, v, reps=reps),
+        "qxla": _median_ms(lambda q, k, v: fp8.quantize(q, k, v, fused=False)[:2], q, k, v,
+                           reps=reps),
         "cudnn8": _median_ms(partial(_cudnn_fp8, causal=causal), q8, k8, v8, reps=reps),
         "bf16": _median_ms(partial(fa3_jax.flash_attention, causal=causal), q, k, v, reps=reps),
     }
     n = bench_attention.flops(b, h, seqlen, seqlen, hdim, causal=causal)
     tflops = {c: (n / (ms[c] * 1e-3) / 1e12 if ms.get(c) else None) for c in COLUMNS}
-    return dict(hdim=hdim, mask=mask, seqlen=seqlen, batch=b, heads=h, ms=ms, tflops=tflops)
+    # The quantization's memory traffic: q, k, v read (bfloat16), e4m3 written, descales.
+    elems = 3 * b * seqlen * h * hdim
+    bq, bk = fp8.scale_blocks(hdim, hdim)
+    quant_bytes = elems * (2 + 1) + 4 * b * h * (-(-seqlen // bq) + 2 * -(-seqlen // bk))
+    gbps = quant_bytes / (ms["quant"] * 1e-3) / 1e9 if ms.get("quant") else None
+    return dict(hdim=hdim, mask=mask, seqlen=seqlen, batch=b, heads=h, ms=ms, tflops=tflops,
+                quant_gbps=gbps)
 
 
 HEADER = (f"{'hdim':>4} {'mask':>6} {'seqlen':>6} " + " ".join(f"{c:>7}" for c in COLUMNS)
-          + f" {'quant_ms':>8} {'fp8/cudnn8':>10}")
+          + f" {'quant_ms':>8} {'qxla_ms':>8} {'quant_GB/s':>10} {'fp8/cudnn8':>10}")
 
 
 def format_row(r):
@@ -90,8 +103,10 @@ def format_row(r):
     cells = " ".join(f"{t[c]:7.0f}" if t[c] else f"{'err':>7}" for c in COLUMNS)
     ratio = (f"{t['fp8'] / t['cudnn8']:10.2f}" if t["fp8"] and t["cudnn8"] else f"{'-':>10}")
     ms = r["ms"]
-    extra = f"{ms['quant']:8.3f}" if ms["quant"] is not None else f"{'err':>8}"
-    return f"{r['hdim']:4d} {r['mask']:>6} {r['seqlen']:6d} {cells} {extra} {ratio}"
+    extra = " ".join(f"{ms[c]:8.3f}" if ms[c] is not None else f"{'err':>8}"
+                     for c in ("quant", "qxla"))
+    gbps = f"{r['quant_gbps']:10.0f}" if r["quant_gbps"] else f"{'-':>10}"
+    return f"{r['hdim']:4d} {r['mask']:>6} {r['seqlen']:6d} {cells} {extra} {gbps} {ratio}"
 
 
 def main(argv=None):

@@ -150,6 +150,53 @@ inline ffi::Error fill_fp8_descales(ffi::AnyBuffer descale_q, ffi::AnyBuffer des
   return ffi::Error::Success();
 }
 
+// FP8 quantization (flash.h): x [batch, seqlen, heads, head_dim] float32/float16/bfloat16;
+// signs float32 [batch, head_dim], read only when `hadamard` (head_dim a power of two); x8
+// float8_e4m3fn like x; descale float32 [batch, heads, ceil(seqlen / block_rows)], or
+// [batch, heads_kv] when block_rows is 0.
+inline ffi::Error fill_fp8_quantize(ffi::AnyBuffer x, ffi::AnyBuffer signs, ffi::AnyBuffer x8,
+                                    ffi::AnyBuffer descale, int64_t block_rows, int64_t heads_kv,
+                                    bool hadamard, Fp8QuantizeParams* p) {
+  if (auto e = check_rank4("x", x); e.failure()) return e;
+  if (!to_dtype(x.element_type(), &p->dtype))
+    return invalid("the FP8 quantization takes float32, float16 or bfloat16 x");
+  auto xd = x.dimensions();
+  p->batch = xd[0];
+  p->seqlen = xd[1];
+  p->heads = xd[2];
+  p->head_dim = xd[3];
+  if (heads_kv <= 0 || p->heads % heads_kv != 0)
+    return invalid("heads_kv (" + std::to_string(heads_kv) + ") must divide the heads of x (" +
+                   std::to_string(p->heads) + ")");
+  if (block_rows < 0) return invalid("block_rows must be >= 0 (0: per (batch, kv head))");
+  p->heads_kv = heads_kv;
+  p->block_rows = block_rows;
+  if (x8.element_type() != ffi::DataType::F8E4M3FN) return invalid("x8 must be float8_e4m3fn");
+  if (auto e = check_shape("x8", x8.dimensions(), {p->batch, p->seqlen, p->heads, p->head_dim});
+      e.failure())
+    return e;
+  if (descale.element_type() != ffi::DataType::F32) return invalid("descale must be float32");
+  if (auto e = block_rows ? check_shape("descale", descale.dimensions(),
+                                        {p->batch, p->heads,
+                                         (p->seqlen + block_rows - 1) / block_rows})
+                          : check_shape("descale", descale.dimensions(), {p->batch, heads_kv});
+      e.failure())
+    return e;
+  if (hadamard) {
+    if (p->head_dim < 1 || (p->head_dim & (p->head_dim - 1)))
+      return invalid("the Hadamard transform needs a power-of-two head_dim, got " +
+                     std::to_string(p->head_dim));
+    if (signs.element_type() != ffi::DataType::F32) return invalid("signs must be float32");
+    if (auto e = check_shape("signs", signs.dimensions(), {p->batch, p->head_dim}); e.failure())
+      return e;
+    p->signs = static_cast<const float*>(signs.untyped_data());
+  }
+  p->x = x.untyped_data();
+  p->x8 = static_cast<uint8_t*>(x8.untyped_data());
+  p->descale = static_cast<float*>(descale.untyped_data());
+  return ffi::Error::Success();
+}
+
 // Backward: inputs q, k, v, out, lse, dout, dlse; outputs dq, dk, dv.
 inline ffi::Error fill_bwd(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                            ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,

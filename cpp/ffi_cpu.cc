@@ -56,6 +56,19 @@ ffi::Error fwd_fp8_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   return run_fwd_into(p, out, lse);
 }
 
+// FP8 quantization of one tensor (flash.h): x8 and its descales.
+ffi::Error fp8_quantize_cpu(ffi::AnyBuffer x, ffi::AnyBuffer signs, ffi::Result<ffi::AnyBuffer> x8,
+                            ffi::Result<ffi::AnyBuffer> descale, int64_t block_rows,
+                            int64_t heads_kv, bool hadamard) {
+  Fp8QuantizeParams p;
+  if (auto e = ffi_util::fill_fp8_quantize(x, signs, *x8, *descale, block_rows, heads_kv,
+                                           hadamard, &p);
+      e.failure())
+    return e;
+  run_fp8_quantize_cpu(p, cpu_threads());
+  return ffi::Error::Success();
+}
+
 ffi::Error bwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
                    ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
                    ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
@@ -147,6 +160,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
             FA3_JAX_MASK_ATTRS
         .Attr<int64_t>("descale_block_q")    // query rows per descale_q block; 0: per tensor
         .Attr<int64_t>("descale_block_k"));  // keys per descale_k/v block; 0: per tensor
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fp8_quantize_cpu, fa3::fp8_quantize_cpu,
+    xla::ffi::Ffi::Bind()
+        .Arg<xla::ffi::AnyBuffer>()    // x [batch, seqlen, heads, head_dim] float32/16/bf16
+        .Arg<xla::ffi::AnyBuffer>()    // signs float32 [batch, head_dim] (read with hadamard)
+        .Ret<xla::ffi::AnyBuffer>()    // x8 float8_e4m3fn, like x
+        .Ret<xla::ffi::AnyBuffer>()    // descale float32 (flash.h, "FP8")
+        .Attr<int64_t>("block_rows")   // rows per descale block; 0: per (batch, kv head)
+        .Attr<int64_t>("heads_kv")     // descale groups of heads / heads_kv heads (block_rows 0)
+        .Attr<bool>("hadamard"));      // the random-sign Hadamard transform first
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     fa3_bwd_cpu, fa3::bwd_cpu,

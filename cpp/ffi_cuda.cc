@@ -212,6 +212,30 @@ ffi::Error fwd_fp8_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, f
   return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
 }
 
+// FP8 quantization of one tensor (flash.h): x8 and its descales; the workspace holds the group
+// maxima of the per-tensor form.
+ffi::Error fp8_quantize_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
+                             ffi::AnyBuffer signs, ffi::Result<ffi::AnyBuffer> x8,
+                             ffi::Result<ffi::AnyBuffer> descale,
+                             ffi::Result<ffi::AnyBuffer> workspace, int64_t block_rows,
+                             int64_t heads_kv, bool hadamard) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  Fp8QuantizeParams p;
+  if (auto e = ffi_util::fill_fp8_quantize(x, signs, *x8, *descale, block_rows, heads_kv,
+                                           hadamard, &p);
+      e.failure())
+    return e;
+  if (!sm90_supports_fp8_quantize(p))
+    return invalid("the Hopper FP8 quantization takes head_dim 64, 128 or 256 and blocks of at "
+                   "most 128 rows, got head_dim=" + std::to_string(p.head_dim) +
+                   ", block_rows=" + std::to_string(p.block_rows));
+  if (auto e = check_workspace(*workspace, sm90_fp8_quantize_workspace_bytes(p)); e.failure())
+    return e;
+  return launch_result(run_fp8_quantize_sm90(p, workspace->untyped_data(), stream), device);
+}
+
 // The backward after its params are filled: support check, workspace, launch.
 ffi::Error launch_bwd(cudaStream_t stream, int32_t device, const BwdParams& p,
                       ffi::Result<ffi::AnyBuffer>& workspace) {
@@ -357,6 +381,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
             FA3_JAX_MASK_ATTRS
         .Attr<int64_t>("descale_block_q")   // query rows per descale block, 0: per tensor
         .Attr<int64_t>("descale_block_k"),  // keys per descale block, 0: per tensor
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fp8_quantize_cuda, fa3::fp8_quantize_cuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()    // x [batch, seqlen, heads, head_dim] float32/16/bf16
+        .Arg<xla::ffi::AnyBuffer>()    // signs float32 [batch, head_dim] (read with hadamard)
+        .Ret<xla::ffi::AnyBuffer>()    // x8 float8_e4m3fn, like x
+        .Ret<xla::ffi::AnyBuffer>()    // descale float32 (flash.h, "FP8")
+        .Ret<xla::ffi::AnyBuffer>()    // workspace (uint8; group maxima when block_rows is 0)
+        .Attr<int64_t>("block_rows")   // rows per descale block; 0: per (batch, kv head)
+        .Attr<int64_t>("heads_kv")     // descale groups of heads / heads_kv heads (block_rows 0)
+        .Attr<bool>("hadamard"),       // the random-sign Hadamard transform first
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

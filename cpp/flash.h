@@ -57,6 +57,7 @@
 // 256}, per-block descales only on its own tiles (tile_size.h).
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
@@ -121,11 +122,53 @@ struct BwdParams : FwdParams {
   bool deterministic = false;
 };
 
+// ---- FP8 quantization (python/fa3_jax/fp8.py; float32/16-bit x to e4m3 plus descales) ----------
+// x [batch, seqlen, heads, head_dim] (dtype kFloat32, kFloat16 or kBFloat16) -> x8 float8_e4m3fn
+// of the same shape and float32 descales in the FP8 layouts above: block_rows > 0 gives descale
+// [batch, heads, ceil(seqlen / block_rows)], one per block of block_rows rows of one head;
+// block_rows == 0 gives [batch, heads_kv], one per GQA group of heads / heads_kv consecutive heads.
+// Each row is first y = float(x), then, with signs (float32 [batch, head_dim] of +-1, one vector
+// per batch row), y = y M with M = diag(signs) H / sqrt(head_dim) along head_dim (power of two):
+// y_i negated where signs_i < 0, then the butterfly stages h = 1, 2, 4, ..., head_dim / 2 in that order, each
+// (a, b) -> (a + b, a - b) for the entries i and i + h of every run of 2h entries, then y_i *=
+// fp8_hadamard_scale(head_dim). That is fp8.hadamard_transform's order of float32 operations, so
+// both give the same bits. Then per block (or group): amax = max |y| (nan wins), descale =
+// fp8_descale(amax), x8 = e4m3(clamp(y * (1 / descale), -448, 448)) rounded to nearest even,
+// 1 / descale an IEEE division. That is what XLA compiles fp8.quantize_blocks' amax / 448 and
+// y / descale into (its algebraic simplifier turns a division by a constant, or by a broadcast,
+// into a multiplication by the reciprocal), so the bytes and descales equal the XLA path's.
+struct Fp8QuantizeParams {
+  int64_t batch = 0, seqlen = 0, heads = 0, heads_kv = 0, head_dim = 0;
+  int64_t block_rows = 0;         // 0: one descale per (batch, kv head)
+  DType dtype = DType::kFloat32;  // of x
+  const void* x = nullptr;
+  const float* signs = nullptr;   // null: no Hadamard transform
+  uint8_t* x8 = nullptr;
+  float* descale = nullptr;
+};
+
+// The Hadamard transform's final factor: 1 / sqrt(head_dim) rounded once from double to float,
+// as numpy's float32(1.0 / math.sqrt(d)) in fp8.hadamard_transform.
+inline float fp8_hadamard_scale(int64_t head_dim) {
+  return float(1.0 / std::sqrt(double(head_dim)));
+}
+
+// e4m3fn's largest finite value, and the descale of a block whose largest magnitude is amax: the
+// stored value times the descale is the true value; 1 for an all-zero block (or a nan amax).
+inline constexpr float kFp8Max = 448.f;
+#ifdef __CUDACC__
+__host__ __device__
+#endif
+inline float fp8_descale(float amax) {
+  return amax > 0.f ? amax * (1.f / kFp8Max) : 1.f;
+}
+
 // ---- CPU backend (cpp/cpu/) -------------------------------------------------------------------
 // Multi-threaded over (batch, head) work items; float32 accumulation; no seqlen_q x seqlen_k buffer.
 // num_threads <= 0 means std::thread::hardware_concurrency().
 void run_fwd_cpu(const FwdParams& p, int num_threads);
 void run_bwd_cpu(const BwdParams& p, int num_threads);
+void run_fp8_quantize_cpu(const Fp8QuantizeParams& p, int num_threads);
 
 // ---- Hopper backend (cpp/hopper/), built only with FA3_JAX_CUDA --------------------------------
 // Each returns nullptr on success or a static, human-readable reason (unsupported head dim or
@@ -139,6 +182,11 @@ const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stre
 bool sm90_supports_bwd(const BwdParams& p);
 size_t sm90_bwd_workspace_bytes(const BwdParams& p);
 const char* run_bwd_sm90(const BwdParams& p, void* workspace, cudaStream_t_ stream);
+// FP8 quantization: head_dim 64, 128 or 256, block_rows <= 128 (cpp/hopper/flash_fp8_quantize_sm90.cu).
+bool sm90_supports_fp8_quantize(const Fp8QuantizeParams& p);
+size_t sm90_fp8_quantize_workspace_bytes(const Fp8QuantizeParams& p);
+const char* run_fp8_quantize_sm90(const Fp8QuantizeParams& p, void* workspace,
+                                  cudaStream_t_ stream);
 #endif
 
 }  // namespace fa3

@@ -63,19 +63,22 @@ NB_MODULE(_fa3_jax_ext, m) {
     void* const fwd_fp8_cuda = reinterpret_cast<void*>(fa3_fwd_fp8_cuda);
     void* const fwd_segments_cuda = reinterpret_cast<void*>(fa3_fwd_segments_cuda);
     void* const bwd_segments_cuda = reinterpret_cast<void*>(fa3_bwd_segments_cuda);
+    void* const fp8_quantize_cuda = reinterpret_cast<void*>(fa3_fp8_quantize_cuda);
 #else
     void* const fwd_varlen_cuda = nullptr;
     void* const bwd_varlen_cuda = nullptr;
     void* const fwd_fp8_cuda = nullptr;
     void* const fwd_segments_cuda = nullptr;
     void* const bwd_segments_cuda = nullptr;
+    void* const fp8_quantize_cuda = nullptr;
 #endif
     const Packed packed[] = {
         {"fa3_fwd_varlen", reinterpret_cast<void*>(fa3_fwd_varlen_cpu), fwd_varlen_cuda},
         {"fa3_bwd_varlen", reinterpret_cast<void*>(fa3_bwd_varlen_cpu), bwd_varlen_cuda},
         {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu), fwd_segments_cuda},
         {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu), bwd_segments_cuda},
-        {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu), fwd_fp8_cuda}};
+        {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu), fwd_fp8_cuda},
+        {"fa3_fp8_quantize", reinterpret_cast<void*>(fa3_fp8_quantize_cpu), fp8_quantize_cuda}};
     for (const Packed& e : packed) {
       nb::dict by_platform;
       by_platform["cpu"] = nb::capsule(e.cpu);
@@ -124,6 +127,18 @@ NB_MODULE(_fa3_jax_ext, m) {
       nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
       nb::arg("dv"), nb::arg("deterministic"), nb::arg("num_seqs") = 0,
       nb::arg("segments") = false);
+  // Bytes of the uint8 workspace result of the CUDA fa3_fp8_quantize call (group maxima when
+  // block_rows is 0).
+  m.def(
+      "sm90_fp8_quantize_workspace_bytes",
+      [](int64_t batch, int64_t heads_kv, int64_t block_rows) {
+        fa3::Fp8QuantizeParams p;
+        p.batch = batch;
+        p.heads_kv = heads_kv;
+        p.block_rows = block_rows;
+        return fa3::sm90_fp8_quantize_workspace_bytes(p);
+      },
+      nb::arg("batch"), nb::arg("heads_kv"), nb::arg("block_rows"));
   m.def("cuda_call_stats", [] {
     int64_t calls = 0, captured = 0;
     fa3_cuda_call_stats(&calls, &captured);

@@ -6,6 +6,7 @@ accuracy of the whole scheme against float64 with the FlashAttention-3 paper's p
 
 import importlib.util
 import pathlib
+import re
 from functools import partial
 
 import jax
@@ -17,7 +18,7 @@ import pytest
 import fa3_jax
 from fa3_jax import fp8
 from fa3_jax.attention import fp8_forward
-from util import fresh_key, make_qkv, max_err
+from util import assert_same_quantization, fresh_key, make_qkv, max_err
 
 E4M3 = jnp.float8_e4m3fn
 
@@ -104,6 +105,107 @@ def test_scale_blocks_are_the_forward_tiles():
     assert fp8.scale_blocks(128, 128) == (128, 128)
     assert fp8.scale_blocks(256, 256) == (128, 96)
     assert all(fp8.scale_blocks(d, d)[1] % 32 == 0 for d in (64, 128, 256))
+
+
+# ---- the fused quantization kernel (CPU backend) against the XLA path ------------------------
+
+def _both_quantizations(q, k, v, **kw):
+    fused = fp8.quantize(q, k, v, fused=True, **kw)
+    xla = fp8.quantize(q, k, v, fused=False, **kw)
+    assert fused[2] == xla[2]
+    return fused[:2], xla[:2]
+
+
+@pytest.mark.parametrize("s", [1, 7, 113, 1000])
+@pytest.mark.parametrize("d,dtype", [(64, jnp.bfloat16), (128, jnp.float16), (256, jnp.float32)])
+@pytest.mark.parametrize("block_quantize", [True, False])
+@pytest.mark.parametrize("incoherent", [True, False])
+def test_fused_quantization_matches_xla_path(s, d, dtype, block_quantize, incoherent):
+    q, k, v = make_qkv(2, s, s, 6, 2, d, dtype=dtype)  # GQA: per-tensor q scales shared by 3
+    # Scales that differ per head and per block, and an all-zero head (descale 1).
+    q = q * jnp.linspace(0.05, 30.0, s)[None, :, None, None].astype(dtype)
+    k = k.at[:, :, 1].set(0)
+    v = v * jnp.asarray([1e-3, 5.0], dtype)[None, None, :, None]
+    got, want = _both_quantizations(q, k, v, block_quantize=block_quantize,
+                                    incoherent=incoherent, seed=s)
+    assert_same_quantization(got, want)
+
+
+def test_fused_quantization_mqa_and_rounding_ties():
+    # e4m3 ties and their neighbours: the kernel's round-to-nearest-even must be XLA's.
+    codes = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    mags = np.unique(np.abs(codes[np.isfinite(codes)]))
+    mids = ((mags[:-1].astype(np.float64) + mags[1:]) / 2).astype(np.float32)
+    vals = np.concatenate([mids, np.nextafter(mids, 0), np.nextafter(mids, 1e4), mags])
+    vals = np.concatenate([vals, -vals])
+    d = 64
+    vals = np.resize(vals, (2, -(-vals.size // (2 * 4 * d)), 4, d))
+    vals[:, 0, :, 0] = 448.0  # amax 448 per block and head: descale close to 1
+    x = jnp.asarray(vals)
+    xk = x[:, :, :1]  # MQA
+    for block_quantize in (True, False):
+        got, want = _both_quantizations(x, xk, xk, block_quantize=block_quantize,
+                                        incoherent=False)
+        assert_same_quantization(got, want, max_fraction=0.0)
+        # And against numpy: float32 multiply by the reciprocal, ml_dtypes' rounding.
+        descale = np.asarray(got[1][0])
+        inv = (np.float32(1) / descale).astype(np.float32)
+        per = (np.repeat(inv, 128, axis=2)[:, :, :x.shape[1]].transpose(0, 2, 1)[..., None]
+               if block_quantize else inv[:, None, :, None])
+        want8 = np.clip(vals * per, -448, 448).astype(np.float32).astype(ml_dtypes.float8_e4m3fn)
+        np.testing.assert_array_equal(np.asarray(got[0][0]).view(np.uint8), want8.view(np.uint8))
+
+
+def test_fused_quantization_jit_vmap_and_seed():
+    q, k, v = make_qkv(3, 50, 50, 4, 2, 128, dtype=jnp.bfloat16)
+    f = jax.jit(lambda q, k, v, s: fp8.quantize(q, k, v, seed=s)[:2])
+    eager = fp8.quantize(q, k, v, seed=5)[:2]
+    np.testing.assert_array_equal(np.asarray(f(q, k, v, 5)[0][0]).view(np.uint8),
+                                  np.asarray(eager[0][0]).view(np.uint8))
+    # vmap over batch items and over seeds: each mapped call is the single call.
+    mapped = jax.vmap(f, in_axes=(0, 0, 0, None))(q[:, None], k[:, None], v[:, None], 5)
+    for got, want in zip(jax.tree.leaves(mapped), jax.tree.leaves(eager)):
+        np.testing.assert_array_equal(np.asarray(got[:, 0]).view(np.uint8)
+                                      if got.dtype == E4M3 else np.asarray(got[:, 0]),
+                                      np.asarray(want).view(np.uint8)
+                                      if want.dtype == E4M3 else np.asarray(want))
+    seeds = jnp.asarray([5, 6])
+    by_seed = jax.vmap(f, in_axes=(None, None, None, 0))(q, k, v, seeds)
+    for i, s in enumerate((5, 6)):
+        one = fp8.quantize(q, k, v, seed=s)[:2]
+        np.testing.assert_array_equal(np.asarray(by_seed[0][0][i]).view(np.uint8),
+                                      np.asarray(one[0][0]).view(np.uint8))
+        np.testing.assert_array_equal(np.asarray(by_seed[1][1][i]), np.asarray(one[1][1]))
+
+
+def test_fused_quantization_errors():
+    q, k, v = make_qkv(1, 8, 8, 2, 2, 96)
+    with pytest.raises(ValueError, match="power-of-two head_dim.*got 96"):
+        fp8.quantize(q, k, v)
+    got, want = _both_quantizations(q, k, v, incoherent=False)  # any head dim without it
+    assert_same_quantization(got, want)
+    with pytest.raises(TypeError, match="fused_quantize must be a bool"):
+        fa3_jax.fp8_attention(q, k, v, incoherent=False, fused_quantize=None)
+    with pytest.raises(TypeError, match="FP8 attention is forward only"):
+        jax.grad(lambda q: fp8.quantize(q, k, v, incoherent=False)[1][0].sum())(q)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
+@pytest.mark.parametrize("block_quantize", [True, False])
+def test_fused_quantization_keeps_batch_and_head_sharding(block_quantize):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("b", "h"))
+    q, k, v = make_qkv(2, 40, 40, 8, 4, 64, dtype=jnp.bfloat16)
+    f = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, block_quantize=block_quantize)[:2])
+    want = f(q, k, v)
+    spec = NamedSharding(mesh, P("b", None, "h", None))
+    sharded = [jax.device_put(x, spec) for x in (q, k, v)]
+    got = f(*sharded)
+    assert_same_quantization(got, want, max_fraction=0.0)
+    assert got[0][0].sharding.is_equivalent_to(spec, 4)
+    assert got[1][0].sharding.spec[:2] == ("b", "h")
+    text = f.lower(*sharded).compile().as_text()
+    assert not re.findall(r"\b(all-gather|all-to-all|collective-permute|all-reduce)", text)
 
 
 # ---- the CPU backend against the reference on the dequantized inputs -------------------------
@@ -280,7 +382,9 @@ def test_cuda_lowering_refuses_clearly():
     q, k, v = make_qkv(1, 16, 16, 2, 2, 96, dtype=jnp.bfloat16)
     why = ("no CUDA kernels" if not fa3_jax.cuda_built() else
            r"supports head_dim == head_dim_v in .*got head_dim=96")
-    with pytest.raises(ValueError, match="FP8 attention on a CUDA device: .*" + why):
+    if fa3_jax.cuda_built():  # the quantization pass is lowered first
+        why = r"supports head_dim in \(64, 128, 256\), got 96"
+    with pytest.raises(ValueError, match="FP8 (attention|quantization) on a CUDA device: .*" + why):
         jax.jit(partial(fa3_jax.fp8_attention, incoherent=False)).trace(q, k, v).lower(
             lowering_platforms=("cuda",))
     if fa3_jax.cuda_built() and 64 in fa3_jax.cuda_head_dims():
@@ -305,12 +409,15 @@ def test_ffi_handler_rejects_bad_descales():
         jax.jit(partial(call, block_q=128, block_k=0))(q8, k8, v8, dq, dk, dv)
 
 
-def test_sharded_operands_are_gathered():
-    # No partitioning rule yet: under a multi-device jit XLA gathers the operands; same result.
+@pytest.mark.parametrize("block_quantize", [True, False])
+def test_fp8_attention_keeps_batch_and_head_sharding(block_quantize):
+    # The quantization and the FP8 forward both keep batch/head sharding: no collective at all.
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("b", "h"))
     q, k, v = make_qkv(2, 40, 40, 8, 4, 64)
-    f = jax.jit(partial(fa3_jax.fp8_attention, causal=True))
+    f = jax.jit(partial(fa3_jax.fp8_attention, causal=True, block_quantize=block_quantize))
     want = f(q, k, v)
     sharded = [jax.device_put(x, NamedSharding(mesh, P("b", None, "h", None))) for x in (q, k, v)]
     np.testing.assert_array_equal(np.asarray(f(*sharded)), np.asarray(want))
+    text = f.lower(*sharded).compile().as_text()
+    assert not re.findall(r"\b(all-gather|all-to-all|collective-permute|all-reduce)", text)

@@ -19,7 +19,7 @@ import pytest
 import fa3_jax
 from fa3_jax import fp8
 from fa3_jax.attention import bottom_right_band, fp8_forward
-from util import fresh_key, make_qkv
+from util import assert_same_quantization, fresh_key, make_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -186,6 +186,40 @@ def test_fp8_attention_jit_vmap_and_errors():
     with pytest.raises(ValueError, match="head_dim == head_dim_v in"):
         a, b, c = (x[..., :96] for x in (q8, k8, v8))
         fa3_jax.flash_attention(a, b, c, descale_q=ones, descale_k=ones, descale_v=ones)
+
+
+@pytest.mark.parametrize("s", [1, 7, 113, 1000])
+@pytest.mark.parametrize("d", FP8_HDIMS)
+@pytest.mark.parametrize("block_quantize", [True, False])
+@pytest.mark.parametrize("incoherent", [True, False])
+def test_fused_quantization_matches_xla_path(s, d, block_quantize, incoherent):
+    """The Hopper quantization kernel against the same pass as XLA ops on the GPU: equal
+    descales, equal e4m3 bytes but for a few values one e4m3 step apart (util's bound)."""
+    dtype = {64: jnp.float16, 128: jnp.bfloat16, 256: jnp.bfloat16}[d]
+    q, k, v = make_qkv(2, s, s, 6, 2, d, dtype=dtype)  # GQA: per-tensor q scales shared by 3
+    q = q * jnp.linspace(0.05, 30.0, s)[None, :, None, None].astype(dtype)
+    k = k.at[:, :, 1].set(0)  # an all-zero head: descale 1
+    v = v * jnp.asarray([1e-3, 5.0], dtype)[None, None, :, None]
+    q, k, v = _gpu(q, k, v)
+    kw = dict(block_quantize=block_quantize, incoherent=incoherent, seed=s)
+    fused = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, fused=True, **kw)[:2])(q, k, v)
+    xla = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, fused=False, **kw)[:2])(q, k, v)
+    differ = assert_same_quantization(fused, xla)
+    print(f"\n{differ} e4m3 values one step from the XLA path's")
+
+
+def test_fused_quantization_float32_input_and_attention():
+    q, k, v = _gpu(*make_qkv(2, 300, 300, 8, 2, 128))  # float32 inputs, GQA
+    for block_quantize in (True, False):
+        kw = dict(block_quantize=block_quantize, seed=1)
+        fused = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, **kw)[:2])(q, k, v)
+        xla = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, fused=False, **kw)[:2])(q, k, v)
+        assert_same_quantization(fused, xla)
+    f = jax.jit(lambda q, k, v, fused: fa3_jax.fp8_attention(q, k, v, causal=True,
+                                                             fused_quantize=fused),
+                static_argnums=3)
+    a, b = (np.asarray(f(q, k, v, x), np.float32) for x in (True, False))
+    assert np.max(np.abs(a - b)) <= 2.0 ** -5 * np.max(np.abs(b))
 
 
 def test_fp8_accuracy_table_on_the_kernel():

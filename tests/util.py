@@ -85,3 +85,27 @@ def check_backward(q, k, v, factor=2.0, **kw):
         assert g.shape == x.shape and g.dtype == x.dtype, name
         assert_close_to_reference(g, r, rl, q.dtype, name, factor)
     return got
+
+
+def assert_same_quantization(got, want, max_fraction=1e-4):
+    """got, want: ((q8, k8, v8), (descale_q, descale_k, descale_v)) of fa3_jax.fp8.quantize. The
+    descales must be equal; the e4m3 values equal but for at most ``max_fraction`` of them, and
+    those one e4m3 step apart (a product rounded on the other side of a tie: XLA's fusions may
+    round y * (1 / descale) differently from the kernels' separate float32 multiplies). Returns
+    the number of values that differ."""
+    def ordinal(x8):  # e4m3 codes in value order (+0 and -0 both 0)
+        u = np.asarray(x8).view(np.uint8).astype(np.int32)
+        return np.where(u & 0x80, -(u & 0x7f), u & 0x7f)
+
+    (g8, gs), (w8, ws) = got, want
+    for a, b in zip(gs, ws):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    differ = total = 0
+    for a, b in zip(g8, w8):
+        assert a.dtype == b.dtype == jnp.float8_e4m3fn and a.shape == b.shape
+        steps = np.abs(ordinal(a) - ordinal(b))
+        assert steps.max(initial=0) <= 1, f"e4m3 values {int(steps.max())} steps apart"
+        differ += int(np.count_nonzero(steps))
+        total += steps.size
+    assert differ <= max_fraction * total, f"{differ} of {total} e4m3 values differ"
+    return differ

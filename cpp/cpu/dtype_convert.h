@@ -1,4 +1,4 @@
-// fa3_jax CPU backend: float <-> IEEE binary16 / bfloat16 conversions, float8_e4m3fn -> float.
+// fa3_jax CPU backend: float <-> IEEE binary16 / bfloat16 / float8_e4m3fn conversions.
 //
 // Round-to-nearest-even, exact for subnormals, inf and nan (nan stays a quiet nan of the same
 // sign). Every function is branch-free integer/float arithmetic, so loops over arrays of them
@@ -69,6 +69,25 @@ inline float e4m3_to_float(uint8_t x) {
   uint32_t mag = select_bits(em < 8u, float_bits(sub), normal);
   mag = select_bits(em == 0x7fu, 0x7fc00000u, mag);
   return bits_float(sign | mag);
+}
+
+// float -> float8_e4m3fn, round to nearest even, saturating: magnitudes from 448 up (inf
+// included) give 448, the largest finite e4m3fn value (as CUDA's cvt.rn.satfinite); nan gives
+// 0x7f with f's sign.
+inline uint8_t float_to_e4m3(float f) {
+  const uint32_t x = float_bits(f) & 0x7fffffffu;
+  const uint32_t sign = (float_bits(f) >> 24) & 0x80u;
+  // Below 2^-6 the result is subnormal (m * 2^-9): at 2^14 one float ulp is 2^-9, so adding
+  // 2^14 makes the float adder round to the nearest step, ties to even (m = 8 is 2^-6, whose
+  // encoding 0x08 is the right one).
+  const uint32_t sub = float_bits(bits_float(x) + 16384.f) - float_bits(16384.f);
+  // Normal: keep 3 mantissa bits with ties to even (a carry bumps the exponent), then rebias the
+  // exponent from 127 to 7.
+  const uint32_t normal = ((x + 0x7ffffu + ((x >> 20) & 1u)) >> 20) - (120u << 3);
+  uint32_t r = select_bits(x < 0x3c800000u, sub, normal);  // 2^-6
+  r = select_bits(x >= 0x43e00000u, 0x7eu, r);             // 448
+  r = select_bits(x > 0x7f800000u, 0x7fu, r);
+  return uint8_t(sign | r);
 }
 
 inline float bf16_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }

@@ -53,6 +53,23 @@ def cuda_unsupported_fp8(head_dim: int, head_dim_v: int, block_q: int, block_k: 
     return None
 
 
+FP8_QUANTIZE_MAX_BLOCK_ROWS = 128  # of the Hopper quantization kernel (flash.h)
+
+
+def cuda_unsupported_fp8_quantize(head_dim: int, block_rows: int) -> str | None:
+    """Why the Hopper FP8 quantization kernel cannot take this head_dim and block (0: per
+    tensor), or None. It is compiled for every FP8 head dim whatever the build's attention dims."""
+    if not cuda_built():
+        return ("this fa3_jax build has no CUDA kernels; reinstall with nvcc available "
+                "(FA3_JAX_CUDA=ON), or run on CPU")
+    if head_dim not in FP8_HEAD_DIMS:
+        return f"the Hopper FP8 quantization supports head_dim in {FP8_HEAD_DIMS}, got {head_dim}"
+    if block_rows > FP8_QUANTIZE_MAX_BLOCK_ROWS:
+        return (f"the Hopper FP8 quantization takes blocks of at most "
+                f"{FP8_QUANTIZE_MAX_BLOCK_ROWS} rows, got {block_rows}")
+    return None
+
+
 def cuda_unsupported(dtype, head_dim: int, head_dim_v: int) -> str | None:
     """Why the Hopper kernels of this build cannot take q of this dtype and head dims, or None.
 
@@ -106,3 +123,8 @@ def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=Fal
                                                  bool(fp8), bool(segments)))
     return int(_ext.sm90_bwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, bool(deterministic),
                                              int(num_seqs), bool(segments)))
+
+
+def fp8_quantize_workspace_bytes(batch: int, heads_kv: int, block_rows: int) -> int:
+    """Bytes of the uint8 workspace result of the CUDA ``fa3_fp8_quantize`` call."""
+    return int(_ext.sm90_fp8_quantize_workspace_bytes(int(batch), int(heads_kv), int(block_rows)))

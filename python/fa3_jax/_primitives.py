@@ -658,3 +658,115 @@ def _fp8_no_derivative(primals, tangents, **params):
 ad.primitive_jvps[fp8_fwd_p] = _fp8_no_derivative
 _dispatch.prim_requires_devices_during_lowering.add(fp8_fwd_p)
 _register(fp8_fwd_p, _fp8_fwd_abstract, 2, _fp8_fwd_lower_impl, _fp8_cuda_lowering)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 quantization of one tensor (cpp/flash.h, "FP8 quantization"): x [batch, seqlen, heads,
+# head_dim] float32/float16/bfloat16 and signs float32 [batch, head_dim] (one sign vector per
+# batch row, so that a vmapped seed folds into the batch like everything else; read only when
+# ``hadamard``) -> x8 float8_e4m3fn like x and float32 descales: [batch, heads, ceil(seqlen /
+# block_rows)], or for block_rows 0 [batch, heads // group], one per group of ``group``
+# consecutive heads (GQA). Static: block_rows, group, hadamard. Batch and head axes stay sharded
+# (a head split must divide heads // group, keeping descale groups whole); seqlen and head_dim are
+# gathered. Not differentiable.
+# ---------------------------------------------------------------------------------------------
+
+def _fp8_quantize_local(x, signs, block_rows, group, hadamard, cuda):
+    b, s, h, _ = x.shape
+    heads_kv = h // group
+    descale_shape = (b, h, -(-s // block_rows)) if block_rows else (b, heads_kv)
+    out_types = (jax.ShapeDtypeStruct(x.shape, jnp.float8_e4m3fn),
+                 jax.ShapeDtypeStruct(descale_shape, jnp.float32))
+    if cuda:  # the group maxima of the per-tensor form
+        nbytes = _ffi.fp8_quantize_workspace_bytes(b, heads_kv, block_rows)
+        out_types += (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),)
+    call = jax.ffi.ffi_call("fa3_fp8_quantize", out_types)
+    return tuple(call(x, signs, block_rows=np.int64(block_rows), heads_kv=np.int64(heads_kv),
+                      hadamard=bool(hadamard)))[:2]
+
+
+def _fp8_quantize_shardings(mesh, x_shape, block_rows, group):
+    """(x and x8 sharding, signs sharding, descale sharding): batch and heads as x has them
+    where they split evenly (heads: whole descale groups), the rest whole."""
+    batch, heads = x_shape.shape[0], x_shape.shape[2]
+    b_ax, h_ax = _spec_entry(x_shape.sharding, 0), _spec_entry(x_shape.sharding, 2)
+    if b_ax is not None and batch % _axis_size(mesh, b_ax):
+        b_ax = None
+    if h_ax is not None and (heads // group) % _axis_size(mesh, h_ax):
+        h_ax = None
+    if b_ax is not None and h_ax is not None:
+        used = set(b_ax if isinstance(b_ax, tuple) else (b_ax,))
+        if used & set(h_ax if isinstance(h_ax, tuple) else (h_ax,)):
+            h_ax = None
+    descale = P(b_ax, h_ax, None) if block_rows else P(b_ax, h_ax)
+    return (NamedSharding(mesh, P(b_ax, None, h_ax, None)), NamedSharding(mesh, P(b_ax, None)),
+            NamedSharding(mesh, descale))
+
+
+def _fp8_quantize_partition(block_rows, group, hadamard, cuda, mesh, arg_shapes, result_shape):
+    x, signs, descale = _fp8_quantize_shardings(mesh, arg_shapes[0], block_rows, group)
+
+    def lower_fn(x_, signs_):
+        return _fp8_quantize_local(x_, signs_, block_rows, group, hadamard, cuda)
+
+    return mesh, lower_fn, (x, descale), (x, signs)
+
+
+def _fp8_quantize_infer(block_rows, group, hadamard, cuda, mesh, arg_shapes, result_shape):
+    x, _, descale = _fp8_quantize_shardings(mesh, arg_shapes[0], block_rows, group)
+    return (x, descale)
+
+
+def _fp8_quantize_rule(block_rows, group, hadamard, cuda, mesh, value_types, result_types):
+    heads = mlir.ir.RankedTensorType(value_types[0]).shape[2]
+    if block_rows:
+        rule, sizes, keep = "b s h d, b e -> b s h d, b h n", {}, ("n",)
+    elif group == 1:
+        rule, sizes, keep = "b s h d, b e -> b s h d, b h", {}, ()
+    elif group == heads:  # one group: Shardy rejects a size-1 factor inside a compound one
+        rule, sizes, keep = "b s h d, b e -> b s h d, b g", {}, ("h", "g")
+    else:
+        rule, sizes, keep = "b s (h r) d, b e -> b s (h r) d, b h", {"r": group}, ("r",)
+    repl = _in_rule_order(rule, ("s", "d", "e") + keep)
+    return rule, dict(need_replication_factors=repl, **sizes)
+
+
+_fp8_quantize_partitioned = custom_partitioning(_fp8_quantize_local, static_argnums=(2, 3, 4, 5))
+_fp8_quantize_partitioned.def_partition(
+    partition=_fp8_quantize_partition, infer_sharding_from_operands=_fp8_quantize_infer,
+    sharding_rule=_fp8_quantize_rule)
+
+fp8_quantize_p = jex_core.Primitive("fa3_fp8_quantize")
+fp8_quantize_p.multiple_results = True
+
+
+def _fp8_quantize_abstract(x, signs, *, block_rows, group, hadamard):
+    b, s, h, _ = x.shape
+    descale_shape = (b, h, -(-s // block_rows)) if block_rows else (b, h // group)
+    return (jax.core.ShapedArray(x.shape, jnp.float8_e4m3fn),
+            jax.core.ShapedArray(descale_shape, jnp.float32))
+
+
+def _fp8_quantize_lower_impl(x, signs, *, block_rows, group, hadamard, cuda=False):
+    return _fp8_quantize_partitioned(x, signs, block_rows, group, hadamard, cuda)
+
+
+def _fp8_quantize_cuda_lowering(ctx, x, signs, *, block_rows, **params):
+    why = _ffi.cuda_unsupported_fp8_quantize(ctx.avals_in[0].shape[3], block_rows)
+    if why:
+        raise ValueError(f"fa3_jax: FP8 quantization on a CUDA device: {why} "
+                         "(fa3_jax.fp8.quantize(..., fused=False) runs the pass as XLA ops)")
+    return mlir.lower_fun(_fp8_quantize_lower_impl, multiple_results=True)(
+        ctx, x, signs, block_rows=block_rows, cuda=True, **params)
+
+
+def fp8_quantize(x, signs, *, block_rows, group, hadamard):
+    """Binds fp8_quantize_p: (x8, descale) of one tensor (see the section comment)."""
+    return fp8_quantize_p.bind(x, signs, block_rows=int(block_rows), group=int(group),
+                               hadamard=bool(hadamard))
+
+
+ad.primitive_jvps[fp8_quantize_p] = _fp8_no_derivative
+_dispatch.prim_requires_devices_during_lowering.add(fp8_quantize_p)
+_register(fp8_quantize_p, _fp8_quantize_abstract, 2, _fp8_quantize_lower_impl,
+          _fp8_quantize_cuda_lowering)

@@ -43,3 +43,23 @@ fv = lambda q: fa3_jax.flash_attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=
 val, grad = jax.jit(jax.value_and_grad(lambda q: jnp.sum(fv(q).astype(jnp.float32))))(q)
 jax.block_until_ready(grad)
 print(f"varlen head_dim {d}: ok, loss {float(val):.4f}")
+# Segment ids (forward and backward, both the plain and the deterministic backward): packed
+# documents with padding id 0 in the middle and at the end, interleaved ids, seqlen_q != seqlen_k,
+# causal. The prepare kernels read the ids and write block ranges into the workspace.
+kq, kk, kv, key = jax.random.split(key, 4)
+q = jax.random.normal(kq, (2, 211, 4, d), jnp.bfloat16)
+k = jax.random.normal(kk, (2, 333, 2, d), jnp.bfloat16)
+v = jax.random.normal(kv, (2, 333, 2, d), jnp.bfloat16)
+q_ids = jnp.stack([jnp.repeat(jnp.array([1, 0, 2, 3, 0], jnp.int32), jnp.array([50, 9, 100, 40, 12]),
+                              total_repeat_length=211),
+                   jnp.arange(211, dtype=jnp.int32) % 3])
+kv_ids = jnp.stack([jnp.repeat(jnp.array([1, 0, 2, 3, 0], jnp.int32), jnp.array([70, 20, 150, 80, 13]),
+                               total_repeat_length=333),
+                    jnp.arange(333, dtype=jnp.int32) % 3])
+for det in (False, True):
+    fs = lambda q, k, v: jnp.sum(fa3_jax.flash_attention(  # noqa
+        q, k, v, causal=True, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
+        deterministic=det).astype(jnp.float32))
+    val, grads = jax.jit(jax.value_and_grad(fs, argnums=(0, 1, 2)))(q, k, v)
+    jax.block_until_ready(grads)
+    print(f"segment ids head_dim {d} deterministic {det}: ok, loss {float(val):.4f}")

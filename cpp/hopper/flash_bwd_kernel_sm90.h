@@ -240,6 +240,11 @@ struct BwdTraitsSm90 {
   using SharedStorage = SharedStorageT<kDqBulk ? kBlockM * kHeadDim : 0>;
   static_assert(kDqBulk || !kDqSplitM, "the atomic dQ path orders one 64-row block per CTA step");
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
+  // The epilogue stages dK in the Q buffers and dV in the dO buffers (flash_bwd_kernel_sm90 end)
+  // where they hold a whole key block and rows are whole swizzle groups (not hdim 96).
+  static constexpr bool kStagedEpilogue = kHeadDim % 64 == 0 && kHeadDimV % 64 == 0 &&
+                                          cosize_v<SmemLayoutQ> >= kBlockN * kHeadDim &&
+                                          cosize_v<SmemLayoutdO> >= kBlockN * kHeadDimV;
   static_assert(kSmemBytes <= 227 * 1024, "shared memory over the sm_90 per-block limit");
 };
 
@@ -333,6 +338,34 @@ __device__ __forceinline__ void fence_proxy_async_global() { asm volatile("fence
 // First dQ adder of query block m in deterministic mode: the lowest key block that sees it.
 __device__ __forceinline__ int first_key_block(int m0, int diag_lo, int block_n) {
   return max(0, m0 + diag_lo) / block_n;
+}
+
+// threadIdx.x, read anew: not merged with earlier thread-index arithmetic by the compiler.
+__device__ __forceinline__ int fresh_thread_idx() {
+  uint32_t t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return int(t);
+}
+
+// The staged dK/dV epilogue's tile layout: kCols-wide 16-bit rows, 16-byte chunk c of row r at
+// chunk c ^ (r % 8) (kCols a multiple of 64, so the swizzle stays within the row).
+template <int kCols>
+__device__ __forceinline__ int staged_offset(int r, int c) {
+  static_assert(kCols % 64 == 0, "whole groups of 8 chunks per row");
+  return r * kCols + (((c / 8) ^ (r % 8)) * 8) + c % 8;
+}
+
+// Rows 0 .. rows-1 of a staged tile to global rows of `stride` elements, one 16-byte chunk per
+// thread and step (consecutive threads: consecutive chunks of a row).
+template <int kCols, class Element>
+__device__ __forceinline__ void store_staged_rows(Element* gmem, int64_t stride, const Element* smem, int rows,
+                                                  int tid, int threads) {
+  constexpr int kChunks = kCols / 8;
+  for (int g = tid; g < rows * kChunks; g += threads) {
+    const int r = g / kChunks, c = g % kChunks;
+    *reinterpret_cast<uint4*>(gmem + r * stride + c * 8) =
+        *reinterpret_cast<const uint4*>(smem + r * kCols + ((c ^ (r % 8)) * 8));
+  }
 }
 
 // ---- the kernel ---------------------------------------------------------------------------------
@@ -849,11 +882,44 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     ++state;
   }
 
-  // Epilogue: dK * softmax_scale and dV, straight from registers (rows past seqlen_k dropped).
+  // Epilogue: dK * softmax_scale and dV (rows past seqlen_k dropped).
   const int valid_n = n_end - n0;
   const int64_t k_row = int64_t(b) * p.seqlen_k + offset_k + n0;
   Element* gdk = static_cast<Element*>(p.dk) + (k_row * p.heads_kv + hkv) * kHeadDim;
   Element* gdv = static_cast<Element*>(p.dv) + (k_row * p.heads_kv + hkv) * kHeadDimV;
+  if constexpr (Tr::kStagedEpilogue) {
+    // Through shared memory (dK in the Q buffers, dV in the dO buffers, which no one reads any
+    // more), then whole 16-byte row chunks to global memory: a warp's accumulator pairs cover 8
+    // rows x 16 bytes, half of each 32-byte sector, so stores straight from registers take twice
+    // the instructions and write sectors in halves. Rows are row-major with 16-byte chunk c of
+    // row r at c ^ (r % 8): the 8 rows of a warp's pair stores fall in distinct banks.
+    // Both warpgroups must be done with Q/dO (the other may still run its last dK/dV product);
+    // PdSWritten is otherwise idle by now.
+    sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSWritten);
+    Element* sdk = ss.q.data();
+    Element* sdv = ss.dout.data();
+    // Coordinates from a fresh read of the thread index: derived from `tid`, the compiler shares
+    // them with the mainloop's lane arithmetic and keeps those values live across the loop (hdim
+    // 128 spilled 20 bytes, reloaded in the loop).
+    const int etid = fresh_thread_idx() - cutlass::NumThreadsPerWarpGroup;
+    Tensor tdKcdK_s = mma_dk.get_thread_slice(etid).partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    Tensor tdVcdV_s = mma_dv.get_thread_slice(etid).partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDimV>>{}));
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdKrdK); i += 2) {
+      const int r = get<0>(tdKcdK_s(i)), c = get<1>(tdKcdK_s(i));
+      *reinterpret_cast<uint32_t*>(sdk + staged_offset<kHeadDim>(r, c)) =
+          pack2<Element>(tdKrdK(i) * p.scale, tdKrdK(i + 1) * p.scale);
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdVrdV); i += 2) {
+      const int r = get<0>(tdVcdV_s(i)), c = get<1>(tdVcdV_s(i));
+      *reinterpret_cast<uint32_t*>(sdv + staged_offset<kHeadDimV>(r, c)) = pack2<Element>(tdVrdV(i), tdVrdV(i + 1));
+    }
+    sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSWritten);
+    store_staged_rows<kHeadDim>(gdk, k_row_stride, sdk, valid_n, etid, kMmaThreads);
+    store_staged_rows<kHeadDimV>(gdv, v_row_stride, sdv, valid_n, etid, kMmaThreads);
+    return;
+  }
   Tensor gdK = make_tensor(make_gmem_ptr(gdk), Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_stride(k_row_stride, _1{}));
   Tensor gdV = make_tensor(make_gmem_ptr(gdv), Shape<Int<kBlockN>, Int<kHeadDimV>>{}, make_stride(v_row_stride, _1{}));
   Tensor tdKgdK = thr_dk.partition_C(gdK);

@@ -204,7 +204,10 @@ def test_fused_quantization_matches_xla_path(s, d, block_quantize, incoherent):
     kw = dict(block_quantize=block_quantize, incoherent=incoherent, seed=s)
     fused = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, fused=True, **kw)[:2])(q, k, v)
     xla = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, fused=False, **kw)[:2])(q, k, v)
-    differ = assert_same_quantization(fused, xla)
+    # XLA's GPU fusions may divide by the descale where the kernel multiplies by its float32
+    # reciprocal (cpp/flash.h); 16-bit inputs then meet exact e4m3 ties at a data-dependent rate
+    # (seen on an H200: 30 of 144640 values at float16, d 64, per tensor, no Hadamard).
+    differ = assert_same_quantization(fused, xla, max_fraction=1e-3)
     print(f"\n{differ} e4m3 values one step from the XLA path's")
 
 

@@ -70,17 +70,21 @@ struct Input<__half> {
   }
 };
 
-// y = the lane's E entries of the transformed row (flash.h). `negate` bit j: signs[lane * E + j]
-// < 0. Every lane of the warp must call it (shuffles).
+// The sign bit of entry j within its raw 32-bit word (16-bit inputs hold two entries a word).
+template <class T>
+__device__ __forceinline__ uint32_t sign_bit(int j) {
+  return sizeof(T) == 4 ? 0x80000000u : (j % 2 ? 0x80000000u : 0x8000u);
+}
+
+// y = the lane's E entries of the transformed row (flash.h), from raw words whose sign bits the
+// caller already flipped where signs < 0 (negating a float, bfloat16 or float16 exactly).
+// Every lane of the warp must call it (shuffles).
 template <class T, int E, bool kHadamard>
-__device__ __forceinline__ void transform(const uint32_t* w, uint32_t negate, int lane,
-                                          float scale, float (&y)[E]) {
+__device__ __forceinline__ void transform(const uint32_t* w, float cross_sign[3], float scale,
+                                          float (&y)[E]) {
 #pragma unroll
   for (int j = 0; j < E; ++j) y[j] = Input<T>::get(w, j);
   if constexpr (kHadamard) {
-#pragma unroll
-    for (int j = 0; j < E; ++j)
-      y[j] = __uint_as_float(__float_as_uint(y[j]) ^ (((negate >> j) & 1u) << 31));
 #pragma unroll
     for (int h = 1; h < E; h *= 2)
 #pragma unroll
@@ -90,27 +94,30 @@ __device__ __forceinline__ void transform(const uint32_t* w, uint32_t negate, in
           y[j] = a + b;
           y[j + h] = a - b;
         }
-    // h = m * E: entry i and i + h live in lanes lane and lane ^ m, at the same j.
+    // h = m * E: entries i and i + h live in lanes lane and lane ^ m, at the same j. The lower
+    // lane computes other + y (= a + b), the upper other - y (= a - b), both as one exact
+    // fma(+-1, y, other).
 #pragma unroll
-    for (int m = 1; m < kLanesPerRow; m *= 2) {
-      const bool upper = lane & m;
+    for (int s = 0; s < 3; ++s) {
 #pragma unroll
-      for (int j = 0; j < E; ++j) {
-        const float other = __shfl_xor_sync(0xffffffffu, y[j], m);
-        y[j] = upper ? other - y[j] : y[j] + other;
-      }
+      for (int j = 0; j < E; ++j)
+        y[j] = fmaf(cross_sign[s], y[j], __shfl_xor_sync(0xffffffffu, y[j], 1 << s));
     }
 #pragma unroll
     for (int j = 0; j < E; ++j) y[j] *= scale;
   }
 }
 
-template <class T, int kHeadDim, bool kHadamard>
-__global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a, const Pass pass) {
+template <class T, int kHeadDim, bool kHadamard, Pass kPass>
+__global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a) {
+  static_assert(kLanesPerRow == 8, "transform() runs three shuffle stages");
   constexpr int E = kHeadDim / kLanesPerRow;
   constexpr int kWords = E * int(sizeof(T)) / 4;  // raw 32-bit words per lane per row
-  static_assert(kWords % 2 == 0, "a lane's row part is loaded in 8- or 16-byte vectors");
-  constexpr int kVec = kWords % 4 == 0 ? 4 : 2;
+  static_assert(kWords % 4 == 0, "a lane's row part is loaded in 16-byte vectors");
+  // Up to head_dim 128 the transformed rows stay in registers (E * kRowsPerThread <= 64 floats)
+  // between the amax and the quantization; at 256 they are transformed again from the raw bits
+  // (128 more registers would leave too few for the rest).
+  constexpr bool kKeep = kPass == Pass::kBlock && kHeadDim <= 128;
 
   const int64_t tile = blockIdx.x;
   const int n = int(tile % a.tiles);
@@ -128,42 +135,47 @@ __global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a, co
 #pragma unroll
   for (int r = 0; r < kRowsPerThread; ++r) {
     const int row = slot + r * kRowSlots;
-    const T* src = static_cast<const T*>(a.x) + first + row * row_elems;
+    const uint4* src =
+        reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + first + row * row_elems);
 #pragma unroll
-    for (int v = 0; v < kWords; v += kVec) {
-      if (row < rows) {
-        if constexpr (kVec == 4) {
-          const uint4 u = reinterpret_cast<const uint4*>(src)[v / 4];
-          raw[r][v] = u.x, raw[r][v + 1] = u.y, raw[r][v + 2] = u.z, raw[r][v + 3] = u.w;
-        } else {
-          const uint2 u = reinterpret_cast<const uint2*>(src)[v / 2];
-          raw[r][v] = u.x, raw[r][v + 1] = u.y;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) raw[r][v + i] = 0u;  // zeros: no effect on the amax
-      }
+    for (int v = 0; v < kWords; v += 4) {
+      // Rows past the tile's end read as zeros: no effect on the amax.
+      const uint4 u = row < rows ? src[v / 4] : make_uint4(0u, 0u, 0u, 0u);
+      raw[r][v] = u.x, raw[r][v + 1] = u.y, raw[r][v + 2] = u.z, raw[r][v + 3] = u.w;
     }
   }
-  uint32_t negate = 0;
-  if constexpr (kHadamard) {
-    const float* s = a.signs + b * kHeadDim + lane * E;
+  float cross_sign[3];
 #pragma unroll
-    for (int j = 0; j < E; ++j) negate |= uint32_t(s[j] < 0.f) << j;
+  for (int s = 0; s < 3; ++s) cross_sign[s] = lane & (1 << s) ? -1.f : 1.f;
+  if constexpr (kHadamard) {  // y_i *= signs_i, on the raw bits once for both transforms
+    const float* sg = a.signs + b * kHeadDim + lane * E;
+#pragma unroll
+    for (int v = 0; v < kWords; ++v) {
+      uint32_t flip = 0;
+#pragma unroll
+      for (int j = v * E / kWords; j < (v + 1) * E / kWords; ++j)
+        flip |= sg[j] < 0.f ? sign_bit<T>(j) : 0u;
+#pragma unroll
+      for (int r = 0; r < kRowsPerThread; ++r) raw[r][v] ^= flip;
+    }
   }
 
   __shared__ uint32_t warp_amax[kThreads / 32];
   __shared__ float tile_descale;
   const int64_t group_slot = b * (a.heads / a.group) + h / a.group;
-  if (pass != Pass::kGroupQuant) {
+  float kept[kKeep ? kRowsPerThread : 1][kKeep ? E : 1];
+  if constexpr (kPass != Pass::kGroupQuant) {
     uint32_t amax = 0;  // bits of max |y| (flash.h: nan wins)
 #pragma unroll
     for (int r = 0; r < kRowsPerThread; ++r) {
       if (r < passes) {
         float y[E];
-        transform<T, E, kHadamard>(raw[r], negate, lane, a.hadamard_scale, y);
+        transform<T, E, kHadamard>(raw[r], cross_sign, a.hadamard_scale, y);
 #pragma unroll
-        for (int j = 0; j < E; ++j) amax = max(amax, __float_as_uint(y[j]) & 0x7fffffffu);
+        for (int j = 0; j < E; ++j) {
+          amax = max(amax, __float_as_uint(y[j]) & 0x7fffffffu);
+          if constexpr (kKeep) kept[r][j] = y[j];
+        }
       }
     }
     amax = __reduce_max_sync(0xffffffffu, amax);
@@ -171,43 +183,46 @@ __global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a, co
     __syncthreads();
     if (threadIdx.x == 0) {
       for (int w = 1; w < kThreads / 32; ++w) amax = max(amax, warp_amax[w]);
-      if (pass == Pass::kGroupAmax) {
+      if constexpr (kPass == Pass::kGroupAmax) {
         atomicMax(a.group_amax + group_slot, amax);
       } else {
         tile_descale = fp8_descale(__uint_as_float(amax));
         a.descale[tile] = tile_descale;  // [batch, heads, tiles]: the tile's linear index
       }
     }
-    if (pass == Pass::kGroupAmax) return;
+    if constexpr (kPass == Pass::kGroupAmax) return;
     __syncthreads();
   }
-  const float descale =
-      pass == Pass::kBlock ? tile_descale : fp8_descale(__uint_as_float(a.group_amax[group_slot]));
-  if (pass == Pass::kGroupQuant && n == 0 && h % a.group == 0 && threadIdx.x == 0)
-    a.descale[group_slot] = descale;
+  float descale;
+  if constexpr (kPass == Pass::kBlock) {
+    descale = tile_descale;
+  } else {
+    descale = fp8_descale(__uint_as_float(a.group_amax[group_slot]));
+    if (n == 0 && h % a.group == 0 && threadIdx.x == 0) a.descale[group_slot] = descale;
+  }
   const float inv = 1.f / descale;
 
 #pragma unroll
   for (int r = 0; r < kRowsPerThread; ++r) {
     if (r < passes) {
       float y[E];
-      transform<T, E, kHadamard>(raw[r], negate, lane, a.hadamard_scale, y);
-      const int row = slot + r * kRowSlots;
+      if constexpr (kKeep) {
+#pragma unroll
+        for (int j = 0; j < E; ++j) y[j] = kept[r][j];
+      } else {
+        transform<T, E, kHadamard>(raw[r], cross_sign, a.hadamard_scale, y);
+      }
+      // cvt.rn.satfinite clamps to +-448 and keeps nan: the clip before fp8.py's cast.
       uint32_t out[E / 4];
 #pragma unroll
       for (int j = 0; j < E; j += 4) {
-        float q[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          q[i] = y[j + i] * inv;
-          q[i] = q[i] > kFp8Max ? kFp8Max : (q[i] < -kFp8Max ? -kFp8Max : q[i]);  // nan stays
-        }
-        const uint32_t lo =
-            __nv_cvt_float2_to_fp8x2(make_float2(q[0], q[1]), __NV_SATFINITE, __NV_E4M3);
-        const uint32_t hi =
-            __nv_cvt_float2_to_fp8x2(make_float2(q[2], q[3]), __NV_SATFINITE, __NV_E4M3);
+        const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(y[j] * inv, y[j + 1] * inv),
+                                                     __NV_SATFINITE, __NV_E4M3);
+        const uint32_t hi = __nv_cvt_float2_to_fp8x2(
+            make_float2(y[j + 2] * inv, y[j + 3] * inv), __NV_SATFINITE, __NV_E4M3);
         out[j / 4] = lo | (hi << 16);
       }
+      const int row = slot + r * kRowSlots;
       if (row < rows) {
         uint8_t* dst = a.x8 + first + row * row_elems;
         if constexpr (E == 8) {
@@ -224,16 +239,28 @@ __global__ void __launch_bounds__(kThreads) fp8_quantize_kernel(const Args a, co
 }
 
 template <class T, int kHeadDim, bool kHadamard>
-bool launch(const Args& a, int64_t tiles_total, Pass pass, cudaStream_t stream) {
-  fp8_quantize_kernel<T, kHeadDim, kHadamard>
-      <<<unsigned(tiles_total), kThreads, 0, stream>>>(a, pass);
+bool launch(int64_t tiles_total, const Args& a, Pass pass, cudaStream_t stream) {
+  const unsigned grid = unsigned(tiles_total);
+  switch (pass) {
+    case Pass::kBlock:
+      fp8_quantize_kernel<T, kHeadDim, kHadamard, Pass::kBlock><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case Pass::kGroupAmax:
+      fp8_quantize_kernel<T, kHeadDim, kHadamard, Pass::kGroupAmax>
+          <<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case Pass::kGroupQuant:
+      fp8_quantize_kernel<T, kHeadDim, kHadamard, Pass::kGroupQuant>
+          <<<grid, kThreads, 0, stream>>>(a);
+      break;
+  }
   return cudaPeekAtLastError() == cudaSuccess;
 }
 
 template <class T, int kHeadDim>
 bool launch_dim(const Args& a, int64_t tiles_total, Pass pass, cudaStream_t stream) {
-  return a.signs ? launch<T, kHeadDim, true>(a, tiles_total, pass, stream)
-                 : launch<T, kHeadDim, false>(a, tiles_total, pass, stream);
+  return a.signs ? launch<T, kHeadDim, true>(tiles_total, a, pass, stream)
+                 : launch<T, kHeadDim, false>(tiles_total, a, pass, stream);
 }
 
 template <class T>

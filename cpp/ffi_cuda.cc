@@ -328,41 +328,55 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
             FA3_JAX_MASK_ATTRS,
     {xla::ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_fwd_varlen_cuda, fa3::fwd_varlen_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()  // q
-        .Arg<xla::ffi::AnyBuffer>()  // k
-        .Arg<xla::ffi::AnyBuffer>()  // v
-        .Arg<xla::ffi::AnyBuffer>()  // cu_seqlens_q int32 [batch, num_seqs + 1]
-        .Arg<xla::ffi::AnyBuffer>()  // cu_seqlens_k int32 [batch, num_seqs + 1]
-        .Ret<xla::ffi::AnyBuffer>()  // out
-        .Ret<xla::ffi::AnyBuffer>()  // lse
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; tile counter + clamped cu_seqlens)
-            FA3_JAX_MASK_ATTRS
-        .Attr<int64_t>("max_seqlen_q")   // bound on every query sequence's length (grid size)
-        .Attr<int64_t>("max_seqlen_k"),  // bound on every key sequence's length
-    {xla::ffi::Traits::kCmdBufferCompatible});
+// The packed targets (varlen: cu_seqlens int32 [batch, num_seqs + 1]; segment ids: int32
+// [batch, seqlen_q] / [batch, seqlen_k]) share one binding each way, as in ffi_cpu.cc. Segment
+// calls ignore max_seqlen_* (the CPU target's binding).
+#define FA3_JAX_CUDA_PACKED_FWD(NAME, HANDLER)                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
+      NAME, HANDLER,                                                                        \
+      xla::ffi::Ffi::Bind()                                                                 \
+          .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                                    \
+          .Ctx<xla::ffi::DeviceOrdinal>()                                                   \
+          .Arg<xla::ffi::AnyBuffer>() /* q */                                               \
+          .Arg<xla::ffi::AnyBuffer>() /* k */                                               \
+          .Arg<xla::ffi::AnyBuffer>() /* v */                                               \
+          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */                   \
+          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */                  \
+          .Ret<xla::ffi::AnyBuffer>() /* out */                                             \
+          .Ret<xla::ffi::AnyBuffer>() /* lse */                                             \
+          .Ret<xla::ffi::AnyBuffer>() /* workspace (uint8; flash_fwd_sm90.cu's layout) */   \
+              FA3_JAX_MASK_ATTRS                                                            \
+          .Attr<int64_t>("max_seqlen_q") /* bound on every query sequence (grid size) */    \
+          .Attr<int64_t>("max_seqlen_k"), /* bound on every key sequence */                 \
+      {xla::ffi::Traits::kCmdBufferCompatible})
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_fwd_segments_cuda, fa3::fwd_segments_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()  // q
-        .Arg<xla::ffi::AnyBuffer>()  // k
-        .Arg<xla::ffi::AnyBuffer>()  // v
-        .Arg<xla::ffi::AnyBuffer>()  // q_segment_ids int32 [batch, seqlen_q]
-        .Arg<xla::ffi::AnyBuffer>()  // kv_segment_ids int32 [batch, seqlen_k]
-        .Ret<xla::ffi::AnyBuffer>()  // out
-        .Ret<xla::ffi::AnyBuffer>()  // lse
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; tile counter + segment stats and hulls)
-            FA3_JAX_MASK_ATTRS
-        .Attr<int64_t>("max_seqlen_q")   // unused (the CPU target's binding)
-        .Attr<int64_t>("max_seqlen_k"),  // unused
-    {xla::ffi::Traits::kCmdBufferCompatible});
+#define FA3_JAX_CUDA_PACKED_BWD(NAME, HANDLER)                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
+      NAME, HANDLER,                                                                        \
+      xla::ffi::Ffi::Bind()                                                                 \
+          .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                                    \
+          .Ctx<xla::ffi::DeviceOrdinal>()                                                   \
+          .Arg<xla::ffi::AnyBuffer>() /* q */                                               \
+          .Arg<xla::ffi::AnyBuffer>() /* k */                                               \
+          .Arg<xla::ffi::AnyBuffer>() /* v */                                               \
+          .Arg<xla::ffi::AnyBuffer>() /* out */                                             \
+          .Arg<xla::ffi::AnyBuffer>() /* lse */                                             \
+          .Arg<xla::ffi::AnyBuffer>() /* dout */                                            \
+          .Arg<xla::ffi::AnyBuffer>() /* dlse */                                            \
+          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */                   \
+          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */                  \
+          .Ret<xla::ffi::AnyBuffer>() /* dq */                                              \
+          .Ret<xla::ffi::AnyBuffer>() /* dk */                                              \
+          .Ret<xla::ffi::AnyBuffer>() /* dv */                                              \
+          .Ret<xla::ffi::AnyBuffer>() /* workspace (uint8; flash_bwd_launch_sm90.h) */      \
+              FA3_JAX_MASK_ATTRS                                                            \
+          .Attr<bool>("deterministic")                                                      \
+          .Attr<int64_t>("max_seqlen_q")                                                    \
+          .Attr<int64_t>("max_seqlen_k"),                                                   \
+      {xla::ffi::Traits::kCmdBufferCompatible})
+
+FA3_JAX_CUDA_PACKED_FWD(fa3_fwd_varlen_cuda, fa3::fwd_varlen_cuda);
+FA3_JAX_CUDA_PACKED_FWD(fa3_fwd_segments_cuda, fa3::fwd_segments_cuda);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     fa3_fwd_fp8_cuda, fa3::fwd_fp8_cuda,
@@ -418,50 +432,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Attr<bool>("deterministic"),
     {xla::ffi::Traits::kCmdBufferCompatible});
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_bwd_varlen_cuda, fa3::bwd_varlen_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()  // q
-        .Arg<xla::ffi::AnyBuffer>()  // k
-        .Arg<xla::ffi::AnyBuffer>()  // v
-        .Arg<xla::ffi::AnyBuffer>()  // out
-        .Arg<xla::ffi::AnyBuffer>()  // lse
-        .Arg<xla::ffi::AnyBuffer>()  // dout
-        .Arg<xla::ffi::AnyBuffer>()  // dlse
-        .Arg<xla::ffi::AnyBuffer>()  // cu_seqlens_q int32 [batch, num_seqs + 1]
-        .Arg<xla::ffi::AnyBuffer>()  // cu_seqlens_k int32 [batch, num_seqs + 1]
-        .Ret<xla::ffi::AnyBuffer>()  // dq
-        .Ret<xla::ffi::AnyBuffer>()  // dk
-        .Ret<xla::ffi::AnyBuffer>()  // dv
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; see flash_bwd_launch_sm90.h)
-            FA3_JAX_MASK_ATTRS
-        .Attr<bool>("deterministic")
-        .Attr<int64_t>("max_seqlen_q")
-        .Attr<int64_t>("max_seqlen_k"),
-    {xla::ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_bwd_segments_cuda, fa3::bwd_segments_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()  // q
-        .Arg<xla::ffi::AnyBuffer>()  // k
-        .Arg<xla::ffi::AnyBuffer>()  // v
-        .Arg<xla::ffi::AnyBuffer>()  // out
-        .Arg<xla::ffi::AnyBuffer>()  // lse
-        .Arg<xla::ffi::AnyBuffer>()  // dout
-        .Arg<xla::ffi::AnyBuffer>()  // dlse
-        .Arg<xla::ffi::AnyBuffer>()  // q_segment_ids int32 [batch, seqlen_q]
-        .Arg<xla::ffi::AnyBuffer>()  // kv_segment_ids int32 [batch, seqlen_k]
-        .Ret<xla::ffi::AnyBuffer>()  // dq
-        .Ret<xla::ffi::AnyBuffer>()  // dk
-        .Ret<xla::ffi::AnyBuffer>()  // dv
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; see flash_bwd_launch_sm90.h)
-            FA3_JAX_MASK_ATTRS
-        .Attr<bool>("deterministic")
-        .Attr<int64_t>("max_seqlen_q")   // unused (the CPU target's binding)
-        .Attr<int64_t>("max_seqlen_k"),  // unused
-    {xla::ffi::Traits::kCmdBufferCompatible});
+FA3_JAX_CUDA_PACKED_BWD(fa3_bwd_varlen_cuda, fa3::bwd_varlen_cuda);
+FA3_JAX_CUDA_PACKED_BWD(fa3_bwd_segments_cuda, fa3::bwd_segments_cuda);

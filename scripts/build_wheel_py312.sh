@@ -13,5 +13,5 @@ mkdir -p .whl
 rm -f .whl/fa3_jax-*-cp312-*.whl
 FA3_JAX_CUDA=ON "$VENV/bin/pip" wheel -v --no-build-isolation --no-deps . -w .whl \
   -C build-dir=build/py312-cuda >.whl/build_py312.log 2>&1
-grep -E "spill stores|C7508" .whl/build_py312.log | sort | uniq -c
+grep -E "spill stores|C7508" .whl/build_py312.log | sort | uniq -c || true  # none: an incremental build compiled no kernel
 ls -la .whl/fa3_jax-*-cp312-*.whl

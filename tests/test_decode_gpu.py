@@ -18,16 +18,11 @@ import pytest
 
 import fa3_jax
 from fa3_jax import _ffi
-from util import check_backward, check_forward, make_qkv
+from util import check_backward, check_forward, make_qkv, to_gpu
 
 pytestmark = pytest.mark.gpu
 
 FORCED = os.environ.get("FA3_JAX_FWD_NUM_SPLITS")
-
-
-def _gpu(*xs):
-    dev = jax.devices("gpu")[0]
-    return [jax.device_put(x, dev) for x in xs]
 
 
 def _hdim():
@@ -49,7 +44,7 @@ HEADS = [(32, 8), (8, 1), (8, 8)]  # GQA 4, MQA, MHA
 @pytest.mark.parametrize("causal", [False, True])
 def test_decode_forward(sq, sk, hq, hkv, causal):
     d = _hdim()
-    q, k, v = _gpu(*make_qkv(2, sq, sk, hq, hkv, d, dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(2, sq, sk, hq, hkv, d, dtype=jnp.bfloat16))
     check_forward(q, k, v, causal=causal)
 
 
@@ -59,13 +54,13 @@ def test_decode_forward(sq, sk, hq, hkv, causal):
 @pytest.mark.parametrize("sq", [1, 7])
 @pytest.mark.parametrize("hq,hkv", HEADS)
 def test_decode_features(kw, sq, hq, hkv):
-    q, k, v = _gpu(*make_qkv(2, sq, 3001, hq, hkv, _hdim(), dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(2, sq, 3001, hq, hkv, _hdim(), dtype=jnp.bfloat16))
     assert FORCED or _splits(q, k, v)
     check_forward(q * 2, k, v, **kw)
 
 
 def test_decode_128k():
-    q, k, v = _gpu(*make_qkv(1, 1, 131072, 32, 8, _hdim(), dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(1, 1, 131072, 32, 8, _hdim(), dtype=jnp.bfloat16))
     assert FORCED or _splits(q, k, v)
     check_forward(q, k, v, causal=True)
 
@@ -75,7 +70,7 @@ def test_decode_128k():
                                           (7, 8, 8, dict(window_size=(500, 0)))])
 def test_decode_backward(sq, hq, hkv, kw):
     """The backward is unchanged but reads the split forward's out and lse."""
-    q, k, v = _gpu(*make_qkv(2, sq, 2049, hq, hkv, _hdim(), dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(2, sq, 2049, hq, hkv, _hdim(), dtype=jnp.bfloat16))
     assert FORCED or _splits(q, k, v)
     check_backward(q, k, v, **kw)
 
@@ -88,7 +83,7 @@ def test_forced_splits_case(sk, sq, kw):
     with no visible key (causal, seqlen_q > seqlen_k) and splits with no key block."""
     if not FORCED:
         pytest.skip("runs in test_forced_splits' subprocess")
-    q, k, v = _gpu(*make_qkv(2, sq, sk, 8, 2, _hdim(), dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(2, sq, sk, 8, 2, _hdim(), dtype=jnp.bfloat16))
     check_forward(q, k, v, **kw)
     if sq == 7 and sk == 113:
         check_backward(q, k, v, **kw)

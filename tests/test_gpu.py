@@ -6,16 +6,11 @@ import numpy as np
 import pytest
 
 import fa3_jax
-from util import check_backward, check_forward, make_qkv
+from util import check_backward, check_forward, make_qkv, to_gpu
 
 pytestmark = pytest.mark.gpu
 
 HDIMS = [(64, 64), (96, 96), (128, 128), (192, 192), (192, 128), (256, 256)]
-
-
-def _gpu(*xs):
-    dev = jax.devices("gpu")[0]
-    return [jax.device_put(x, dev) for x in xs]
 
 
 LENGTHS = [(1, 1), (7, 7), (113, 203), (1000, 1000), (4097, 4097), (300, 1000), (1000, 300)]
@@ -30,7 +25,7 @@ FWD_CASES = ([(jnp.bfloat16, sq, sk) for sq, sk in LENGTHS]
 def test_forward(dtype, d, dv, sq, sk, causal):
     if d not in fa3_jax.cuda_head_dims():
         pytest.skip(f"head_dim {d} not in this build")
-    q, k, v = _gpu(*make_qkv(1 if sq > 2000 else 2, sq, sk, 4, 2, d, dv, dtype=dtype))
+    q, k, v = to_gpu(*make_qkv(1 if sq > 2000 else 2, sq, sk, 4, 2, d, dv, dtype=dtype))
     check_forward(q, k, v, causal=causal)
 
 
@@ -39,7 +34,7 @@ def test_forward(dtype, d, dv, sq, sk, causal):
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1)])
 def test_forward_features(kw, hq, hkv):
     d = 128 if 128 in fa3_jax.cuda_head_dims() else fa3_jax.cuda_head_dims()[0]
-    q, k, v = _gpu(*make_qkv(2, 333, 517, hq, hkv, d, dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(2, 333, 517, hq, hkv, d, dtype=jnp.bfloat16))
     check_forward(q * 2, k, v, **kw)
 
 
@@ -53,7 +48,7 @@ BWD_CASES = ([(jnp.bfloat16, sq, sk) for sq, sk in ((1, 1), (113, 203), (1000, 1
 def test_backward(dtype, d, dv, sq, sk, causal):
     if d not in fa3_jax.cuda_head_dims():
         pytest.skip(f"head_dim {d} not in this build")
-    q, k, v = _gpu(*make_qkv(2, sq, sk, 4, 2, d, dv, dtype=dtype))
+    q, k, v = to_gpu(*make_qkv(2, sq, sk, 4, 2, d, dv, dtype=dtype))
     check_backward(q, k, v, causal=causal)
 
 
@@ -61,12 +56,12 @@ def test_backward(dtype, d, dv, sq, sk, causal):
 @pytest.mark.parametrize("hq,hkv", [(8, 2), (8, 1)])
 def test_backward_features(kw, hq, hkv):
     d = 128 if 128 in fa3_jax.cuda_head_dims() else fa3_jax.cuda_head_dims()[0]
-    q, k, v = _gpu(*make_qkv(2, 257, 385, hq, hkv, d, dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(2, 257, 385, hq, hkv, d, dtype=jnp.bfloat16))
     check_backward(q, k, v, **kw)
 
 
 def test_deterministic_backward_bits():
-    q, k, v = _gpu(*make_qkv(2, 1024, 1024, 8, 2, 128, dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(2, 1024, 1024, 8, 2, 128, dtype=jnp.bfloat16))
     f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fa3_jax.flash_attention(
         q, k, v, causal=True, deterministic=True).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
     first = [np.asarray(x) for x in f(q, k, v)]
@@ -76,6 +71,6 @@ def test_deterministic_backward_bits():
 
 
 def test_float32_on_gpu_is_a_clear_error():
-    q, k, v = _gpu(*make_qkv(1, 8, 8, 2, 2, 64))
+    q, k, v = to_gpu(*make_qkv(1, 8, 8, 2, 2, 64))
     with pytest.raises(ValueError, match="float32 is supported on the CPU backend only"):
         jax.jit(fa3_jax.flash_attention)(q, k, v)

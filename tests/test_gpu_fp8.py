@@ -19,7 +19,7 @@ import pytest
 import fa3_jax
 from fa3_jax import fp8
 from fa3_jax.attention import bottom_right_band, fp8_forward
-from util import assert_same_quantization, fresh_key, make_qkv
+from util import assert_same_quantization, fresh_key, make_qkv, to_gpu
 
 pytestmark = pytest.mark.gpu
 
@@ -30,11 +30,6 @@ _PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_accura
 _spec = importlib.util.spec_from_file_location("fp8_accuracy", _PATH)
 accuracy = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(accuracy)
-
-
-def _gpu(*xs):
-    dev = jax.devices("gpu")[0]
-    return [jax.device_put(x, dev) for x in xs]
 
 
 def _built(d):
@@ -97,7 +92,7 @@ def _check_fp8(q, k, v, block_q, block_k, public_api=False, **kw):
     softcap = kw.get("softcap", 0.0)
     lo, hi = bottom_right_band(sq, sk, causal, window)
     scale = d ** -0.5
-    args = _gpu(q8, k8, v8, dq, dk, dv)
+    args = to_gpu(q8, k8, v8, dq, dk, dv)
     if public_api:  # per-tensor descales through flash_attention
         out, lse = jax.jit(partial(fa3_jax.flash_attention, return_lse=True, **kw))(
             *args[:3], descale_q=args[3], descale_k=args[4], descale_v=args[5])
@@ -168,7 +163,7 @@ def test_fp8_forward_features(kw, hq, hkv, per_block):
 def test_fp8_attention_jit_vmap_and_errors():
     d = 128
     _built(d)
-    q, k, v = _gpu(*make_qkv(3, 200, 260, 4, 2, d, dtype=jnp.bfloat16))
+    q, k, v = to_gpu(*make_qkv(3, 200, 260, 4, 2, d, dtype=jnp.bfloat16))
     f = jax.jit(lambda q, k, v: fa3_jax.fp8_attention(q, k, v, causal=True))
     batched = f(q, k, v)
     mapped = jax.jit(jax.vmap(f))(q[:, None], k[:, None], v[:, None])
@@ -200,7 +195,7 @@ def test_fused_quantization_matches_xla_path(s, d, block_quantize, incoherent):
     q = q * jnp.linspace(0.05, 30.0, s)[None, :, None, None].astype(dtype)
     k = k.at[:, :, 1].set(0)  # an all-zero head: descale 1
     v = v * jnp.asarray([1e-3, 5.0], dtype)[None, None, :, None]
-    q, k, v = _gpu(q, k, v)
+    q, k, v = to_gpu(q, k, v)
     kw = dict(block_quantize=block_quantize, incoherent=incoherent, seed=s)
     fused = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, fused=True, **kw)[:2])(q, k, v)
     xla = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, fused=False, **kw)[:2])(q, k, v)
@@ -212,7 +207,7 @@ def test_fused_quantization_matches_xla_path(s, d, block_quantize, incoherent):
 
 
 def test_fused_quantization_float32_input_and_attention():
-    q, k, v = _gpu(*make_qkv(2, 300, 300, 8, 2, 128))  # float32 inputs, GQA
+    q, k, v = to_gpu(*make_qkv(2, 300, 300, 8, 2, 128))  # float32 inputs, GQA
     for block_quantize in (True, False):
         kw = dict(block_quantize=block_quantize, seed=1)
         fused = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, **kw)[:2])(q, k, v)

@@ -10,25 +10,15 @@ import pytest
 
 import fa3_jax
 from test_segment_ids import packed_ids, segment_reference
-from util import ATOL, fresh_key, make_qkv, max_err
+from util import ATOL, fresh_key, gpu_head_dims, make_qkv, max_err, to_gpu
 
 pytestmark = pytest.mark.gpu
-
-
-def _hdims():
-    built = fa3_jax.cuda_head_dims()
-    return [d for d in (64, 128) if d in built] or [built[0]]
-
-
-def _gpu(*xs):
-    dev = jax.devices("gpu")[0]
-    return [jax.device_put(x, dev) for x in xs]
 
 
 def run(q, k, v, q_ids, kv_ids, **kw):
     return jax.jit(lambda *a: fa3_jax.flash_attention(
         *a[:3], q_segment_ids=a[3], kv_segment_ids=a[4], return_lse=True, **kw))(
-            *_gpu(q, k, v, q_ids, kv_ids))
+            *to_gpu(q, k, v, q_ids, kv_ids))
 
 
 def check(q, k, v, q_ids, kv_ids, **kw):
@@ -70,7 +60,7 @@ def test_packed_documents(kw, hq, hkv):
     """Sorted runs of lengths 1, 7, 113, 1000, padding runs, GQA / MQA."""
     s = 1400
     ids = doc_ids(3, s, DOCS)
-    for d in _hdims():
+    for d in gpu_head_dims():
         q, k, v = make_qkv(3, s, s, hq, hkv, d, dtype=jnp.bfloat16)
         check(q * 2, k, v, ids, ids, **KW[kw])
 
@@ -78,7 +68,7 @@ def test_packed_documents(kw, hq, hkv):
 @pytest.mark.parametrize("kw", ["causal", "window", "full"])
 def test_seqlen_q_ne_k(kw):
     """seqlen_q != seqlen_k (both ways) with the band bottom-right aligned on positions."""
-    d = _hdims()[-1]
+    d = gpu_head_dims()[-1]
     for sq, sk in ((300, 1129), (1129, 300)):
         q, k, v = make_qkv(2, sq, sk, 8, 2, d, dtype=jnp.float16)
         q_ids = packed_ids(2, sq, [[sq // 3, sq - sq // 3 - 5], [1, sq - 1]])
@@ -92,14 +82,14 @@ def test_interleaved_ids(kw):
     rng = np.random.default_rng(0)
     q_ids = jnp.asarray(rng.integers(0, 4, (2, 777)), jnp.int32)
     kv_ids = jnp.asarray(rng.integers(-1, 3, (2, 901)), jnp.int32)  # negative ids are ids too
-    q, k, v = make_qkv(2, 777, 901, 4, 2, _hdims()[0], dtype=jnp.bfloat16)
+    q, k, v = make_qkv(2, 777, 901, 4, 2, gpu_head_dims()[0], dtype=jnp.bfloat16)
     check(q, k, v, q_ids, kv_ids, **KW[kw])
 
 
 def test_rows_without_keys():
     """Query ids absent from the keys, a row of all padding, and a causal row whose document
     starts after it: out 0, lse -inf, never NaN."""
-    q, k, v = make_qkv(3, 200, 200, 2, 2, _hdims()[0], dtype=jnp.bfloat16)
+    q, k, v = make_qkv(3, 200, 200, 2, 2, gpu_head_dims()[0], dtype=jnp.bfloat16)
     ones = np.ones(200)
     q_ids = jnp.asarray(np.stack([5 * ones, 0 * ones, np.r_[ones[:100], 2 * ones[:100]]]),
                         jnp.int32)
@@ -112,13 +102,13 @@ def test_rows_without_keys():
 def test_one_document_equals_dense(dtype):
     """One id everywhere: every block is uniform, so the result is the dense kernel's, bit for
     bit (same tiles, same order, no segment mask)."""
-    for d in _hdims():  # 256 tiles: the dense plan does not split the keys either
+    for d in gpu_head_dims():  # 256 tiles: the dense plan does not split the keys either
         q, k, v = make_qkv(4, 1000, 1000, 8, 2, d, dtype=dtype)
         ids = jnp.ones((4, 1000), jnp.int32)
         for kw in (dict(), dict(causal=True)):
             out, lse = run(q, k, v, ids, ids, **kw)
             dense, dense_lse = jax.jit(partial(fa3_jax.flash_attention, return_lse=True, **kw))(
-                *_gpu(q, k, v))
+                *to_gpu(q, k, v))
             assert max_err(out, dense) == 0 and max_err(lse, dense_lse) == 0
 
 
@@ -140,7 +130,7 @@ def kernel_fn(q, k, v, q_ids, kv_ids, **kw):
 def check_grads(q, k, v, q_ids, kv_ids, deterministic=False, **kw):
     """dq, dk, dv within twice the error of the reference in q's dtype (plus 2 ATOL); padding
     tokens (id 0) get exactly zero gradients."""
-    q, k, v, q_ids, kv_ids = _gpu(q, k, v, q_ids, kv_ids)
+    q, k, v, q_ids, kv_ids = to_gpu(q, k, v, q_ids, kv_ids)
     dout = jax.random.normal(fresh_key(), q.shape[:3] + v.shape[3:], jnp.float32)
     got = grads(kernel_fn, q, k, v, q_ids, kv_ids, dout, deterministic=deterministic, **kw)
     want = grads(segment_reference, *(x.astype(jnp.float32) for x in (q, k, v)), q_ids, kv_ids,
@@ -159,14 +149,14 @@ def check_grads(q, k, v, q_ids, kv_ids, deterministic=False, **kw):
 def test_gradients_packed_documents(kw, hq, hkv):
     s = 1400
     ids = doc_ids(2, s, DOCS[:2])
-    for d in _hdims():
+    for d in gpu_head_dims():
         q, k, v = make_qkv(2, s, s, hq, hkv, d, dtype=jnp.bfloat16)
         check_grads(q, k, v, ids, ids, **KW[kw])
 
 
 @pytest.mark.parametrize("kw", ["causal", "full"])
 def test_gradients_seqlen_q_ne_k_and_interleaved(kw):
-    d = _hdims()[-1]
+    d = gpu_head_dims()[-1]
     q, k, v = make_qkv(2, 300, 1129, 8, 2, d, dtype=jnp.float16)
     q_ids = packed_ids(2, 300, [[100, 195], [1, 299]])
     kv_ids = packed_ids(2, 1129, [[564, 565], [282, 838]])
@@ -182,11 +172,11 @@ def test_gradients_deterministic(kw):
     """deterministic=True: bit-identical gradients on a second run, and correct."""
     s = 1400
     ids = doc_ids(2, s, DOCS[:2])
-    q, k, v = make_qkv(2, s, s, 8, 2, _hdims()[0], dtype=jnp.bfloat16)
+    q, k, v = make_qkv(2, s, s, 8, 2, gpu_head_dims()[0], dtype=jnp.bfloat16)
     first = check_grads(q, k, v, ids, ids, deterministic=True, **KW[kw])
     dout = jax.random.normal(fresh_key(), q.shape, jnp.float32)
-    a = grads(kernel_fn, *_gpu(q, k, v, ids, ids), dout, deterministic=True, **KW[kw])
-    b = grads(kernel_fn, *_gpu(q, k, v, ids, ids), dout, deterministic=True, **KW[kw])
+    a = grads(kernel_fn, *to_gpu(q, k, v, ids, ids), dout, deterministic=True, **KW[kw])
+    b = grads(kernel_fn, *to_gpu(q, k, v, ids, ids), dout, deterministic=True, **KW[kw])
     assert len(first) == 3
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
@@ -200,9 +190,9 @@ def test_dot_product_attention_seq_lengths_with_band(kw):
     kernels (seqlen_q != seqlen_k): no fallback warning, jax.nn's values and gradients. Every
     valid query row sees a key (jax.nn averages v over rows that see none; fa3_jax gives 0)."""
     import warnings  # noqa: PLC0415
-    d = _hdims()[0]
+    d = gpu_head_dims()[0]
     q, k, v = make_qkv(3, 140, 150, 4, 2, d, dtype=jnp.bfloat16)
-    q, k, v = _gpu(q, k, v)
+    q, k, v = to_gpu(q, k, v)
     lengths = dict(query_seq_lengths=jnp.array([140, 17, 1], jnp.int32),
                    key_value_seq_lengths=jnp.array([130, 20, 93], jnp.int32))
     f = lambda *a: fa3_jax.dot_product_attention(*a, **kw, **lengths)  # noqa: E731

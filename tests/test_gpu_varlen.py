@@ -8,19 +8,9 @@ import pytest
 
 import fa3_jax
 from test_varlen import make, safe_cu, varlen_reference
-from util import ATOL, max_err
+from util import ATOL, gpu_head_dims, max_err, to_gpu
 
 pytestmark = pytest.mark.gpu
-
-
-def _hdims():
-    built = fa3_jax.cuda_head_dims()
-    return [d for d in (64, 128) if d in built] or [built[0]]
-
-
-def _gpu(*xs):
-    dev = jax.devices("gpu")[0]
-    return [jax.device_put(x, dev) for x in xs]
 
 
 def check(q, k, v, cq, ck, max_seqlen_q=None, max_seqlen_k=None, **kw):
@@ -30,7 +20,7 @@ def check(q, k, v, cq, ck, max_seqlen_q=None, max_seqlen_k=None, **kw):
     if max_seqlen_q is None:  # the true longest sequence, after the documented clamping
         max_seqlen_q = max(int(np.diff(safe_cu(cq_np, q.shape[0])).max()), 1)
         max_seqlen_k = max(int(np.diff(safe_cu(ck_np, k.shape[0])).max()), 1)
-    q, k, v, cq, ck = _gpu(q, k, v, cq, ck)
+    q, k, v, cq, ck = to_gpu(q, k, v, cq, ck)
     out, lse = jax.jit(lambda *a: fa3_jax.flash_attention_varlen(
         *a, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, return_lse=True, **kw))(
             q, k, v, cq, ck)
@@ -59,7 +49,7 @@ KW = {"full": dict(), "causal": dict(causal=True), "window": dict(window_size=(1
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (4, 1)])
 def test_forward_odd_lengths(kw, hq, hkv):
     """Lengths 0, 1, 7, 113, 1000 with seqlen_q != seqlen_k per sequence, GQA / MQA, padding."""
-    for d in _hdims():
+    for d in gpu_head_dims():
         q, k, v, cq, ck = make(ODD + [300], [5, 0, 1000, 113, 7, 1], hq, hkv, d, pad_q=5,
                                pad_k=3, dtype=jnp.bfloat16)
         check(q * 2, k, v, cq, ck, **KW[kw])
@@ -71,20 +61,20 @@ def test_forward_many_short(dtype):
     rng = np.random.default_rng(0)
     lens_q = rng.choice(SHORT, 300).tolist()
     lens_k = rng.choice(SHORT, 300).tolist()
-    q, k, v, cq, ck = make(lens_q, lens_k, 4, 2, _hdims()[-1], dtype=dtype)
+    q, k, v, cq, ck = make(lens_q, lens_k, 4, 2, gpu_head_dims()[-1], dtype=dtype)
     check(q, k, v, cq, ck, causal=True)
     check(q, k, v, cq, ck, window_size=(8, 8))
 
 
 @pytest.mark.parametrize("kw", ["full", "causal"])
 def test_forward_one_long(kw):
-    q, k, v, cq, ck = make([4097], [3000], 2, 1, _hdims()[-1], pad_q=1, dtype=jnp.bfloat16)
+    q, k, v, cq, ck = make([4097], [3000], 2, 1, gpu_head_dims()[-1], pad_q=1, dtype=jnp.bfloat16)
     check(q, k, v, cq, ck, **KW[kw])
 
 
 def test_forward_loose_max_seqlen():
     """A max_seqlen above the true maximum only adds empty tiles."""
-    q, k, v, cq, ck = make([130, 7, 260], [50, 300, 1], 4, 2, _hdims()[0], dtype=jnp.bfloat16)
+    q, k, v, cq, ck = make([130, 7, 260], [50, 300, 1], 4, 2, gpu_head_dims()[0], dtype=jnp.bfloat16)
     check(q, k, v, cq, ck, max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], causal=True)
 
 
@@ -96,7 +86,7 @@ def test_forward_loose_max_seqlen():
     ([10, 200, 390, 600], [20, 100, 200, 300]),                   # uncovered head and tail rows
 ])
 def test_bad_cu_seqlens_stay_in_bounds(cu_q, cu_k):
-    q, k, v, _, _ = make([640], [500], 4, 2, _hdims()[0], dtype=jnp.bfloat16)
+    q, k, v, _, _ = make([640], [500], 4, 2, gpu_head_dims()[0], dtype=jnp.bfloat16)
     cq, ck = np.array(cu_q, np.int32), np.array(cu_k, np.int32)
     check(q, k, v, cq, ck, max_seqlen_q=640, max_seqlen_k=500, causal=True)
 
@@ -104,11 +94,11 @@ def test_bad_cu_seqlens_stay_in_bounds(cu_q, cu_k):
 def test_vmap_batch_rows():
     """vmap folds into the kernels' batch axis: each batch row has its own cu_seqlens."""
     lens = [[5, 0, 200, 7], [1, 130, 0, 81], [212, 0, 0, 0]]
-    d = _hdims()[0]
+    d = gpu_head_dims()[0]
     made = [make(x, x[::-1], 4, 2, d, pad_q=212 - sum(x), pad_k=212 - sum(x),
                  dtype=jnp.bfloat16) for x in lens]
     q, k, v, cq, ck = (jnp.stack(x) for x in zip(*made))
-    q, k, v, cq, ck = _gpu(q, k, v, cq, ck)
+    q, k, v, cq, ck = to_gpu(q, k, v, cq, ck)
     f = jax.jit(jax.vmap(lambda q, k, v, cq, ck: fa3_jax.flash_attention_varlen(
         q, k, v, cq, ck, max_seqlen_q=212, max_seqlen_k=212, causal=True, return_lse=True)))
     out, lse = f(q, k, v, cq, ck)
@@ -134,7 +124,7 @@ def check_grads(q, k, v, cq, ck, deterministic=False, **kw):
     mk = max(int(np.diff(safe_cu(ck_np, k.shape[0])).max()), 1)
     dout = jax.random.normal(jax.random.PRNGKey(7), q.shape[:2] + v.shape[2:])
     dlse = jax.random.normal(jax.random.PRNGKey(8), (q.shape[1], q.shape[0]))
-    q, k, v, cq, ck, dout, dlse = _gpu(q, k, v, cq, ck, dout, dlse)
+    q, k, v, cq, ck, dout, dlse = to_gpu(q, k, v, cq, ck, dout, dlse)
     kernel = lambda q, k, v: fa3_jax.flash_attention_varlen(  # noqa: E731
         q, k, v, cq, ck, max_seqlen_q=mq, max_seqlen_k=mk, return_lse=True,
         deterministic=deterministic, **kw)
@@ -157,7 +147,7 @@ def check_grads(q, k, v, cq, ck, deterministic=False, **kw):
 @pytest.mark.parametrize("kw", list(KW))
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2)])
 def test_backward_odd_lengths(kw, hq, hkv):
-    for d in _hdims():
+    for d in gpu_head_dims():
         q, k, v, cq, ck = make(ODD + [300], [5, 0, 1000, 113, 7, 1], hq, hkv, d, pad_q=5,
                                pad_k=3, dtype=jnp.bfloat16)
         check_grads(q, k, v, cq, ck, **KW[kw])
@@ -166,14 +156,14 @@ def test_backward_odd_lengths(kw, hq, hkv):
 def test_backward_many_short_and_one_long():
     rng = np.random.default_rng(1)
     lens_q, lens_k = rng.choice(SHORT, 200).tolist(), rng.choice(SHORT, 200).tolist()
-    q, k, v, cq, ck = make(lens_q, lens_k, 4, 1, _hdims()[-1], dtype=jnp.bfloat16)
+    q, k, v, cq, ck = make(lens_q, lens_k, 4, 1, gpu_head_dims()[-1], dtype=jnp.bfloat16)
     check_grads(q, k, v, cq, ck, causal=True)
-    q, k, v, cq, ck = make([2049], [3000], 2, 1, _hdims()[-1], pad_q=1, dtype=jnp.bfloat16)
+    q, k, v, cq, ck = make([2049], [3000], 2, 1, gpu_head_dims()[-1], pad_q=1, dtype=jnp.bfloat16)
     check_grads(q, k, v, cq, ck, window_size=(300, 0))
 
 
 def test_backward_bad_cu_seqlens_and_deterministic():
-    q, k, v, _, _ = make([640], [500], 4, 2, _hdims()[0], dtype=jnp.bfloat16)
+    q, k, v, _, _ = make([640], [500], 4, 2, gpu_head_dims()[0], dtype=jnp.bfloat16)
     cq = np.array([10, 200, 150, 390, 600], np.int32)
     ck = np.array([-20, 100, 2 ** 31 - 1, 200, 300], np.int32)
     a = check_grads(q, k, v, cq, ck, causal=True, deterministic=True)
@@ -186,10 +176,10 @@ def test_dot_product_attention_seq_lengths_on_the_kernels():
     """The drop-in's query/key_value_seq_lengths without a band run as varlen (one sequence per
     batch row) on the Hopper kernels: no fallback warning, jax.nn's values and gradients."""
     import warnings  # noqa: PLC0415
-    d = _hdims()[0]
+    d = gpu_head_dims()[0]
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (3, 140, 4, d), jnp.bfloat16)
                for i in range(3))
-    q, k, v = _gpu(q, k, v)
+    q, k, v = to_gpu(q, k, v)
     lengths = dict(query_seq_lengths=jnp.array([140, 17, 1], jnp.int32),
                    key_value_seq_lengths=jnp.array([130, 20, 93], jnp.int32))
     f = lambda *a: fa3_jax.dot_product_attention(*a, **lengths)  # noqa: E731

@@ -17,6 +17,18 @@ def fresh_key():
     return jax.random.PRNGKey(1000 + _counter[0])
 
 
+def to_gpu(*xs):
+    """The arrays put on the first GPU (GPU tests; their inputs are made on the CPU)."""
+    dev = jax.devices("gpu")[0]
+    return [jax.device_put(x, dev) for x in xs]
+
+
+def gpu_head_dims():
+    """The head dims a GPU test sweeps: 64 and 128 where built, else the first built one."""
+    built = fa3_jax.cuda_head_dims()
+    return [d for d in (64, 128) if d in built] or [built[0]]
+
+
 def make_qkv(b, sq, sk, hq, hkv, d, dv=None, dtype=jnp.float32, key=None):
     dv = d if dv is None else dv
     kq, kk, kv = jax.random.split(fresh_key() if key is None else key, 3)

@@ -10,7 +10,8 @@ import pytest
 
 import fa3_jax
 from test_segment_ids import packed_ids, segment_reference
-from util import ATOL, fresh_key, gpu_head_dims, make_qkv, max_err, to_gpu
+from util import (ATOL, check_drop_in_seq_lengths, fresh_key, gpu_head_dims, make_qkv, max_err,
+                  to_gpu)
 
 pytestmark = pytest.mark.gpu
 
@@ -189,22 +190,7 @@ def test_dot_product_attention_seq_lengths_with_band(kw):
     """The drop-in's seq lengths with jax.nn's top-left band run as segment ids on the Hopper
     kernels (seqlen_q != seqlen_k): no fallback warning, jax.nn's values and gradients. Every
     valid query row sees a key (jax.nn averages v over rows that see none; fa3_jax gives 0)."""
-    import warnings  # noqa: PLC0415
     d = gpu_head_dims()[0]
     q, k, v = make_qkv(3, 140, 150, 4, 2, d, dtype=jnp.bfloat16)
-    q, k, v = to_gpu(q, k, v)
-    lengths = dict(query_seq_lengths=jnp.array([140, 17, 1], jnp.int32),
-                   key_value_seq_lengths=jnp.array([130, 20, 93], jnp.int32))
-    f = lambda *a: fa3_jax.dot_product_attention(*a, **kw, **lengths)  # noqa: E731
-    ref = lambda *a: jax.nn.dot_product_attention(  # noqa: E731
-        *(x.astype(jnp.float32) for x in a), implementation="xla", **kw, **lengths)
-    assert "fa3_fwd_packed" in str(jax.make_jaxpr(f)(q, k, v))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning
-        out = jax.jit(f)(q, k, v)
-    assert max_err(out, ref(q, k, v)) <= 2e-2
-    dout = jax.random.normal(fresh_key(), out.shape)
-    g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * dout), (0, 1, 2)))(q, k, v)
-    r = jax.grad(lambda *a: jnp.sum(ref(*a) * dout), (0, 1, 2))(q, k, v)
-    for name, a, b in zip(("dq", "dk", "dv"), g, r):
-        assert max_err(a, b) <= 5e-2 * max(1.0, float(jnp.max(jnp.abs(b)))), name
+    dout = jax.random.normal(fresh_key(), (3, 140, 4, d))
+    check_drop_in_seq_lengths(*to_gpu(q, k, v), dout, **kw)

@@ -8,7 +8,7 @@ import pytest
 
 import fa3_jax
 from test_varlen import make, safe_cu, varlen_reference
-from util import ATOL, gpu_head_dims, max_err, to_gpu
+from util import ATOL, check_drop_in_seq_lengths, gpu_head_dims, max_err, to_gpu
 
 pytestmark = pytest.mark.gpu
 
@@ -175,23 +175,8 @@ def test_backward_bad_cu_seqlens_and_deterministic():
 def test_dot_product_attention_seq_lengths_on_the_kernels():
     """The drop-in's query/key_value_seq_lengths without a band run as varlen (one sequence per
     batch row) on the Hopper kernels: no fallback warning, jax.nn's values and gradients."""
-    import warnings  # noqa: PLC0415
     d = gpu_head_dims()[0]
     q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (3, 140, 4, d), jnp.bfloat16)
                for i in range(3))
-    q, k, v = to_gpu(q, k, v)
-    lengths = dict(query_seq_lengths=jnp.array([140, 17, 1], jnp.int32),
-                   key_value_seq_lengths=jnp.array([130, 20, 93], jnp.int32))
-    f = lambda *a: fa3_jax.dot_product_attention(*a, **lengths)  # noqa: E731
-    ref = lambda *a: jax.nn.dot_product_attention(  # noqa: E731
-        *(x.astype(jnp.float32) for x in a), implementation="xla", **lengths)
-    assert "fa3_fwd_packed" in str(jax.make_jaxpr(f)(q, k, v))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no fallback warning
-        out = jax.jit(f)(q, k, v)
-    assert max_err(out, ref(q, k, v)) <= 2e-2
-    dout = jax.random.normal(jax.random.PRNGKey(5), out.shape)
-    g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * dout), (0, 1, 2)))(q, k, v)
-    r = jax.grad(lambda *a: jnp.sum(ref(*a) * dout), (0, 1, 2))(q, k, v)
-    for name, a, b in zip(("dq", "dk", "dv"), g, r):
-        assert max_err(a, b) <= 5e-2 * max(1.0, float(jnp.max(jnp.abs(b)))), name
+    dout = jax.random.normal(jax.random.PRNGKey(5), (3, 140, 4, d))
+    check_drop_in_seq_lengths(*to_gpu(q, k, v), dout)

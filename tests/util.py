@@ -121,3 +121,24 @@ def assert_same_quantization(got, want, max_fraction=1e-4):
         total += steps.size
     assert differ <= max_fraction * total, f"{differ} of {total} e4m3 values differ"
     return differ
+
+
+def check_drop_in_seq_lengths(q, k, v, dout, **kw):
+    """fa3_jax.dot_product_attention with jax.nn's query/key_value_seq_lengths (batch 3; lengths
+    [140, 17, 1] and [130, 20, 93]) and ``kw``: served by the packed primitive with no fallback
+    warning, and equal to jax.nn's XLA path in float32 in values and gradients."""
+    import warnings  # noqa: PLC0415
+    lengths = dict(query_seq_lengths=jnp.array([140, 17, 1], jnp.int32),
+                   key_value_seq_lengths=jnp.array([130, 20, 93], jnp.int32))
+    f = lambda *a: fa3_jax.dot_product_attention(*a, **kw, **lengths)  # noqa: E731
+    ref = lambda *a: jax.nn.dot_product_attention(  # noqa: E731
+        *(x.astype(jnp.float32) for x in a), implementation="xla", **kw, **lengths)
+    assert "fa3_fwd_packed" in str(jax.make_jaxpr(f)(q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        out = jax.jit(f)(q, k, v)
+    assert max_err(out, ref(q, k, v)) <= 2e-2
+    g = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * dout), (0, 1, 2)))(q, k, v)
+    r = jax.grad(lambda *a: jnp.sum(ref(*a) * dout), (0, 1, 2))(q, k, v)
+    for name, a, b in zip(("dq", "dk", "dv"), g, r):
+        assert max_err(a, b) <= 5e-2 * max(1.0, float(jnp.max(jnp.abs(b)))), name

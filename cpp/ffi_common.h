@@ -259,6 +259,18 @@ inline ffi::Error fill_varlen(ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k, int64_t 
   return ffi::Error::Success();
 }
 
+// KV cache (flash.h, "Used key lengths"): seqused_k int32 [batch], its values not checked here
+// (the kernels clamp them); num_splits >= 0 (0: the kernel's heuristic).
+inline ffi::Error fill_seqused(ffi::AnyBuffer seqused_k, int64_t num_splits, FwdParams* p) {
+  if (seqused_k.element_type() != ffi::DataType::S32) return invalid("seqused_k must be int32");
+  if (auto e = check_shape("seqused_k", seqused_k.dimensions(), {p->batch}); e.failure()) return e;
+  if (num_splits < 0)
+    return invalid("num_splits must be >= 0 (0: the heuristic), got " + std::to_string(num_splits));
+  p->seqused_k = static_cast<const int32_t*>(seqused_k.untyped_data());
+  p->num_splits = num_splits;
+  return ffi::Error::Success();
+}
+
 // Segment ids: int32 [batch, seqlen_q] and [batch, seqlen_k].
 inline ffi::Error fill_segments(ffi::AnyBuffer q_ids, ffi::AnyBuffer kv_ids, FwdParams* p) {
   if (q_ids.element_type() != ffi::DataType::S32 || kv_ids.element_type() != ffi::DataType::S32)

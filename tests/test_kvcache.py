@@ -124,14 +124,16 @@ def _call(q, k_cache, v_cache, lengths, k_new, v_new, page_table, kw):
 
 
 def check(lengths, *, hq=4, hkv=2, d=32, dv=24, sq=1, seqlen_new=1, page_size=0,
-          dtype=jnp.float32, atol=2e-5, lse_atol=1e-4, **kw):
+          dtype=jnp.float32, atol=2e-5, lse_atol=1e-4, capacity=CAPACITY, num_splits=0, **kw):
     lengths = jnp.asarray(lengths, jnp.int32)
     b = lengths.shape[0]
-    k_cache, v_cache, page_table = make_cache(lengths, hkv, d, dv, page_size, dtype=dtype)
+    k_cache, v_cache, page_table = make_cache(lengths, hkv, d, dv, page_size, capacity=capacity,
+                                              dtype=dtype)
     q = normal((b, sq, hq, d), dtype)
     k_new = normal((b, seqlen_new, hkv, d), dtype) if seqlen_new else None
     v_new = normal((b, seqlen_new, hkv, dv), dtype) if seqlen_new else None
-    res = _call(q, k_cache, v_cache, lengths, k_new, v_new, page_table, tuple(sorted(kw.items())))
+    res = _call(q, k_cache, v_cache, lengths, k_new, v_new, page_table,
+                tuple(sorted(dict(kw, num_splits=num_splits).items())))
     out, lse = res[:2]
     kc, vc, total = ref_append(k_cache, v_cache, lengths, k_new, v_new, page_table)
     if seqlen_new:
@@ -234,9 +236,44 @@ def test_bad_metadata_stays_in_bounds(page_size):
 @pytest.mark.parametrize("page_size,seqlen_new,sq", [(0, 1, 1), (0, 7, 4), (64, 1, 1),
                                                      (256, 7, 4)])
 def test_gpu_bf16(page_size, seqlen_new, sq):
-    """On a Hopper GPU (the default device): the varlen kernels in the padded layout."""
+    """On a Hopper GPU (the default device): the split-KV kernel over the cache (seqused_k)."""
     check(ODD, hq=8, hkv=2, d=128, dv=128, sq=sq, seqlen_new=seqlen_new, page_size=page_size,
           dtype=jnp.bfloat16, atol=2e-2, lse_atol=2e-2)
+
+
+LONG = [0, 1, 7, 113, 1000, 4097]  # cache_seqlens, up to past 4k
+LONG_CAPACITY = 4112               # room for 4097 + 7 new tokens (and garbage past each length)
+
+
+def test_long_rows_cpu():
+    """The CPU backend on the long lengths (num_splits is accepted and ignored there)."""
+    check(LONG, hq=4, hkv=1, d=32, dv=32, sq=7, seqlen_new=7, capacity=LONG_CAPACITY,
+          num_splits=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("heads,sq,seqlen_new,kw", [
+    ((8, 2), 1, 1, "causal"),          # GQA, one query: packed group
+    ((8, 1), 1, 7, "full"),            # MQA, 7 appended, packed
+    ((8, 2), 7, 7, "window"),          # 7 queries, window: unpacked
+    ((4, 4), 1, 1, "window_softcap"),  # MHA, window and softcap
+])
+def test_gpu_split_kv(num_splits, heads, sq, seqlen_new, kw):
+    """Hopper split-KV over the cache: forced 1 and 3 splits and the heuristic, lengths 0 to
+    4097 in one batch (empty rows: out 0, lse -inf), GQA packing where it applies."""
+    check(LONG, hq=heads[0], hkv=heads[1], d=128, dv=128, sq=sq, seqlen_new=seqlen_new,
+          capacity=LONG_CAPACITY, num_splits=num_splits, dtype=jnp.bfloat16, atol=2e-2,
+          lse_atol=2e-2, **KW[kw])
+
+
+@pytest.mark.gpu
+def test_gpu_empty_caches():
+    """Every row empty, no append: out 0 and lse -inf, never NaN (all splits empty)."""
+    for n in (0, 3):
+        out, lse = check([0, 0, 0], hq=8, hkv=2, d=128, dv=128, seqlen_new=0, num_splits=n,
+                         dtype=jnp.bfloat16, atol=0, lse_atol=0)
+        assert (out == 0).all() and np.isneginf(lse).all()
 
 
 # ---------------------------------------------------------------------------------------------

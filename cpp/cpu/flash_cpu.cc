@@ -272,6 +272,14 @@ struct Geometry {
         nblk_q(block_q > 0 ? (p.seqlen_q + block_q - 1) / block_q : 1),
         nblk_k(block_k > 0 ? (p.seqlen_k + block_k - 1) / block_k : 1) {
     for (int64_t b = 0; b < batch; ++b) {
+      if (p.seqused_k) {
+        // The first nk keys, the band bottom-right aligned to them (flash.h).
+        const int64_t nk = std::min<int64_t>(std::max<int64_t>(p.seqused_k[b], 0), sk);
+        seqs.push_back({b * sq, sq, b * sk, nk, b * hq * sq,
+                        clamp_diag(p.diag_lo + (nk - sq), sq, nk),
+                        clamp_diag(p.diag_hi + (nk - sq), sq, nk)});
+        continue;
+      }
       if (!p.cu_seqlens_q) {
         seqs.push_back({b * sq, sq, b * sk, sk, b * hq * sq, clamp_diag(p.diag_lo, sq, sk),
                         clamp_diag(p.diag_hi, sq, sk)});

@@ -44,7 +44,10 @@ using namespace cute;
 //  - kSegments: segment ids (segments_sm90.h): tiles locate their segment hull and uniform ids
 //    and mask with SegmentBandMask; 16-bit only, never split or GQA-packed, so the dense and
 //    split kernels neither carry the ids nor test for them.
-// A varlen or segments call never splits (flash_fwd_sm90.cu: plan_fwd).
+// A varlen or segments call never splits (flash_fwd_sm90.cu: plan_fwd). A KV-cache call (flash.h,
+// seqused_k) always runs kSplit, with one split where the plan says so: its tiles locate their
+// batch row's key length (Params::locate), which only the split kernel carries, and its partial
+// store plus combine cost little next to the cache it reads.
 enum class FwdMode { kDense, kSplit, kVarlen, kSegments };
 
 template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_,
@@ -61,7 +64,9 @@ struct FwdTraits {
   static constexpr bool kVarlen = kMode_ == FwdMode::kVarlen;
   static constexpr bool kSegments = kMode_ == FwdMode::kSegments;
   // Tiles find their mask (and offsets) on the device rather than reading the parameters'.
-  static constexpr bool kLocated = kVarlen || kSegments;
+  // kSplit: the key length of a KV-cache call (seqused_k); decode-shaped calls are memory-bound,
+  // so the register copy of the band that kDense avoids costs nothing measurable there.
+  static constexpr bool kLocated = kVarlen || kSegments || kSplit;
 
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>,
                 "fp16, bf16 or e4m3 inputs");
@@ -225,7 +230,11 @@ struct FwdTraits {
     // coordinates; flash_fwd_combine_sm90.h merges them into out and lse.
     float* lse_accum;
     float* o_accum;
-    VarlenParams varlen;  // kVarlen only
+    // kVarlen; with kSplit and seqused_k, only its diag_lo / diag_hi (the band relative to each
+    // batch row's bottom-right diagonal, pre-clamped as for varlen).
+    VarlenParams varlen;
+    // kSplit only: int32 [batch] keys used per batch row (flash.h), or null (all seqlen_k).
+    int32_t const* seqused_k;
     // FP8 descales (kFp8 only; flash.h, "FP8"). Per tensor (descale_nk == 0): q, k, v
     // [batch, heads_kv]. Per tile (descale_nk > 0; the scale blocks are this kernel's tiles):
     // q [batch, heads_q, descale_nq], k and v [batch, heads_kv, descale_nk].
@@ -238,7 +247,8 @@ struct FwdTraits {
 
     // Resolves a scheduler tile to its sequence: t.batch becomes the batch row, `mask` the
     // sequence's band, (offset_q, offset_k) where its rows start in the batch row. Dense: the
-    // whole batch row. Segments: the whole batch row, and the band plus the query block's
+    // whole batch row. Split: the whole batch row, with seqused_k its first seqused_k[b] keys.
+    // Segments: the whole batch row, and the band plus the query block's
     // segment hull and ids. False when the tile's query block starts past its sequence's end
     // (the grid is sized by the longest sequence): then nothing is loaded, computed or written.
     CUTLASS_DEVICE bool locate(TileCoord& t, Mask& m, int& offset_q,
@@ -253,6 +263,12 @@ struct FwdTraits {
         m = {s.len_q, s.len_k, varlen_diag(varlen.diag_lo, s.len_q, s.len_k),
              varlen_diag(varlen.diag_hi, s.len_q, s.len_k)};
         return t.m_block * kBlockM < s.len_q;
+      } else if constexpr (kSplit) {
+        if (seqused_k) {  // the first len keys of the batch row, band bottom-right aligned to them
+          int const len = min(max(__ldg(seqused_k + t.batch), 0), mask.seqlen_k);
+          m = {mask.seqlen_q, len, varlen_diag(varlen.diag_lo, mask.seqlen_q, len),
+               varlen_diag(varlen.diag_hi, mask.seqlen_q, len)};
+        }
       } else if constexpr (kSegments) {
         SegmentRanges const r =
             __ldg(seg.ranges + int64_t(t.batch) * seg.num_q_blocks + t.m_block);

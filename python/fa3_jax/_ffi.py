@@ -108,19 +108,22 @@ def platforms() -> frozenset[str]:
 
 
 def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=False,
-                    num_seqs=0, fp8=False, segments=False) -> int:
+                    num_seqs=0, fp8=False, segments=False, seqused=False, num_splits=0) -> int:
     """Bytes of the uint8 workspace result the CUDA ``fa3_{direction}`` custom call takes.
 
     XLA allocates it like any other result, so it shows in ``compiled.memory_analysis()``; the
     size comes from the kernels' own layout (``sm90_*_workspace_bytes`` in cpp/flash.h).
     num_seqs: sequences per batch row of a varlen call (``fa3_*_varlen``), 0 when dense.
     fp8: the FP8 forward (``fa3_fwd_fp8``; v_shape the usual [batch, seqlen_k, heads_kv, dv]).
-    segments: a segment-id call (``fa3_*_segments``)."""
+    segments: a segment-id call (``fa3_*_segments``).
+    seqused, num_splits: a KV-cache forward (``fa3_fwd_kvcache``) and its split count (0:
+    heuristic)."""
     b, sq, hq, d = q_shape
     sk, hkv, dv = k_shape[1], k_shape[2], v_shape[3]
     if direction == "fwd":
         return int(_ext.sm90_fwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, int(num_seqs),
-                                                 bool(fp8), bool(segments)))
+                                                 bool(fp8), bool(segments), bool(seqused),
+                                                 int(num_splits)))
     return int(_ext.sm90_bwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, bool(deterministic),
                                              int(num_seqs), bool(segments)))
 

@@ -556,6 +556,83 @@ _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest
 
 
 # ---------------------------------------------------------------------------------------------
+# KV cache forward (python/fa3_jax/kvcache.py): the dense layout with k/v the cache [batch,
+# capacity, heads_kv, dim] plus one int32 operand ``seqused_k [batch]``, the keys used per batch
+# row (cpp/flash.h, "Used key lengths": the band is bottom-right aligned to them). Static
+# ``num_splits`` (0: the kernel's heuristic) is the split-KV count on Hopper. FFI target
+# fa3_fwd_kvcache. Forward only. Batch and head axes stay sharded; sequence axes are gathered.
+# ---------------------------------------------------------------------------------------------
+
+def _kvcache_fwd_local(q, k, v, seqused_k, softmax_scale, softcap, diag_lo, diag_hi, num_splits,
+                       cuda=False):
+    b, sq, hq, _ = q.shape
+    out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    if cuda:
+        nbytes = _ffi.workspace_bytes("fwd", q.shape, k.shape, v.shape, seqused=True,
+                                      num_splits=num_splits)
+        out_types += (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),)
+    call = jax.ffi.ffi_call("fa3_fwd_kvcache", out_types)
+    return tuple(call(q, k, v, seqused_k, num_splits=np.int64(num_splits),
+                      **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))[:2]
+
+
+def _kvcache_fwd_partition(*static_and_mesh):
+    *static, mesh, arg_shapes, result_shape = static_and_mesh
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    t = NamedSharding(mesh, P(b_ax, None, h_ax, None))
+    lse = NamedSharding(mesh, P(b_ax, h_ax, None))
+    used = NamedSharding(mesh, P(b_ax))
+
+    def lower_fn(q, k, v, seqused_k):
+        return _kvcache_fwd_local(q, k, v, seqused_k, *static)
+
+    return mesh, lower_fn, (t, lse), (t, t, t, used)
+
+
+def _kvcache_fwd_infer(*static_and_mesh):
+    mesh, arg_shapes = static_and_mesh[-3:-1]
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    return (NamedSharding(mesh, P(b_ax, None, h_ax, None)), NamedSharding(mesh, P(b_ax, h_ax, None)))
+
+
+def _kvcache_fwd_rule(*static_and_mesh):
+    value_types = static_and_mesh[-2]
+    hq, hk, sizes, keep_whole = _heads_factor(value_types)
+    rule = f"b s {hq} d, b t {hk} d, b t {hk} e, b -> b s {hq} e, b {hq} s"
+    repl = _in_rule_order(rule, ("s", "t", "d", "e") + keep_whole)
+    return rule, dict(need_replication_factors=repl, **sizes)
+
+
+_kvcache_fwd_partitioned = custom_partitioning(_kvcache_fwd_local,
+                                               static_argnums=tuple(range(4, 10)))
+_kvcache_fwd_partitioned.def_partition(
+    partition=_kvcache_fwd_partition, infer_sharding_from_operands=_kvcache_fwd_infer,
+    sharding_rule=_kvcache_fwd_rule)
+
+kvcache_fwd_p = jex_core.Primitive("fa3_fwd_kvcache")
+kvcache_fwd_p.multiple_results = True
+
+
+def _kvcache_fwd_lower_impl(q, k, v, seqused_k, *, softmax_scale, softcap, diag_lo, diag_hi,
+                            num_splits, cuda=False):
+    return _kvcache_fwd_partitioned(q, k, v, seqused_k, softmax_scale, softcap, diag_lo, diag_hi,
+                                    num_splits, cuda)
+
+
+def _kvcache_cuda_lowering(ctx, *args, **params):
+    aq, _, av = ctx.avals_in[:3]
+    _check_cuda_lowering(aq, av, "KV-cache attention")
+    return mlir.lower_fun(_kvcache_fwd_lower_impl, multiple_results=True)(ctx, *args, cuda=True,
+                                                                           **params)
+
+
+_dispatch.prim_requires_devices_during_lowering.add(kvcache_fwd_p)
+_register(kvcache_fwd_p, lambda q, k, v, seqused_k, **_: _fwd_abstract(q, k, v), 2,
+          _kvcache_fwd_lower_impl, _kvcache_cuda_lowering)
+
+
+# ---------------------------------------------------------------------------------------------
 # FP8 forward: float8_e4m3fn q/k/v with float32 descales (cpp/flash.h, "FP8"); out bfloat16, lse
 # float32. Operands q, k, v, descale_q, descale_k, descale_v; static parameters the mask's plus
 # ``block_q``/``block_k``, the rows per scale block (0 and 0: per-tensor descales [batch,

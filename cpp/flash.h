@@ -41,6 +41,12 @@
 // visible to query i iff diag_lo <= (j - i) - (len_b - seqlen_q) <= diag_hi. A row that sees no
 // key (len_b 0, or a causal row above the diagonal) gets out = 0, lse = -inf. This is the
 // contiguous KV cache of python/fa3_jax/kvcache.py (seqlen_k is the cache's capacity).
+// Paged (optional, with seqused_k; FwdParams::page_table): k and v are a pool of pages
+// [num_pages, page_size, heads_kv, head_dim(_v)] and seqlen_k = max_pages_per_seq * page_size;
+// key position j of batch row b lives in page page_table[b][j / page_size], row j % page_size.
+// A page index outside [0, num_pages) reads as zeros (keys and values 0: such positions still
+// take part in the softmax when inside len_b). The Hopper kernel needs page_size to be a
+// multiple of its block_n (cpp/hopper/tile_size.h): one TMA load per key block.
 // num_splits (any dense 16-bit forward on Hopper) asks for that many key ranges per tile (split-KV,
 // cpp/hopper/tile_size.h); 0 lets the kernel choose; the CPU backend ignores it.
 //
@@ -110,6 +116,10 @@ struct FwdParams {
   const int32_t* seqused_k = nullptr;
   // Split-KV ranges per tile (see the header comment): 0 = the kernel's heuristic.
   int64_t num_splits = 0;
+  // Paged K/V (see the header comment); null for the contiguous layout. int32
+  // [batch, seqlen_k / page_size]; k and v then hold num_pages pages of page_size rows.
+  const int32_t* page_table = nullptr;
+  int64_t page_size = 0, num_pages = 0;
   // Segment ids (see the header comment); null when unused. int32 [batch, seqlen_q] and
   // [batch, seqlen_k].
   const int32_t* q_segment_ids = nullptr;

@@ -61,6 +61,7 @@ NB_MODULE(_fa3_jax_ext, m) {
     void* const fwd_varlen_cuda = reinterpret_cast<void*>(fa3_fwd_varlen_cuda);
     void* const bwd_varlen_cuda = reinterpret_cast<void*>(fa3_bwd_varlen_cuda);
     void* const fwd_kvcache_cuda = reinterpret_cast<void*>(fa3_fwd_kvcache_cuda);
+    void* const fwd_kvcache_paged_cuda = reinterpret_cast<void*>(fa3_fwd_kvcache_paged_cuda);
     void* const fwd_fp8_cuda = reinterpret_cast<void*>(fa3_fwd_fp8_cuda);
     void* const fwd_segments_cuda = reinterpret_cast<void*>(fa3_fwd_segments_cuda);
     void* const bwd_segments_cuda = reinterpret_cast<void*>(fa3_bwd_segments_cuda);
@@ -69,6 +70,7 @@ NB_MODULE(_fa3_jax_ext, m) {
     void* const fwd_varlen_cuda = nullptr;
     void* const bwd_varlen_cuda = nullptr;
     void* const fwd_kvcache_cuda = nullptr;
+    void* const fwd_kvcache_paged_cuda = nullptr;
     void* const fwd_fp8_cuda = nullptr;
     void* const fwd_segments_cuda = nullptr;
     void* const bwd_segments_cuda = nullptr;
@@ -80,6 +82,8 @@ NB_MODULE(_fa3_jax_ext, m) {
         {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu), fwd_segments_cuda},
         {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu), bwd_segments_cuda},
         {"fa3_fwd_kvcache", reinterpret_cast<void*>(fa3_fwd_kvcache_cpu), fwd_kvcache_cuda},
+        {"fa3_fwd_kvcache_paged", reinterpret_cast<void*>(fa3_fwd_kvcache_paged_cpu),
+         fwd_kvcache_paged_cuda},
         {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu), fwd_fp8_cuda},
         {"fa3_fp8_quantize", reinterpret_cast<void*>(fa3_fp8_quantize_cpu), fp8_quantize_cuda}};
     for (const Packed& e : packed) {

@@ -70,8 +70,29 @@ struct FwdMainloop {
     Tensor tVgV = get<0>(tV);  // (TMA, n_blocks)
     Tensor tVsV = get<1>(tV);  // (TMA, PIPE)
 
+    // Paged K/V (kSplit only): key block n is block n % page_blocks of the page the table names;
+    // a page index outside the pool becomes num_pages, a box wholly outside the tensor, which
+    // the TMA unit fills with zeros (flash.h: such pages read as zeros).
+    auto page_of = [&](int n) {
+      int const num_pages = get<3>(p.shape_k);
+      int const page =
+          __ldg(p.page_table + int64_t(t.batch) * p.page_table_stride + n / p.page_blocks);
+      return page >= 0 && page < num_pages ? page : num_pages;
+    };
     auto load_k = [&](int n) {
       pipe_k.producer_acquire(write);
+      if constexpr (Traits::kSplit) {
+        if (p.page_table) {
+          Tensor gKp = local_tile(p.tma_k.get_tma_tensor(p.shape_k)(_, _, h_kv, page_of(n)),
+                                  select<1, 2>(typename Traits::TileShapeQK{}),
+                                  make_coord(_, _0{}));  // (N, D, page_blocks)
+          auto tKp = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                   group_modes<0, 2>(gKp));
+          copy(p.tma_k.with(*pipe_k.producer_get_barrier(write), 0),
+               get<0>(tKp)(_, n % p.page_blocks), tKsK(_, write.index()));
+          return;
+        }
+      }
       copy(p.tma_k.with(*pipe_k.producer_get_barrier(write), 0), tKgK(_, n),
            tKsK(_, write.index()));
     };
@@ -82,6 +103,18 @@ struct FwdMainloop {
       PipelineState const st(wrap ? Traits::kStages - 1 : write.index() - 1,
                              wrap ? write.phase() ^ 1 : write.phase(), 0);
       pipe_v.producer_acquire(st);
+      if constexpr (Traits::kSplit) {
+        if (p.page_table) {
+          Tensor gVp = local_tile(p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, page_of(n)),
+                                  typename Traits::TileShapeVLoad{},
+                                  make_coord(_, _0{}));  // (N, Dv, page_blocks)
+          auto tVp = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                   group_modes<0, 2>(gVp));
+          copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0),
+               get<0>(tVp)(_, n % p.page_blocks), tVsV(_, st.index()));
+          return;
+        }
+      }
       copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
     };
 

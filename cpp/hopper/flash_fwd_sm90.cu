@@ -143,9 +143,18 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   // TMA boxes need non-empty tensors; with seqlen_k == 0 every tile is empty and none loads.
   int const sk_tma = std::max(sk, 1);
 
+  // Paged (kSplit only, sm90_supports_fwd): K/V are the pool, (page_size, d, hkv, num_pages), and
+  // the producer picks the page of each key block (FwdMainloop::load).
+  bool const paged = p.page_table != nullptr;
+  int const kv_rows = paged ? int(p.page_size) : sk_tma;
+  int const kv_batch = paged ? int(p.num_pages) : b;
+
   typename Traits::Params kp;
   kp.shape_q = ShapeQKV(sq, kHeadDim, h, b);
-  kp.shape_k = ShapeQKV(sk_tma, kHeadDim, hkv, b);
+  kp.shape_k = ShapeQKV(kv_rows, kHeadDim, hkv, kv_batch);
+  kp.page_table = p.page_table;
+  kp.page_table_stride = paged ? int(p.seqlen_k / p.page_size) : 0;
+  kp.page_blocks = paged ? int(p.page_size / ts.block_n) : 1;
   // FP8 reads vt [b, hkv, dv, sk16] (fp8_vt_sm90.h), written here into the workspace: rows of
   // keys, the TMA's 16-byte row stride alignment being one reason sk16 is seqlen_k rounded up to
   // 16. (sk_vt is at least 16: with seqlen_k 0 no tile loads, but the descriptor needs a shape.)
@@ -159,7 +168,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     v_ptr = vt;
   }
   kp.shape_v = kFp8 ? ShapeQKV(kHeadDimV, sk_vt, hkv, b)
-                    : ShapeQKV(sk_tma, kHeadDimV, hkv, b);
+                    : ShapeQKV(kv_rows, kHeadDimV, hkv, kv_batch);
   // Q [b, seqlen_q, hq, d]; packed (seqlen_q 1): row r of head h_kv is query head h_kv * group + r.
   StrideQKV const stride_q =
       plan.packed ? StrideQKV(int64_t(kHeadDim), _1{}, int64_t(group) * kHeadDim,
@@ -167,12 +176,12 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
                   : StrideQKV(int64_t(hq) * kHeadDim, _1{}, int64_t(kHeadDim),
                               int64_t(sq) * hq * kHeadDim);
   StrideQKV const stride_k(int64_t(hkv) * kHeadDim, _1{}, int64_t(kHeadDim),
-                           int64_t(sk) * hkv * kHeadDim);
+                           int64_t(paged ? kv_rows : sk) * hkv * kHeadDim);
   StrideQKV const stride_v =
       kFp8 ? StrideQKV(int64_t(sk_vt), _1{}, int64_t(kHeadDimV) * sk_vt,
                        int64_t(hkv) * kHeadDimV * sk_vt)
            : StrideQKV(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
-                       int64_t(sk) * hkv * kHeadDimV);
+                       int64_t(paged ? kv_rows : sk) * hkv * kHeadDimV);
   auto gmem = [](const void* ptr) { return make_gmem_ptr(static_cast<Element const*>(ptr)); };
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.q), kp.shape_q, stride_q),
                            typename Traits::SmemLayoutQ{},
@@ -445,9 +454,16 @@ bool sm90_supports_fwd(const FwdParams& p) {
   int64_t const kMax = int64_t(1) << 30;
   // Segment ids: 16-bit only (FP8 returned above); the prepare grids' y is the batch.
   if (p.q_segment_ids && (p.cu_seqlens_q || p.batch > 65535)) return false;
-  // seqused_k: the dense 16-bit layout only (flash.h).
+  // seqused_k: the dense 16-bit layout only (flash.h). Paged: with seqused_k, pages of whole key
+  // blocks (one TMA load per block), page and pool counts within the TMA's 32-bit coordinates.
   if (p.seqused_k && (p.cu_seqlens_q || p.q_segment_ids || p.dtype == DType::kFloat8E4M3))
     return false;
+  if (p.page_table) {
+    sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v));
+    if (!p.seqused_k || p.page_size < ts.block_n || p.page_size % ts.block_n != 0 ||
+        p.num_pages >= (int64_t(1) << 30) || p.seqlen_k % p.page_size != 0)
+      return false;
+  }
   if (p.cu_seqlens_q) {
     // Tiles (m_block, head, sequence) are numbered in int; the prepare grid's y is the batch.
     int64_t const m_blocks = (std::min(p.max_seqlen_q, p.seqlen_q) + 127) / 128;

@@ -235,6 +235,11 @@ struct FwdTraits {
     VarlenParams varlen;
     // kSplit only: int32 [batch] keys used per batch row (flash.h), or null (all seqlen_k).
     int32_t const* seqused_k;
+    // kSplit only, paged K/V (flash.h, "Paged"), or null: int32 [batch, page_table_stride]; a
+    // page holds page_blocks key blocks, and shape_k / shape_v are then (page_size, d, heads_kv,
+    // num_pages).
+    int32_t const* page_table;
+    int page_table_stride, page_blocks;
     // FP8 descales (kFp8 only; flash.h, "FP8"). Per tensor (descale_nk == 0): q, k, v
     // [batch, heads_kv]. Per tile (descale_nk > 0; the scale blocks are this kernel's tiles):
     // q [batch, heads_q, descale_nq], k and v [batch, heads_kv, descale_nk].

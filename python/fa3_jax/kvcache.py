@@ -10,9 +10,12 @@ row's length are never loaded and no mask is materialised. On Hopper it is the s
 (Flash-Decoding), with the query heads of a GQA group packed into one tile when seqlen_q is 1 and
 no window cuts the keys; ``num_splits`` picks the split count.
 
-Paged caches take an interim path: the pages of each row are gathered into a contiguous ``[batch,
-max_pages_per_seq * page_size, ...]`` view before the kernel (one extra read and write of the
-gathered pages) until a Hopper kernel reads the pages directly.
+Paged caches whose pages hold whole key blocks of the Hopper forward (page_size a multiple of
+its block_n, ``_ffi.fwd_tile_size``: 128 up to head dim 192) are read in place: the kernel looks
+each key block's page up in the page table (one TMA load per block; ``fa3_fwd_kvcache_paged``,
+the CPU backend reads the same pages). Smaller pages take an interim path: the pages of each row
+are gathered into a contiguous ``[batch, max_pages_per_seq * page_size, ...]`` view before the
+kernel (one extra read and write of the gathered pages).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
+from fa3_jax import _ffi
 from fa3_jax._primitives import kvcache_fwd_p
 from fa3_jax.attention import (_check_float, _shape_dtype, as_int32_array, bottom_right_band,
                                check_qkv)
@@ -173,10 +177,11 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     length), vmap (over a leading axis of every array) and multi-device jit: batch and head
     sharding stay local for a contiguous cache; a paged pool (shared by the rows) may be sharded
     on heads, and each of its replicas then receives every row's new tokens. Runs where
-    flash_attention runs: the CPU backend and the Hopper forward (16-bit). Paged caches are
-    gathered into a contiguous view first (interim path; the Hopper kernel will read pages
-    directly). Cache positions past L_b may be loaded with the last key block that L_b ends in
-    (and weighted by zero): they must hold finite values, as a zero-initialised cache does.
+    flash_attention runs: the CPU backend and the Hopper forward (16-bit). Paged caches are read
+    in place when page_size is a multiple of the Hopper forward's block_n (128 up to head dim
+    192, 80 at 256), else gathered into a contiguous view first. Cache positions past L_b may be
+    loaded with the last key block that L_b ends in (and weighted by zero): they must hold
+    finite values, as a zero-initialised cache does.
     """
     b, sq, hq, d = _check_rank4("q", q, "[batch, seqlen_q, heads_q, head_dim]")
     paged = page_table is not None
@@ -215,12 +220,16 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
         else:
             k_cache = _append_contiguous(k_cache, k_new, start)
             v_cache = _append_contiguous(v_cache, v_new, start)
-    k_view, v_view = ((_gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table))
-                      if paged else (k_cache, v_cache))
-
-    # All seqlen_q queries of row b against its keys [0, start[b] + seqlen_new).
-    out, lse = kvcache_fwd_p.bind(q, k_view, v_view, start + seqlen_new,
-                                  softmax_scale=float(scale), softcap=float(softcap),
+    # All seqlen_q queries of row b against its keys [0, start[b] + seqlen_new): the kernel reads
+    # the pages itself where they hold whole key blocks, else through a gathered view.
+    if paged and page_size % _ffi.fwd_tile_size(d, dv)[1] == 0:
+        kv = (k_cache, v_cache, start + seqlen_new, page_table)
+    elif paged:
+        kv = (_gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table),
+              start + seqlen_new)
+    else:
+        kv = (k_cache, v_cache, start + seqlen_new)
+    out, lse = kvcache_fwd_p.bind(q, *kv, softmax_scale=float(scale), softcap=float(softcap),
                                   diag_lo=int(diag_lo), diag_hi=int(diag_hi),
                                   num_splits=num_splits)
     head = (out, lse) if return_lse else (out,)

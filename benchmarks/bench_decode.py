@@ -17,8 +17,8 @@ the same process:
   kvcache  fa3_jax.flash_attention_with_kvcache on a contiguous cache holding the same K/V
            (capacity seqlen_k, every cache_seqlens entry seqlen_k, causal=False, no append)
   pagedN   the same on a paged cache of N-token pages (N = 16, 64, 256; page table a random
-           permutation of the pool); the gather into a contiguous view is part of the call
-           (and of its time) until the kernel reads pages itself
+           permutation of the pool), read in place by the kernel (page sizes that are no
+           multiple of 16 would be gathered into a contiguous view first, inside the call)
 
 Timing: fa3_jax.timing.kernel_time_ms (CUPTI: the summed GPU time of every kernel a jitted call
 launches, split-KV's combine pass included; the median over --reps calls).

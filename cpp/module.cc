@@ -103,6 +103,9 @@ NB_MODULE(_fa3_jax_ext, m) {
         return nb::make_tuple(t.block_m, t.block_n);
       },
       nb::arg("head_dim"), nb::arg("head_dim_v"), nb::arg("fp8") = false);
+  // Rows per page piece of the Hopper forward's paged KV cache: page sizes it reads in place are
+  // multiples of it (cpp/hopper/tile_size.h, kFwdPageRows).
+  m.attr("fwd_page_rows") = fa3::sm90::kFwdPageRows;
 #ifdef FA3_JAX_WITH_CUDA
   // Bytes of the uint8 workspace result the CUDA custom calls take (XLA allocates it).
   // num_seqs: sequences per batch row of a varlen call (0: dense). segments: a segment-id call

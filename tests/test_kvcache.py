@@ -180,6 +180,8 @@ def test_contiguous(sq, seqlen_new, heads, kw):
     (64, 1, 0, "window"),
     (256, 1, 7, "full"),
     (256, 4, 1, "causal"),
+    (8, 1, 1, "causal"),     # no multiple of 16: the gathered view
+    (24, 4, 7, "window"),
 ])
 def test_paged(page_size, sq, seqlen_new, kw):
     check(ODD, page_size=page_size, sq=sq, seqlen_new=seqlen_new, **KW[kw])
@@ -202,7 +204,7 @@ def test_empty_caches():
     assert np.isneginf(lse[2, :, 0]).all() and np.isfinite(lse[2, :, 1:]).all()
 
 
-@pytest.mark.parametrize("page_size", [0, 16, 128])  # 128: pages read by the kernel, no gather
+@pytest.mark.parametrize("page_size", [0, 8, 16, 128])  # 8: through the gathered view
 def test_bad_metadata_stays_in_bounds(page_size):
     """cache_seqlens outside [0, capacity - seqlen_new] are clamped; page indices outside
     [0, num_pages) read zeros and drop writes. The reference applies the same policy, and the
@@ -272,21 +274,24 @@ def test_gpu_split_kv(num_splits, heads, sq, seqlen_new, kw):
 @pytest.mark.parametrize("page_size,heads,sq,seqlen_new,kw", [
     (128, (8, 2), 1, 1, "causal"),       # pages of one key block, packed GQA
     (256, (8, 1), 7, 7, "window"),       # two blocks a page, unpacked
+    (16, (8, 2), 1, 7, "full"),          # 8 pages a block: one 16-row box each
+    (64, (4, 4), 4, 1, "window_softcap"),
 ])
 def test_gpu_paged_kernel(num_splits, page_size, heads, sq, seqlen_new, kw):
-    """Hopper reading the pages itself (page_size a multiple of block_n 128): shuffled pages,
-    lengths 0 to 4097, forced splits."""
+    """Hopper reading the pages itself (page_size a multiple of 16: whole blocks, or 16-row boxes
+    for smaller pages): shuffled pages, lengths 0 to 4097, forced splits."""
     check(LONG, hq=heads[0], hkv=heads[1], d=128, dv=128, sq=sq, seqlen_new=seqlen_new,
           page_size=page_size, capacity=4352, num_splits=num_splits, dtype=jnp.bfloat16,
           atol=2e-2, lse_atol=2e-2, **KW[kw])
 
 
 @pytest.mark.gpu
-def test_gpu_paged_bad_pages():
+@pytest.mark.parametrize("page_size", [16, 128])
+def test_gpu_paged_bad_pages(page_size):
     """Page indices outside the pool read as zeros on the kernel path too (TMA zero fill), and
     nothing is read or written out of bounds; the reference applies the same policy."""
     lengths = jnp.asarray([300, 1000, 5, 700], jnp.int32)
-    k_cache, v_cache, table = make_cache(lengths, 2, 128, 128, 128, dtype=jnp.bfloat16)
+    k_cache, v_cache, table = make_cache(lengths, 2, 128, 128, page_size, dtype=jnp.bfloat16)
     bad = np.array(table)
     bad[0, 1] = -1
     bad[1, 3] = k_cache.shape[0]

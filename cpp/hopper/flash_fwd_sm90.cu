@@ -154,7 +154,8 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.shape_k = ShapeQKV(kv_rows, kHeadDim, hkv, kv_batch);
   kp.page_table = p.page_table;
   kp.page_table_stride = paged ? int(p.seqlen_k / p.page_size) : 0;
-  kp.page_blocks = paged ? int(p.page_size / ts.block_n) : 1;
+  kp.page_size = paged ? int(p.page_size) : 0;
+  kp.page_blocks = paged && p.page_size % ts.block_n == 0 ? int(p.page_size / ts.block_n) : 0;
   // FP8 reads vt [b, hkv, dv, sk16] (fp8_vt_sm90.h), written here into the workspace: rows of
   // keys, the TMA's 16-byte row stride alignment being one reason sk16 is seqlen_k rounded up to
   // 16. (sk_vt is at least 16: with seqlen_k 0 no tile loads, but the descriptor needs a shape.)
@@ -192,6 +193,17 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(v_ptr), kp.shape_v, stride_v),
                            take<0, 2>(typename Traits::SmemLayoutVLoad{}),
                            typename Traits::TileShapeVLoad{}, _1{});
+  if constexpr (kSplit) {
+    if (paged && kp.page_blocks == 0) {
+      constexpr int kRows = Traits::kPageRows;
+      kp.tma_k_page = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.k), kp.shape_k, stride_k),
+                                    typename Traits::SmemLayoutKPage{},
+                                    Shape<Int<kRows>, Int<kHeadDim>>{}, _1{});
+      kp.tma_v_page = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.v), kp.shape_v, stride_v),
+                                    typename Traits::SmemLayoutVPage{},
+                                    Shape<Int<kRows>, Int<kHeadDimV>>{}, _1{});
+    }
+  }
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
   // Packed rows all see every key (pack_gqa), which the unbounded band says. With seqused_k the
@@ -454,13 +466,13 @@ bool sm90_supports_fwd(const FwdParams& p) {
   int64_t const kMax = int64_t(1) << 30;
   // Segment ids: 16-bit only (FP8 returned above); the prepare grids' y is the batch.
   if (p.q_segment_ids && (p.cu_seqlens_q || p.batch > 65535)) return false;
-  // seqused_k: the dense 16-bit layout only (flash.h). Paged: with seqused_k, pages of whole key
-  // blocks (one TMA load per block), page and pool counts within the TMA's 32-bit coordinates.
+  // seqused_k: the dense 16-bit layout only (flash.h). Paged: with seqused_k, pages of a
+  // multiple of 16 rows, page and pool counts within the TMA's 32-bit coordinates.
   if (p.seqused_k && (p.cu_seqlens_q || p.q_segment_ids || p.dtype == DType::kFloat8E4M3))
     return false;
   if (p.page_table) {
-    sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v));
-    if (!p.seqused_k || p.page_size < ts.block_n || p.page_size % ts.block_n != 0 ||
+    // Pages of whole key blocks, or of whole kFwdPageRows-row boxes (tile_size.h).
+    if (!p.seqused_k || p.page_size < 1 || p.page_size % sm90::kFwdPageRows != 0 ||
         p.num_pages >= (int64_t(1) << 30) || p.seqlen_k % p.page_size != 0)
       return false;
   }

@@ -194,6 +194,21 @@ struct FwdTraits {
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
                                       take<0, 2>(SmemLayoutK{}), select<1, 2>(TileShapeQK{}),
                                       _1{}));
+  // Paged caches whose pages are smaller than a key block (kSplit; FwdMainloop::load): K and V
+  // tiles arrive as kPageRows-row boxes, each from its own page (tile_size.h, kFwdPageRows).
+  // The row-major (N, Dv) V layout also for FP8, which never pages, so that the type exists
+  // for every instantiation.
+  static constexpr int kPageRows = kFwdPageRows;
+  static_assert(kBlockN % kPageRows == 0, "a key block is whole page boxes");
+  // The first kPageRows rows of one stage (a by-mode tiler: rows [0, kPageRows), every column).
+  using SmemLayoutKPage = decltype(composition(
+      take<0, 2>(SmemLayoutK{}), make_tile(Layout<Int<kPageRows>>{}, Layout<Int<kHeadDim>>{})));
+  using SmemLayoutVPage = decltype(composition(
+      take<0, 2>(SmemLayoutV{}), make_tile(Layout<Int<kPageRows>>{}, Layout<Int<kHeadDimV>>{})));
+  using TmaKPage = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{}, SmemLayoutKPage{},
+                                          Shape<Int<kPageRows>, Int<kHeadDim>>{}, _1{}));
+  using TmaVPage = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{}, SmemLayoutVPage{},
+                                          Shape<Int<kPageRows>, Int<kHeadDimV>>{}, _1{}));
   // Global V is (seqlen_k, dv, heads, batch), or for FP8 vt (dv, seqlen_k rounded up to 16,
   // heads, batch): the same types, with the contiguous mode second.
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
@@ -209,6 +224,8 @@ struct FwdTraits {
     TmaQ tma_q;
     TmaK tma_k;
     TmaV tma_v;
+    TmaKPage tma_k_page;  // kSplit with pages smaller than a key block only
+    TmaVPage tma_v_page;
     TmaO tma_o;  // kTmaStoreO only
     ShapeQKV shape_o;
     ShapeQKV shape_q, shape_k, shape_v;
@@ -235,11 +252,12 @@ struct FwdTraits {
     VarlenParams varlen;
     // kSplit only: int32 [batch] keys used per batch row (flash.h), or null (all seqlen_k).
     int32_t const* seqused_k;
-    // kSplit only, paged K/V (flash.h, "Paged"), or null: int32 [batch, page_table_stride]; a
-    // page holds page_blocks key blocks, and shape_k / shape_v are then (page_size, d, heads_kv,
-    // num_pages).
+    // kSplit only, paged K/V (flash.h, "Paged"), or null: int32 [batch, page_table_stride];
+    // shape_k / shape_v are then (page_size, d, heads_kv, num_pages). page_blocks > 0: a page
+    // holds page_blocks key blocks (one TMA load per block); 0: pages are smaller than a block
+    // and a block is kBlockN / kPageRows boxes of kPageRows rows (tma_k_page, tma_v_page).
     int32_t const* page_table;
-    int page_table_stride, page_blocks;
+    int page_table_stride, page_blocks, page_size;
     // FP8 descales (kFp8 only; flash.h, "FP8"). Per tensor (descale_nk == 0): q, k, v
     // [batch, heads_kv]. Per tile (descale_nk > 0; the scale blocks are this kernel's tiles):
     // q [batch, heads_q, descale_nq], k and v [batch, heads_kv, descale_nk].

@@ -33,6 +33,12 @@ def fwd_tile_size(head_dim: int, head_dim_v: int, fp8: bool = False) -> tuple[in
     return int(block_m), int(block_n)
 
 
+def fwd_page_rows() -> int:
+    """Paged KV caches whose page_size is a multiple of this are read in place by the Hopper
+    forward (cpp/hopper/tile_size.h, kFwdPageRows); others are gathered first."""
+    return int(_ext.fwd_page_rows)
+
+
 FP8_HEAD_DIMS = (64, 128, 256)  # of the Hopper FP8 forward (cpp/hopper/flash_fwd_sm90.cu)
 
 

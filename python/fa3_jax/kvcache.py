@@ -10,12 +10,12 @@ row's length are never loaded and no mask is materialised. On Hopper it is the s
 (Flash-Decoding), with the query heads of a GQA group packed into one tile when seqlen_q is 1 and
 no window cuts the keys; ``num_splits`` picks the split count.
 
-Paged caches whose pages hold whole key blocks of the Hopper forward (page_size a multiple of
-its block_n, ``_ffi.fwd_tile_size``: 128 up to head dim 192) are read in place: the kernel looks
-each key block's page up in the page table (one TMA load per block; ``fa3_fwd_kvcache_paged``,
-the CPU backend reads the same pages). Smaller pages take an interim path: the pages of each row
-are gathered into a contiguous ``[batch, max_pages_per_seq * page_size, ...]`` view before the
-kernel (one extra read and write of the gathered pages).
+Paged caches whose page_size is a multiple of 16 (``_ffi.fwd_page_rows``) are read in place
+(``fa3_fwd_kvcache_paged``; the CPU backend reads the same pages): the Hopper kernel looks each
+key block's page up in the page table and loads it with one TMA load, or, for pages smaller than
+a block, one 16-row box per page piece. Other page sizes take an interim path: the pages of each
+row are gathered into a contiguous ``[batch, max_pages_per_seq * page_size, ...]`` view before
+the kernel (one extra read and write of the gathered pages).
 """
 
 from __future__ import annotations
@@ -178,8 +178,7 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     sharding stay local for a contiguous cache; a paged pool (shared by the rows) may be sharded
     on heads, and each of its replicas then receives every row's new tokens. Runs where
     flash_attention runs: the CPU backend and the Hopper forward (16-bit). Paged caches are read
-    in place when page_size is a multiple of the Hopper forward's block_n (128 up to head dim
-    192, 80 at 256), else gathered into a contiguous view first. Cache positions past L_b may be
+    in place when page_size is a multiple of 16, else gathered into a contiguous view first. Cache positions past L_b may be
     loaded with the last key block that L_b ends in (and weighted by zero): they must hold
     finite values, as a zero-initialised cache does.
     """
@@ -221,8 +220,8 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
             k_cache = _append_contiguous(k_cache, k_new, start)
             v_cache = _append_contiguous(v_cache, v_new, start)
     # All seqlen_q queries of row b against its keys [0, start[b] + seqlen_new): the kernel reads
-    # the pages itself where they hold whole key blocks, else through a gathered view.
-    if paged and page_size % _ffi.fwd_tile_size(d, dv)[1] == 0:
+    # the pages itself where page_size is a multiple of its page boxes, else a gathered view.
+    if paged and page_size % _ffi.fwd_page_rows() == 0:
         kv = (k_cache, v_cache, start + seqlen_new, page_table)
     elif paged:
         kv = (_gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table),

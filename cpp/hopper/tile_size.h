@@ -96,8 +96,9 @@ constexpr bool fwd_use_wide_tile(int head_dim, int head_dim_v, bool fp8, bool fu
 //    TFLOP/s at 512 / 1k / 2k / 4k: full 391 / 546 / 638 / 702 -> 436 / 582 / 672 / 720, causal
 //    219 / 318 / 433 / 500 -> 233 / 330 / 438 / 505: on. ptxas then reports 120 bytes of spill
 //    stores (48 before).
-constexpr bool fwd_store_o_with_tma(int head_dim_v, bool fp8) {
-  return head_dim_v == 128 || head_dim_v == 256;
+//  - hdim 192 (dv 128 too, where only the V ring would have room) not measured: off.
+constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
+  return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256);
 }
 
 // Consumer schedule of the 16-bit mainloop (flash_fwd_mainloop_sm90.h):

@@ -170,8 +170,9 @@ struct FwdMainloop {
     int const wg = mma_tidx / 128;
     auto scheduler_sync = [&] {
       if constexpr (Traits::kPingpong)
-        named_barrier_sync(Traits::kNumMmaThreads,
-                           static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + wg));
+        named_barrier_sync(
+            Traits::kNumMmaThreads,
+            static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + wg));
     };
     auto scheduler_arrive = [&] {
       if constexpr (Traits::kPingpong)

@@ -182,7 +182,8 @@ struct FwdTraits {
   // Where Q, K, V and a separate O tile exceed shared memory (16-bit head dim 256: 224 KB without
   // O), O is written into the V ring instead, which holds no live data between the tile's last
   // P V WGMMA (both warpgroups') and the next tile's first V load (FA3 does the same).
-  static constexpr bool kWantTmaStoreO = fwd_store_o_with_tma(kHeadDim, kHeadDimV) && !kSplit && !kVarlen;
+  static constexpr bool kWantTmaStoreO =
+      fwd_store_o_with_tma(kHeadDim, kHeadDimV) && !kSplit && !kVarlen;
   static constexpr bool kOSeparateFits =
       sizeof(SharedStorageT<cute::cosize_v<SmemLayoutO>>) <= 227 * 1024;
   static constexpr bool kOAliasesV =

@@ -13,7 +13,11 @@
 // where they run alone. ncu, H200, hdim 256 causal 4k, 16k tokens (32 pairs, sections of 6): SM
 // active cycles 75% of elapsed (full: 95%); a simulation of the dynamic schedule (cost = key
 // blocks + 1 per tile) gives 0.87 of ideal with the old cut, 0.97 balanced, across hdim 64-256 at
-// 512-16k tokens of the bench (mean over 222 shapes: 0.966 -> 0.979).
+// 512-16k tokens of the bench (mean over 222 shapes: 0.966 -> 0.979). bench_attention.py, causal
+// fa3_jax / cuDNN with this and the other 2026-11-22 (s6) forward changes: hdim 128 1k-4k
+// 0.896 / 0.947 / 0.951 -> 0.964 / 0.986 / 0.988 (hdim 128's kernel is otherwise unchanged
+// there), hdim 256 2k-8k 0.895 / 0.897 / 0.888 -> 0.920 / 0.956 / 0.957
+// (benchmarks/measured/h200_2026-11-22s6t_fwdtile.txt).
 //
 // Split-KV (Flash-Decoding): with num_splits > 1 every (m_block, head, batch) tile becomes
 // num_splits tiles, adjacent in tile order, each covering one contiguous range of the key blocks

@@ -63,7 +63,8 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    so O goes through the V ring (kOAliasesV). Measured on H200 (bf16, 16k tokens, hidden 2048,
 //    --time, one run each, clocks not pinned), 128 x 128 -> 128 x 176 TFLOP/s at 512 / 1k / 2k /
 //    4k / 8k / 16k: full 453 / 541 / 599 / 638 / 594 / 608 -> 392 / 505 / 582 / 584 / 625 / 629
-//    (the 2026-11-21 runs: +3% at 8k-16k, -7..15% at 512): wide from 8k keys on.
+//    (the 2026-11-21 runs: +3% at 8k-16k, -7..15% at 512): wide from 8k keys on. Bench beside
+//    cuDNN (h200_2026-11-22s6t_fwdtile.txt): full 8k 0.969 -> 1.008, 16k 0.985 -> 1.025.
 inline constexpr int kWideTileMinSeqlenK = 8192;
 constexpr FwdTileSize fwd_tile_size_wide(int head_dim, int head_dim_v, bool fp8 = false) {
   if (!fp8 && head_dim == 128 && head_dim_v == 128) return {128, 176, 2};

@@ -8,7 +8,8 @@
 // S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
 // together, and the softmax of the next block runs while P V is still on the tensor cores.
 // Pingpong: the two warpgroups take turns issuing WGMMAs (named barriers), so one's softmax
-// runs under the other's matrix work.
+// runs under the other's matrix work. Pingpong and where O is rescaled are per head dim
+// (tile_size.h, fwd_schedule).
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"
@@ -93,6 +94,10 @@ struct FwdMainloop {
     // Both rings advance once per block; V runs one block behind K, matching the consumers.
     load_k(n_max - 1);
     ++write;
+    // kOAliasesV: the previous tile's O is in the V ring until its TMA stores have read it.
+    if constexpr (Traits::kOAliasesV) {
+      if (q_tile_count > 0) ss.o_free.wait((q_tile_count - 1) & 1);
+    }
     for (int n = n_max - 2; n >= n_min; --n) {
       load_k(n);
       load_v_prev(n + 1);
@@ -164,13 +169,16 @@ struct FwdMainloop {
 
     int const wg = mma_tidx / 128;
     auto scheduler_sync = [&] {
-      named_barrier_sync(Traits::kNumMmaThreads,
-                         static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + wg));
+      if constexpr (Traits::kPingpong)
+        named_barrier_sync(
+            Traits::kNumMmaThreads,
+            static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + wg));
     };
     auto scheduler_arrive = [&] {
-      named_barrier_arrive(
-          Traits::kNumMmaThreads,
-          static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + (1 - wg)));
+      if constexpr (Traits::kPingpong)
+        named_barrier_arrive(
+            Traits::kNumMmaThreads,
+            static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + (1 - wg)));
     };
     auto score_mod = [&](int n) {
       if (per_block) {
@@ -203,11 +211,14 @@ struct FwdMainloop {
     float v_descale = per_block ? descale_v_row[n] : 1.f;  // units of O (FP8 per block)
     PipelineState read_v = read;
     ++read;
+    // kRescaleOFirst: the factor O still owes (block n + 1's), applied before the next P V.
+    cute::array<float, 2> o_scale_due = {1.f, 1.f};
 
     for (--n; n >= n_min; --n) {
       scheduler_sync();
       pipe_k.consumer_wait(read);
       wgmma_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+      if constexpr (Traits::kRescaleOFirst) rescale_rows(tOrO, o_scale_due);  // under the S WGMMA
       pipe_v.consumer_wait(read_v);
       wgmma_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
       scheduler_arrive();
@@ -226,12 +237,16 @@ struct FwdMainloop {
       warpgroup_wait<0>();  // P V done: tOrP and the V slot are free
       pipe_v.consumer_release(read_v);
       ++read_v;
-      rescale_rows(tOrO, o_scale);
+      if constexpr (Traits::kRescaleOFirst)
+        o_scale_due = o_scale;
+      else
+        rescale_rows(tOrO, o_scale);
       convert_p();
     }
     // Every S WGMMA of this tile has retired: the producer may load the next tile's Q.
     ss.q_empty.arrive();
 
+    if constexpr (Traits::kRescaleOFirst) rescale_rows(tOrO, o_scale_due);
     pipe_v.consumer_wait(read_v);
     wgmma_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
     pipe_v.consumer_release(read_v);

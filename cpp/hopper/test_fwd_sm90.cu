@@ -6,6 +6,7 @@
 //          with NaN first, so an unwritten element fails.
 // --time:  FA3-paper shapes (hidden 2048, 16k tokens), bf16, median of 30 runs after warm-up.
 // --small: one small causal case (for compute-sanitizer).
+// --seq S, --mask full|causal: time only that sequence length / mask (e.g. one kernel for ncu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -123,6 +124,8 @@ struct Case {
 };
 
 int g_fail = 0, g_pass = 0;
+int64_t g_only_seq = 0;  // --seq: time only this length (0: all)
+int g_only_mask = -1;    // --mask: 0 full, 1 causal (-1: both)
 
 // A workspace of sm90_fwd_workspace_bytes(p) for one call (split-KV sizes it by shape).
 struct Workspace {
@@ -194,6 +197,9 @@ std::vector<Case> cases() {
       {2, 113, 113, 2, 2, -kInf, 0, 30.f, "causal softcap30"},
       {1, 4097, 1000, 2, 2, -kInf, 0, 0.f, "causal-tl 4097x1000"},
       {1, 1000, 113, 2, 2, -100, 5, 5.f, "band softcap5"},
+      // More tiles than SMs: CTAs run several tiles, so buffers reused across tiles are tested.
+      {8, 1000, 1000, 8, 2, -kInf, 0, 0.f, "causal 8x1000 gqa"},
+      {4, 2048, 2048, 8, 8, -kInf, kInf, 0.f, "full 4x2048"},
       // Decode shapes: split-KV and (seqlen_q 1, all keys visible) GQA packing.
       {2, 1, 4097, 32, 8, -kInf, kInf, 0.f, "decode gqa 1x4097"},
       {1, 1, 3001, 8, 8, 3001 - 1 - 100, 3001 - 1, 0.f, "decode window100"},
@@ -228,8 +234,13 @@ void time_paper(int only) {
   for (HD hd : head_dims(only)) {
     if (hd.d != hd.dv || (hd.d != 64 && hd.d != 128 && hd.d != 256 && only == 0)) continue;
     for (bool causal : {false, true}) {
+      if (g_only_mask >= 0 && int(causal) != g_only_mask) continue;
       std::printf("%-5ld %-7s", long(hd.d), causal ? "causal" : "full");
       for (int64_t s : {512, 1024, 2048, 4096, 8192, 16384}) {
+        if (g_only_seq > 0 && s != g_only_seq) {
+          std::printf(" %8s", "-");
+          continue;
+        }
         FwdParams p;
         p.batch = 16384 / s; p.seqlen_q = p.seqlen_k = s; p.heads_q = p.heads_kv = 2048 / hd.d;
         p.head_dim = hd.d; p.head_dim_v = hd.dv; p.softmax_scale = 1.f / std::sqrt(float(hd.d));
@@ -277,6 +288,9 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--time")) do_time = true;
     else if (!std::strcmp(argv[i], "--small")) small = true;
     else if (!std::strcmp(argv[i], "--hdim") && i + 1 < argc) only = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--seq") && i + 1 < argc) g_only_seq = std::atoll(argv[++i]);
+    else if (!std::strcmp(argv[i], "--mask") && i + 1 < argc)
+      g_only_mask = std::strcmp(argv[i + 1], "causal") == 0 ? 1 : 0, ++i;
   }
   if (small) {
     HD hd = head_dims(only).front();

@@ -198,7 +198,7 @@ struct FwdMainloop {
       if (mask.needs_mask(t.m_block, n)) mask.apply(tSrS, coord, t.m_block, n);
     };
 
-    // FP8: the lazy max and 4 reduction chains per row (softmax.h, step).
+    // FP8: rescales skipped where no row max grew, 4 reduction chains per row (softmax.h, step).
     constexpr int kChains = Traits::kFp8 ? 4 : 1;
     OnlineSoftmax<2> softmax(Traits::kFp8 && !p.has_softcap ? p.scale_log2 * qk_descale
                                                             : p.scale_log2);

@@ -25,20 +25,19 @@ struct OnlineSoftmax {
   // block_scale (> 0) multiplies this block's scores first (an FP8 per-block k descale): it
   // scales the block's max once and rides on the exponent's FMA, so the running max stays in
   // the units of the scaled scores without a multiply per score.
-  // kLazyMax (FP8): when no row of the warp's max grew by more than kLazyMaxLog2 (in exp2
-  // units), every row keeps its old max: the probabilities then reach up to 2^kLazyMaxLog2 =
-  // 256, inside e4m3's range (448), the returned factors are exactly 1 and `rescaled` is false,
-  // so the caller skips the output rescale (a multiply per accumulator register). The decision
-  // is warp-uniform (vote), so the skipped rescale is a uniform branch. With 4 chains below:
-  // FP8 hdim 128, full, 16k tokens, attention kernel alone 2.72 -> 2.51 ms, 1074 -> 988 M warp
-  // instructions (ncu, H200, 2026-11-22).
+  // kSkipRescale (FP8): when no row max of the warp grew in this block, the returned factors
+  // are all exactly 1 and `rescaled` is false, so the caller skips the output rescale (a
+  // multiply per accumulator register); the decision is warp-uniform (vote), so that is a
+  // uniform branch, and the results are the same bits as with the rescale. Keeping a stale max
+  // until some row grows by 2^8 (P up to 256, inside e4m3's 448) skipped nearly every rescale
+  // but rounds each row's largest P, 1 at the running max, to e4m3 as well: 3x the P-rounding
+  // error on peaked rows (tests/test_gpu_fp8.py, windows), so it is not done.
   // kChainsMax: max and sum as that many independent chains per row (FP8: 4; one serial chain of
   // 32 dependent FMNMX / FADD per row was the consumers' longest latency chain, ncu "Stall
   // Wait"; 16-bit kernels keep 1 until measured).
-  static constexpr float kLazyMaxLog2 = 8.f;
   bool rescaled = true;
 
-  template <bool kIsFirst, bool kLazyMax = false, int kChainsMax = 1, class TensorS>
+  template <bool kIsFirst, bool kSkipRescale = false, int kChainsMax = 1, class TensorS>
   CUTLASS_DEVICE cute::array<float, kNRows> step(TensorS& acc_s, float block_scale = 1.f) {
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     static_assert(decltype(size<0>(s))::value == kNRows);
@@ -61,18 +60,17 @@ struct OnlineSoftmax {
       m = quad_max(m) * block_scale;
       m_new[mi] = kIsFirst ? m : fmaxf(m, row_max[mi]);
     }
-    bool keep = false;  // every row of the warp keeps its max (kLazyMax)
-    if constexpr (kLazyMax && !kIsFirst) {
-      bool small = true;
+    bool keep = false;  // no row max of the warp changed (kSkipRescale)
+    if constexpr (kSkipRescale && !kIsFirst) {
+      bool same = true;
       CUTLASS_PRAGMA_UNROLL
-      for (int mi = 0; mi < kNRows; ++mi)  // false for -inf rows (nan difference)
-        small = small && (m_new[mi] - row_max[mi]) * scale_log2 <= kLazyMaxLog2;
-      keep = __all_sync(0xffffffffu, small);
+      for (int mi = 0; mi < kNRows; ++mi) same = same && m_new[mi] == row_max[mi];
+      keep = __all_sync(0xffffffffu, same);
     }
     rescaled = !kIsFirst && !keep;
     CUTLASS_PRAGMA_UNROLL
     for (int mi = 0; mi < kNRows; ++mi) {
-      float const m = keep ? row_max[mi] : m_new[mi];
+      float const m = m_new[mi];  // == row_max[mi] where keep
       // A row with every key masked so far keeps max -inf; subtracting 0 then makes its
       // probabilities exp2(-inf) = 0 instead of NaN.
       float const m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
@@ -88,7 +86,7 @@ struct OnlineSoftmax {
       float sum = part[0];
       CUTLASS_PRAGMA_UNROLL
       for (int c = 1; c < kChains; ++c) sum += part[c];
-      row_sum[mi] = kIsFirst ? sum : keep ? row_sum[mi] + sum : fmaf(row_sum[mi], o_scale[mi], sum);
+      row_sum[mi] = kIsFirst ? sum : fmaf(row_sum[mi], o_scale[mi], sum);
     }
     return o_scale;
   }

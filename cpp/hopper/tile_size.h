@@ -24,8 +24,8 @@ struct FwdTileSize {
 // to 128 rows). block_n must be a multiple of 32, the K of one e4m3 WGMMA in the P @ V GEMM (and
 // 16-key groups are permuted in V, fp8_vt_sm90.h).
 // Measured on H200 (scripts/dev_fwd.sh driver, --time-fp8: per-tensor descales, V transpose
-// included, 16k tokens, hidden 2048, TFLOP/s at 1k / 4k / 16k, 2026-11-22, with the lazy max of
-// softmax.h):
+// included, 16k tokens, hidden 2048, TFLOP/s at 1k / 4k / 16k, 2026-11-22, with an earlier
+// variant of softmax.h's skipped rescale that kept a stale max up to 2^8, since withdrawn):
 //  - hdim 64 and 128: 128 x 128. At hdim 128 the exponentials (MUFU, 64 per thread and block)
 //    take as long as the block's WGMMAs (ncu: XU 47%, tensor 45% of cycles, issue slots 42%),
 //    so wider blocks only amortize the per-block overhead and lose at short sequences: full

@@ -13,8 +13,8 @@
 // stores (one per column). A warp takes 8 column quads x 4 consecutive groups, so each load
 // instruction reads 32 contiguous bytes of a key row per 8 lanes and each store writes 64
 // contiguous bytes of a vt row per 4 lanes: whole 32-byte sectors both ways. 32 MB of V (hdim
-// 128, 16k tokens) in 18.5 us (ncu, H200, 2026-11-22), against 41.5 us with one byte per load
-// and thread (a warp's load then read 32 bytes of a row). The kernel replaced the
+// 128, 16k tokens) take 18.5 us, against 41.5 us with one byte per load and thread (ncu, H200,
+// 2026-11-22, benchmarks/measured/h200_2026-11-22s6f_fp8speed.txt). The kernel replaced the
 // same transpose as XLA ops in the lowering (a 7-d uint8 transpose), which took 0.20 ms for 32 MB
 // of V (H200, 2026-11-22). Whole call (transpose and attention), hdim 128, 16k tokens, TFLOP/s:
 // 317 -> 504 at seqlen 1k, 752 -> 793 at 16k; hdim 256: 343 -> 565, 975 -> 1045

@@ -23,22 +23,23 @@ struct FwdTileSize {
 // python/fa3_jax/fp8.py reads them from here; the fused quantization kernel takes blocks of up
 // to 128 rows). block_n must be a multiple of 32, the K of one e4m3 WGMMA in the P @ V GEMM (and
 // 16-key groups are permuted in V, fp8_vt_sm90.h).
-// Measured on H200 (scripts/dev_fwd.sh driver, --time-fp8: per-tensor descales, V transpose
-// included, 16k tokens, hidden 2048, TFLOP/s at 1k / 4k / 16k, 2026-11-22, with an earlier
-// variant of softmax.h's skipped rescale that kept a stale max up to 2^8, since withdrawn):
+// Measured on H200 (the cpp/hopper/test_fwd_sm90.cu driver, --time-fp8: per-tensor descales, V
+// transpose included, 16k tokens, hidden 2048, TFLOP/s at 1k / 4k / 16k, 2026-11-22;
+// benchmarks/measured/h200_2026-11-22s6f_fp8speed.txt):
 //  - hdim 64 and 128: 128 x 128. At hdim 128 the exponentials (MUFU, 64 per thread and block)
 //    take as long as the block's WGMMAs (ncu: XU 47%, tensor 45% of cycles, issue slots 42%),
-//    so wider blocks only amortize the per-block overhead and lose at short sequences: full
-//    599 / 795 / 823 (128), 546 / 781 / 832 (192), 539 / 767 / 826 (224, FA3's FP8 choice);
-//    causal 390 / 641 / 775, 361 / 655 / 783, 342 / 629 / 787. Moving 1 of every 8
-//    exponentials to the FMA pipe (a degree-3 polynomial) did not pay either: 610 / 798 / 810
-//    at 128, 553 / 785 / 837 at 192, 548 / 779 / 827 at 224. Smem (hdim 128): Q 16 KB + 2 *
-//    (16 + 16) KB + O 32 KB.
-//  - hdim 256: 128 x 128 (FA3's FP8 choice): full 729 / 1126 / 1151 against 729 / 1072 / 1097
-//    with block_n 96, causal 442 / 834 / 1045 against 442 / 797 / 965. S takes 64 registers
-//    next to the 128-register O accumulator (P 16); ptxas reports 196 bytes of spill stores
-//    (184 at 96), the producer's and the consumers' setup. Smem: Q 32 KB + 2 * (32 + 32) KB +
-//    O 64 KB = 224 KB.
+//    so wider blocks only amortize the per-block overhead and lose at short sequences (run 2,
+//    with a since-withdrawn variant of softmax.h's skipped rescale): full 599 / 795 / 823
+//    (128), 546 / 781 / 832 (192), 539 / 767 / 826 (224, FA3's FP8 choice); causal 390 / 641 /
+//    775, 361 / 655 / 783, 342 / 629 / 787. Moving 1 of every 8 exponentials to the FMA pipe (a
+//    degree-3 polynomial) did not pay either: 610 / 798 / 810 at 128, 553 / 785 / 837 at 192,
+//    548 / 779 / 827 at 224; nor did 3 stages (run 4: 573 / 770 / 814 against 588 / 767 / 819).
+//    Smem (hdim 128): Q 16 KB + 2 * (16 + 16) KB + O 32 KB.
+//  - hdim 256: 128 x 128 (FA3's FP8 choice), run 4: full 690 / 1027 / 1104 against 710 / 1014 /
+//    1049 with block_n 96, causal 434 / 785 / 985 against 433 / 747 / 927 (96 is ahead only at
+//    512 tokens, 500 against 475). S takes 64 registers next to the 128-register O accumulator
+//    (P 16); ptxas reports 196 bytes of spill stores (184 at 96), the producer's and the
+//    consumers' setup. Smem: Q 32 KB + 2 * (32 + 32) KB + O 64 KB = 224 KB.
 constexpr FwdTileSize fwd_tile_size_fp8(int head_dim) {
   if (head_dim <= 64) return {128, 128, 3};
   if (head_dim <= 128) return {128, 128, 2};

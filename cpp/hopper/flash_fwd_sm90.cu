@@ -153,7 +153,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   if constexpr (kFp8) {
     if (!workspace) return "the sm90 FP8 forward needs its workspace";
     auto* vt = reinterpret_cast<uint8_t*>(static_cast<char*>(workspace) + kCounterBytes);
-    sm90::VtParams const vp{static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0};
+    sm90::VtParams const vp{static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0, 0};
     if (!sm90::launch_fp8_transpose_v(vp, b, stream)) return "sm90 FP8 V transpose launch failed";
     v_ptr = vt;
   }

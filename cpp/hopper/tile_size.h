@@ -20,17 +20,30 @@ struct FwdTileSize {
 };
 
 // FP8 (e4m3) forward (fp8 = true): the tiles are also the FP8 scale blocks (flash.h, "FP8";
-// python/fa3_jax/fp8.py reads them from here). block_n must be a multiple of 32, the K of one
-// e4m3 WGMMA in the P @ V GEMM (and 16-key groups are permuted in V, fp8_vt_sm90.h).
-//  - hdim 64 and 128: the 16-bit tiles (128 x 128): e4m3 halves every smem tile (hdim 128: Q 16
-//    KB + 2 * (16 + 16) KB = 80 KB) and P takes 16 registers instead of 32, so the 16-bit register
-//    budget holds. Larger block_n (FA3 uses up to 224 for non-causal FP8) not measured yet.
-//  - hdim 256: 80 is not a multiple of 32; block_n 96 keeps S at 48 registers next to the
-//    128-register O accumulator (P 12), smem Q 32 KB + 2 * (24 + 24) KB = 128 KB.
+// python/fa3_jax/fp8.py reads them from here; the fused quantization kernel takes blocks of up
+// to 128 rows). block_n must be a multiple of 32, the K of one e4m3 WGMMA in the P @ V GEMM (and
+// 16-key groups are permuted in V, fp8_vt_sm90.h).
+// Measured on H200 (the cpp/hopper/test_fwd_sm90.cu driver, --time-fp8: per-tensor descales, V
+// transpose included, 16k tokens, hidden 2048, TFLOP/s at 1k / 4k / 16k, 2026-11-22;
+// benchmarks/measured/h200_2026-11-22s6f_fp8speed.txt):
+//  - hdim 64 and 128: 128 x 128. At hdim 128 the exponentials (MUFU, 64 per thread and block)
+//    take as long as the block's WGMMAs (ncu: XU 47%, tensor 45% of cycles, issue slots 42%),
+//    so wider blocks only amortize the per-block overhead and lose at short sequences (run 2,
+//    with a since-withdrawn variant of softmax.h's skipped rescale): full 599 / 795 / 823
+//    (128), 546 / 781 / 832 (192), 539 / 767 / 826 (224, FA3's FP8 choice); causal 390 / 641 /
+//    775, 361 / 655 / 783, 342 / 629 / 787. Moving 1 of every 8 exponentials to the FMA pipe (a
+//    degree-3 polynomial) did not pay either: 610 / 798 / 810 at 128, 553 / 785 / 837 at 192,
+//    548 / 779 / 827 at 224; nor did 3 stages (run 4: 573 / 770 / 814 against 588 / 767 / 819).
+//    Smem (hdim 128): Q 16 KB + 2 * (16 + 16) KB + O 32 KB.
+//  - hdim 256: 128 x 128 (FA3's FP8 choice), run 4: full 690 / 1027 / 1104 against 710 / 1014 /
+//    1049 with block_n 96, causal 434 / 785 / 985 against 433 / 747 / 927 (96 is ahead only at
+//    512 tokens, 500 against 475). S takes 64 registers next to the 128-register O accumulator
+//    (P 16); ptxas reports 196 bytes of spill stores (184 at 96), the producer's and the
+//    consumers' setup. Smem: Q 32 KB + 2 * (32 + 32) KB + O 64 KB = 224 KB.
 constexpr FwdTileSize fwd_tile_size_fp8(int head_dim) {
   if (head_dim <= 64) return {128, 128, 3};
   if (head_dim <= 128) return {128, 128, 2};
-  return {128, 96, 2, 24, 240};
+  return {128, 128, 2, 24, 240};
 }
 
 constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = false) {
@@ -90,7 +103,7 @@ constexpr bool fwd_use_wide_tile(int head_dim, int head_dim_v, bool fp8, bool fu
 //  - FP8 (bfloat16 out), fp8_epilogue_ab, TFLOP/s at 1k / 4k / 16k: hdim 128 full 506 / 717 /
 //    800 -> 541 / 734 / 805, causal 328 / 595 / 714 -> 358 / 617 / 721; hdim 256 full 566 / 899
 //    / 1053 -> 663 / 1017 / 1167, causal 368 / 674 / 871 -> 439 / 791 / 974: on at both, though
-//    ptxas then reports 212 spill bytes at FP8 hdim 256 (68 before).
+//    ptxas then reports 212 spill bytes at FP8 hdim 256 (68 before; block_n 96 then).
 //  - hdim 96 not measured: off.
 //  - hdim 256 (16-bit): shared memory is full (224 KB), so O goes through the V ring
 //    (flash_fwd_traits_sm90.h, kOAliasesV); with fwd_schedule's no-pingpong + rescale-first,

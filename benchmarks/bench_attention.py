@@ -18,10 +18,23 @@ implementation alike, since the training forward also writes residuals.
 FLOPs (flops() below): forward 4·B·H·Sq·Sk·D, half of it for causal (the paper's convention),
 the exact count of visible (query, key) pairs for a local window; backward 2.5 × forward.
 
+FP8 section (--fp8; forward, head dims 64/128/256, the same shapes; TFLOP/s with the attention
+FLOPs whatever else runs, CUPTI sum of every kernel of the jitted call):
+
+  fp8      fa3_jax.flash_attention on e4m3 q/k/v (the bf16 inputs cast) with per-tensor
+           descales 1: the FP8 kernel and the V transpose it runs first
+  fp8+q    fa3_jax.fp8_attention on the bf16 inputs (default: block scales + Hadamard): the
+           fused quantization pass and the kernel; the pass alone: quant_ms
+  fp8+qx   the same with the pass as XLA ops (fused_quantize=False); the pass alone: qxla_ms
+  cuDNN8   jax._src.cudnn.fused_attention_stablehlo.dot_product_attention(..., use_fp8=True),
+           every scale 1 (shared/ANCHORS.md's method), e4m3 in and out; full and causal only
+
     python benchmarks/bench_attention.py                       # the full sweep, both passes
     python benchmarks/bench_attention.py --pass fwd --hdims 128 --seqlens 1024,4096
     python benchmarks/bench_attention.py --seqlens 512 --hdims 64 --tokens 1024 \\
         --impls fa3_jax,xla --reps 2                           # a CPU smoke run
+    python benchmarks/bench_attention.py --pass fwd --fp8 --impls fa3_jax,cudnn \\
+        --hdims 128,256 --seqlens 1024,4096,16384                # bf16 and FP8 forward
 
 Cells: a number is TFLOP/s; 'n/a' fa3_jax raised (e.g. no kernel for that shape); 'oom' out of
 memory; 'err' another error (first line on stderr); 'skip' left out by --skip-xla-above; '-' not
@@ -46,6 +59,8 @@ import fa3_jax
 from fa3_jax.timing import kernel_time_ms
 
 IMPLS = ("fa3_jax", "cudnn", "xla")
+FP8_CELLS = ("fp8", "fp8+q", "fp8+qx", "cudnn8", "quant", "qxla")  # quant, qxla: times only
+E4M3 = jnp.float8_e4m3fn
 LABELS = {"fa3_jax": "fa3_jax", "cudnn": "cuDNN", "xla": "XLA"}
 MASKS = ("full", "causal", "local")
 PASSES = ("fwd", "bwd")
@@ -147,6 +162,51 @@ def measure(impl, q, k, v, do, *, mask, window, row_flops, passes, warmup, reps,
     return cells
 
 
+def _cudnn_fp8(q8, k8, v8, causal):
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn  # noqa: PLC0415
+    params = {name: jnp.ones((1, 1, 1, 1), jnp.float32) for name in cudnn.fp8_params_keys}
+    out, _, _ = cudnn.dot_product_attention(
+        q8, k8, v8, fp8_params=params, scale=q8.shape[-1] ** -0.5, use_fp8=True,
+        mask_type=cudnn.MaskType.CAUSAL if causal else cudnn.MaskType.NO_MASK)
+    return out
+
+
+def measure_fp8(impls, q, k, v, *, mask, window, n_flops, warmup, reps, where):
+    """The FP8 section's cells (FP8_CELLS, see the module docstring) for one shape; q, k, v are
+    the bfloat16 inputs of the bf16 rows. Cells not asked for by impls are left out."""
+    from fa3_jax import fp8  # noqa: PLC0415
+    causal = mask == "causal"
+    win = window if mask == "local" else (-1, -1)
+    q8, k8, v8 = (x.astype(E4M3) for x in (q, k, v))
+    ones = jnp.ones(q.shape[:1] + k.shape[2:3], jnp.float32)  # [batch, heads_kv]
+    fns = {}
+    if "fa3_jax" in impls:
+        fns["fp8"] = (partial(fa3_jax.flash_attention, causal=causal, window_size=win,
+                              descale_q=ones, descale_k=ones, descale_v=ones), (q8, k8, v8))
+        fns["fp8+q"] = (partial(fa3_jax.fp8_attention, causal=causal, window_size=win), (q, k, v))
+        fns["fp8+qx"] = (partial(fa3_jax.fp8_attention, causal=causal, window_size=win,
+                                 fused_quantize=False), (q, k, v))
+        fns["quant"] = (lambda q, k, v: fp8.quantize(q, k, v)[:2], (q, k, v))
+        fns["qxla"] = (lambda q, k, v: fp8.quantize(q, k, v, fused=False)[:2], (q, k, v))
+    if "cudnn" in impls:
+        fns["cudnn8"] = (partial(_cudnn_fp8, causal=causal), (q8, k8, v8))
+    cells = {}
+    for name, (fn, args) in fns.items():
+        if name == "cudnn8" and mask == "local":
+            cells[name] = dict(status="skip")
+            continue
+        try:
+            t = kernel_time_ms(jax.jit(fn), *args, warmup=warmup, reps=reps)
+        except Exception as err:  # one failing cell must not end the sweep
+            cells[name] = _failed("cudnn" if name == "cudnn8" else "fa3_jax", err,
+                                  f"{where} {name}")
+            continue
+        ms = statistics.median(t.times_ms)
+        cells[name] = (dict(status="ok", ms=ms, timing=t.method) if name in ("quant", "qxla")
+                       else _ok(ms, t.method, n_flops))
+    return cells
+
+
 def run(args):
     """Times every configuration; returns the JSON-ready list of rows."""
     rows = []
@@ -185,6 +245,15 @@ def run(args):
                     rows.append(row)
                     if args.verbose:
                         print(format_row(row), flush=True)
+                if args.fp8:
+                    cells = measure_fp8(args.impls, q, k, v, mask=mask, window=window,
+                                        n_flops=fwd_flops, warmup=args.warmup, reps=args.reps,
+                                        where=f"hdim={hdim} {mask} seqlen={seqlen}")
+                    row = {"pass": "fp8", "hdim": hdim, "mask": mask, "seqlen": seqlen,
+                           "batch": batch, "heads": heads, "flops": fwd_flops, "results": cells}
+                    rows.append(row)
+                    if args.verbose:
+                        print(format_fp8_row(row), flush=True)
             # Free this shape's inputs before the next ones are drawn (16k rows are large).
             del q, k, v, do
     return rows
@@ -195,8 +264,8 @@ def _tflops(row, impl):
     return r["tflops"] if r and r["status"] == "ok" else None
 
 
-def _ratio(row):
-    a, b = _tflops(row, "fa3_jax"), _tflops(row, "cudnn")
+def _ratio(row, impl="fa3_jax", base="cudnn"):
+    a, b = _tflops(row, impl), _tflops(row, base)
     return a / b if a is not None and b is not None else None
 
 
@@ -220,10 +289,38 @@ def format_row(row):
             f"{cells[2]:>8} {'-' if ratio is None else f'{ratio:.3f}':>9}")
 
 
+FP8_HEADER = (f"{'hdim':>4} {'mask':>6} {'seqlen':>6} {'fp8':>7} {'fp8+q':>7} {'fp8+qx':>7} "
+              f"{'cuDNN8':>7} {'quant_ms':>8} {'qxla_ms':>8} {'fp8/cuDNN8':>10} "
+              f"{'fp8+q/cuDNN8':>12}")
+
+
+def format_fp8_row(row):
+    res = row["results"]
+
+    def cell(name, width):
+        r = res.get(name)
+        if r is None:
+            return f"{'-':>{width}}"
+        if r["status"] != "ok":
+            return f"{r['status']:>{width}}"
+        text = f"{r['ms']:.3f}" if name in ("quant", "qxla") else _fmt_tflops(r["tflops"])
+        return f"{text:>{width}}"
+
+    def ratio(name, width):
+        x = _ratio(row, name, "cudnn8")
+        return f"{'-':>{width}}" if x is None else f"{x:{width}.2f}"
+
+    return (f"{row['hdim']:>4} {row['mask']:>6} {row['seqlen']:>6} {cell('fp8', 7)} "
+            f"{cell('fp8+q', 7)} {cell('fp8+qx', 7)} {cell('cudnn8', 7)} {cell('quant', 8)} "
+            f"{cell('qxla', 8)} {ratio('fp8', 10)} {ratio('fp8+q', 12)}")
+
+
 def summarize(rows, p):
-    """Geometric-mean fa3_jax/cuDNN ratio over rows with seqlen >= 1k, and the win count."""
-    compared = [(r["seqlen"], _ratio(r)) for r in rows
-                if r["pass"] == p and _ratio(r) is not None]
+    """Geometric-mean fa3_jax/cuDNN ratio over rows with seqlen >= 1k, and the win count (the
+    FP8 section, p == "fp8": the FP8 kernel against cuDNN's FP8)."""
+    impl, base = ("fp8", "cudnn8") if p == "fp8" else ("fa3_jax", "cudnn")
+    compared = [(r["seqlen"], _ratio(r, impl, base)) for r in rows
+                if r["pass"] == p and _ratio(r, impl, base) is not None]
     long_ratios = [x for s, x in compared if s >= 1024]
     geomean = math.exp(statistics.fmean(map(math.log, long_ratios))) if long_ratios else None
     return dict(geomean_ratio_seqlen_ge_1k=geomean, rows_compared=len(compared),
@@ -242,6 +339,18 @@ def print_tables(rows, passes, timing):
         g = s["geomean_ratio_seqlen_ge_1k"]
         print(f"geometric mean fa3_jax/cuDNN over seqlen >= 1k: "
               f"{'-' if g is None else f'{g:.3f}'}; fa3_jax >= cuDNN in "
+              f"{s['rows_fa3_ge_cudnn']} of {s['rows_compared']} rows")
+    fp8_rows = [r for r in rows if r["pass"] == "fp8"]
+    if fp8_rows:
+        print(f"\nfwd FP8 TFLOP/s (quant_ms, qxla_ms: the quantization pass alone, ms; "
+              f"timing: {timing})")
+        print(FP8_HEADER)
+        for row in fp8_rows:
+            print(format_fp8_row(row))
+        s = summarize(rows, "fp8")
+        g = s["geomean_ratio_seqlen_ge_1k"]
+        print(f"geometric mean fp8/cuDNN8 over seqlen >= 1k: "
+              f"{'-' if g is None else f'{g:.3f}'}; fp8 >= cuDNN8 in "
               f"{s['rows_fa3_ge_cudnn']} of {s['rows_compared']} rows")
 
 
@@ -325,6 +434,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("--plot", default=None, help="PNG plot file (needs matplotlib)")
     p.add_argument("--verbose", action="store_true", help="print each row as it is measured")
+    p.add_argument("--fp8", action="store_true",
+                   help="also the FP8 forward section (module docstring), for every shape")
     args = p.parse_args(argv)
     args.passes = list(PASSES) if args.pass_ == "both" else [args.pass_]
 
@@ -345,7 +456,9 @@ def main(argv=None):
                            jax=jax.__version__, timing=timing, tokens=args.tokens,
                            hidden=args.hidden, reps=args.reps, warmup=args.warmup,
                            window=list(args.window), rows=rows,
-                           summary={p: summarize(rows, p) for p in args.passes}), f, indent=1)
+                           summary={p: summarize(rows, p)
+                                    for p in args.passes + (["fp8"] if args.fp8 else [])}),
+                      f, indent=1)
     if args.plot:
         plot(rows, args.passes, args.hdims, args.seqlens, args.plot, title)
     return 0

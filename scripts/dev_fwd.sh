@@ -32,5 +32,8 @@ case "${1:-build}" in
     timeout 40 compute-sanitizer --tool memcheck "$BIN" --small 2>&1 | tail -3 || true
     timeout 40 compute-sanitizer --tool racecheck --racecheck-report hazard "$BIN" --small 2>&1 | tail -3 || true
     timeout 60 "$BIN" --time 2>&1 | tee "$LOG/time.txt" || true
+    # FP8 (e4m3) forward, where the build has FP8 head dims: check, then time (per-tensor descales).
+    timeout 90 "$BIN" --check-fp8 2>&1 | grep -E "FAIL|SUMMARY" || echo "check-fp8 rc=$?"
+    timeout 60 "$BIN" --time-fp8 2>&1 | tee "$LOG/time_fp8.txt" || true
     ;;
 esac

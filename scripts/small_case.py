@@ -63,3 +63,20 @@ for det in (False, True):
     val, grads = jax.jit(jax.value_and_grad(fs, argnums=(0, 1, 2)))(q, k, v)
     jax.block_until_ready(grads)
     print(f"segment ids head_dim {d} deterministic {det}: ok, loss {float(val):.4f}")
+# More tiles than SMs, so each persistent CTA runs several tiles and reuses its shared memory
+# across them (the next tile's Q and K/V loads against the last tile's O store, which at hdim 256
+# goes through the V ring; the 128 x 176 tile at hdim 128 from 8k keys): forward only, every
+# head dim, full and causal.
+for d in fa3_jax.cuda_head_dims():
+    # 16 x 8 x 2 tiles; at hdim 128, 8 x 17 tiles of 8192 keys (the wide tile, unsplit).
+    shapes = ((16, False, 256, 256), (16, True, 256, 256)) + (((1, False, 2176, 8192),)
+                                                              if d == 128 else ())
+    for b, causal, sq, sk in shapes:
+        kq, kk, kv, key = jax.random.split(key, 4)
+        q = jax.random.normal(kq, (b, sq, 8, d), jnp.bfloat16)
+        k = jax.random.normal(kk, (b, sk, 8, d), jnp.bfloat16)
+        v = jax.random.normal(kv, (b, sk, 8, d), jnp.bfloat16)
+        out = jax.jit(lambda q, k, v: fa3_jax.flash_attention(q, k, v, causal=causal))(q, k, v)
+        jax.block_until_ready(out)
+        print(f"many tiles head_dim {d} causal {causal} {sq}x{sk}: ok, "
+              f"sum {float(jnp.sum(out.astype(jnp.float32))):.4f}")

@@ -113,3 +113,29 @@ def test_kernel_time_sums_kernels_and_falls_back(monkeypatch):
         raise ValueError("boom")
     with pytest.raises(ValueError, match="boom"):
         timing.kernel_time_ms(boom, x, warmup=0, reps=1)
+
+
+def test_fp8_section_runs_on_cpu(tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["--tokens", "256", "--seqlens", "128", "--hdims", "64", "--reps", "3",
+            "--warmup", "1", "--impls", "fa3_jax", "--pass", "fwd", "--masks", "full,causal",
+            "--fp8", "--out", str(out)]
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert bench.main(argv) == 0
+    assert "fwd FP8 TFLOP/s" in capsys.readouterr().out
+
+    data = json.loads(out.read_text())
+    fp8_rows = [r for r in data["rows"] if r["pass"] == "fp8"]
+    assert sorted(r["mask"] for r in fp8_rows) == ["causal", "full"]
+    fwd = {r["mask"]: r["flops"] for r in data["rows"] if r["pass"] == "fwd"}
+    for r in fp8_rows:
+        assert r["flops"] == fwd[r["mask"]]
+        # fa3_jax cells only (no cuDNN asked for); the quantization passes are times alone.
+        assert set(r["results"]) == {"fp8", "fp8+q", "fp8+qx", "quant", "qxla"}
+        for name in ("fp8", "fp8+q", "fp8+qx"):
+            res = r["results"][name]
+            assert res["status"] == "ok", (name, res)
+            assert res["tflops"] == pytest.approx(r["flops"] / (res["ms"] * 1e-3) / 1e12)
+        for name in ("quant", "qxla"):
+            assert r["results"][name]["status"] == "ok" and r["results"][name]["ms"] > 0
+    assert "fp8" in data["summary"]

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fa3_jax
 from fa3_jax import context_parallel as cp
-from util import fresh_key, make_qkv, max_err
+from util import fresh_key, make_qkv, max_err, packed_ids, segment_reference
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices "
                                 "(tests/conftest.py sets --xla_force_host_platform_device_count=8)")
@@ -124,6 +124,117 @@ def test_sequence_lengths_differ():
     _, k, v = make_qkv(1, 128, 128, 4, 2, 32)
     fwd, _ = _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, causal=True)
     assert "all-gather" not in fwd, fwd
+
+
+# ---- segment ids (packed documents) on a sharded sequence --------------------------------------
+
+def _gathered_dtypes(text):
+    """Element types of every all-gather's result in compiled HLO text."""
+    kinds = set()
+    for m in re.finditer(r"=\s*(.*?)\s+all-gather(?:-start)?\(", text):
+        kinds.update(re.findall(r"\b([a-z]+[0-9]*)\[", m.group(1)))
+    return kinds
+
+
+def _check_segments_parallel(mesh, spec, q, k, v, q_ids, kv_ids, *, load_balance=0,
+                             strategy="ring", **kw):
+    """Segment ids sharded like their sequence: out, lse and gradients equal one device and the
+    float32 reference. Returns the collectives (forward, gradient) and the all-gathered types."""
+    n = load_balance
+    dout = jax.random.normal(fresh_key(), q.shape[:3] + (v.shape[3],), jnp.float32)
+    dlse = jax.random.normal(fresh_key(), (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+
+    def compiled(dout, dlse, **extra):
+        def attn(q, k, v, q_ids, kv_ids):
+            return fa3_jax.flash_attention(q, k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
+                                           return_lse=True, **kw, **extra)
+
+        def loss(*args):
+            out, lse = attn(*args)
+            return jnp.sum(out * dout) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
+
+        return jax.jit(attn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    ref_fwd, ref_grad = compiled(dout, dlse)
+    ref_out, ref_lse = ref_fwd(q, k, v, q_ids, kv_ids)
+    ref_grads = ref_grad(q, k, v, q_ids, kv_ids)
+    f32_out, f32_lse = segment_reference(q, k, v, q_ids, kv_ids, **kw)
+    assert max_err(ref_out, f32_out) <= TOL and max_err(ref_lse, f32_lse) <= TOL
+
+    lay = (lambda x, axis=1: cp.load_balance_reorder(x, n, axis)) if n else (lambda x, axis=1: x)
+    back = (lambda x, axis=1: cp.load_balance_restore(x, n, axis)) if n else (lambda x, axis=1: x)
+    sharding = NamedSharding(mesh, spec)
+    id_sharding = NamedSharding(mesh, P(*tuple(spec)[:2]))
+    args = [jax.device_put(lay(x), sharding) for x in (q, k, v)]
+    args += [jax.device_put(lay(x), id_sharding) for x in (q_ids, kv_ids)]
+    fwd, grad = compiled(lay(dout), lay(dlse, 2), load_balance=n, context_parallel=strategy)
+    out, lse = fwd(*args)
+    assert out.sharding.is_equivalent_to(sharding, 4), out.sharding
+    out, lse = back(out), back(lse, 2)
+    assert max_err(out, ref_out) <= TOL and max_err(lse, ref_lse) <= TOL
+    # Padding rows (id 0) and rows whose document has no visible key: out 0, lse -inf, no NaN.
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+    assert not np.isnan(np.asarray(out)).any()
+    for name, g, r in zip(("dq", "dk", "dv"), grad(*args), ref_grads):
+        assert g.sharding.is_equivalent_to(sharding, 4), (name, g.sharding)
+        err = max_err(back(g), r)
+        assert err <= TOL, f"{name}: max error {err:.3g}"
+    texts = [f.lower(*args).compile().as_text() for f in (fwd, grad)]
+    return [_collectives(t) for t in texts], set().union(*map(_gathered_dtypes, texts))
+
+
+# (mesh shape, axis names, spec, batch, seqlen, heads_q, heads_kv, head_dim, load_balance,
+#  document lengths per batch row (the rest padding), kw)
+SEGMENT_CASES = {
+    "4way-causal-gqa": ((4,), ("seq",), SEQ, 2, 64, 4, 2, 32, 0, [[7, 20, 1, 30], [33, 31]],
+                        dict(causal=True)),
+    "4way-causal-balanced": ((4,), ("seq",), SEQ, 1, 64, 4, 4, 32, 4, [[5, 40, 11]],
+                             dict(causal=True)),
+    "2x4-batch-window-softcap": ((2, 4), ("data", "seq"), BATCH_SEQ, 2, 128, 4, 1, 32, 0,
+                                 [[60, 50], [128]], dict(window_size=(20, 3), softcap=8.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SEGMENT_CASES))
+def test_segment_ids_ring_equals_one_device(case):
+    shape, names, spec, b, s, hq, hkv, d, lb, docs, kw = SEGMENT_CASES[case]
+    q, k, v = make_qkv(b, s, s, hq, hkv, d)
+    ids = packed_ids(b, s, docs)
+    (fwd, grad), gathered = _check_segments_parallel(_mesh(shape, names), spec, q, k, v, ids, ids,
+                                                     load_balance=lb, **kw)
+    # K/V (and dK/dV) travel by collective-permute as without ids; only the int32 key ids are
+    # all-gathered, once.
+    assert fwd.get("collective-permute", 0) >= 2 and grad.get("collective-permute", 0) >= 4, \
+        (fwd, grad)
+    assert gathered <= {"s32"}, gathered
+    if shape == (4,):
+        assert fwd["collective-permute"] == 3 and grad["collective-permute"] == 9, (fwd, grad)
+
+
+def test_segment_ids_all_gather_and_lengths_differ():
+    """The all_gather strategy with the load-balanced layout; and seqlen_q != seqlen_k (the
+    queries are the last 64 tokens of a 128-token packed row)."""
+    q, k, v = make_qkv(2, 64, 64, 4, 2, 32)
+    ids = packed_ids(2, 64, [[9, 50], [1, 63]])
+    _, gathered = _check_segments_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, ids, ids,
+                                           load_balance=4, strategy="all_gather", causal=True)
+    assert gathered <= {"s32", "f32"}, gathered  # K/V once (float32 here), and the ids
+    q, _, _ = make_qkv(1, 64, 64, 4, 2, 32)
+    _, k, v = make_qkv(1, 128, 128, 4, 2, 32)
+    kv_ids = packed_ids(1, 128, [[40, 50, 30]])
+    _check_segments_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, kv_ids[:, 64:], kv_ids,
+                             causal=True)
+
+
+def test_segment_ids_load_balanced_on_one_device():
+    """load_balance with segment ids and no sharded sequence: the kernels see natural order."""
+    q, k, v = make_qkv(1, 64, 64, 4, 2, 32)
+    ids = packed_ids(1, 64, [[10, 30, 20]])
+    ref = fa3_jax.flash_attention(q, k, v, causal=True, q_segment_ids=ids, kv_segment_ids=ids)
+    lay = [fa3_jax.load_balance_reorder(x, 2) for x in (q, k, v, ids)]
+    out = jax.jit(partial(fa3_jax.flash_attention, causal=True, load_balance=2))(
+        *lay[:3], q_segment_ids=lay[3], kv_segment_ids=lay[3])
+    assert max_err(fa3_jax.load_balance_restore(out, 2), ref) <= TOL
 
 
 def test_memory_falls_with_shard_count():

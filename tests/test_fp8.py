@@ -99,11 +99,11 @@ def test_per_head_quantization_shares_scales_in_gqa_groups():
 
 
 def test_scale_blocks_are_the_forward_tiles():
-    # cpp/hopper/tile_size.h (fwd_tile_size_fp8): 128 query rows; block_n 128 up to head dim
-    # 128, 96 at 256 (a multiple of 32, the K of the e4m3 P @ V WGMMA).
+    # cpp/hopper/tile_size.h (fwd_tile_size_fp8): 128 query rows and 128 keys at every FP8 head
+    # dim (block_n a multiple of 32, the K of the e4m3 P @ V WGMMA).
     assert fp8.scale_blocks(64, 64) == (128, 128)
     assert fp8.scale_blocks(128, 128) == (128, 128)
-    assert fp8.scale_blocks(256, 256) == (128, 96)
+    assert fp8.scale_blocks(256, 256) == (128, 128)
     assert all(fp8.scale_blocks(d, d)[1] % 32 == 0 for d in (64, 128, 256))
 
 

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 import fa3_jax
-from test_segment_ids import packed_ids, segment_reference
 from util import (ATOL, check_drop_in_seq_lengths, fresh_key, gpu_head_dims, make_qkv, max_err,
-                  to_gpu)
+                  packed_ids, segment_reference, to_gpu)
 
 pytestmark = pytest.mark.gpu
 

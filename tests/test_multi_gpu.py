@@ -121,6 +121,46 @@ def test_sequence_sharded_matches_one_gpu(strategy, load_balance):
         assert found == {"collective-permute"}, found
 
 
+@needs_two
+@pytest.mark.parametrize("load_balance", [2, 0])
+def test_sequence_sharded_segment_ids_match_one_gpu(load_balance):
+    """Packed documents (segment ids, 50 padding tokens) on a sequence sharded over 2 GPUs: the
+    ring matches one GPU in out, lse and gradients; padding rows get out 0 and lse -inf."""
+    gpus = _gpus()[:2]
+    mesh = Mesh(np.array(gpus), ("seq",))
+    q, k, v = make_qkv(1, 1000, 1000, 8, 2, 128, dtype=jnp.bfloat16)
+    ids = np.zeros((1, 1000), np.int32)
+    ids[0, :137], ids[0, 137:537], ids[0, 537:750], ids[0, 750:950] = 1, 2, 3, 4
+    ids = jnp.asarray(ids)
+    lay = ((lambda x: fa3_jax.load_balance_reorder(x, load_balance)) if load_balance
+           else (lambda x: x))
+    back = ((lambda x, axis=1: fa3_jax.load_balance_restore(x, load_balance, axis))
+            if load_balance else (lambda x, axis=1: x))
+
+    def attn(q, k, v, ids, lb=0):
+        return fa3_jax.flash_attention(q, k, v, causal=True, load_balance=lb, q_segment_ids=ids,
+                                       kv_segment_ids=ids, return_lse=True)
+
+    def loss(q, k, v, ids, lb=0):
+        o = attn(q, k, v, ids, lb)[0]
+        return jnp.sum(o.astype(jnp.float32) * jnp.cos(jnp.arange(o.shape[-1], dtype=jnp.float32)))
+
+    one = [jax.device_put(x, gpus[0]) for x in (q, k, v, ids)]
+    two = [jax.device_put(lay(x), NamedSharding(mesh, P(None, "seq"))) for x in (q, k, v, ids)]
+    fwd = jax.jit(attn, static_argnums=4)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=4)
+    (out2, lse2), (out1, lse1) = fwd(*two, load_balance), fwd(*one)
+    out2, lse2 = back(out2), back(lse2, 2)
+    assert _rel_err(out2, out1) < 1e-2 and max_err(lse2, lse1) < 1e-2
+    assert not np.isnan(np.asarray(out2, np.float32)).any()
+    assert np.all(np.asarray(out2[0, 950:]) == 0)
+    assert np.all(np.isneginf(np.asarray(lse2[0, :, 950:])))
+    for name, a, b in zip(("dq", "dk", "dv"), grad(*two, load_balance), grad(*one)):
+        assert _rel_err(back(a), b) < 1e-2, (name, _rel_err(back(a), b))
+    found = set(_collectives(grad.lower(*two, load_balance).compile().as_text()))
+    assert "collective-permute" in found and found <= {"collective-permute", "all-gather"}, found
+
+
 def _train_module():
     spec = importlib.util.spec_from_file_location("train_transformer",
                                                   ROOT / "benchmarks" / "train_transformer.py")

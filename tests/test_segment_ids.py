@@ -12,42 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fa3_jax
-from fa3_jax.attention import bottom_right_band
-from fa3_jax.reference import band_mask
-from util import fresh_key, make_qkv, max_err
-
-
-def packed_ids(b, s, lengths_per_row):
-    """[b, s] ids: row r holds segments of the given lengths (ids 1, 2, ...), then padding 0."""
-    ids = np.zeros((b, s), np.int32)
-    for r, lengths in enumerate(lengths_per_row):
-        pos = 0
-        for n, length in enumerate(lengths):
-            ids[r, pos:pos + length] = n + 1
-            pos += length
-    return jnp.asarray(ids)
-
-
-def segment_reference(q, k, v, q_ids, kv_ids, *, causal=False, window_size=(-1, -1),
-                      softcap=0.0):
-    """Float32, materialised scores: the band of flash_attention and the id compare."""
-    b, sq, hq, d = q.shape
-    sk, g = k.shape[1], hq // k.shape[2]
-    lo, hi = bottom_right_band(sq, sk, causal, window_size)
-    mask = band_mask(sq, sk, lo, hi)[None] & (q_ids[:, :, None] == kv_ids[:, None, :]) & (
-        q_ids[:, :, None] != 0)
-    kf, vf = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, kf, precision="highest") / np.sqrt(d)
-    if softcap > 0:
-        s = softcap * jnp.tanh(s / softcap)
-    s = jnp.where(mask[:, None], s, -jnp.inf)
-    m = jax.lax.stop_gradient(jnp.max(s, -1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0)
-    p = jnp.exp(s - m)
-    l = jnp.sum(p, -1, keepdims=True)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(l > 0, l, 1), vf, precision="highest")
-    lse = jnp.where(l[..., 0] > 0, jnp.log(jnp.where(l > 0, l, 1))[..., 0] + m[..., 0], -jnp.inf)
-    return out, lse
+from util import fresh_key, make_qkv, max_err, packed_ids, segment_reference
 
 
 def run(q, k, v, q_ids, kv_ids, **kw):
@@ -125,8 +90,6 @@ def test_jit_and_vmap():
      TypeError, r"q_segment_ids must be int32 .*float32"),
     (dict(q_segment_ids=jnp.ones((2, 8), jnp.int32), kv_segment_ids=jnp.ones((2, 7), jnp.int32)),
      ValueError, r"kv_segment_ids must have shape \[batch, seqlen of k\] = \(2, 8\), got \(2, 7\)"),
-    (dict(q_segment_ids=jnp.ones((2, 8), jnp.int32), kv_segment_ids=jnp.ones((2, 8), jnp.int32),
-          load_balance=2), ValueError, r"load_balance is not supported with segment ids"),
 ])
 def test_errors(kw, exc, pattern):
     q, k, v = make_qkv(2, 8, 8, 2, 2, 16)

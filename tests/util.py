@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import fa3_jax
+from fa3_jax.attention import bottom_right_band
+from fa3_jax.reference import band_mask
 
 _counter = [0]
 
@@ -142,3 +144,36 @@ def check_drop_in_seq_lengths(q, k, v, dout, **kw):
     r = jax.grad(lambda *a: jnp.sum(ref(*a) * dout), (0, 1, 2))(q, k, v)
     for name, a, b in zip(("dq", "dk", "dv"), g, r):
         assert max_err(a, b) <= 5e-2 * max(1.0, float(jnp.max(jnp.abs(b)))), name
+
+
+def packed_ids(b, s, lengths_per_row):
+    """[b, s] ids: row r holds segments of the given lengths (ids 1, 2, ...), then padding 0."""
+    ids = np.zeros((b, s), np.int32)
+    for r, lengths in enumerate(lengths_per_row):
+        pos = 0
+        for n, length in enumerate(lengths):
+            ids[r, pos:pos + length] = n + 1
+            pos += length
+    return jnp.asarray(ids)
+
+
+def segment_reference(q, k, v, q_ids, kv_ids, *, causal=False, window_size=(-1, -1),
+                      softcap=0.0):
+    """Float32, materialised scores: the band of flash_attention and the id compare."""
+    b, sq, hq, d = q.shape
+    sk, g = k.shape[1], hq // k.shape[2]
+    lo, hi = bottom_right_band(sq, sk, causal, window_size)
+    mask = band_mask(sq, sk, lo, hi)[None] & (q_ids[:, :, None] == kv_ids[:, None, :]) & (
+        q_ids[:, :, None] != 0)
+    kf, vf = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, kf, precision="highest") / np.sqrt(d)
+    if softcap > 0:
+        s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(mask[:, None], s, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, -1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, -1, keepdims=True)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p / jnp.where(l > 0, l, 1), vf, precision="highest")
+    lse = jnp.where(l[..., 0] > 0, jnp.log(jnp.where(l > 0, l, 1))[..., 0] + m[..., 0], -jnp.inf)
+    return out, lse

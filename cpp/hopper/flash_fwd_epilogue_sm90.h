@@ -84,7 +84,8 @@ struct FwdEpilogue {
   }
 
   // O of the tile through shared memory: each consumer warpgroup waits until its previous TMA
-  // store has read its half of the buffer, writes its 64 rows there (16-bit pairs, in the PV
+  // store has read its half of the buffer (kOAliasesV: until both warpgroups are done with the
+  // V ring, which then holds O), writes its 64 rows there (16-bit pairs, in the PV
   // accumulator's order), fences them for the async proxy, and one of its threads issues the TMA
   // store (rows past the tensor's end are dropped by the TMA unit) without waiting for it.
   template <class TensorO>
@@ -93,9 +94,15 @@ struct FwdEpilogue {
     int const wg = mma_tidx / 128;
     bool const issuer = mma_tidx % 128 == 0;
     auto const bar = wg == 0 ? FwdNamedBarrier::EpilogueWG0 : FwdNamedBarrier::EpilogueWG1;
-    if (issuer) tma_store_wait<0>();
-    named_barrier_sync(128, bar);
-    Tensor sO = make_tensor(make_smem_ptr(ss.o.data()), typename Traits::SmemLayoutOTile{});
+    if constexpr (Traits::kOAliasesV) {
+      // O goes into the V ring: both warpgroups' last P V WGMMAs must have read it. (The previous
+      // tile's TMA stores have read O: the producer waited for that before this tile's V.)
+      named_barrier_sync(Traits::kNumMmaThreads, FwdNamedBarrier::EpilogueAll);
+    } else {
+      if (issuer) tma_store_wait<0>();
+      named_barrier_sync(128, bar);
+    }
+    Tensor sO = make_tensor(make_smem_ptr(Traits::smem_o(ss)), typename Traits::SmemLayoutOTile{});
     typename Traits::TiledMmaPV mma_pv;
     Tensor tOsO = mma_pv.get_thread_slice(mma_tidx).partition_C(sO);
     static_assert(decltype(size(tOsO))::value == decltype(size(tOrO))::value);
@@ -110,11 +117,16 @@ struct FwdEpilogue {
     if (issuer) {
       Tensor mO = p.tma_o.get_tma_tensor(p.shape_o)(_, _, t.head, t.batch);
       Tensor gO = local_tile(mO, Shape<_64, Int<kHeadDimV>>{}, make_coord(t.m_block * 2 + wg, _0{}));
-      Tensor sOw = make_tensor(make_smem_ptr(ss.o.data()), typename Traits::SmemLayoutO{})(_, _, wg);
+      Tensor sOw =
+          make_tensor(make_smem_ptr(Traits::smem_o(ss)), typename Traits::SmemLayoutO{})(_, _, wg);
       auto [tOgO, tOsOw] = tma_partition(p.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sOw),
                                          group_modes<0, 2>(gO));
       copy(p.tma_o, tOsOw, tOgO);
       tma_store_arrive();
+      if constexpr (Traits::kOAliasesV) {  // hand the V ring back once the store has read it
+        tma_store_wait<0>();
+        ss.o_free.arrive();
+      }
     }
   }
 

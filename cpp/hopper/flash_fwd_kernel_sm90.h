@@ -35,6 +35,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     if constexpr (Traits::kTmaStoreO) cute::prefetch_tma_descriptor(p.tma_o.get_tma_descriptor());
     ss.q_full.init(1);
     ss.q_empty.init(Traits::kNumMmaThreads);
+    ss.o_free.init(Traits::kNumMmaWarpGroups);
     for (int i = 0; i < 2; ++i) {
       ss.tile_full[i].init(1);
       ss.tile_empty[i].init(Traits::kNumMmaThreads + 1);  // consumers + the TMA thread
@@ -90,8 +91,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     int const mma_tidx = threadIdx.x - 128;
-    // Warpgroup 0 issues first: warpgroup 1 opens its barrier once up front.
-    if (mma_tidx >= 128) named_barrier_arrive(Traits::kNumMmaThreads, FwdNamedBarrier::WarpSchedulerWG0);
+    // Pingpong: warpgroup 0 issues first, so warpgroup 1 opens its barrier once up front.
+    if (Traits::kPingpong && mma_tidx >= 128)
+      named_barrier_arrive(Traits::kNumMmaThreads, FwdNamedBarrier::WarpSchedulerWG0);
 
     typename Traits::TiledMmaPV mma_pv;
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
@@ -132,7 +134,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       if (mma_tidx % 128 == 0) tma_store_wait<0>();
     }
     // Absorb warpgroup 1's last arrive so that no named barrier is left half-arrived.
-    if (mma_tidx < 128) named_barrier_sync(Traits::kNumMmaThreads, FwdNamedBarrier::WarpSchedulerWG0);
+    if (Traits::kPingpong && mma_tidx < 128)
+      named_barrier_sync(Traits::kNumMmaThreads, FwdNamedBarrier::WarpSchedulerWG0);
   }
 }
 

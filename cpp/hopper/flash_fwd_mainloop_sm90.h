@@ -8,7 +8,8 @@
 // S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
 // together, and the softmax of the next block runs while P V is still on the tensor cores.
 // Pingpong: the two warpgroups take turns issuing WGMMAs (named barriers), so one's softmax
-// runs under the other's matrix work.
+// runs under the other's matrix work. Pingpong and where O is rescaled are per head dim
+// (tile_size.h, fwd_schedule).
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"
@@ -161,6 +162,10 @@ struct FwdMainloop {
     // Both rings advance once per block; V runs one block behind K, matching the consumers.
     load_k(n_max - 1);
     ++write;
+    // kOAliasesV: the previous tile's O is in the V ring until its TMA stores have read it.
+    if constexpr (Traits::kOAliasesV) {
+      if (q_tile_count > 0) ss.o_free.wait((q_tile_count - 1) & 1);
+    }
     for (int n = n_max - 2; n >= n_min; --n) {
       load_k(n);
       load_v_prev(n + 1);
@@ -206,10 +211,12 @@ struct FwdMainloop {
     AccCoord const coord(mma_tidx);
 
     // FP8 descales (flash.h, "FP8"): the tile's q (and per-tensor k) descale folds into the
-    // softmax scale; a per-block k descale multiplies the block's scores (the online softmax
-    // compares raw scores across blocks, so it cannot ride on the scale); v descales scale O:
-    // O is kept in units of the pending block's v descale, the ratio between consecutive blocks
-    // folds into the O rescale, the last block's into the final 1 / row sum.
+    // softmax scale; a per-block k descale scales the block's scores inside the softmax step
+    // (its max once, then the exponent's FMA; with a softcap, each score before the tanh); v
+    // descales scale O: O is kept in units of the pending block's v descale, the ratio between
+    // consecutive blocks folds into the O rescale, the last block's into the final 1 / row sum.
+    // The per-block descales of block n - 1 are loaded while block n computes, so that no
+    // step waits on a load.
     float qk_descale = 1.f;
     float const* descale_k_row = nullptr;  // per-block k descales of this (batch, kv head)
     float const* descale_v_row = nullptr;  // per-block v descales; per tensor: the one value
@@ -232,19 +239,33 @@ struct FwdMainloop {
 
     int const wg = mma_tidx / 128;
     auto scheduler_sync = [&] {
-      named_barrier_sync(Traits::kNumMmaThreads,
-                         static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + wg));
+      if constexpr (Traits::kPingpong)
+        named_barrier_sync(
+            Traits::kNumMmaThreads,
+            static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + wg));
     };
     auto scheduler_arrive = [&] {
-      named_barrier_arrive(
-          Traits::kNumMmaThreads,
-          static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + (1 - wg)));
+      if constexpr (Traits::kPingpong)
+        named_barrier_arrive(
+            Traits::kNumMmaThreads,
+            static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + (1 - wg)));
+    };
+    // Block n's k and v descales (1 unless per block), and the next block's, already loading.
+    float dk_blk = 1.f, dv_blk = 1.f, dk_next = 1.f, dv_next = 1.f;
+    auto load_descales = [&](int n) {  // n >= n_min - 1; below n_min nothing is needed
+      if (per_block && n >= n_min) {
+        dk_next = descale_k_row[n];
+        dv_next = descale_v_row[n];
+      }
+    };
+    auto advance_descales = [&] {
+      dk_blk = dk_next;
+      dv_blk = dv_next;
     };
     auto score_mod = [&](int n) {
-      if (per_block) {
-        float const dk = descale_k_row[n];
+      if (per_block && p.has_softcap) {
         CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= dk;
+        for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= dk_blk;
       }
       if (p.has_softcap) {
         CUTLASS_PRAGMA_UNROLL
@@ -253,12 +274,19 @@ struct FwdMainloop {
       if (mask.needs_mask(t.m_block, n)) mask.apply(tSrS, coord, t.m_block, n);
     };
 
+    // FP8: rescales skipped where no row max grew, 4 reduction chains per row (softmax.h, step).
+    constexpr int kChains = Traits::kFp8 ? 4 : 1;
     OnlineSoftmax<2> softmax(Traits::kFp8 && !p.has_softcap ? p.scale_log2 * qk_descale
                                                             : p.scale_log2);
     clear(tOrO);
     ss.q_full.wait(q_tile_count & 1);
 
     int n = n_max - 1;
+    load_descales(n);
+    advance_descales();
+    load_descales(n - 1);
+    // The score scale the softmax step applies: block n's k descale, unless the softcap did.
+    auto block_scale = [&] { return per_block && !p.has_softcap ? dk_blk : 1.f; };
     scheduler_sync();
     pipe_k.consumer_wait(read);
     wgmma_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
@@ -266,16 +294,21 @@ struct FwdMainloop {
     warpgroup_wait<0>();
     pipe_k.consumer_release(read);
     score_mod(n);
-    softmax.template step<true>(tSrS);
+    softmax.template step<true, Traits::kFp8, kChains>(tSrS, block_scale());
     convert_p();
-    float v_descale = per_block ? descale_v_row[n] : 1.f;  // units of O (FP8 per block)
+    float v_descale = dv_blk;  // units of O (FP8 per block)
     PipelineState read_v = read;
     ++read;
+    // kRescaleOFirst: the factor O still owes (block n + 1's), applied before the next P V.
+    cute::array<float, 2> o_scale_due = {1.f, 1.f};
 
     for (--n; n >= n_min; --n) {
+      advance_descales();
+      load_descales(n - 1);
       scheduler_sync();
       pipe_k.consumer_wait(read);
       wgmma_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
+      if constexpr (Traits::kRescaleOFirst) rescale_rows(tOrO, o_scale_due);  // under the S WGMMA
       pipe_v.consumer_wait(read_v);
       wgmma_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
       scheduler_arrive();
@@ -283,23 +316,27 @@ struct FwdMainloop {
       pipe_k.consumer_release(read);
       ++read;
       score_mod(n);
-      cute::array<float, 2> o_scale = softmax.template step<false>(tSrS);
+      cute::array<float, 2> o_scale =
+          softmax.template step<false, Traits::kFp8, kChains>(tSrS, block_scale());
       if (per_block) {  // O from units of block n + 1's v descale to block n's
-        float const next = descale_v_row[n];
-        float const ratio = v_descale / next;
-        v_descale = next;
+        float const ratio = __fdividef(v_descale, dv_blk);
+        v_descale = dv_blk;
         o_scale[0] *= ratio;
         o_scale[1] *= ratio;
       }
       warpgroup_wait<0>();  // P V done: tOrP and the V slot are free
       pipe_v.consumer_release(read_v);
       ++read_v;
-      rescale_rows(tOrO, o_scale);
+      if constexpr (Traits::kRescaleOFirst)
+        o_scale_due = o_scale;  // FP8: exactly 1 where no row max grew
+      else if (softmax.rescaled || per_block)
+        rescale_rows(tOrO, o_scale);
       convert_p();
     }
     // Every S WGMMA of this tile has retired: the producer may load the next tile's Q.
     ss.q_empty.arrive();
 
+    if constexpr (Traits::kRescaleOFirst) rescale_rows(tOrO, o_scale_due);
     pipe_v.consumer_wait(read_v);
     wgmma_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
     pipe_v.consumer_release(read_v);

@@ -59,6 +59,7 @@ bool pack_gqa(FwdParams const& p) {
 // The grid as the kernel sees it: query rows and heads per tile coordinates, and the split.
 struct FwdPlan {
   bool packed;
+  bool wide;  // the dense call runs the wide tile (tile_size.h, fwd_use_wide_tile)
   int seqlen_q, heads;  // of the tiles (packed: the group's heads as rows, heads_kv heads)
   int num_m_blocks, num_tiles_unsplit, num_splits;
 };
@@ -94,6 +95,14 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
       p.num_seqs > 0 || p.q_segment_ids || fp8 ? 1
       : forced > 0          ? forced
                             : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
+  // The wide tile has the default tile's block_m, so the tile count and split rule agree. Dense
+  // calls only (not varlen, segment ids, KV cache, split or packed), with the band covering
+  // every key.
+  bool const full_band = p.diag_lo <= -(p.seqlen_q - 1) && p.diag_hi >= p.seqlen_k - 1;
+  plan.wide = !packed && plan.num_splits == 1 && p.num_seqs == 0 && !p.q_segment_ids &&
+              !p.seqused_k &&
+              sm90::fwd_use_wide_tile(int(p.head_dim), int(p.head_dim_v), fp8, full_band,
+                                      p.seqlen_k);
   return plan;
 }
 
@@ -122,11 +131,13 @@ size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
 
 int num_sms_here() { return std::max(cuda::device_facts(cuda::current_device()).num_sms, 0); }
 
-template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode>
+template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode, bool kWide = false>
 const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
                             cudaStream_t stream) {
   constexpr bool kFp8 = sizeof(Element) == 1;
-  constexpr sm90::FwdTileSize ts = sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8);
+  constexpr sm90::FwdTileSize ts = kWide ? sm90::fwd_tile_size_wide(kHeadDim, kHeadDimV, kFp8)
+                                         : sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8);
+  static_assert(!kWide || (kMode == sm90::FwdMode::kDense && ts.block_n > 0));
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
                                  ts.producer_regs, ts.consumer_regs, Element, kMode>;
   using ElementOut = typename Traits::ElementOut;
@@ -164,7 +175,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   if constexpr (kFp8) {
     if (!workspace) return "the sm90 FP8 forward needs its workspace";
     auto* vt = reinterpret_cast<uint8_t*>(static_cast<char*>(workspace) + kCounterBytes);
-    sm90::VtParams const vp{static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0};
+    sm90::VtParams const vp{static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0, 0};
     if (!sm90::launch_fp8_transpose_v(vp, b, stream)) return "sm90 FP8 V transpose launch failed";
     v_ptr = vt;
   }
@@ -277,8 +288,9 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   int64_t const kv_bytes = std::max<int64_t>(
       1, int64_t(span_k) * (kHeadDim + kHeadDimV) * sizeof(Element) / heads_per_kv);
   int const l2_group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
-  kp.sched = {num_m_blocks, h, num_hb, l2_group, num_m_blocks * num_hb * plan.num_splits,
+  kp.sched = {num_m_blocks, h, num_hb, 0, 0, num_m_blocks * num_hb * plan.num_splits,
               longest_first, plan.num_splits};
+  sm90::set_sections(kp.sched, l2_group);
   kp.qheads_per_kvhead = heads_per_kv;
   int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
   // With at most one tile per CTA there is nothing to balance: no counter and no memset (short
@@ -371,6 +383,11 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
     if (p.q_segment_ids)  // never packed or split (plan_fwd)
       return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSegments>(p, plan, workspace,
                                                                                stream);
+    if constexpr (sm90::fwd_tile_size_wide(kHeadDim, kHeadDimV).block_n > 0) {
+      if (plan.wide)
+        return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense, true>(
+            p, plan, workspace, stream);
+    }
     return plan.num_splits > 1 || p.seqused_k
                ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit>(p, plan,
                                                                                 workspace, stream)

@@ -78,6 +78,9 @@ struct FwdTraits {
   static_assert(kBlockN % 16 == 0, "block_n is the K dimension of the P @ V WGMMA");
   static_assert(kHeadDim % 32 == 0 && kHeadDimV % 32 == 0, "head dims in 32-element steps");
 
+  // Consumer schedule (tile_size.h, fwd_schedule).
+  static constexpr bool kPingpong = fwd_schedule(kHeadDim, kFp8).pingpong;
+  static constexpr bool kRescaleOFirst = fwd_schedule(kHeadDim, kFp8).rescale_o_first;
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumMmaWarpGroups * 128;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup
@@ -172,16 +175,36 @@ struct FwdTraits {
     alignas(1024) cute::array_aligned<ElementOut, kOElements, 1024> o;  // kTmaStoreO only
     cutlass::arch::ClusterTransactionBarrier q_full;  // TMA of Q landed
     cutlass::arch::ClusterBarrier q_empty;            // consumers done reading Q
+    // kOAliasesV: the TMA stores of the tile's O have read it out of the V ring (one arrive per
+    // consumer warpgroup); the producer waits for it before the next tile's first V load.
+    cutlass::arch::ClusterBarrier o_free;
     // Tile ids handed from the producer (which runs the scheduler) to the consumers.
     int tile_ids[2];
     cutlass::arch::ClusterBarrier tile_full[2], tile_empty[2];
     typename PipelineK::SharedStorage pipe_k;
     typename PipelineV::SharedStorage pipe_v;
   };
-  static constexpr bool kTmaStoreO =
-      fwd_store_o_with_tma(kHeadDimV, kFp8) && !kSplit && !kVarlen &&
+  // Where Q, K, V and a separate O tile exceed shared memory (16-bit head dim 256: 224 KB without
+  // O), O is written into the V ring instead, which holds no live data between the tile's last
+  // P V WGMMA (both warpgroups') and the next tile's first V load (FA3 does the same).
+  static constexpr bool kWantTmaStoreO =
+      fwd_store_o_with_tma(kHeadDim, kHeadDimV) && !kSplit && !kVarlen;
+  static constexpr bool kOSeparateFits =
       sizeof(SharedStorageT<cute::cosize_v<SmemLayoutO>>) <= 227 * 1024;
-  using SharedStorage = SharedStorageT<kTmaStoreO ? cute::cosize_v<SmemLayoutO> : 0>;
+  static constexpr bool kOAliasesV =
+      kWantTmaStoreO && !kOSeparateFits &&
+      cute::cosize_v<SmemLayoutO> * sizeof(ElementOut) <=
+          cute::cosize_v<SmemLayoutVLoad> * sizeof(Element);
+  static constexpr bool kTmaStoreO = kWantTmaStoreO && (kOSeparateFits || kOAliasesV);
+  using SharedStorage =
+      SharedStorageT<kTmaStoreO && !kOAliasesV ? cute::cosize_v<SmemLayoutO> : 0>;
+  // The O tile's shared memory (kTmaStoreO): its own buffer, or the start of the V ring.
+  static CUTLASS_DEVICE ElementOut* smem_o(SharedStorage& ss) {
+    if constexpr (kOAliasesV)
+      return reinterpret_cast<ElementOut*>(ss.v.data());
+    else
+      return ss.o.data();
+  }
   static_assert(sizeof(SharedStorage) <= 227 * 1024, "tile does not fit in shared memory");
 
   // Global tensors are (seqlen, head_dim, heads, batch); head_dim is contiguous.

@@ -19,6 +19,9 @@ enum class FwdNamedBarrier : uint32_t {
   // overwrite (its previous TMA store has read it), then written and fenced for the TMA store.
   EpilogueWG0 = 2,
   EpilogueWG1 = 3,
+  // Both consumer warpgroups (256 threads) are past their last P V WGMMA of the tile, so O may
+  // overwrite the V ring (kOAliasesV).
+  EpilogueAll = 4,
 };
 
 enum class BwdNamedBarrier : uint32_t {

@@ -20,17 +20,30 @@ struct FwdTileSize {
 };
 
 // FP8 (e4m3) forward (fp8 = true): the tiles are also the FP8 scale blocks (flash.h, "FP8";
-// python/fa3_jax/fp8.py reads them from here). block_n must be a multiple of 32, the K of one
-// e4m3 WGMMA in the P @ V GEMM (and 16-key groups are permuted in V, fp8_vt_sm90.h).
-//  - hdim 64 and 128: the 16-bit tiles (128 x 128): e4m3 halves every smem tile (hdim 128: Q 16
-//    KB + 2 * (16 + 16) KB = 80 KB) and P takes 16 registers instead of 32, so the 16-bit register
-//    budget holds. Larger block_n (FA3 uses up to 224 for non-causal FP8) not measured yet.
-//  - hdim 256: 80 is not a multiple of 32; block_n 96 keeps S at 48 registers next to the
-//    128-register O accumulator (P 12), smem Q 32 KB + 2 * (24 + 24) KB = 128 KB.
+// python/fa3_jax/fp8.py reads them from here; the fused quantization kernel takes blocks of up
+// to 128 rows). block_n must be a multiple of 32, the K of one e4m3 WGMMA in the P @ V GEMM (and
+// 16-key groups are permuted in V, fp8_vt_sm90.h).
+// Measured on H200 (the cpp/hopper/test_fwd_sm90.cu driver, --time-fp8: per-tensor descales, V
+// transpose included, 16k tokens, hidden 2048, TFLOP/s at 1k / 4k / 16k, 2026-11-22;
+// benchmarks/measured/h200_2026-11-22s6f_fp8speed.txt):
+//  - hdim 64 and 128: 128 x 128. At hdim 128 the exponentials (MUFU, 64 per thread and block)
+//    take as long as the block's WGMMAs (ncu: XU 47%, tensor 45% of cycles, issue slots 42%),
+//    so wider blocks only amortize the per-block overhead and lose at short sequences (run 2,
+//    with a since-withdrawn variant of softmax.h's skipped rescale): full 599 / 795 / 823
+//    (128), 546 / 781 / 832 (192), 539 / 767 / 826 (224, FA3's FP8 choice); causal 390 / 641 /
+//    775, 361 / 655 / 783, 342 / 629 / 787. Moving 1 of every 8 exponentials to the FMA pipe (a
+//    degree-3 polynomial) did not pay either: 610 / 798 / 810 at 128, 553 / 785 / 837 at 192,
+//    548 / 779 / 827 at 224; nor did 3 stages (run 4: 573 / 770 / 814 against 588 / 767 / 819).
+//    Smem (hdim 128): Q 16 KB + 2 * (16 + 16) KB + O 32 KB.
+//  - hdim 256: 128 x 128 (FA3's FP8 choice), run 4: full 690 / 1027 / 1104 against 710 / 1014 /
+//    1049 with block_n 96, causal 434 / 785 / 985 against 433 / 747 / 927 (96 is ahead only at
+//    512 tokens, 500 against 475). S takes 64 registers next to the 128-register O accumulator
+//    (P 16); ptxas reports 196 bytes of spill stores (184 at 96), the producer's and the
+//    consumers' setup. Smem: Q 32 KB + 2 * (32 + 32) KB + O 64 KB = 224 KB.
 constexpr FwdTileSize fwd_tile_size_fp8(int head_dim) {
   if (head_dim <= 64) return {128, 128, 3};
   if (head_dim <= 128) return {128, 128, 2};
-  return {128, 96, 2, 24, 240};
+  return {128, 128, 2, 24, 240};
 }
 
 constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = false) {
@@ -57,6 +70,26 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
   return {128, 80, 2, 24, 240};
 }
 
+// The wide tile: a second dense 16-bit instantiation, chosen per call (fwd_use_wide_tile) where
+// every query row sees every key and the keys are many. block_n 0: none for this head dim.
+//  - hdim 128: 128 x 176 (FA3's non-causal choice), smem Q 32 KB + 2 * (44 + 44) KB = 208 KB,
+//    so O goes through the V ring (kOAliasesV). Measured on H200 (bf16, 16k tokens, hidden 2048,
+//    --time, one run each, clocks not pinned), 128 x 128 -> 128 x 176 TFLOP/s at 512 / 1k / 2k /
+//    4k / 8k / 16k: full 453 / 541 / 599 / 638 / 594 / 608 -> 392 / 505 / 582 / 584 / 625 / 629
+//    (the 2026-11-21 runs: +3% at 8k-16k, -7..15% at 512): wide from 8k keys on. Bench beside
+//    cuDNN (h200_2026-11-22s6t_fwdtile.txt): full 8k 0.969 -> 1.008, 16k 0.985 -> 1.025.
+inline constexpr int kWideTileMinSeqlenK = 8192;
+constexpr FwdTileSize fwd_tile_size_wide(int head_dim, int head_dim_v, bool fp8 = false) {
+  if (!fp8 && head_dim == 128 && head_dim_v == 128) return {128, 176, 2};
+  return {128, 0, 0};
+}
+// full_band: every query row sees keys [0, seqlen_k) (no causal or window edge).
+constexpr bool fwd_use_wide_tile(int head_dim, int head_dim_v, bool fp8, bool full_band,
+                                 long long seqlen_k) {
+  return fwd_tile_size_wide(head_dim, head_dim_v, fp8).block_n > 0 && full_band &&
+         seqlen_k >= kWideTileMinSeqlenK;
+}
+
 // The forward epilogue: O through shared memory and one TMA store per consumer warpgroup, which
 // overlaps the next tile's mainloop (flash_fwd_epilogue_sm90.h, store_tma), or straight from the
 // registers with 4-byte stores. Dense tiles only (varlen tiles end at their sequence, split-KV
@@ -70,10 +103,42 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //  - FP8 (bfloat16 out), fp8_epilogue_ab, TFLOP/s at 1k / 4k / 16k: hdim 128 full 506 / 717 /
 //    800 -> 541 / 734 / 805, causal 328 / 595 / 714 -> 358 / 617 / 721; hdim 256 full 566 / 899
 //    / 1053 -> 663 / 1017 / 1167, causal 368 / 674 / 871 -> 439 / 791 / 974: on at both, though
-//    ptxas then reports 212 spill bytes at FP8 hdim 256 (68 before).
+//    ptxas then reports 212 spill bytes at FP8 hdim 256 (68 before; block_n 96 then).
 //  - hdim 96 not measured: off.
-constexpr bool fwd_store_o_with_tma(int head_dim_v, bool fp8) {
-  return head_dim_v == 128 || (fp8 && head_dim_v == 256);
+//  - hdim 256 (16-bit): shared memory is full (224 KB), so O goes through the V ring
+//    (flash_fwd_traits_sm90.h, kOAliasesV); with fwd_schedule's no-pingpong + rescale-first,
+//    TFLOP/s at 512 / 1k / 2k / 4k: full 391 / 546 / 638 / 702 -> 436 / 582 / 672 / 720, causal
+//    219 / 318 / 433 / 500 -> 233 / 330 / 438 / 505: on. ptxas then reports 120 bytes of spill
+//    stores (48 before).
+//  - hdim 192 (dv 128 too, where only the V ring would have room) not measured: off.
+constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
+  return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256);
+}
+
+// Consumer schedule of the 16-bit mainloop (flash_fwd_mainloop_sm90.h):
+//  - pingpong: the two consumer warpgroups take turns issuing WGMMAs (named barriers), so one's
+//    softmax runs under the other's matrix work;
+//  - rescale_o_first: each step rescales O by the previous block's factor right after issuing
+//    the S WGMMA and before issuing P V, so the rescale runs under the S WGMMA; otherwise it runs
+//    after P V has retired, with no WGMMA of this warpgroup in flight.
+// FA3 turns pingpong off and rescales first above head dim 128 (16-bit): there the O accumulator
+// is large and the two warpgroups' long WGMMAs keep the tensor cores busy without turns.
+// Measured on H200 (bf16, 16k tokens, hidden 2048, scripts/dev_fwd.sh --time, 2026-11-22; one
+// run each, clocks not pinned), hdim 256 TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k:
+//   pingpong, rescale after P V: full 388 / 539 / 639 / 693 / 667 / 690, causal 214 / 307 / 411 /
+//     493 / 539 / 550;
+//   no pingpong, rescale first:  full 391 / 546 / 638 / 702 / 661 / 677, causal 219 / 318 / 433 /
+//     500 / 556 / 561;
+//   the same with O through shared memory (fwd_store_o_with_tma): full 436 / 582 / 672 / 720 /
+//     692 / 693, causal 233 / 330 / 438 / 505 / 550 / 561.
+// Head dim 192 is not measured: it keeps pingpong.
+struct FwdSchedule {
+  bool pingpong;
+  bool rescale_o_first;
+};
+constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
+  if (fp8 || head_dim <= 192) return {true, false};
+  return {false, true};
 }
 
 // Split-KV (Flash-Decoding): how many key ranges each tile is cut into, from the tile count, the

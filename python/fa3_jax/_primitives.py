@@ -226,32 +226,36 @@ def _bwd_rule(softmax_scale, softcap, diag_lo, diag_hi, deterministic, strategy,
     return rule, dict(need_replication_factors=repl, **sizes)
 
 
+def _in_natural_order(load_balance, call, tensors, lses=(), ids=()):
+    """``call(*tensors, *lses, *ids)`` where the arrays are in the load-balanced layout of
+    ``load_balance`` shards (0: natural order): they are put in natural order around the call
+    (tensors [b, s, h, d] and ids [b, s]: sequence axis 1; lse-shaped [b, h, s]: axis 2) and its
+    results go back to the layout."""
+    if not load_balance:
+        return call(*tensors, *lses, *ids)
+    restore, reorder = context_parallel.load_balance_restore, context_parallel.load_balance_reorder
+    results = call(*(restore(x, load_balance) for x in tensors),
+                   *(restore(x, load_balance, axis=2) for x in lses),
+                   *(restore(x, load_balance) for x in ids))
+    return tuple(reorder(r, load_balance, axis=2 if r.ndim == 3 else 1) for r in results)
+
+
 def _fwd_local(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, strategy, load_balance, cuda):
     """The whole sequence in one call (one device, or a batch/head shard). A load-balanced
     sequence is put back in natural order around the kernel."""
     del strategy
-    if load_balance:
-        q, k, v = (context_parallel.load_balance_restore(x, load_balance) for x in (q, k, v))
-    out, lse = _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda)
-    if load_balance:
-        out = context_parallel.load_balance_reorder(out, load_balance)
-        lse = context_parallel.load_balance_reorder(lse, load_balance, axis=2)
-    return out, lse
+    return _in_natural_order(
+        load_balance, lambda q, k, v: _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi,
+                                               cuda), (q, k, v))
 
 
 def _bwd_local(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
                deterministic, strategy, load_balance, cuda):
     del strategy
-    if load_balance:
-        q, k, v, out, dout = (context_parallel.load_balance_restore(x, load_balance)
-                              for x in (q, k, v, out, dout))
-        lse, dlse = (context_parallel.load_balance_restore(x, load_balance, axis=2)
-                     for x in (lse, dlse))
-    grads = _bwd_ffi(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
-                     deterministic, cuda)
-    if load_balance:
-        grads = tuple(context_parallel.load_balance_reorder(g, load_balance) for g in grads)
-    return grads
+    return _in_natural_order(
+        load_balance, lambda q, k, v, out, dout, lse, dlse: _bwd_ffi(
+            q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, diag_hi,
+            deterministic, cuda), (q, k, v, out, dout), (lse, dlse))
 
 
 def _fwd_partition(softmax_scale, softcap, diag_lo, diag_hi, strategy, load_balance, cuda, mesh,
@@ -429,7 +433,16 @@ def _packed_attrs(softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_se
 
 
 def _packed_fwd_local(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, diag_lo, diag_hi,
-                      max_seqlen_q, max_seqlen_k, cuda=False):
+                      max_seqlen_q, max_seqlen_k, strategy="gather", load_balance=0, cuda=False):
+    """The packed forward on whole sequences (one device, a batch/head shard, or one kernel call
+    of a context-parallel step); segment ids in a load-balanced layout are put in natural order
+    around the kernel."""
+    del strategy
+    if load_balance:
+        return _in_natural_order(
+            load_balance, lambda q, k, v, meta_q, meta_k: _packed_fwd_local(
+                q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, diag_lo, diag_hi,
+                max_seqlen_q, max_seqlen_k, cuda=cuda), (q, k, v), ids=(meta_q, meta_k))
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
@@ -444,7 +457,14 @@ def _packed_fwd_local(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap, 
 
 def _packed_bwd_local(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, softmax_scale,
                       softcap, diag_lo, diag_hi, deterministic, max_seqlen_q, max_seqlen_k,
-                      cuda=False):
+                      strategy="gather", load_balance=0, cuda=False):
+    del strategy
+    if load_balance:
+        return _in_natural_order(
+            load_balance, lambda q, k, v, out, dout, lse, dlse, meta_q, meta_k: _packed_bwd_local(
+                q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, softmax_scale, softcap,
+                diag_lo, diag_hi, deterministic, max_seqlen_q, max_seqlen_k, cuda=cuda),
+            (q, k, v, out, dout), (lse, dlse), (meta_q, meta_k))
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype))
     if cuda:
@@ -457,64 +477,113 @@ def _packed_bwd_local(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing, so
                           softmax_scale, softcap, diag_lo, diag_hi, max_seqlen_q, max_seqlen_k)))[:3]
 
 
-def _packed_shardings(mesh, arg_shapes):
-    """(tensor, lse, metadata) shardings: batch and heads as for the dense call, the rest whole."""
-    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
-    return (NamedSharding(mesh, P(b_ax, None, h_ax, None)), NamedSharding(mesh, P(b_ax, h_ax, None)),
-            NamedSharding(mesh, P(b_ax, None)))
+# Static arguments of the packed partitioned calls, after the operands (cuda last).
+_PACKED_FWD_STATIC = ("packing", "softmax_scale", "softcap", "diag_lo", "diag_hi", "max_seqlen_q",
+                      "max_seqlen_k", "strategy", "load_balance", "cuda")
+_PACKED_BWD_STATIC = ("packing", "softmax_scale", "softcap", "diag_lo", "diag_hi",
+                      "deterministic", "max_seqlen_q", "max_seqlen_k", "strategy", "load_balance",
+                      "cuda")
 
 
-def _packed_rule(value_types, n_dense):
-    """Shardy rule: the dense rule with whole sequences, plus metadata [b, m] and [b, n]."""
+def _packed_shardings(mesh, arg_shapes, packing, strategy, load_balance):
+    """(tensor, lse, metadata shardings, SeqShards or None). Batch and heads as for the dense
+    call. Segment ids follow their sequence, which runs context-parallel as the dense call's
+    does; varlen's packed token axis (and its cu_seqlens) stays whole."""
+    if packing != "segments":
+        strategy, load_balance = "gather", 0
+    t, lse, shards = _shardings(mesh, arg_shapes, strategy, load_balance)
+    return t, lse, NamedSharding(mesh, P(*tuple(t.spec)[:2])), shards
+
+
+def _packed_rule(static, value_types, n_dense):
+    """Shardy rule: the dense rule plus the metadata. Segment ids [b, seqlen] share their
+    sequence's factor; cu_seqlens [b, m] / [b, n] and varlen's token axes stay whole."""
     hq, hk, sizes, keep_whole = _heads_factor(value_types)
-    if n_dense == 3:
-        rule = f"b s {hq} d, b t {hk} d, b t {hk} e, b m, b n -> b s {hq} e, b {hq} s"
+    if static["packing"] == "segments":
+        s, t, whole = _seq_factors(value_types, static["strategy"])
+        ms, mt = s, t
     else:
-        rule = (f"b s {hq} d, b t {hk} d, b t {hk} e, b s {hq} e, b {hq} s, b s {hq} e, "
-                f"b {hq} s, b m, b n -> b s {hq} d, b t {hk} d, b t {hk} e")
-    repl = _in_rule_order(rule, ("s", "t", "d", "e", "m", "n") + keep_whole)
+        s, t, ms, mt = "s", "t", "m", "n"
+        whole = (s, t, ms, mt)
+    dense = f"b {s} {hq} d, b {t} {hk} d, b {t} {hk} e"
+    if n_dense == 3:
+        rule = f"{dense}, b {ms}, b {mt} -> b {s} {hq} e, b {hq} {s}"
+    else:
+        rule = (f"{dense}, b {s} {hq} e, b {hq} {s}, b {s} {hq} e, b {hq} {s}, b {ms}, b {mt} "
+                f"-> b {s} {hq} d, b {t} {hk} d, b {t} {hk} e")
+    repl = _in_rule_order(rule, ("d", "e") + whole + keep_whole)
     return rule, dict(need_replication_factors=repl, **sizes)
 
 
 def _packed_fwd_partition(*static_and_mesh):
     *static, mesh, arg_shapes, result_shape = static_and_mesh
-    t, lse, meta = _packed_shardings(mesh, arg_shapes)
+    st = dict(zip(_PACKED_FWD_STATIC, static))
+    t, lse, meta, shards = _packed_shardings(mesh, arg_shapes, st["packing"], st["strategy"],
+                                             st["load_balance"])
+    if shards is None:
+        def lower_fn(q, k, v, meta_q, meta_k):
+            return _packed_fwd_local(q, k, v, meta_q, meta_k, *static)
+    else:
+        def kernel(q, k, v, lo, hi, q_ids, kv_ids):
+            return _packed_fwd_local(q, k, v, q_ids, kv_ids, "segments", st["softmax_scale"],
+                                     st["softcap"], lo, hi, 0, 0, cuda=st["cuda"])
 
-    def lower_fn(q, k, v, meta_q, meta_k):
-        return _packed_fwd_local(q, k, v, meta_q, meta_k, *static)
+        def lower_fn(q, k, v, meta_q, meta_k):
+            return context_parallel.forward(
+                q, k, v, shards=shards, seqlen_q=arg_shapes[0].shape[1],
+                seqlen_k=arg_shapes[1].shape[1], diag_lo=st["diag_lo"], diag_hi=st["diag_hi"],
+                kernel=kernel, q_ids=meta_q, kv_ids=meta_k)
 
     return mesh, lower_fn, (t, lse), (t, t, t, meta, meta)
 
 
 def _packed_bwd_partition(*static_and_mesh):
     *static, mesh, arg_shapes, result_shape = static_and_mesh
-    t, lse, meta = _packed_shardings(mesh, arg_shapes)
+    st = dict(zip(_PACKED_BWD_STATIC, static))
+    t, lse, meta, shards = _packed_shardings(mesh, arg_shapes, st["packing"], st["strategy"],
+                                             st["load_balance"])
+    if shards is None:
+        def lower_fn(*args):
+            return _packed_bwd_local(*args, *static)
+    else:
+        def kernel(q, k, v, out, lse_, dout, dlse, lo, hi, q_ids, kv_ids):
+            return _packed_bwd_local(q, k, v, out, lse_, dout, dlse, q_ids, kv_ids, "segments",
+                                     st["softmax_scale"], st["softcap"], lo, hi,
+                                     st["deterministic"], 0, 0, cuda=st["cuda"])
 
-    def lower_fn(*args):
-        return _packed_bwd_local(*args, *static)
+        def lower_fn(q, k, v, out, lse_, dout, dlse, meta_q, meta_k):
+            return context_parallel.backward(
+                q, k, v, out, lse_, dout, dlse, shards=shards, seqlen_q=arg_shapes[0].shape[1],
+                seqlen_k=arg_shapes[1].shape[1], diag_lo=st["diag_lo"], diag_hi=st["diag_hi"],
+                kernel=kernel, q_ids=meta_q, kv_ids=meta_k)
 
     return mesh, lower_fn, (t, t, t), (t, t, t, t, lse, t, lse, meta, meta)
 
 
 def _packed_fwd_infer(*static_and_mesh):
-    t, lse, _ = _packed_shardings(*static_and_mesh[-3:-1])
+    st = dict(zip(_PACKED_FWD_STATIC, static_and_mesh[:-3]))
+    t, lse, _, _ = _packed_shardings(*static_and_mesh[-3:-1], st["packing"], st["strategy"],
+                                     st["load_balance"])
     return (t, lse)
 
 
 def _packed_bwd_infer(*static_and_mesh):
-    t, _, _ = _packed_shardings(*static_and_mesh[-3:-1])
+    st = dict(zip(_PACKED_BWD_STATIC, static_and_mesh[:-3]))
+    t, _, _, _ = _packed_shardings(*static_and_mesh[-3:-1], st["packing"], st["strategy"],
+                                   st["load_balance"])
     return (t, t, t)
 
 
-_packed_fwd_partitioned = custom_partitioning(_packed_fwd_local, static_argnums=tuple(range(5, 13)))
+_packed_fwd_partitioned = custom_partitioning(
+    _packed_fwd_local, static_argnums=tuple(range(5, 5 + len(_PACKED_FWD_STATIC))))
 _packed_fwd_partitioned.def_partition(
     partition=_packed_fwd_partition, infer_sharding_from_operands=_packed_fwd_infer,
-    sharding_rule=lambda *a: _packed_rule(a[-2], 3))
-_packed_bwd_partitioned = custom_partitioning(_packed_bwd_local,
-                                              static_argnums=tuple(range(9, 18)))
+    sharding_rule=lambda *a: _packed_rule(dict(zip(_PACKED_FWD_STATIC, a[:-3])), a[-2], 3))
+_packed_bwd_partitioned = custom_partitioning(
+    _packed_bwd_local, static_argnums=tuple(range(9, 9 + len(_PACKED_BWD_STATIC))))
 _packed_bwd_partitioned.def_partition(
     partition=_packed_bwd_partition, infer_sharding_from_operands=_packed_bwd_infer,
-    sharding_rule=lambda *a: _packed_rule(a[-2], 7))
+    sharding_rule=lambda *a: _packed_rule(dict(zip(_PACKED_BWD_STATIC, a[:-3])), a[-2], 7))
 
 packed_fwd_p = jex_core.Primitive("fa3_fwd_packed")
 packed_fwd_p.multiple_results = True
@@ -523,17 +592,20 @@ packed_bwd_p.multiple_results = True
 
 
 def _packed_fwd_lower_impl(q, k, v, meta_q, meta_k, *, packing, softmax_scale, softcap, diag_lo,
-                           diag_hi, max_seqlen_q, max_seqlen_k, cuda=False):
+                           diag_hi, max_seqlen_q, max_seqlen_k, context_parallel="gather",
+                           load_balance=0, cuda=False):
     return _packed_fwd_partitioned(q, k, v, meta_q, meta_k, packing, softmax_scale, softcap,
-                                   diag_lo, diag_hi, max_seqlen_q, max_seqlen_k, cuda)
+                                   diag_lo, diag_hi, max_seqlen_q, max_seqlen_k, context_parallel,
+                                   load_balance, cuda)
 
 
 def _packed_bwd_lower_impl(q, k, v, out, lse, dout, dlse, meta_q, meta_k, *, packing,
                            softmax_scale, softcap, diag_lo, diag_hi, deterministic, max_seqlen_q,
-                           max_seqlen_k, cuda=False):
+                           max_seqlen_k, context_parallel="gather", load_balance=0, cuda=False):
     return _packed_bwd_partitioned(q, k, v, out, lse, dout, dlse, meta_q, meta_k, packing,
                                    softmax_scale, softcap, diag_lo, diag_hi, deterministic,
-                                   max_seqlen_q, max_seqlen_k, cuda)
+                                   max_seqlen_q, max_seqlen_k, context_parallel, load_balance,
+                                   cuda)
 
 
 def _packed_cuda_lowering(impl, direction):

@@ -69,11 +69,16 @@ class _PackedConfig:
     deterministic: bool
     max_seqlen_q: int = 0
     max_seqlen_k: int = 0
+    # Segment ids only (varlen's packed token axis is never sequence-sharded): how a sharded
+    # sequence runs, and the load-balanced layout, as for _Config.
+    context_parallel: str = "ring"
+    load_balance: int = 0
 
     def fwd_params(self):
         return dict(packing=self.packing, softmax_scale=self.softmax_scale, softcap=self.softcap,
                     diag_lo=self.diag_lo, diag_hi=self.diag_hi, max_seqlen_q=self.max_seqlen_q,
-                    max_seqlen_k=self.max_seqlen_k)
+                    max_seqlen_k=self.max_seqlen_k, context_parallel=self.context_parallel,
+                    load_balance=self.load_balance)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -324,8 +329,9 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
         neither), for packed rows: on top of causal/window (on positions in the row), query i
         sees key j only where both ids are equal and nonzero. Id 0 is padding: such a query row
         gets out = 0, lse = -inf and zero gradients. Key tiles whose ids cannot match are
-        skipped. Batch and head sharding work as without them; a sharded sequence axis is
-        gathered (no ring yet) and load_balance must be 0. CPU backend and Hopper (16-bit).
+        skipped. Sharding works as without them: batch and heads stay local, a sharded
+        sequence runs context-parallel (the ids are in the same layout as q and k; with
+        load_balance, reorder them like the tokens). CPU backend and Hopper (16-bit).
       descale_q, descale_k, descale_v: FP8 (forward only): with q, k, v all float8_e4m3fn, three
         float32 [batch, heads_kv] arrays; the true value of an element is its stored value times
         its (batch, kv head)'s descale (query head h uses kv head h // (heads_q // heads_kv)).
@@ -364,11 +370,8 @@ def flash_attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-
                                diag_lo=diag_lo, diag_hi=diag_hi)
         return (out, lse) if return_lse else out
     if ids is not None:
-        if n:
-            raise ValueError("fa3_jax: load_balance is not supported with segment ids yet; "
-                             "pass load_balance=0")
         pcfg = _PackedConfig("segments", scale, softcap, int(diag_lo), int(diag_hi),
-                             bool(deterministic))
+                             bool(deterministic), context_parallel=strategy, load_balance=n)
         out, lse = packed_attention(q, k, v, *ids, pcfg)
     else:
         cfg = _Config(scale, softcap, int(diag_lo), int(diag_hi), bool(deterministic), strategy,
@@ -384,7 +387,8 @@ def attention_with_band(q, k, v, *, softmax_scale, softcap, diag_lo, diag_hi,
     segment_ids: None or a checked (q_segment_ids, kv_segment_ids) pair."""
     if segment_ids is not None:
         pcfg = _PackedConfig("segments", float(softmax_scale), float(softcap), int(diag_lo),
-                             int(diag_hi), bool(deterministic))
+                             int(diag_hi), bool(deterministic), context_parallel=context_parallel,
+                             load_balance=int(load_balance))
         return packed_attention(q, k, v, *segment_ids, pcfg)
     cfg = _Config(float(softmax_scale), float(softcap), int(diag_lo), int(diag_hi),
                   bool(deterministic), context_parallel, int(load_balance))

@@ -302,13 +302,19 @@ def _assemble(length, pieces, axes, combine, fill, dtypes):
     return tuple(jnp.concatenate(parts, axis=ax) for parts, ax in zip(zip(*segments), axes))
 
 
-def _forward_step(calls, q, kv, kernel, dtypes):
+def _id_slices(ids, c):
+    """The (query ids, key ids) of call ``c``'s rows and keys, or () without segment ids."""
+    return () if ids is None else (ids[0][:, c.q0:c.q1], ids[1][:, c.k0:c.k1])
+
+
+def _forward_step(calls, q, kv, kernel, dtypes, ids=None):
     """Partial (out, lse) of all local query rows from one step's calls: rows no call covers get
-    out 0 and lse -inf, rows several calls cover are merged."""
+    out 0 and lse -inf, rows several calls cover are merged. ``ids``: None, or the segment ids
+    (of the local query rows, of the K/V in hand), sliced for each call like q and k."""
     k, v = kv
     b, _, h, _ = q.shape
     pieces = [(c.q0, c.q1, tuple(kernel(q[:, c.q0:c.q1], k[:, c.k0:c.k1], v[:, c.k0:c.k1], c.lo,
-                                        c.hi))) for c in calls]
+                                        c.hi, *_id_slices(ids, c)))) for c in calls]
 
     def fill(n):
         return (jnp.zeros((b, n, h, v.shape[3]), dtypes[0]),
@@ -323,15 +329,15 @@ def _forward_step(calls, q, kv, kernel, dtypes):
     return _assemble(q.shape[1], pieces, (1, 2), combine, fill, dtypes)
 
 
-def _backward_step(calls, q, kv, rows, kernel, dtypes):
+def _backward_step(calls, q, kv, rows, kernel, dtypes, ids=None):
     """(dq of all local query rows, dk, dv of the K/V in hand) from one step's calls; ``rows`` =
     (out, lse, dout, dlse) of the local query rows. Rows no call covers get zeros, rows several
-    calls cover are summed."""
+    calls cover are summed. ``ids`` as in ``_forward_step``."""
     k, v = kv
     out, lse, dout, dlse = rows
     grads = [(c, kernel(q[:, c.q0:c.q1], k[:, c.k0:c.k1], v[:, c.k0:c.k1], out[:, c.q0:c.q1],
                         lse[:, :, c.q0:c.q1], dout[:, c.q0:c.q1], dlse[:, :, c.q0:c.q1],
-                        c.lo, c.hi)) for c in calls]
+                        c.lo, c.hi, *_id_slices(ids, c))) for c in calls]
 
     def side(x, index, key_side):
         pieces = [((c.k0, c.k1) if key_side else (c.q0, c.q1)) + ((g[index],),) for c, g in grads]
@@ -419,6 +425,29 @@ def _ring_send(x, shards: SeqShards):
                                                for a, e in zip(leaves, ends)])
 
 
+def _ids_in_hand(q_ids, kv_ids, shards: SeqShards):
+    """Segment ids -> ``ids(t)``: (the local query ids, the key ids of the K/V shard in hand at
+    ring step t, that of device r - t), or a function returning None without ids.
+
+    The key ids are all-gathered once (int32 [batch, seqlen_k]: 4 bytes a token, next to K and V's
+    2 * heads_kv * head_dim elements) and each step slices its shard's, rather than sending them
+    around the ring with K/V: a collective-permute of a second dtype would run beside the K|V
+    buffer's, not under the kernels (see ``_ring_send``)."""
+    if q_ids is None:
+        return lambda t: None
+    length = kv_ids.shape[1]
+    every = lax.all_gather(kv_ids, shards.axis, axis=1, tiled=True)
+    device = lax.axis_index(shards.axis)
+
+    def ids(t):
+        if isinstance(t, int) and t == 0:
+            return q_ids, kv_ids
+        source = (device - t) % shards.n
+        return q_ids, lax.dynamic_slice_in_dim(every, source * length, length, axis=1)
+
+    return ids
+
+
 def _step_plans(shards: SeqShards, t, cq, ck, diag_lo, diag_hi):
     """[device] kernel calls of ring step t: the local Q chunks against the K/V of device r - t."""
     n, c = shards.n, shards.chunks
@@ -452,9 +481,12 @@ def _ring_steps(shards: SeqShards, step, to_loop, carry, kv_t):
     return step(carry, kv_t, [n - 1], 0)
 
 
-def ring_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_lo, diag_hi, kernel):
+def ring_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_lo, diag_hi, kernel,
+                 q_ids=None, kv_ids=None):
     """Per-shard ring forward. q/k/v are this device's shards; ``kernel(q, k, v, lo, hi)`` is one
-    static kernel call returning (out, lse). Returns (out, lse) of the local query rows.
+    static kernel call returning (out, lse). Returns (out, lse) of the local query rows. With
+    segment ids (this device's shards of them), the kernel is ``kernel(q, k, v, lo, hi, q_ids,
+    kv_ids)`` and is given the ids of its rows and keys.
 
     Step 0 (the device's own K/V) runs while the first transfer is in flight; each step's partial
     result is merged into the accumulator (float32 once two steps are in it)."""
@@ -462,6 +494,7 @@ def ring_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_lo, dia
     cq, ck = seqlen_q // (n * c), seqlen_k // (n * c)
     device = lax.axis_index(shards.axis)
     plans = [_step_plans(shards, t, cq, ck, diag_lo, diag_hi) for t in range(n)]
+    ids_at = _ids_in_hand(q_ids, kv_ids, shards)
     b, rows, hq, _ = q.shape
 
     def empty(dtypes):
@@ -472,8 +505,9 @@ def ring_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_lo, dia
         cases = [plans[t] for t in steps]
         merged = any(_overlapping(p, False) for row in cases for p in row)
         dtypes = (jnp.float32 if merged else q.dtype, jnp.float32)
+        ids = ids_at(steps[0] if len(steps) == 1 else steps[0] + index)
         part = _select(cases, index, device,
-                       lambda calls: _forward_step(calls, q, kv, kernel, dtypes),
+                       lambda calls: _forward_step(calls, q, kv, kernel, dtypes, ids),
                        lambda: empty(dtypes))
         return _merge_opt(acc, part)
 
@@ -488,9 +522,10 @@ def ring_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_lo, dia
 
 
 def ring_backward(q, k, v, out, lse, dout, dlse, *, shards: SeqShards, seqlen_q, seqlen_k,
-                  diag_lo, diag_hi, kernel):
+                  diag_lo, diag_hi, kernel, q_ids=None, kv_ids=None):
     """Per-shard ring backward. ``kernel(q, k, v, out, lse, dout, dlse, lo, hi)`` returns
-    (dq, dk, dv); out/lse are the global forward results of the local rows.
+    (dq, dk, dv); out/lse are the global forward results of the local rows. Segment ids as in
+    ``ring_forward`` (the kernel then takes them after ``hi``).
 
     The dK/dV of a shard accumulate as it travels: device r + 1 starts the sum with its kernels'
     own output (so the first hop carries the kernels' dtype, exactly), each next device adds its
@@ -503,21 +538,23 @@ def ring_backward(q, k, v, out, lse, dout, dlse, *, shards: SeqShards, seqlen_q,
     device = lax.axis_index(shards.axis)
     plans = [_step_plans(shards, t, cq, ck, diag_lo, diag_hi) for t in range(n)]
     early, late = zip(*(split_calls(p, (c * cq) // 2) for p in plans[0]))
+    ids_at = _ids_in_hand(q_ids, kv_ids, shards)
     f32 = jnp.float32
 
-    def run(cases, index, kv, q=q):
+    def run(cases, index, kv, q=q, ids=ids_at(0)):
         merged = any(_overlapping(p, side) for row in cases for p in row for side in (0, 1))
         dtypes = (f32, f32, f32) if merged else (q.dtype, k.dtype, v.dtype)
         return _select(cases, index, device,
                        lambda calls: _backward_step(calls, q, kv, (out, lse, dout, dlse), kernel,
-                                                    dtypes),
+                                                    dtypes, ids),
                        lambda: tuple(jnp.zeros(x.shape, t) for x, t in zip((q, k, v), dtypes)))
 
     def step(state, kv, steps, index):
         """state: (dq so far, the dK/dV sum that arrives at this step, None at step 1)."""
         dq, travelling = state
         received = None if travelling is None else _ring_send(travelling, shards)
-        grads = run([plans[t] for t in steps], index, kv)
+        grads = run([plans[t] for t in steps], index, kv,
+                    ids=ids_at(steps[0] if len(steps) == 1 else steps[0] + index))
         return (_add_opt(dq, grads and grads[:1]), _add_opt(received, grads and grads[1:]))
 
     def to_loop(state):
@@ -560,10 +597,20 @@ def _q_cases(shards: SeqShards, slot, seqlen_q, seqlen_k, diag_lo, diag_hi):
              for r in range(shards.n)]]
 
 
+def _gathered_ids(q_ids, kv_ids, shards: SeqShards):
+    """[local query chunk] -> () or (its segment ids, the whole sequence's key ids)."""
+    if q_ids is None:
+        return [()] * shards.chunks
+    every = _gather_natural(kv_ids, shards)
+    return [(part, every) for part in _split(q_ids, shards.chunks, 1)]
+
+
 def all_gather_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_lo, diag_hi,
-                       kernel):
-    """Per-shard forward with K/V all-gathered once: one kernel call per local query chunk."""
+                       kernel, q_ids=None, kv_ids=None):
+    """Per-shard forward with K/V all-gathered once: one kernel call per local query chunk.
+    Segment ids as in ``ring_forward``."""
     k_full, v_full = _gather_natural(k, shards), _gather_natural(v, shards)
+    ids = _gathered_ids(q_ids, kv_ids, shards)
     device = lax.axis_index(shards.axis)
     b, _, hq, _ = q.shape
     q_parts = _split(q, shards.chunks, 1)
@@ -577,17 +624,19 @@ def all_gather_forward(q, k, v, *, shards: SeqShards, seqlen_q, seqlen_k, diag_l
     for i, qi in enumerate(q_parts):
         cases = _q_cases(shards, i, seqlen_q, seqlen_k, diag_lo, diag_hi)
         out, lse = _select(cases, 0, device,
-                           lambda band, qi=qi: kernel(qi, k_full, v_full, *band), empty) or empty()
+                           lambda band, qi=qi, i=i: kernel(qi, k_full, v_full, *band, *ids[i]),
+                           empty) or empty()
         outs.append(out)
         lses.append(lse)
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
 
 def all_gather_backward(q, k, v, out, lse, dout, dlse, *, shards: SeqShards, seqlen_q, seqlen_k,
-                        diag_lo, diag_hi, kernel):
+                        diag_lo, diag_hi, kernel, q_ids=None, kv_ids=None):
     """Per-shard backward of ``all_gather_forward``: dK/dV of the whole sequence are summed over
     the local chunks and reduce-scattered (in float32) back to their shards."""
     k_full, v_full = _gather_natural(k, shards), _gather_natural(v, shards)
+    ids = _gathered_ids(q_ids, kv_ids, shards)
     device = lax.axis_index(shards.axis)
     c = shards.chunks
     q_p, out_p, dout_p = (_split(x, c, 1) for x in (q, out, dout))
@@ -597,7 +646,8 @@ def all_gather_backward(q, k, v, out, lse, dout, dlse, *, shards: SeqShards, seq
     dv = jnp.zeros(v_full.shape, jnp.float32)
     for i in range(c):
         def call(band, i=i):
-            return kernel(q_p[i], k_full, v_full, out_p[i], lse_p[i], dout_p[i], dlse_p[i], *band)
+            return kernel(q_p[i], k_full, v_full, out_p[i], lse_p[i], dout_p[i], dlse_p[i], *band,
+                          *ids[i])
 
         def empty(i=i):
             return (jnp.zeros(q_p[i].shape, q.dtype), jnp.zeros(k_full.shape, k.dtype),

@@ -49,7 +49,7 @@ E4M3_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
 def scale_blocks(head_dim: int, head_dim_v: int) -> tuple[int, int]:
     """(query rows, keys) per FP8 scale block: the Hopper FP8 forward's (block_m, block_n) tile,
     so that its kernel applies one descale per tile. cpp/hopper/tile_size.h is the one place that
-    chooses them (e.g. (128, 128) at head_dim 128, (128, 96) at 256)."""
+    chooses them (e.g. (128, 128) at head_dims 64, 128 and 256)."""
     return _ffi.fwd_tile_size(head_dim, head_dim_v, fp8=True)
 
 

@@ -14,6 +14,11 @@ the same process:
   fa3_jax  fa3_jax.flash_attention
   cudnn    jax.nn.dot_product_attention(..., implementation="cudnn")
   xla      jax.nn.dot_product_attention(..., implementation="xla")
+  kvcache  fa3_jax.flash_attention_with_kvcache on a contiguous cache holding the same K/V
+           (capacity seqlen_k, every cache_seqlens entry seqlen_k, causal=False, no append)
+  pagedN   the same on a paged cache of N-token pages (N = 16, 64, 256; page table a random
+           permutation of the pool), read in place by the kernel (page sizes that are no
+           multiple of 16 would be gathered into a contiguous view first, inside the call)
 
 Timing: fa3_jax.timing.kernel_time_ms (CUPTI: the summed GPU time of every kernel a jitted call
 launches, split-KV's combine pass included; the median over --reps calls).
@@ -40,8 +45,10 @@ import fa3_jax
 from bench_attention import _failed
 from fa3_jax.timing import kernel_time_ms
 
-IMPLS = ("fa3_jax", "cudnn", "xla")
-LABELS = {"fa3_jax": "fa3_jax", "cudnn": "cuDNN", "xla": "XLA"}
+PAGE_SIZES = (16, 64, 256)
+IMPLS = ("fa3_jax", "cudnn", "xla", "kvcache") + tuple(f"paged{n}" for n in PAGE_SIZES)
+LABELS = dict({"fa3_jax": "fa3_jax", "cudnn": "cuDNN", "xla": "XLA", "kvcache": "cache"},
+              **{f"paged{n}": f"paged{n}" for n in PAGE_SIZES})
 # (batch, seqlen_k, seqlen_q)
 ROWS = ((8, 4096, 1), (8, 16384, 1), (8, 65536, 1), (1, 131072, 1), (64, 8192, 1),
         (8, 16384, 4), (8, 16384, 16))
@@ -58,6 +65,32 @@ def _attention(impl, q, k, v):
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
+def _cached(q, k_cache, v_cache, lengths, page_table=None):
+    return fa3_jax.flash_attention_with_kvcache(q, k_cache, v_cache, lengths,
+                                                page_table=page_table, causal=False)
+
+
+def _call_and_args(impl, q, k, v, seed):
+    """The jitted function and its arguments for one cell."""
+    batch, seqlen_k = k.shape[:2]
+    lengths = jnp.full((batch,), seqlen_k, jnp.int32)
+    if impl == "kvcache":
+        return jax.jit(_cached), (q, k, v, lengths)
+    if impl.startswith("paged"):
+        page = int(impl[len("paged"):])
+        if seqlen_k % page:
+            raise ValueError(f"seqlen_k {seqlen_k} is not a multiple of the page size {page}")
+        pages = batch * (seqlen_k // page)
+        perm = jax.random.permutation(jax.random.PRNGKey(seed), pages).astype(jnp.int32)
+        # Page perm[i] holds logical page i: row b's page j is logical page b * pages_per_row + j.
+        inv = jnp.argsort(perm)
+        k_pool = k.reshape((pages, page) + k.shape[2:])[inv]
+        v_pool = v.reshape((pages, page) + v.shape[2:])[inv]
+        table = perm.reshape(batch, seqlen_k // page)
+        return jax.jit(_cached), (q, k_pool, v_pool, lengths, table)
+    return jax.jit(partial(_attention, impl)), (q, k, v)
+
+
 def run(args):
     rows = []
     key = jax.random.PRNGKey(args.seed)
@@ -71,8 +104,9 @@ def run(args):
         for impl in args.impls:
             where = f"{batch}x{seqlen_k}x{seqlen_q}"
             try:
-                t = kernel_time_ms(jax.jit(partial(_attention, impl)), q, k, v,
-                                   warmup=args.warmup, reps=args.reps)
+                fn, call_args = _call_and_args(impl, q, k, v, args.seed)
+                t = kernel_time_ms(fn, *call_args, warmup=args.warmup, reps=args.reps)
+                del call_args
             except Exception as err:  # one failing cell must not end the sweep
                 results[impl] = _failed(impl, err, where)
                 continue
@@ -83,13 +117,15 @@ def run(args):
                    results=results)
         rows.append(row)
         if args.verbose:
-            print(format_row(row), flush=True)
+            print(format_row(row, args.impls), flush=True)
         del q, k, v
     return rows
 
 
-HEADER = (f"{'batch':>5} {'seqlen_k':>8} {'sq':>3} {'fa3_jax':>8} {'cuDNN':>8} {'XLA':>8} "
-          f"{'fa3/cuDNN':>9} {'fa3 ms':>8}")
+def header(impls):
+    cols = "".join(f" {LABELS[i]:>8}" for i in IMPLS if i in impls)
+    return (f"{'batch':>5} {'seqlen_k':>8} {'sq':>3}{cols} {'fa3/cuDNN':>9} {'cache/cuDNN':>11} "
+            f"{'fa3 ms':>8}")
 
 
 def _tbs(row, impl):
@@ -97,23 +133,26 @@ def _tbs(row, impl):
     return r["tb_per_s"] if r and r["status"] == "ok" else None
 
 
-def format_row(row):
-    cells = []
+def format_row(row, impls):
+    cells = ""
     for impl in IMPLS:
+        if impl not in impls:
+            continue
         r = row["results"].get(impl)
         # Significant digits below 0.1 TB/s, so CPU smoke runs still show a number.
-        cells.append("-" if r is None else r["status"] if r["status"] != "ok"
-                     else f"{r['tb_per_s']:.2f}" if r["tb_per_s"] >= 0.1
-                     else f"{r['tb_per_s']:.2g}")
-    a, b = _tbs(row, "fa3_jax"), _tbs(row, "cudnn")
-    ratio = "-" if a is None or b is None else f"{a / b:.3f}"
+        cell = ("-" if r is None else r["status"] if r["status"] != "ok"
+                else f"{r['tb_per_s']:.2f}" if r["tb_per_s"] >= 0.1 else f"{r['tb_per_s']:.2g}")
+        cells += f" {cell:>8}"
+    b = _tbs(row, "cudnn")
+    ratios = [("-" if a is None or b is None else f"{a / b:.3f}")
+              for a in (_tbs(row, "fa3_jax"), _tbs(row, "kvcache"))]
     fa3 = row["results"].get("fa3_jax")
     ms = f"{fa3['ms']:.4f}" if fa3 and fa3["status"] == "ok" else "-"
-    return (f"{row['batch']:>5} {row['seqlen_k']:>8} {row['seqlen_q']:>3} {cells[0]:>8} "
-            f"{cells[1]:>8} {cells[2]:>8} {ratio:>9} {ms:>8}")
+    return (f"{row['batch']:>5} {row['seqlen_k']:>8} {row['seqlen_q']:>3}{cells} "
+            f"{ratios[0]:>9} {ratios[1]:>11} {ms:>8}")
 
 
-def plot(rows, path, title):
+def plot(rows, path, title, impls):
     """Bars of TB/s per row, one colour per implementation."""
     try:
         import matplotlib
@@ -123,11 +162,13 @@ def plot(rows, path, title):
         print(f"matplotlib is not installed; no plot written to {path}", file=sys.stderr)
         return
     labels = [f"{r['batch']}x{r['seqlen_k'] // 1024}k\nsq {r['seqlen_q']}" for r in rows]
-    width = 0.8 / len(IMPLS)
+    shown = [i for i in IMPLS if i in impls]
+    width = 0.8 / len(shown)
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    for n, impl in enumerate(IMPLS):
+    for n, impl in enumerate(shown):
         vals = [_tbs(r, impl) or 0.0 for r in rows]
-        ax.bar([i + (n - 1) * width for i in range(len(rows))], vals, width, label=LABELS[impl])
+        ax.bar([i + (n - (len(shown) - 1) / 2) * width for i in range(len(rows))], vals, width,
+               label=LABELS[impl])
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("K/V read bandwidth (TB/s)")
     ax.set_title(title, fontsize=9)
@@ -177,9 +218,9 @@ def main(argv=None):
                       if r["status"] == "ok"})
     timing = ",".join(methods) or "none"
     print(f"\nK/V read bandwidth, TB/s (timing: {timing})")
-    print(HEADER)
+    print(header(args.impls))
     for row in rows:
-        print(format_row(row))
+        print(format_row(row, args.impls))
     title = (f"{device.device_kind}, bf16, heads {args.heads_q}/{args.heads_kv}, "
              f"hdim {args.head_dim} ({timing})")
     if args.out:
@@ -189,7 +230,7 @@ def main(argv=None):
                            heads_kv=args.heads_kv, head_dim=args.head_dim, reps=args.reps,
                            warmup=args.warmup, rows=rows), f, indent=1)
     if args.plot:
-        plot(rows, args.plot, title)
+        plot(rows, args.plot, title, args.impls)
     return 0
 
 

@@ -56,10 +56,12 @@ inline ffi::Error check_shape(const char* name, ffi::AnyBuffer::Dimensions got,
 
 // Fills the shape/dtype/pointer part of FwdParams from q, k, v and the scalar attributes. `fp8`:
 // q, k, v must be float8_e4m3fn (the FP8 target, which adds the descales: fill_fp8_descales);
-// otherwise float32, float16 or bfloat16.
+// otherwise float32, float16 or bfloat16. `paged`: k and v are a pool [num_pages, page_size,
+// heads_kv, dim] (their first dim is not the batch); seqlen_k is then page_size until
+// fill_paged sets it from the page table.
 inline ffi::Error fill_fwd(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                            float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
-                           FwdParams* p, bool fp8 = false) {
+                           FwdParams* p, bool fp8 = false, bool paged = false) {
   if (auto e = check_rank4("q", q); e.failure()) return e;
   if (auto e = check_rank4("k", k); e.failure()) return e;
   if (auto e = check_rank4("v", v); e.failure()) return e;
@@ -80,11 +82,13 @@ inline ffi::Error fill_fwd(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   p->seqlen_k = kd[1];
   p->heads_kv = kd[2];
   p->head_dim_v = vd[3];
-  if (auto e = check_shape("k", kd, {p->batch, p->seqlen_k, p->heads_kv, p->head_dim}); e.failure())
+  const int64_t kv_rows = paged ? kd[0] : p->batch;  // paged: num_pages
+  if (auto e = check_shape("k", kd, {kv_rows, p->seqlen_k, p->heads_kv, p->head_dim}); e.failure())
     return e;
-  if (auto e = check_shape("v", vd, {p->batch, p->seqlen_k, p->heads_kv, p->head_dim_v});
+  if (auto e = check_shape("v", vd, {kv_rows, p->seqlen_k, p->heads_kv, p->head_dim_v});
       e.failure())
     return e;
+  if (paged) p->num_pages = kv_rows;
   if (p->heads_kv <= 0 || p->heads_q % p->heads_kv != 0)
     return invalid("heads_q (" + std::to_string(p->heads_q) + ") must be a multiple of heads_kv (" +
                    std::to_string(p->heads_kv) + ")");
@@ -256,6 +260,35 @@ inline ffi::Error fill_varlen(ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k, int64_t 
   p->num_seqs = qd[1] - 1;
   p->max_seqlen_q = max_seqlen_q;
   p->max_seqlen_k = max_seqlen_k;
+  return ffi::Error::Success();
+}
+
+// KV cache (flash.h, "Used key lengths"): seqused_k int32 [batch], its values not checked here
+// (the kernels clamp them); num_splits >= 0 (0: the kernel's heuristic).
+inline ffi::Error fill_seqused(ffi::AnyBuffer seqused_k, int64_t num_splits, FwdParams* p) {
+  if (seqused_k.element_type() != ffi::DataType::S32) return invalid("seqused_k must be int32");
+  if (auto e = check_shape("seqused_k", seqused_k.dimensions(), {p->batch}); e.failure()) return e;
+  if (num_splits < 0)
+    return invalid("num_splits must be >= 0 (0: the heuristic), got " + std::to_string(num_splits));
+  p->seqused_k = static_cast<const int32_t*>(seqused_k.untyped_data());
+  p->num_splits = num_splits;
+  return ffi::Error::Success();
+}
+
+// Paged K/V (flash.h, "Paged"), after fill_fwd(..., paged = true): page_table int32
+// [batch, max_pages_per_seq >= 1]; its values are not checked here (the kernels treat an index
+// outside [0, num_pages) as a page of zeros).
+inline ffi::Error fill_paged(ffi::AnyBuffer page_table, FwdParams* p) {
+  if (page_table.element_type() != ffi::DataType::S32) return invalid("page_table must be int32");
+  auto d = page_table.dimensions();
+  if (d.size() != 2 || d[0] != p->batch || d[1] < 1)
+    return invalid("page_table has shape " + dims_str(d) + ", expected [" +
+                   std::to_string(p->batch) + ", max_pages_per_seq] with max_pages_per_seq >= 1");
+  if (p->num_pages < 1 || p->seqlen_k < 1)
+    return invalid("a paged cache needs num_pages >= 1 and page_size >= 1");
+  p->page_size = p->seqlen_k;
+  p->seqlen_k = d[1] * p->page_size;
+  p->page_table = static_cast<const int32_t*>(page_table.untyped_data());
   return ffi::Error::Success();
 }
 

@@ -37,6 +37,36 @@ ffi::Error fwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   return run_fwd_into(p, out, lse);
 }
 
+// KV cache: the dense forward over the first seqused_k[b] keys of each batch row (flash.h).
+// num_splits is bound for symmetry with the CUDA target; the CPU backend does not split.
+ffi::Error fwd_kvcache_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                           ffi::AnyBuffer seqused_k, ffi::Result<ffi::AnyBuffer> out,
+                           ffi::Result<ffi::AnyBuffer> lse, float softmax_scale, float softcap,
+                           int64_t diag_lo, int64_t diag_hi, int64_t num_splits) {
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
+    return e;
+  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
+  if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure()) return e;
+  return run_fwd_into(p, out, lse);
+}
+
+// The same over a paged cache (flash.h, "Paged"): k and v are the page pool.
+ffi::Error fwd_kvcache_paged_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                                 ffi::AnyBuffer seqused_k, ffi::AnyBuffer page_table,
+                                 ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                                 float softmax_scale, float softcap, int64_t diag_lo,
+                                 int64_t diag_hi, int64_t num_splits) {
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, false, true);
+      e.failure())
+    return e;
+  if (auto e = ffi_util::fill_paged(page_table, &p); e.failure()) return e;
+  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
+  if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure()) return e;
+  return run_fwd_into(p, out, lse);
+}
+
 // FP8 forward: float8_e4m3fn q, k, v with float32 descales (flash.h); out bfloat16.
 ffi::Error fwd_fp8_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::AnyBuffer descale_q, ffi::AnyBuffer descale_k,
@@ -145,6 +175,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // out [batch, seqlen_q, heads_q, head_dim_v]
         .Ret<xla::ffi::AnyBuffer>()  // lse [batch, heads_q, seqlen_q] float32
             FA3_JAX_MASK_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fwd_kvcache_cpu, fa3::fwd_kvcache_cpu,
+    xla::ffi::Ffi::Bind()
+        .Arg<xla::ffi::AnyBuffer>()  // q [batch, seqlen_q, heads_q, head_dim]
+        .Arg<xla::ffi::AnyBuffer>()  // k [batch, seqlen_k, heads_kv, head_dim] (the cache)
+        .Arg<xla::ffi::AnyBuffer>()  // v [batch, seqlen_k, heads_kv, head_dim_v]
+        .Arg<xla::ffi::AnyBuffer>()  // seqused_k int32 [batch]: keys used per batch row
+        .Ret<xla::ffi::AnyBuffer>()  // out [batch, seqlen_q, heads_q, head_dim_v]
+        .Ret<xla::ffi::AnyBuffer>()  // lse [batch, heads_q, seqlen_q] float32
+            FA3_JAX_MASK_ATTRS
+        .Attr<int64_t>("num_splits"));  // split-KV ranges (0: heuristic; CPU: unused)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fwd_kvcache_paged_cpu, fa3::fwd_kvcache_paged_cpu,
+    xla::ffi::Ffi::Bind()
+        .Arg<xla::ffi::AnyBuffer>()  // q [batch, seqlen_q, heads_q, head_dim]
+        .Arg<xla::ffi::AnyBuffer>()  // k pool [num_pages, page_size, heads_kv, head_dim]
+        .Arg<xla::ffi::AnyBuffer>()  // v pool [num_pages, page_size, heads_kv, head_dim_v]
+        .Arg<xla::ffi::AnyBuffer>()  // seqused_k int32 [batch]
+        .Arg<xla::ffi::AnyBuffer>()  // page_table int32 [batch, max_pages_per_seq]
+        .Ret<xla::ffi::AnyBuffer>()  // out
+        .Ret<xla::ffi::AnyBuffer>()  // lse
+            FA3_JAX_MASK_ATTRS
+        .Attr<int64_t>("num_splits"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     fa3_fwd_fp8_cpu, fa3::fwd_fp8_cpu,

@@ -161,6 +161,43 @@ ffi::Error fwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q
   return launch_fwd(stream, device, p, out, lse, workspace);
 }
 
+// KV cache: seqused_k stays on the device (the kernel clamps it, flash.h); only its shape is
+// checked here.
+ffi::Error fwd_kvcache_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+                            ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seqused_k,
+                            ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                            ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
+                            float softcap, int64_t diag_lo, int64_t diag_hi, int64_t num_splits) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
+    return e;
+  if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure()) return e;
+  return launch_fwd(stream, device, p, out, lse, workspace);
+}
+
+// Paged KV cache: the page table stays on the device too (out-of-range pages read as zeros).
+ffi::Error fwd_kvcache_paged_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+                                  ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seqused_k,
+                                  ffi::AnyBuffer page_table, ffi::Result<ffi::AnyBuffer> out,
+                                  ffi::Result<ffi::AnyBuffer> lse,
+                                  ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
+                                  float softcap, int64_t diag_lo, int64_t diag_hi,
+                                  int64_t num_splits) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  FwdParams p;
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, false, true);
+      e.failure())
+    return e;
+  if (auto e = ffi_util::fill_paged(page_table, &p); e.failure()) return e;
+  if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure()) return e;
+  return launch_fwd(stream, device, p, out, lse, workspace);
+}
+
 // Segment ids: the ids stay on the device (their values are the mask, not shapes); only their
 // shapes are checked here. max_seqlen_* are bound for symmetry with the CPU target and unused.
 ffi::Error fwd_segments_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
@@ -326,6 +363,39 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()                     // lse
         .Ret<xla::ffi::AnyBuffer>()                     // workspace (uint8, XLA-allocated)
             FA3_JAX_MASK_ATTRS,
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fwd_kvcache_cuda, fa3::fwd_kvcache_cuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // q
+        .Arg<xla::ffi::AnyBuffer>()  // k (the cache)
+        .Arg<xla::ffi::AnyBuffer>()  // v
+        .Arg<xla::ffi::AnyBuffer>()  // seqused_k int32 [batch]
+        .Ret<xla::ffi::AnyBuffer>()  // out
+        .Ret<xla::ffi::AnyBuffer>()  // lse
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
+            FA3_JAX_MASK_ATTRS
+        .Attr<int64_t>("num_splits"),  // split-KV ranges (0: heuristic)
+    {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    fa3_fwd_kvcache_paged_cuda, fa3::fwd_kvcache_paged_cuda,
+    xla::ffi::Ffi::Bind()
+        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+        .Ctx<xla::ffi::DeviceOrdinal>()
+        .Arg<xla::ffi::AnyBuffer>()  // q
+        .Arg<xla::ffi::AnyBuffer>()  // k pool [num_pages, page_size, heads_kv, head_dim]
+        .Arg<xla::ffi::AnyBuffer>()  // v pool
+        .Arg<xla::ffi::AnyBuffer>()  // seqused_k int32 [batch]
+        .Arg<xla::ffi::AnyBuffer>()  // page_table int32 [batch, max_pages_per_seq]
+        .Ret<xla::ffi::AnyBuffer>()  // out
+        .Ret<xla::ffi::AnyBuffer>()  // lse
+        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
+            FA3_JAX_MASK_ATTRS
+        .Attr<int64_t>("num_splits"),
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 // The packed targets (varlen: cu_seqlens int32 [batch, num_seqs + 1]; segment ids: int32

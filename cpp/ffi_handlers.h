@@ -14,6 +14,9 @@ XLA_FFI_Error* fa3_bwd_varlen_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_segments_cpu(XLA_FFI_CallFrame* call_frame);
 // FP8 forward and quantization (cpp/flash.h).
+// KV cache forward (cpp/flash.h, "Used key lengths").
+XLA_FFI_Error* fa3_fwd_kvcache_cpu(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_fwd_kvcache_paged_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_fp8_cpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fp8_quantize_cpu(XLA_FFI_CallFrame* call_frame);
 #ifdef FA3_JAX_WITH_CUDA
@@ -23,6 +26,8 @@ XLA_FFI_Error* fa3_fwd_varlen_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_varlen_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_segments_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_bwd_segments_cuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_fwd_kvcache_cuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* fa3_fwd_kvcache_paged_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fwd_fp8_cuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* fa3_fp8_quantize_cuda(XLA_FFI_CallFrame* call_frame);
 // Process totals of CUDA handler executions and of those made during stream capture.

@@ -34,6 +34,22 @@
 //    positions in the batch row. The Hopper workspace size depends on whether ids are given (not
 //    on their values); the kernels read the ids on the device (cpp/hopper/segments_sm90.h).
 //
+// Used key lengths (optional; FwdParams::seqused_k; forward only, dense layout, 16-bit or
+// float32; never with cu_seqlens or segment ids): batch row b attends to its first
+// len_b = seqused_k[b] keys only (clamped to [0, seqlen_k]; keys past it are never loaded), and
+// the band is bottom-right aligned to that length as for a varlen sequence: key j < len_b is
+// visible to query i iff diag_lo <= (j - i) - (len_b - seqlen_q) <= diag_hi. A row that sees no
+// key (len_b 0, or a causal row above the diagonal) gets out = 0, lse = -inf. This is the
+// contiguous KV cache of python/fa3_jax/kvcache.py (seqlen_k is the cache's capacity).
+// Paged (optional, with seqused_k; FwdParams::page_table): k and v are a pool of pages
+// [num_pages, page_size, heads_kv, head_dim(_v)] and seqlen_k = max_pages_per_seq * page_size;
+// key position j of batch row b lives in page page_table[b][j / page_size], row j % page_size.
+// A page index outside [0, num_pages) reads as zeros (keys and values 0: such positions still
+// take part in the softmax when inside len_b). The Hopper kernel needs page_size to be a
+// multiple of its block_n (cpp/hopper/tile_size.h): one TMA load per key block.
+// num_splits (any dense 16-bit forward on Hopper) asks for that many key ranges per tile (split-KV,
+// cpp/hopper/tile_size.h); 0 lets the kernel choose; the CPU backend ignores it.
+//
 // FP8 (dtype kFloat8E4M3; forward only; dense layout only): q, k, v hold float8_e4m3fn values and
 // the true value of an element is its stored value times its descale (float32, never null). out
 // is bfloat16; lse as above. Two descale forms:
@@ -96,6 +112,14 @@ struct FwdParams {
   // past max_seqlen_q (after clamping) are never read or written out of bounds, but their
   // outputs are left unwritten.
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  // Used key lengths (see the header comment); null for all seqlen_k keys. int32 [batch].
+  const int32_t* seqused_k = nullptr;
+  // Split-KV ranges per tile (see the header comment): 0 = the kernel's heuristic.
+  int64_t num_splits = 0;
+  // Paged K/V (see the header comment); null for the contiguous layout. int32
+  // [batch, seqlen_k / page_size]; k and v then hold num_pages pages of page_size rows.
+  const int32_t* page_table = nullptr;
+  int64_t page_size = 0, num_pages = 0;
   // Segment ids (see the header comment); null when unused. int32 [batch, seqlen_q] and
   // [batch, seqlen_k].
   const int32_t* q_segment_ids = nullptr;

@@ -50,7 +50,7 @@ NB_MODULE(_fa3_jax_ext, m) {
 #endif
     all["fa3_fwd"] = fwd;
     all["fa3_bwd"] = bwd;
-    // Packed sequences and FP8: CPU and CUDA (FP8: forward only).
+    // Packed sequences, the KV cache and FP8: CPU and CUDA (KV cache, FP8: forward only).
     // {name, CPU handler, CUDA handler or null}.
     struct Packed {
       const char* name;
@@ -60,6 +60,8 @@ NB_MODULE(_fa3_jax_ext, m) {
 #ifdef FA3_JAX_WITH_CUDA
     void* const fwd_varlen_cuda = reinterpret_cast<void*>(fa3_fwd_varlen_cuda);
     void* const bwd_varlen_cuda = reinterpret_cast<void*>(fa3_bwd_varlen_cuda);
+    void* const fwd_kvcache_cuda = reinterpret_cast<void*>(fa3_fwd_kvcache_cuda);
+    void* const fwd_kvcache_paged_cuda = reinterpret_cast<void*>(fa3_fwd_kvcache_paged_cuda);
     void* const fwd_fp8_cuda = reinterpret_cast<void*>(fa3_fwd_fp8_cuda);
     void* const fwd_segments_cuda = reinterpret_cast<void*>(fa3_fwd_segments_cuda);
     void* const bwd_segments_cuda = reinterpret_cast<void*>(fa3_bwd_segments_cuda);
@@ -67,6 +69,8 @@ NB_MODULE(_fa3_jax_ext, m) {
 #else
     void* const fwd_varlen_cuda = nullptr;
     void* const bwd_varlen_cuda = nullptr;
+    void* const fwd_kvcache_cuda = nullptr;
+    void* const fwd_kvcache_paged_cuda = nullptr;
     void* const fwd_fp8_cuda = nullptr;
     void* const fwd_segments_cuda = nullptr;
     void* const bwd_segments_cuda = nullptr;
@@ -77,6 +81,9 @@ NB_MODULE(_fa3_jax_ext, m) {
         {"fa3_bwd_varlen", reinterpret_cast<void*>(fa3_bwd_varlen_cpu), bwd_varlen_cuda},
         {"fa3_fwd_segments", reinterpret_cast<void*>(fa3_fwd_segments_cpu), fwd_segments_cuda},
         {"fa3_bwd_segments", reinterpret_cast<void*>(fa3_bwd_segments_cpu), bwd_segments_cuda},
+        {"fa3_fwd_kvcache", reinterpret_cast<void*>(fa3_fwd_kvcache_cpu), fwd_kvcache_cuda},
+        {"fa3_fwd_kvcache_paged", reinterpret_cast<void*>(fa3_fwd_kvcache_paged_cpu),
+         fwd_kvcache_paged_cuda},
         {"fa3_fwd_fp8", reinterpret_cast<void*>(fa3_fwd_fp8_cpu), fwd_fp8_cuda},
         {"fa3_fp8_quantize", reinterpret_cast<void*>(fa3_fp8_quantize_cpu), fp8_quantize_cuda}};
     for (const Packed& e : packed) {
@@ -96,16 +103,23 @@ NB_MODULE(_fa3_jax_ext, m) {
         return nb::make_tuple(t.block_m, t.block_n);
       },
       nb::arg("head_dim"), nb::arg("head_dim_v"), nb::arg("fp8") = false);
+  // Rows per page piece of the Hopper forward's paged KV cache: page sizes it reads in place are
+  // multiples of it (cpp/hopper/tile_size.h, kFwdPageRows).
+  m.attr("fwd_page_rows") = fa3::sm90::kFwdPageRows;
 #ifdef FA3_JAX_WITH_CUDA
   // Bytes of the uint8 workspace result the CUDA custom calls take (XLA allocates it).
   // num_seqs: sequences per batch row of a varlen call (0: dense). segments: a segment-id call
-  // (the size depends on whether ids are given, not on their values).
+  // (the size depends on whether ids are given, not on their values). seqused: a KV-cache call
+  // (fa3_fwd_kvcache) with num_splits (0: heuristic).
   m.def(
       "sm90_fwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
-         int64_t num_seqs, bool fp8, bool segments) {
+         int64_t num_seqs, bool fp8, bool segments, bool seqused, int64_t num_splits) {
         fa3::BwdParams p = shape_params(b, sq, sk, hq, hkv, d, dv, false);
         p.num_seqs = num_seqs;
+        static const int32_t kUsed = 0;
+        if (seqused) p.seqused_k = &kUsed;
+        p.num_splits = num_splits;
         if (fp8) p.dtype = fa3::DType::kFloat8E4M3;  // never split: the counter only
         static const int32_t kGiven = 0;
         if (segments) p.q_segment_ids = p.kv_segment_ids = &kGiven;
@@ -113,7 +127,7 @@ NB_MODULE(_fa3_jax_ext, m) {
       },
       nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
       nb::arg("dv"), nb::arg("num_seqs") = 0, nb::arg("fp8") = false,
-      nb::arg("segments") = false);
+      nb::arg("segments") = false, nb::arg("seqused") = false, nb::arg("num_splits") = 0);
   m.def(
       "sm90_bwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,

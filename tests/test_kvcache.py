@@ -124,14 +124,16 @@ def _call(q, k_cache, v_cache, lengths, k_new, v_new, page_table, kw):
 
 
 def check(lengths, *, hq=4, hkv=2, d=32, dv=24, sq=1, seqlen_new=1, page_size=0,
-          dtype=jnp.float32, atol=2e-5, lse_atol=1e-4, **kw):
+          dtype=jnp.float32, atol=2e-5, lse_atol=1e-4, capacity=CAPACITY, num_splits=0, **kw):
     lengths = jnp.asarray(lengths, jnp.int32)
     b = lengths.shape[0]
-    k_cache, v_cache, page_table = make_cache(lengths, hkv, d, dv, page_size, dtype=dtype)
+    k_cache, v_cache, page_table = make_cache(lengths, hkv, d, dv, page_size, capacity=capacity,
+                                              dtype=dtype)
     q = normal((b, sq, hq, d), dtype)
     k_new = normal((b, seqlen_new, hkv, d), dtype) if seqlen_new else None
     v_new = normal((b, seqlen_new, hkv, dv), dtype) if seqlen_new else None
-    res = _call(q, k_cache, v_cache, lengths, k_new, v_new, page_table, tuple(sorted(kw.items())))
+    res = _call(q, k_cache, v_cache, lengths, k_new, v_new, page_table,
+                tuple(sorted(dict(kw, num_splits=num_splits).items())))
     out, lse = res[:2]
     kc, vc, total = ref_append(k_cache, v_cache, lengths, k_new, v_new, page_table)
     if seqlen_new:
@@ -178,6 +180,8 @@ def test_contiguous(sq, seqlen_new, heads, kw):
     (64, 1, 0, "window"),
     (256, 1, 7, "full"),
     (256, 4, 1, "causal"),
+    (8, 1, 1, "causal"),     # no multiple of 16: the gathered view
+    (24, 4, 7, "window"),
 ])
 def test_paged(page_size, sq, seqlen_new, kw):
     check(ODD, page_size=page_size, sq=sq, seqlen_new=seqlen_new, **KW[kw])
@@ -200,7 +204,7 @@ def test_empty_caches():
     assert np.isneginf(lse[2, :, 0]).all() and np.isfinite(lse[2, :, 1:]).all()
 
 
-@pytest.mark.parametrize("page_size", [0, 16])
+@pytest.mark.parametrize("page_size", [0, 8, 16, 128])  # 8: through the gathered view
 def test_bad_metadata_stays_in_bounds(page_size):
     """cache_seqlens outside [0, capacity - seqlen_new] are clamped; page indices outside
     [0, num_pages) read zeros and drop writes. The reference applies the same policy, and the
@@ -234,9 +238,84 @@ def test_bad_metadata_stays_in_bounds(page_size):
 @pytest.mark.parametrize("page_size,seqlen_new,sq", [(0, 1, 1), (0, 7, 4), (64, 1, 1),
                                                      (256, 7, 4)])
 def test_gpu_bf16(page_size, seqlen_new, sq):
-    """On a Hopper GPU (the default device): the varlen kernels in the padded layout."""
+    """On a Hopper GPU (the default device): the split-KV kernel over the cache (seqused_k)."""
     check(ODD, hq=8, hkv=2, d=128, dv=128, sq=sq, seqlen_new=seqlen_new, page_size=page_size,
           dtype=jnp.bfloat16, atol=2e-2, lse_atol=2e-2)
+
+
+LONG = [0, 1, 7, 113, 1000, 4097]  # cache_seqlens, up to past 4k
+LONG_CAPACITY = 4112               # room for 4097 + 7 new tokens (and garbage past each length)
+
+
+def test_long_rows_cpu():
+    """The CPU backend on the long lengths (num_splits is accepted and ignored there)."""
+    check(LONG, hq=4, hkv=1, d=32, dv=32, sq=7, seqlen_new=7, capacity=LONG_CAPACITY,
+          num_splits=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("heads,sq,seqlen_new,kw", [
+    ((8, 2), 1, 1, "causal"),          # GQA, one query: packed group
+    ((8, 1), 1, 7, "full"),            # MQA, 7 appended, packed
+    ((8, 2), 7, 7, "window"),          # 7 queries, window: unpacked
+    ((4, 4), 1, 1, "window_softcap"),  # MHA, window and softcap
+])
+def test_gpu_split_kv(num_splits, heads, sq, seqlen_new, kw):
+    """Hopper split-KV over the cache: forced 1 and 3 splits and the heuristic, lengths 0 to
+    4097 in one batch (empty rows: out 0, lse -inf), GQA packing where it applies."""
+    check(LONG, hq=heads[0], hkv=heads[1], d=128, dv=128, sq=sq, seqlen_new=seqlen_new,
+          capacity=LONG_CAPACITY, num_splits=num_splits, dtype=jnp.bfloat16, atol=2e-2,
+          lse_atol=2e-2, **KW[kw])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("page_size,heads,sq,seqlen_new,kw", [
+    (128, (8, 2), 1, 1, "causal"),       # pages of one key block, packed GQA
+    (256, (8, 1), 7, 7, "window"),       # two blocks a page, unpacked
+    (16, (8, 2), 1, 7, "full"),          # 8 pages a block: one 16-row box each
+    (64, (4, 4), 4, 1, "window_softcap"),
+])
+def test_gpu_paged_kernel(num_splits, page_size, heads, sq, seqlen_new, kw):
+    """Hopper reading the pages itself (page_size a multiple of 16: whole blocks, or 16-row boxes
+    for smaller pages): shuffled pages, lengths 0 to 4097, forced splits."""
+    check(LONG, hq=heads[0], hkv=heads[1], d=128, dv=128, sq=sq, seqlen_new=seqlen_new,
+          page_size=page_size, capacity=4352, num_splits=num_splits, dtype=jnp.bfloat16,
+          atol=2e-2, lse_atol=2e-2, **KW[kw])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [16, 128])
+def test_gpu_paged_bad_pages(page_size):
+    """Page indices outside the pool read as zeros on the kernel path too (TMA zero fill), and
+    nothing is read or written out of bounds; the reference applies the same policy."""
+    lengths = jnp.asarray([300, 1000, 5, 700], jnp.int32)
+    k_cache, v_cache, table = make_cache(lengths, 2, 128, 128, page_size, dtype=jnp.bfloat16)
+    bad = np.array(table)
+    bad[0, 1] = -1
+    bad[1, 3] = k_cache.shape[0]
+    bad[1, 5] = 2 ** 31 - 1
+    bad[3, 0] = -(2 ** 31)
+    bad = jnp.asarray(bad)
+    q = normal((4, 1, 8, 128), jnp.bfloat16)
+    for n in (0, 3):
+        out, lse = _call(q, k_cache, v_cache, lengths, None, None, bad,
+                         (("num_splits", n),))
+        ref, ref_lse = ref_attention(q, ref_view(k_cache, bad), ref_view(v_cache, bad), lengths)
+        out = np.asarray(jnp.asarray(out, jnp.float32))
+        assert not np.isnan(out).any()
+        assert np.max(np.abs(out - ref)) <= 2e-2
+        assert np.max(np.abs(np.asarray(lse) - ref_lse)) <= 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_empty_caches():
+    """Every row empty, no append: out 0 and lse -inf, never NaN (all splits empty)."""
+    for n in (0, 3):
+        out, lse = check([0, 0, 0], hq=8, hkv=2, d=128, dv=128, seqlen_new=0, num_splits=n,
+                         dtype=jnp.bfloat16, atol=0, lse_atol=0)
+        assert (out == 0).all() and np.isneginf(lse).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +372,32 @@ def test_jit_traced_lengths_and_vmap():
                                        atol=1e-6)
 
 
+def test_vmap_paged_pool():
+    """vmap over calls on a paged cache whose pages the kernel reads (page_size 128): a mapped
+    pool (each instance its own) and a shared one; an index outside the pool stays outside."""
+    lengths = jnp.array([3, 200], jnp.int32)
+    k_cache, v_cache, table = make_cache(lengths, 2, 16, 16, page_size=128, capacity=256,
+                                         spare_pages=1)
+    table = table.at[1, 1].set(-3)  # row 1's keys 128..199 read as zeros
+    q = normal((2, 1, 4, 16))
+    f = jax.jit(lambda q, kc, vc, pt: fa3_jax.flash_attention_with_kvcache(
+        q, kc, vc, lengths, page_table=pt, return_lse=True))
+    qs, tables = jnp.stack([q, -q]), jnp.stack([table, table[::-1]])
+    mapped = jax.vmap(f)(qs, jnp.stack([k_cache, 2 * k_cache]), jnp.stack([v_cache, 2 * v_cache]),
+                         tables)
+    shared = jax.vmap(f, in_axes=(0, None, None, 0))(qs, k_cache, v_cache, tables)
+    for i, scale in enumerate((1, 2)):
+        for outs, s in ((mapped, scale), (shared, 1)):
+            one = f(qs[i], k_cache * s, v_cache * s, tables[i])
+            for got, want in zip(outs, one):
+                np.testing.assert_allclose(np.asarray(got[i]), np.asarray(want), rtol=1e-6,
+                                           atol=1e-6)
+    out, lse = f(q, k_cache, v_cache, table)
+    ref, ref_lse = ref_attention(q, ref_view(k_cache, table), ref_view(v_cache, table), lengths)
+    assert np.max(np.abs(np.asarray(out) - ref)) <= 2e-5
+    assert np.max(np.abs(np.asarray(lse) - ref_lse)) <= 1e-4
+
+
 def _collective_sizes(text):
     """Element counts of the results of every collective in compiled HLO text."""
     sizes = []
@@ -302,7 +407,7 @@ def _collective_sizes(text):
     return sizes
 
 
-@pytest.mark.parametrize("page_size", [0, 16])
+@pytest.mark.parametrize("page_size", [0, 16, 128])
 def test_batch_head_sharding_stays_local(page_size):
     """Batch and heads sharded over a 4 x 2 mesh: the same results, and no collective moves any
     cache. A contiguous cache (sharded like q) needs none at all; a paged pool is shared by the

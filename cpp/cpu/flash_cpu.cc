@@ -270,8 +270,17 @@ struct Geometry {
         descale_k(p.descale_k), descale_v(p.descale_v), block_q(p.descale_block_q),
         block_k(p.descale_block_k),
         nblk_q(block_q > 0 ? (p.seqlen_q + block_q - 1) / block_q : 1),
-        nblk_k(block_k > 0 ? (p.seqlen_k + block_k - 1) / block_k : 1) {
+        nblk_k(block_k > 0 ? (p.seqlen_k + block_k - 1) / block_k : 1),
+        page_table(p.page_table), page_size(p.page_size), num_pages(p.num_pages) {
     for (int64_t b = 0; b < batch; ++b) {
+      if (p.seqused_k) {
+        // The first nk keys, the band bottom-right aligned to them (flash.h).
+        const int64_t nk = std::min<int64_t>(std::max<int64_t>(p.seqused_k[b], 0), sk);
+        seqs.push_back({b * sq, sq, b * sk, nk, b * hq * sq,
+                        clamp_diag(p.diag_lo + (nk - sq), sq, nk),
+                        clamp_diag(p.diag_hi + (nk - sq), sq, nk)});
+        continue;
+      }
       if (!p.cu_seqlens_q) {
         seqs.push_back({b * sq, sq, b * sk, sk, b * hq * sq, clamp_diag(p.diag_lo, sq, sk),
                         clamp_diag(p.diag_hi, sq, sk)});
@@ -310,6 +319,18 @@ struct Geometry {
     if (!d) return 1.f;
     const int64_t b = row / sk, pos = row - b * sk;
     return block_k > 0 ? d[(b * hkv + hk) * nblk_k + pos / block_k] : d[b * hkv + hk];
+  }
+
+  // The row of k/v that holds key row `key` of the flattened [batch * seqlen_k] axis: itself,
+  // or with a page table (flash.h, "Paged") its slot in the pool; -1 for a page index outside
+  // [0, num_pages) (the key and value then read as zeros).
+  const int32_t* page_table;
+  int64_t page_size, num_pages;
+  int64_t kv_row(int64_t key) const {
+    if (!page_table) return key;
+    const int64_t b = key / sk, pos = key - b * sk, pages = sk / page_size;
+    const int64_t page = page_table[b * pages + pos / page_size];
+    return page >= 0 && page < num_pages ? page * page_size + pos % page_size : -1;
   }
 
   // Keys of sequence q that are visible to at least one query row in [i0, i1): [first, second).
@@ -406,7 +427,12 @@ void fwd_item(const FwdParams& p, const Geometry& g, int64_t item, Tiles& w) {
     if (g.segments && !qids.meets(load_ids(p.kv_segment_ids + sq.k0 + j0, nk, w.kseg.data())))
       continue;  // no id in common: every score of the tile is masked
     for (int c = 0; c < nk; ++c) {
-      const int64_t key = sq.k0 + j0 + c, row = key * g.hkv + hk;
+      const int64_t key = sq.k0 + j0 + c, slot = g.kv_row(key), row = slot * g.hkv + hk;
+      if (slot < 0) {  // a page outside the pool: zeros
+        for (int i = 0; i < g.d; ++i) w.kt[int64_t(i) * kBk + c] = 0.f;
+        std::fill(&w.v[c * g.dvp], &w.v[c * g.dvp] + g.dv, 0.f);
+        continue;
+      }
       load_col<E>(k + row * g.d, g.d, &w.kt[c], kBk, g.kv_descale(g.descale_k, key, hk));
       load_row<E>(v + row * g.dv, g.dv, &w.v[c * g.dvp], g.kv_descale(g.descale_v, key, hk));
     }

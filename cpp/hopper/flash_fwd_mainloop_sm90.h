@@ -71,8 +71,59 @@ struct FwdMainloop {
     Tensor tVgV = get<0>(tV);  // (TMA, n_blocks)
     Tensor tVsV = get<1>(tV);  // (TMA, PIPE)
 
+    // Paged K/V (kSplit only): key block n is block n % page_blocks of the page the table names
+    // (page_blocks > 0), or kBlockN / kPageRows boxes, box r from the page of its first key.
+    // A page index outside the pool becomes num_pages, a box wholly outside the tensor, which
+    // the TMA unit fills with zeros (flash.h: such pages read as zeros); so do boxes past the
+    // row's last page (the last block of a capacity that is no multiple of kBlockN).
+    auto page_at = [&](int index) {
+      int const num_pages = get<3>(p.shape_k);
+      if (index >= p.page_table_stride) return num_pages;
+      int const page = __ldg(p.page_table + int64_t(t.batch) * p.page_table_stride + index);
+      return page >= 0 && page < num_pages ? page : num_pages;
+    };
+    auto page_of = [&](int n) { return page_at(n / p.page_blocks); };
+    constexpr int kRows = Traits::kPageRows;
+    // One block as kBlockN / kRows boxes of kRows rows, each from its page (pages < kBlockN).
+    // The page indices are all loaded before the first box is issued: one after the other, each
+    // load's latency stalled the issue (16-row boxes at 1.6-1.8 TB/s, H200, 2026-11-22).
+    auto load_boxes = [&](auto const& tma, auto const& shape, auto const& s_stage, int n,
+                          uint64_t* bar, int h) {
+      using Box = Shape<Int<kRows>, decltype(size<1>(s_stage))>;  // (kRows, D)
+      Tensor s_boxes = local_tile(s_stage, Box{}, make_coord(_, _0{}));  // (kRows, D, kBlockN / kRows)
+      constexpr int kBoxes = kBlockN / kRows;
+      int pages[kBoxes];
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kBoxes; ++r) pages[r] = page_at((n * kBlockN + r * kRows) / p.page_size);
+      CUTLASS_PRAGMA_UNROLL
+      for (int r = 0; r < kBoxes; ++r) {
+        int const key = n * kBlockN + r * kRows;
+        Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, h, pages[r]), Box{},
+                              make_coord(_, _0{}));  // (kRows, D, page_size / kRows)
+        auto [tg, ts] = tma_partition(tma, _0{}, Layout<_1>{}, group_modes<0, 2>(s_boxes),
+                                      group_modes<0, 2>(g));
+        copy(tma.with(*bar, 0), tg(_, (key % p.page_size) / kRows), ts(_, r));
+      }
+    };
     auto load_k = [&](int n) {
       pipe_k.producer_acquire(write);
+      if constexpr (Traits::kSplit) {
+        if (p.page_table && p.page_blocks == 0) {
+          load_boxes(p.tma_k_page, p.shape_k, sK(_, _, write.index()), n,
+                     pipe_k.producer_get_barrier(write), h_kv);
+          return;
+        }
+        if (p.page_table) {
+          Tensor gKp = local_tile(p.tma_k.get_tma_tensor(p.shape_k)(_, _, h_kv, page_of(n)),
+                                  select<1, 2>(typename Traits::TileShapeQK{}),
+                                  make_coord(_, _0{}));  // (N, D, page_blocks)
+          auto tKp = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
+                                   group_modes<0, 2>(gKp));
+          copy(p.tma_k.with(*pipe_k.producer_get_barrier(write), 0),
+               get<0>(tKp)(_, n % p.page_blocks), tKsK(_, write.index()));
+          return;
+        }
+      }
       copy(p.tma_k.with(*pipe_k.producer_get_barrier(write), 0), tKgK(_, n),
            tKsK(_, write.index()));
     };
@@ -83,6 +134,23 @@ struct FwdMainloop {
       PipelineState const st(wrap ? Traits::kStages - 1 : write.index() - 1,
                              wrap ? write.phase() ^ 1 : write.phase(), 0);
       pipe_v.producer_acquire(st);
+      if constexpr (Traits::kSplit) {
+        if (p.page_table && p.page_blocks == 0) {
+          load_boxes(p.tma_v_page, p.shape_v, sV(_, _, st.index()), n,
+                     pipe_v.producer_get_barrier(st), h_kv);
+          return;
+        }
+        if (p.page_table) {
+          Tensor gVp = local_tile(p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, page_of(n)),
+                                  typename Traits::TileShapeVLoad{},
+                                  make_coord(_, _0{}));  // (N, Dv, page_blocks)
+          auto tVp = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
+                                   group_modes<0, 2>(gVp));
+          copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0),
+               get<0>(tVp)(_, n % p.page_blocks), tVsV(_, st.index()));
+          return;
+        }
+      }
       copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
     };
 

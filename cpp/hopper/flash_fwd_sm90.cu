@@ -41,6 +41,9 @@ using namespace cute;
 // them (diag_lo <= 0 and diag_hi >= seqlen_k - 1: no window cuts the keys; bottom-right causal
 // with seqlen_q 1 is such a case), since the kernel's band would otherwise mask the packed rows
 // as if they were different query positions.
+// With seqused_k (a KV cache) the band is relative to each row's own diagonal len_b - 1, so the
+// one query row sees all len_b keys for every len_b <= seqlen_k iff diag_lo <= -(seqlen_k - 1)
+// and diag_hi >= 0 (causal without a window); windowed cache calls run unpacked (still split).
 // Varlen and segment-id calls are never packed (nor split) yet.
 // FP8 calls are never packed (nor split): the per-block descales are per query head (flash.h).
 bool packable_gqa_shape(FwdParams const& p) {
@@ -48,7 +51,9 @@ bool packable_gqa_shape(FwdParams const& p) {
          p.dtype != DType::kFloat8E4M3;
 }
 bool pack_gqa(FwdParams const& p) {
-  return packable_gqa_shape(p) && p.diag_lo <= 0 && p.diag_hi >= p.seqlen_k - 1;
+  if (!packable_gqa_shape(p)) return false;
+  if (p.seqused_k) return p.diag_lo <= -(p.seqlen_k - 1) && p.diag_hi >= 0;
+  return p.diag_lo <= 0 && p.diag_hi >= p.seqlen_k - 1;
 }
 
 // The grid as the kernel sees it: query rows and heads per tile coordinates, and the split.
@@ -80,15 +85,22 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
   plan.num_m_blocks = (plan.seqlen_q + ts.block_m - 1) / ts.block_m;
   plan.num_tiles_unsplit = plan.num_m_blocks * plan.heads * int(p.batch);
   int const num_n_blocks = int((p.seqlen_k + ts.block_n - 1) / ts.block_n);
-  int const forced = forced_num_splits();
+  // The caller's count (FwdParams::num_splits, the KV cache's num_splits), else the test hook,
+  // else the heuristic; at most kMaxSplits. A KV-cache call sizes the split by seqlen_k, the
+  // cache's capacity (its lengths live on the device).
+  int const forced = p.num_splits > 0
+                         ? int(std::min<int64_t>(p.num_splits, sm90::kMaxSplits))
+                         : forced_num_splits();
   plan.num_splits =
       p.num_seqs > 0 || p.q_segment_ids || fp8 ? 1
       : forced > 0          ? forced
                             : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
   // The wide tile has the default tile's block_m, so the tile count and split rule agree. Dense
-  // calls only (not varlen, segment ids, split or packed), with the band covering every key.
+  // calls only (not varlen, segment ids, KV cache, split or packed), with the band covering
+  // every key.
   bool const full_band = p.diag_lo <= -(p.seqlen_q - 1) && p.diag_hi >= p.seqlen_k - 1;
   plan.wide = !packed && plan.num_splits == 1 && p.num_seqs == 0 && !p.q_segment_ids &&
+              !p.seqused_k &&
               sm90::fwd_use_wide_tile(int(p.head_dim), int(p.head_dim_v), fp8, full_band,
                                       p.seqlen_k);
   return plan;
@@ -111,7 +123,7 @@ size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
   }
   if (p.dtype == DType::kFloat8E4M3)
     return kCounterBytes + sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v);
-  if (plan.num_splits <= 1) return kCounterBytes;
+  if (plan.num_splits <= 1 && !p.seqused_k) return kCounterBytes;  // seqused_k: always kSplit
   return kCounterBytes + partial_lse_bytes(p, plan) +
          size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
              sizeof(float);
@@ -142,9 +154,19 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   // TMA boxes need non-empty tensors; with seqlen_k == 0 every tile is empty and none loads.
   int const sk_tma = std::max(sk, 1);
 
+  // Paged (kSplit only, sm90_supports_fwd): K/V are the pool, (page_size, d, hkv, num_pages), and
+  // the producer picks the page of each key block (FwdMainloop::load).
+  bool const paged = p.page_table != nullptr;
+  int const kv_rows = paged ? int(p.page_size) : sk_tma;
+  int const kv_batch = paged ? int(p.num_pages) : b;
+
   typename Traits::Params kp;
   kp.shape_q = ShapeQKV(sq, kHeadDim, h, b);
-  kp.shape_k = ShapeQKV(sk_tma, kHeadDim, hkv, b);
+  kp.shape_k = ShapeQKV(kv_rows, kHeadDim, hkv, kv_batch);
+  kp.page_table = p.page_table;
+  kp.page_table_stride = paged ? int(p.seqlen_k / p.page_size) : 0;
+  kp.page_size = paged ? int(p.page_size) : 0;
+  kp.page_blocks = paged && p.page_size % ts.block_n == 0 ? int(p.page_size / ts.block_n) : 0;
   // FP8 reads vt [b, hkv, dv, sk16] (fp8_vt_sm90.h), written here into the workspace: rows of
   // keys, the TMA's 16-byte row stride alignment being one reason sk16 is seqlen_k rounded up to
   // 16. (sk_vt is at least 16: with seqlen_k 0 no tile loads, but the descriptor needs a shape.)
@@ -158,7 +180,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     v_ptr = vt;
   }
   kp.shape_v = kFp8 ? ShapeQKV(kHeadDimV, sk_vt, hkv, b)
-                    : ShapeQKV(sk_tma, kHeadDimV, hkv, b);
+                    : ShapeQKV(kv_rows, kHeadDimV, hkv, kv_batch);
   // Q [b, seqlen_q, hq, d]; packed (seqlen_q 1): row r of head h_kv is query head h_kv * group + r.
   StrideQKV const stride_q =
       plan.packed ? StrideQKV(int64_t(kHeadDim), _1{}, int64_t(group) * kHeadDim,
@@ -166,12 +188,12 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
                   : StrideQKV(int64_t(hq) * kHeadDim, _1{}, int64_t(kHeadDim),
                               int64_t(sq) * hq * kHeadDim);
   StrideQKV const stride_k(int64_t(hkv) * kHeadDim, _1{}, int64_t(kHeadDim),
-                           int64_t(sk) * hkv * kHeadDim);
+                           int64_t(paged ? kv_rows : sk) * hkv * kHeadDim);
   StrideQKV const stride_v =
       kFp8 ? StrideQKV(int64_t(sk_vt), _1{}, int64_t(kHeadDimV) * sk_vt,
                        int64_t(hkv) * kHeadDimV * sk_vt)
            : StrideQKV(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
-                       int64_t(sk) * hkv * kHeadDimV);
+                       int64_t(paged ? kv_rows : sk) * hkv * kHeadDimV);
   auto gmem = [](const void* ptr) { return make_gmem_ptr(static_cast<Element const*>(ptr)); };
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.q), kp.shape_q, stride_q),
                            typename Traits::SmemLayoutQ{},
@@ -182,9 +204,21 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(v_ptr), kp.shape_v, stride_v),
                            take<0, 2>(typename Traits::SmemLayoutVLoad{}),
                            typename Traits::TileShapeVLoad{}, _1{});
+  if constexpr (kSplit) {
+    if (paged && kp.page_blocks == 0) {
+      constexpr int kRows = Traits::kPageRows;
+      kp.tma_k_page = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.k), kp.shape_k, stride_k),
+                                    typename Traits::SmemLayoutKPage{},
+                                    Shape<Int<kRows>, Int<kHeadDim>>{}, _1{});
+      kp.tma_v_page = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.v), kp.shape_v, stride_v),
+                                    typename Traits::SmemLayoutVPage{},
+                                    Shape<Int<kRows>, Int<kHeadDimV>>{}, _1{});
+    }
+  }
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
-  // Packed rows all see every key (pack_gqa), which the unbounded band says.
+  // Packed rows all see every key (pack_gqa), which the unbounded band says. With seqused_k the
+  // tiles take their band from kp.varlen's diag_lo / diag_hi instead (Params::locate).
   int64_t const lo = plan.packed ? -int64_t(sq) : std::clamp<int64_t>(p.diag_lo, -int64_t(sq), int64_t(sk));
   int64_t const hi = plan.packed ? int64_t(sk) : std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
   kp.mask = {};  // segment fields (SegmentBandMask) are per tile: Params::locate
@@ -192,6 +226,15 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.mask.seqlen_k = sk;
   kp.mask.diag_lo = int(lo);
   kp.mask.diag_hi = int(hi);
+  kp.seqused_k = p.seqused_k;
+  if (p.seqused_k) {
+    // Relative to each row's bottom-right diagonal, pre-clamped to +-(sq + sk) (< 2^31 by
+    // sm90_supports_fwd) as for varlen (sm90::varlen_diag); packed: unbounded, so that every
+    // packed row sees all len_b keys.
+    int64_t const far = int64_t(sq) + sk;
+    kp.varlen.diag_lo = plan.packed ? int(-far) : int(std::clamp<int64_t>(p.diag_lo, -far, far));
+    kp.varlen.diag_hi = plan.packed ? int(far) : int(std::clamp<int64_t>(p.diag_hi, -far, far));
+  }
 
   // Varlen: tiles are (m_block, head, (batch row, sequence)); the grid covers the longest
   // sequence the caller promises (max_seqlen_q), and each tile finds its sequence on the device.
@@ -345,7 +388,7 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
         return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense, true>(
             p, plan, workspace, stream);
     }
-    return plan.num_splits > 1
+    return plan.num_splits > 1 || p.seqused_k
                ? launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit>(p, plan,
                                                                                 workspace, stream)
                : launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense>(p, plan,
@@ -440,6 +483,16 @@ bool sm90_supports_fwd(const FwdParams& p) {
   int64_t const kMax = int64_t(1) << 30;
   // Segment ids: 16-bit only (FP8 returned above); the prepare grids' y is the batch.
   if (p.q_segment_ids && (p.cu_seqlens_q || p.batch > 65535)) return false;
+  // seqused_k: the dense 16-bit layout only (flash.h). Paged: with seqused_k, pages of a
+  // multiple of 16 rows, page and pool counts within the TMA's 32-bit coordinates.
+  if (p.seqused_k && (p.cu_seqlens_q || p.q_segment_ids || p.dtype == DType::kFloat8E4M3))
+    return false;
+  if (p.page_table) {
+    // Pages of whole key blocks, or of whole kFwdPageRows-row boxes (tile_size.h).
+    if (!p.seqused_k || p.page_size < 1 || p.page_size % sm90::kFwdPageRows != 0 ||
+        p.num_pages >= (int64_t(1) << 30) || p.seqlen_k % p.page_size != 0)
+      return false;
+  }
   if (p.cu_seqlens_q) {
     // Tiles (m_block, head, sequence) are numbered in int; the prepare grid's y is the batch.
     int64_t const m_blocks = (std::min(p.max_seqlen_q, p.seqlen_q) + 127) / 128;

@@ -44,7 +44,10 @@ using namespace cute;
 //  - kSegments: segment ids (segments_sm90.h): tiles locate their segment hull and uniform ids
 //    and mask with SegmentBandMask; 16-bit only, never split or GQA-packed, so the dense and
 //    split kernels neither carry the ids nor test for them.
-// A varlen or segments call never splits (flash_fwd_sm90.cu: plan_fwd).
+// A varlen or segments call never splits (flash_fwd_sm90.cu: plan_fwd). A KV-cache call (flash.h,
+// seqused_k) always runs kSplit, with one split where the plan says so: its tiles locate their
+// batch row's key length (Params::locate), which only the split kernel carries, and its partial
+// store plus combine cost little next to the cache it reads.
 enum class FwdMode { kDense, kSplit, kVarlen, kSegments };
 
 template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_,
@@ -61,7 +64,9 @@ struct FwdTraits {
   static constexpr bool kVarlen = kMode_ == FwdMode::kVarlen;
   static constexpr bool kSegments = kMode_ == FwdMode::kSegments;
   // Tiles find their mask (and offsets) on the device rather than reading the parameters'.
-  static constexpr bool kLocated = kVarlen || kSegments;
+  // kSplit: the key length of a KV-cache call (seqused_k); decode-shaped calls are memory-bound,
+  // so the register copy of the band that kDense avoids costs nothing measurable there.
+  static constexpr bool kLocated = kVarlen || kSegments || kSplit;
 
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>,
                 "fp16, bf16 or e4m3 inputs");
@@ -212,6 +217,21 @@ struct FwdTraits {
   using TmaK = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
                                       take<0, 2>(SmemLayoutK{}), select<1, 2>(TileShapeQK{}),
                                       _1{}));
+  // Paged caches whose pages are smaller than a key block (kSplit; FwdMainloop::load): K and V
+  // tiles arrive as kPageRows-row boxes, each from its own page (tile_size.h, kFwdPageRows).
+  // The row-major (N, Dv) V layout also for FP8, which never pages, so that the type exists
+  // for every instantiation.
+  static constexpr int kPageRows = kFwdPageRows;
+  static_assert(kBlockN % kPageRows == 0, "a key block is whole page boxes");
+  // The first kPageRows rows of one stage (a by-mode tiler: rows [0, kPageRows), every column).
+  using SmemLayoutKPage = decltype(composition(
+      take<0, 2>(SmemLayoutK{}), make_tile(Layout<Int<kPageRows>>{}, Layout<Int<kHeadDim>>{})));
+  using SmemLayoutVPage = decltype(composition(
+      take<0, 2>(SmemLayoutV{}), make_tile(Layout<Int<kPageRows>>{}, Layout<Int<kHeadDimV>>{})));
+  using TmaKPage = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{}, SmemLayoutKPage{},
+                                          Shape<Int<kPageRows>, Int<kHeadDim>>{}, _1{}));
+  using TmaVPage = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{}, SmemLayoutVPage{},
+                                          Shape<Int<kPageRows>, Int<kHeadDimV>>{}, _1{}));
   // Global V is (seqlen_k, dv, heads, batch), or for FP8 vt (dv, seqlen_k rounded up to 16,
   // heads, batch): the same types, with the contiguous mode second.
   using TmaV = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
@@ -227,6 +247,8 @@ struct FwdTraits {
     TmaQ tma_q;
     TmaK tma_k;
     TmaV tma_v;
+    TmaKPage tma_k_page;  // kSplit with pages smaller than a key block only
+    TmaVPage tma_v_page;
     TmaO tma_o;  // kTmaStoreO only
     ShapeQKV shape_o;
     ShapeQKV shape_q, shape_k, shape_v;
@@ -248,7 +270,17 @@ struct FwdTraits {
     // coordinates; flash_fwd_combine_sm90.h merges them into out and lse.
     float* lse_accum;
     float* o_accum;
-    VarlenParams varlen;  // kVarlen only
+    // kVarlen; with kSplit and seqused_k, only its diag_lo / diag_hi (the band relative to each
+    // batch row's bottom-right diagonal, pre-clamped as for varlen).
+    VarlenParams varlen;
+    // kSplit only: int32 [batch] keys used per batch row (flash.h), or null (all seqlen_k).
+    int32_t const* seqused_k;
+    // kSplit only, paged K/V (flash.h, "Paged"), or null: int32 [batch, page_table_stride];
+    // shape_k / shape_v are then (page_size, d, heads_kv, num_pages). page_blocks > 0: a page
+    // holds page_blocks key blocks (one TMA load per block); 0: pages are smaller than a block
+    // and a block is kBlockN / kPageRows boxes of kPageRows rows (tma_k_page, tma_v_page).
+    int32_t const* page_table;
+    int page_table_stride, page_blocks, page_size;
     // FP8 descales (kFp8 only; flash.h, "FP8"). Per tensor (descale_nk == 0): q, k, v
     // [batch, heads_kv]. Per tile (descale_nk > 0; the scale blocks are this kernel's tiles):
     // q [batch, heads_q, descale_nq], k and v [batch, heads_kv, descale_nk].
@@ -261,7 +293,8 @@ struct FwdTraits {
 
     // Resolves a scheduler tile to its sequence: t.batch becomes the batch row, `mask` the
     // sequence's band, (offset_q, offset_k) where its rows start in the batch row. Dense: the
-    // whole batch row. Segments: the whole batch row, and the band plus the query block's
+    // whole batch row. Split: the whole batch row, with seqused_k its first seqused_k[b] keys.
+    // Segments: the whole batch row, and the band plus the query block's
     // segment hull and ids. False when the tile's query block starts past its sequence's end
     // (the grid is sized by the longest sequence): then nothing is loaded, computed or written.
     CUTLASS_DEVICE bool locate(TileCoord& t, Mask& m, int& offset_q,
@@ -276,6 +309,12 @@ struct FwdTraits {
         m = {s.len_q, s.len_k, varlen_diag(varlen.diag_lo, s.len_q, s.len_k),
              varlen_diag(varlen.diag_hi, s.len_q, s.len_k)};
         return t.m_block * kBlockM < s.len_q;
+      } else if constexpr (kSplit) {
+        if (seqused_k) {  // the first len keys of the batch row, band bottom-right aligned to them
+          int const len = min(max(__ldg(seqused_k + t.batch), 0), mask.seqlen_k);
+          m = {mask.seqlen_q, len, varlen_diag(varlen.diag_lo, mask.seqlen_q, len),
+               varlen_diag(varlen.diag_hi, mask.seqlen_q, len)};
+        }
       } else if constexpr (kSegments) {
         SegmentRanges const r =
             __ldg(seg.ranges + int64_t(t.batch) * seg.num_q_blocks + t.m_block);

@@ -157,6 +157,13 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 //  - Each split keeps at least kMinBlocksPerSplit key blocks, so the pipeline fill and the
 //    partial epilogue stay small next to its loads; at most kMaxSplits ranges per tile.
 inline constexpr int kMinBlocksPerSplit = 4;
+
+// Paged KV caches (flash.h, "Paged"): pages of a multiple of block_n rows arrive as one TMA load
+// per key block; smaller pages as boxes of kFwdPageRows rows, one per page piece, so page_size
+// must be a multiple of it (python/fa3_jax/kvcache.py gathers other page sizes into a
+// contiguous view first). 16: the smallest box whose shared-memory offset keeps the 128-byte
+// swizzle pattern (8 rows of 128 bytes) aligned for every head dim; block_n is a multiple of it.
+inline constexpr int kFwdPageRows = 16;
 inline constexpr int kMaxSplits = 128;
 
 constexpr int fwd_num_splits(int num_tiles, int num_n_blocks, int num_sms) {

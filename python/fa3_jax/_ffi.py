@@ -33,6 +33,12 @@ def fwd_tile_size(head_dim: int, head_dim_v: int, fp8: bool = False) -> tuple[in
     return int(block_m), int(block_n)
 
 
+def fwd_page_rows() -> int:
+    """Paged KV caches whose page_size is a multiple of this are read in place by the Hopper
+    forward (cpp/hopper/tile_size.h, kFwdPageRows); others are gathered first."""
+    return int(_ext.fwd_page_rows)
+
+
 FP8_HEAD_DIMS = (64, 128, 256)  # of the Hopper FP8 forward (cpp/hopper/flash_fwd_sm90.cu)
 
 
@@ -108,19 +114,22 @@ def platforms() -> frozenset[str]:
 
 
 def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=False,
-                    num_seqs=0, fp8=False, segments=False) -> int:
+                    num_seqs=0, fp8=False, segments=False, seqused=False, num_splits=0) -> int:
     """Bytes of the uint8 workspace result the CUDA ``fa3_{direction}`` custom call takes.
 
     XLA allocates it like any other result, so it shows in ``compiled.memory_analysis()``; the
     size comes from the kernels' own layout (``sm90_*_workspace_bytes`` in cpp/flash.h).
     num_seqs: sequences per batch row of a varlen call (``fa3_*_varlen``), 0 when dense.
     fp8: the FP8 forward (``fa3_fwd_fp8``; v_shape the usual [batch, seqlen_k, heads_kv, dv]).
-    segments: a segment-id call (``fa3_*_segments``)."""
+    segments: a segment-id call (``fa3_*_segments``).
+    seqused, num_splits: a KV-cache forward (``fa3_fwd_kvcache``) and its split count (0:
+    heuristic)."""
     b, sq, hq, d = q_shape
     sk, hkv, dv = k_shape[1], k_shape[2], v_shape[3]
     if direction == "fwd":
         return int(_ext.sm90_fwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, int(num_seqs),
-                                                 bool(fp8), bool(segments)))
+                                                 bool(fp8), bool(segments), bool(seqused),
+                                                 int(num_splits)))
     return int(_ext.sm90_bwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, bool(deterministic),
                                              int(num_seqs), bool(segments)))
 

@@ -628,6 +628,151 @@ _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest
 
 
 # ---------------------------------------------------------------------------------------------
+# KV cache forward (python/fa3_jax/kvcache.py): q plus the cache k/v and int32 ``seqused_k
+# [batch]``, the keys used per batch row (cpp/flash.h, "Used key lengths": the band is
+# bottom-right aligned to them). Contiguous: k/v [batch, capacity, heads_kv, dim] (FFI target
+# fa3_fwd_kvcache). Paged (``paged=True``): k/v a pool [num_pages, page_size, heads_kv, dim] and
+# one more operand, int32 ``page_table [batch, max_pages_per_seq]`` (fa3_fwd_kvcache_paged;
+# cpp/flash.h, "Paged"). Static ``num_splits`` (0: the kernel's heuristic) is the split-KV count
+# on Hopper. Forward only. Batch and head axes stay sharded, sequence axes are gathered; a
+# paged pool (shared by the rows) may be sharded on heads only.
+# ---------------------------------------------------------------------------------------------
+
+def _kvcache_fwd_local(q, k, v, seqused_k, page_table, softmax_scale, softcap, diag_lo, diag_hi,
+                       num_splits, cuda=False):
+    b, sq, hq, _ = q.shape
+    out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
+                 jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+    operands = (q, k, v, seqused_k)
+    if page_table is not None:
+        operands += (page_table,)
+    if cuda:
+        # The kernel's plan sees the per-row view [batch, capacity, ...] either way.
+        capacity = k.shape[1] * (page_table.shape[1] if page_table is not None else 1)
+        view = lambda x: (b, capacity) + tuple(x.shape[2:])  # noqa: E731
+        nbytes = _ffi.workspace_bytes("fwd", q.shape, view(k), view(v), seqused=True,
+                                      num_splits=num_splits)
+        out_types += (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),)
+    target = "fa3_fwd_kvcache" if page_table is None else "fa3_fwd_kvcache_paged"
+    call = jax.ffi.ffi_call(target, out_types)
+    return tuple(call(*operands, num_splits=np.int64(num_splits),
+                      **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))[:2]
+
+
+def _kvcache_contiguous_local(q, k, v, seqused_k, *static):
+    return _kvcache_fwd_local(q, k, v, seqused_k, None, *static)
+
+
+def _kvcache_shardings(mesh, arg_shapes, paged):
+    """(q/out, lse, k/v, per-row metadata) shardings."""
+    b_ax, h_ax = _batch_head_axes(mesh, arg_shapes[0], arg_shapes[1])
+    t = NamedSharding(mesh, P(b_ax, None, h_ax, None))
+    kv = NamedSharding(mesh, P(None, None, h_ax, None)) if paged else t
+    return t, NamedSharding(mesh, P(b_ax, h_ax, None)), kv, b_ax
+
+
+def _kvcache_partition(paged):
+    def partition(*static_and_mesh):
+        *static, mesh, arg_shapes, result_shape = static_and_mesh
+        t, lse, kv, b_ax = _kvcache_shardings(mesh, arg_shapes, paged)
+        rows = (NamedSharding(mesh, P(b_ax)),)
+        if paged:
+            rows += (NamedSharding(mesh, P(b_ax, None)),)
+
+        def lower_fn(q, k, v, *meta):
+            return _kvcache_fwd_local(q, k, v, meta[0], meta[1] if paged else None, *static)
+
+        return mesh, lower_fn, (t, lse), (t, kv, kv) + rows
+    return partition
+
+
+def _kvcache_infer(paged):
+    def infer(*static_and_mesh):
+        t, lse, _, _ = _kvcache_shardings(*static_and_mesh[-3:-1], paged)
+        return (t, lse)
+    return infer
+
+
+def _kvcache_rule(paged):
+    def rule(*static_and_mesh):
+        hq, hk, sizes, keep_whole = _heads_factor(static_and_mesh[-2])
+        if paged:  # the pool's pages (p) and page rows (t) are not the batch
+            text = f"b s {hq} d, p t {hk} d, p t {hk} e, b, b m -> b s {hq} e, b {hq} s"
+            whole = ("s", "p", "t", "d", "e", "m")
+        else:
+            text = f"b s {hq} d, b t {hk} d, b t {hk} e, b -> b s {hq} e, b {hq} s"
+            whole = ("s", "t", "d", "e")
+        return text, dict(need_replication_factors=_in_rule_order(text, whole + keep_whole),
+                          **sizes)
+    return rule
+
+
+_kvcache_contiguous = custom_partitioning(_kvcache_contiguous_local,
+                                          static_argnums=tuple(range(4, 10)))
+_kvcache_contiguous.def_partition(
+    partition=_kvcache_partition(False), infer_sharding_from_operands=_kvcache_infer(False),
+    sharding_rule=_kvcache_rule(False))
+_kvcache_paged = custom_partitioning(_kvcache_fwd_local, static_argnums=tuple(range(5, 11)))
+_kvcache_paged.def_partition(
+    partition=_kvcache_partition(True), infer_sharding_from_operands=_kvcache_infer(True),
+    sharding_rule=_kvcache_rule(True))
+
+kvcache_fwd_p = jex_core.Primitive("fa3_fwd_kvcache")
+kvcache_fwd_p.multiple_results = True
+
+
+def _kvcache_fwd_lower_impl(q, k, v, seqused_k, *page_table, softmax_scale, softcap, diag_lo,
+                            diag_hi, num_splits, cuda=False):
+    static = (softmax_scale, softcap, diag_lo, diag_hi, num_splits, cuda)
+    if page_table:
+        return _kvcache_paged(q, k, v, seqused_k, page_table[0], *static)
+    return _kvcache_contiguous(q, k, v, seqused_k, *static)
+
+
+def _kvcache_cuda_lowering(ctx, *args, **params):
+    aq, _, av = ctx.avals_in[:3]
+    _check_cuda_lowering(aq, av, "KV-cache attention")
+    return mlir.lower_fun(_kvcache_fwd_lower_impl, multiple_results=True)(ctx, *args, cuda=True,
+                                                                           **params)
+
+
+def _kvcache_batcher(args, dims, **params):
+    """vmap: the contiguous call folds as every primitive here does. A paged pool is shared by
+    the rows: unmapped, it stays as it is; mapped, instance i's pool becomes pages
+    [i * num_pages, (i + 1) * num_pages) of one pool and its page indices move with it (an index
+    outside its pool stays outside every pool)."""
+    if len(args) == 4:
+        return _folding_batcher(kvcache_fwd_p, 2)(args, dims, **params)
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+    def lead(a, d):  # the vmapped axis first (broadcast when unmapped)
+        return jnp.moveaxis(a, d, 0) if d is not None else jnp.broadcast_to(a, (size,) + a.shape)
+
+    q, k, v, used, table = args
+    dq, dk, dv, du, dt = dims
+    q, used, table = (lead(a, d) for a, d in ((q, dq), (used, du), (table, dt)))
+    q, used, table = (x.reshape((-1,) + x.shape[2:]) for x in (q, used, table))
+    if dk is None and dv is None:
+        pool_k, pool_v = k, v
+    else:
+        k, v = lead(k, dk), lead(v, dv)
+        pages = k.shape[1]
+        rows = table.shape[0] // size
+        inst = (jnp.arange(size * rows, dtype=jnp.int32) // rows)[:, None]
+        table = jnp.where((table >= 0) & (table < pages), table + inst * pages, -1)
+        pool_k = k.reshape((size * pages,) + k.shape[2:])
+        pool_v = v.reshape((size * pages,) + v.shape[2:])
+    outs = kvcache_fwd_p.bind(q, pool_k, pool_v, used, table, **params)
+    return _unfold(size, outs), (0, 0)
+
+
+_dispatch.prim_requires_devices_during_lowering.add(kvcache_fwd_p)
+_register(kvcache_fwd_p, lambda q, k, v, *meta, **_: _fwd_abstract(q, k, v), 2,
+          _kvcache_fwd_lower_impl, _kvcache_cuda_lowering)
+batching.primitive_batchers[kvcache_fwd_p] = _kvcache_batcher
+
+
+# ---------------------------------------------------------------------------------------------
 # FP8 forward: float8_e4m3fn q/k/v with float32 descales (cpp/flash.h, "FP8"); out bfloat16, lse
 # float32. Operands q, k, v, descale_q, descale_k, descale_v; static parameters the mask's plus
 # ``block_q``/``block_k``, the rows per scale block (0 and 0: per-tensor descales [batch,

@@ -3,14 +3,19 @@
 The cache is either contiguous (``k_cache [batch, seqlen_cache, heads_kv, head_dim]``) or paged
 (``k_cache [num_pages, page_size, heads_kv, head_dim]`` plus an int32 ``page_table [batch,
 max_pages_per_seq]``). New tokens are written with one scatter that XLA runs in place when the
-caller donates the cache under ``jax.jit``; attention then runs on the packed (varlen) primitive
-in the padded layout: batch row b is one sequence of ``cache_seqlens[b] + seqlen_new`` keys,
-given to the kernel as ``cu_seqlens_k[b] = [0, length]``, so keys past a row's length are never
-loaded and no mask is materialised.
+caller donates the cache under ``jax.jit``; attention then runs on the KV-cache primitive
+(``fa3_fwd_kvcache``): the dense forward over the cache with ``seqused_k[b] = cache_seqlens[b] +
+seqlen_new``, the keys used by batch row b (cpp/flash.h, "Used key lengths"), so keys past a
+row's length are never loaded and no mask is materialised. On Hopper it is the split-KV kernel
+(Flash-Decoding), with the query heads of a GQA group packed into one tile when seqlen_q is 1 and
+no window cuts the keys; ``num_splits`` picks the split count.
 
-Paged caches take an interim path: the pages of each row are gathered into a contiguous ``[batch,
-max_pages_per_seq * page_size, ...]`` view before the kernel (one extra read and write of the
-gathered pages) until a Hopper kernel reads the pages directly.
+Paged caches whose page_size is a multiple of 16 (``_ffi.fwd_page_rows``) are read in place
+(``fa3_fwd_kvcache_paged``; the CPU backend reads the same pages): the Hopper kernel looks each
+key block's page up in the page table and loads it with one TMA load, or, for pages smaller than
+a block, one 16-row box per page piece. Other page sizes take an interim path: the pages of each
+row are gathered into a contiguous ``[batch, max_pages_per_seq * page_size, ...]`` view before
+the kernel (one extra read and write of the gathered pages).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from fa3_jax.attention import (_check_float, _PackedConfig, _shape_dtype, as_int32_array,
-                               bottom_right_band, check_qkv, packed_attention)
+from fa3_jax import _ffi
+from fa3_jax._primitives import kvcache_fwd_p
+from fa3_jax.attention import (_check_float, _shape_dtype, as_int32_array, bottom_right_band,
+                               check_qkv)
 
 
 def _check_num_splits(num_splits):
@@ -142,9 +149,10 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
         L_b = cache_seqlens[b] + seqlen_new: query i sees cache position j when
         i + L_b - seqlen_q - left <= j <= i + L_b - seqlen_q + right (causal: right = 0).
         causal defaults to True, as in FlashAttention's flash_attn_with_kvcache.
-      num_splits: int >= 0, how many splits of the keys to request (0: heuristic). Validated but
-        not passed to the kernels yet: today the kernel decides (the CPU backend does not split
-        the keys; on Hopper the varlen forward's own choice applies).
+      num_splits: static int >= 0, how many ranges the keys of each query tile are split into
+        on Hopper (split-KV, merged through their LSE): 0 picks the count by the heuristic in
+        cpp/hopper/tile_size.h (fwd_num_splits, from the cache's capacity, not its lengths);
+        n > 0 forces n (at most 128 are used). The CPU backend does not split.
       return_lse: also return lse [batch, heads_q, seqlen_q] float32.
 
     Returns:
@@ -169,9 +177,10 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     length), vmap (over a leading axis of every array) and multi-device jit: batch and head
     sharding stay local for a contiguous cache; a paged pool (shared by the rows) may be sharded
     on heads, and each of its replicas then receives every row's new tokens. Runs where
-    flash_attention_varlen runs: the CPU backend and the Hopper varlen forward. Paged
-    caches are gathered into a contiguous view first (interim path; the Hopper kernel will read
-    pages directly).
+    flash_attention runs: the CPU backend and the Hopper forward (16-bit). Paged caches are read
+    in place when page_size is a multiple of 16, else gathered into a contiguous view first. Cache positions past L_b may be
+    loaded with the last key block that L_b ends in (and weighted by zero): they must hold
+    finite values, as a zero-initialised cache does.
     """
     b, sq, hq, d = _check_rank4("q", q, "[batch, seqlen_q, heads_q, head_dim]")
     paged = page_table is not None
@@ -198,7 +207,7 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     softcap = _check_float("softcap", softcap, min_value=0.0)
     # The band relative to each row's own bottom-right diagonal (L_b - seqlen_q), as in varlen.
     diag_lo, diag_hi = bottom_right_band(0, 0, causal, window_size)
-    _check_num_splits(num_splits)
+    num_splits = _check_num_splits(num_splits)
 
     start = jnp.clip(lengths, 0, capacity - seqlen_new)
     if seqlen_new:
@@ -210,15 +219,18 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
         else:
             k_cache = _append_contiguous(k_cache, k_new, start)
             v_cache = _append_contiguous(v_cache, v_new, start)
-    k_view, v_view = ((_gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table))
-                      if paged else (k_cache, v_cache))
-
-    # One sequence per batch row: all seqlen_q queries against keys [0, start + seqlen_new).
-    zeros = jnp.zeros((b,), jnp.int32)
-    cu_q = jnp.stack([zeros, jnp.full((b,), sq, jnp.int32)], axis=1)
-    cu_k = jnp.stack([zeros, start + seqlen_new], axis=1)
-    cfg = _PackedConfig("varlen", scale, softcap, int(diag_lo), int(diag_hi), False, sq, capacity)
-    out, lse = packed_attention(q, k_view, v_view, cu_q, cu_k, cfg)
+    # All seqlen_q queries of row b against its keys [0, start[b] + seqlen_new): the kernel reads
+    # the pages itself where page_size is a multiple of its page boxes, else a gathered view.
+    if paged and page_size % _ffi.fwd_page_rows() == 0:
+        kv = (k_cache, v_cache, start + seqlen_new, page_table)
+    elif paged:
+        kv = (_gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table),
+              start + seqlen_new)
+    else:
+        kv = (k_cache, v_cache, start + seqlen_new)
+    out, lse = kvcache_fwd_p.bind(q, *kv, softmax_scale=float(scale), softcap=float(softcap),
+                                  diag_lo=int(diag_lo), diag_hi=int(diag_hi),
+                                  num_splits=num_splits)
     head = (out, lse) if return_lse else (out,)
     if seqlen_new:
         return head + (k_cache, v_cache)

@@ -20,7 +20,9 @@ Packed sequences (end of this file): ``packed_fwd_p`` / ``packed_bwd_p`` take tw
 operands after the dense ones, ``meta_q`` and ``meta_k``: cu_seqlens ``[batch, num_seqs + 1]``
 (``packing="varlen"``, band per sequence, bottom-right aligned; see cpp/flash.h) or segment ids
 ``[batch, seqlen]`` (``packing="segments"``). Static ``max_seqlen_q``/``max_seqlen_k`` bound the
-varlen sequence lengths. Batch and head axes stay sharded; sequence axes are gathered. On CUDA
+varlen sequence lengths; ``context_parallel``/``load_balance`` as above. Batch and head axes stay
+sharded; a sharded sequence with segment ids runs context-parallel (the ids follow their
+sequence), varlen's packed token axes are gathered. On CUDA
 both run on the Hopper kernels (16-bit; segment ids never split the keys or pack GQA heads).
 """
 

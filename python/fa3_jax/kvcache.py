@@ -178,9 +178,9 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     sharding stay local for a contiguous cache; a paged pool (shared by the rows) may be sharded
     on heads, and each of its replicas then receives every row's new tokens. Runs where
     flash_attention runs: the CPU backend and the Hopper forward (16-bit). Paged caches are read
-    in place when page_size is a multiple of 16, else gathered into a contiguous view first. Cache positions past L_b may be
-    loaded with the last key block that L_b ends in (and weighted by zero): they must hold
-    finite values, as a zero-initialised cache does.
+    in place when page_size is a multiple of 16, else gathered into a contiguous view first.
+    Cache positions past L_b may be loaded with the last key block that L_b ends in (and
+    weighted by zero): they must hold finite values, as a zero-initialised cache does.
     """
     b, sq, hq, d = _check_rank4("q", q, "[batch, seqlen_q, heads_q, head_dim]")
     paged = page_table is not None

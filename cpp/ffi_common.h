@@ -307,6 +307,19 @@ inline ffi::Error fill_segments(ffi::AnyBuffer q_ids, ffi::AnyBuffer kv_ids, Fwd
   return ffi::Error::Success();
 }
 
+// Packed sequences (flash.h): two int32 metadata operands after the dense inputs, either
+// cu_seqlens (varlen) or segment ids. One handler per direction and platform serves both.
+enum class Packing { kVarlen, kSegments };
+
+template <Packing kPacking>
+ffi::Error fill_packing(ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k, int64_t max_seqlen_q,
+                        int64_t max_seqlen_k, FwdParams* p) {
+  if constexpr (kPacking == Packing::kVarlen)
+    return fill_varlen(meta_q, meta_k, max_seqlen_q, max_seqlen_k, p);
+  else
+    return fill_segments(meta_q, meta_k, p);  // segment calls ignore max_seqlen_*
+}
+
 }  // namespace fa3::ffi_util
 
 // The attribute list shared by both directions and both platforms, in binding order:
@@ -319,3 +332,109 @@ inline ffi::Error fill_segments(ffi::AnyBuffer q_ids, ffi::AnyBuffer kv_ids, Fwd
       .Attr<float>("softcap")               \
       .Attr<int64_t>("diag_lo")             \
       .Attr<int64_t>("diag_hi")
+
+// The bindings, one per target and shared by both platforms, in the order the Python lowering
+// (_primitives.py) passes operands and attributes. CTX: what the platform's handler takes before
+// the operands (the CUDA stream and device; nothing on the CPU); WS: what it returns after the
+// outputs (the CUDA workspace, a uint8 buffer XLA allocates; nothing on the CPU). Either may be
+// an empty macro argument.
+//
+// Dense forward: q, k, v -> out, lse.
+#define FA3_JAX_BIND_FWD(CTX, WS)                                                   \
+  xla::ffi::Ffi::Bind() CTX                                                         \
+      .Arg<xla::ffi::AnyBuffer>() /* q [batch, seqlen_q, heads_q, head_dim] */      \
+      .Arg<xla::ffi::AnyBuffer>() /* k [batch, seqlen_k, heads_kv, head_dim] */     \
+      .Arg<xla::ffi::AnyBuffer>() /* v [batch, seqlen_k, heads_kv, head_dim_v] */   \
+      .Ret<xla::ffi::AnyBuffer>() /* out [batch, seqlen_q, heads_q, head_dim_v] */  \
+      .Ret<xla::ffi::AnyBuffer>() /* lse [batch, heads_q, seqlen_q] float32 */ WS   \
+          FA3_JAX_MASK_ATTRS
+
+// KV cache, contiguous: the dense forward plus per-row key lengths; num_splits 0 is the
+// heuristic (the CPU computes without splitting).
+#define FA3_JAX_BIND_FWD_KVCACHE(CTX, WS)                                           \
+  xla::ffi::Ffi::Bind() CTX                                                         \
+      .Arg<xla::ffi::AnyBuffer>() /* q */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* k, the cache [batch, seqlen_k, heads_kv, d] */ \
+      .Arg<xla::ffi::AnyBuffer>() /* v */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* seqused_k int32 [batch]: keys used per row */  \
+      .Ret<xla::ffi::AnyBuffer>() /* out */                                         \
+      .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                      \
+          FA3_JAX_MASK_ATTRS.Attr<int64_t>("num_splits")
+
+// KV cache, paged: k and v are page pools, rows reach them through the page table.
+#define FA3_JAX_BIND_FWD_KVCACHE_PAGED(CTX, WS)                                         \
+  xla::ffi::Ffi::Bind() CTX                                                             \
+      .Arg<xla::ffi::AnyBuffer>() /* q */                                               \
+      .Arg<xla::ffi::AnyBuffer>() /* k pool [num_pages, page_size, heads_kv, d] */      \
+      .Arg<xla::ffi::AnyBuffer>() /* v pool [num_pages, page_size, heads_kv, d_v] */    \
+      .Arg<xla::ffi::AnyBuffer>() /* seqused_k int32 [batch] */                         \
+      .Arg<xla::ffi::AnyBuffer>() /* page_table int32 [batch, max_pages_per_seq] */     \
+      .Ret<xla::ffi::AnyBuffer>() /* out */                                             \
+      .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                          \
+          FA3_JAX_MASK_ATTRS.Attr<int64_t>("num_splits")
+
+// Packed forward (varlen or segment ids, fill_packing): the dense operands, then the metadata.
+// max_seqlen_*: bounds on every sequence (varlen grid sizes; segment calls bind zeros).
+#define FA3_JAX_BIND_FWD_PACKED(CTX, WS)                                            \
+  xla::ffi::Ffi::Bind() CTX                                                         \
+      .Arg<xla::ffi::AnyBuffer>() /* q */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* k */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* v */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */               \
+      .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */              \
+      .Ret<xla::ffi::AnyBuffer>() /* out */                                         \
+      .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                      \
+          FA3_JAX_MASK_ATTRS.Attr<int64_t>("max_seqlen_q").Attr<int64_t>("max_seqlen_k")
+
+// FP8 forward: float8_e4m3fn q, k, v with float32 descales (flash.h, "FP8"); out bfloat16.
+#define FA3_JAX_BIND_FWD_FP8(CTX, WS)                                                   \
+  xla::ffi::Ffi::Bind() CTX                                                             \
+      .Arg<xla::ffi::AnyBuffer>() /* q float8_e4m3fn */                                 \
+      .Arg<xla::ffi::AnyBuffer>() /* k float8_e4m3fn */                                 \
+      .Arg<xla::ffi::AnyBuffer>() /* v float8_e4m3fn */                                 \
+      .Arg<xla::ffi::AnyBuffer>() /* descale_q float32 (per tensor or per block) */     \
+      .Arg<xla::ffi::AnyBuffer>() /* descale_k float32 */                               \
+      .Arg<xla::ffi::AnyBuffer>() /* descale_v float32 */                               \
+      .Ret<xla::ffi::AnyBuffer>() /* out bfloat16 */                                    \
+      .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                          \
+          FA3_JAX_MASK_ATTRS                                                            \
+      .Attr<int64_t>("descale_block_q") /* query rows per descale block, 0: per tensor */ \
+      .Attr<int64_t>("descale_block_k") /* keys per descale block, 0: per tensor */
+
+// FP8 quantization of one tensor (flash.h): x -> x8 and its descales.
+#define FA3_JAX_BIND_FP8_QUANTIZE(CTX, WS)                                                \
+  xla::ffi::Ffi::Bind() CTX                                                               \
+      .Arg<xla::ffi::AnyBuffer>() /* x [batch, seqlen, heads, head_dim] f32/f16/bf16 */   \
+      .Arg<xla::ffi::AnyBuffer>() /* signs float32 [batch, head_dim] (with hadamard) */   \
+      .Ret<xla::ffi::AnyBuffer>() /* x8 float8_e4m3fn, like x */                          \
+      .Ret<xla::ffi::AnyBuffer>() /* descale float32 */ WS                                \
+      .Attr<int64_t>("block_rows") /* rows per descale block; 0: per (batch, kv head) */  \
+      .Attr<int64_t>("heads_kv")   /* descale groups of heads / heads_kv (block_rows 0) */ \
+      .Attr<bool>("hadamard")      /* the random-sign Hadamard transform first */
+
+// Dense backward: q, k, v, the forward's out and lse, dout, dlse (zeros when unused) -> dq, dk,
+// dv; deterministic: bit-identical gradients run to run.
+#define FA3_JAX_BIND_BWD_OPERANDS(CTX)                                              \
+  xla::ffi::Ffi::Bind() CTX                                                         \
+      .Arg<xla::ffi::AnyBuffer>() /* q */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* k */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* v */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* out (forward's) */                             \
+      .Arg<xla::ffi::AnyBuffer>() /* lse (forward's) */                             \
+      .Arg<xla::ffi::AnyBuffer>() /* dout */                                        \
+      .Arg<xla::ffi::AnyBuffer>() /* dlse, cotangent of lse */
+#define FA3_JAX_BIND_BWD_RESULTS(WS)                                                \
+  .Ret<xla::ffi::AnyBuffer>() /* dq */                                              \
+      .Ret<xla::ffi::AnyBuffer>() /* dk */                                          \
+      .Ret<xla::ffi::AnyBuffer>() /* dv */ WS FA3_JAX_MASK_ATTRS.Attr<bool>("deterministic")
+#define FA3_JAX_BIND_BWD(CTX, WS) FA3_JAX_BIND_BWD_OPERANDS(CTX) FA3_JAX_BIND_BWD_RESULTS(WS)
+
+// Packed backward: the dense operands, the metadata, the dense results and attributes, then
+// the max_seqlen bounds.
+#define FA3_JAX_BIND_BWD_PACKED(CTX, WS)                                            \
+  FA3_JAX_BIND_BWD_OPERANDS(CTX)                                                    \
+      .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */               \
+      .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */              \
+      FA3_JAX_BIND_BWD_RESULTS(WS)                                                  \
+      .Attr<int64_t>("max_seqlen_q")                                                \
+      .Attr<int64_t>("max_seqlen_k")

@@ -413,3 +413,49 @@ def test_flax_training_step():
         assert max_err(g, r) <= 1e-5
     text = sharded.lower(params, *lay).compile().as_text()
     assert "collective-permute" in _collectives(text), _collectives(text)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+def test_varlen_token_axis_sharded(strategy):
+    """flash_attention_varlen with its packed token axis sharded 4 ways and
+    context_parallel=ring/all_gather: equal to one device (the varlen kernels) in out, lse and
+    gradients; only int32 (the key ids) and, for all_gather, K/V are all-gathered, never q."""
+    from test_varlen import make
+    mesh = _mesh((4,), ("seq",))
+    q, k, v, cu, _ = make([7, 30, 1, 0, 60, 22], [7, 30, 1, 0, 60, 22], 4, 2, 32, pad_q=8,
+                          pad_k=8)
+    kw = dict(causal=True, max_seqlen_q=128, max_seqlen_k=128, return_lse=True)
+    dout = jax.random.normal(fresh_key(), q.shape[:2] + v.shape[2:])
+    dlse = jax.random.normal(fresh_key(), (q.shape[1], q.shape[0]))
+
+    def compiled(**extra):
+        def attn(q, k, v, cu):
+            return fa3_jax.flash_attention_varlen(q, k, v, cu, cu, **kw, **extra)
+
+        def loss(q, k, v, cu):
+            out, lse = attn(q, k, v, cu)
+            return jnp.sum(out * dout) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
+
+        return jax.jit(attn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    ref_fwd, ref_grad = compiled()
+    ref_out, ref_lse = ref_fwd(q, k, v, cu)
+    sharding = NamedSharding(mesh, P("seq", None, None))
+    args = [jax.device_put(x, sharding) for x in (q, k, v)] + [cu]
+    fwd, grad = compiled(context_parallel=strategy)
+    out, lse = fwd(*args)
+    assert out.sharding.is_equivalent_to(sharding, 3), out.sharding
+    assert max_err(out, ref_out) <= TOL and max_err(lse, ref_lse) <= TOL
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+    for name, g, r in zip(("dq", "dk", "dv"), grad(*args), ref_grad(q, k, v, cu)):
+        assert g.sharding.is_equivalent_to(sharding, 3), (name, g.sharding)
+        assert max_err(g, r) <= TOL, (name, max_err(g, r))
+    texts = [f.lower(*args).compile().as_text() for f in (fwd, grad)]
+    gathered = set().union(*map(_gathered_dtypes, texts))
+    if strategy == "ring":
+        assert gathered <= {"s32"}, gathered
+        assert _collectives(texts[0]).get("collective-permute", 0) == 3, _collectives(texts[0])
+    else:
+        assert gathered <= {"s32", "f32"}, gathered
+    # The gather default all-gathers q itself (float32 here): the strategies above do not.
+    assert "f32" in _gathered_dtypes(ref_fwd.lower(*args).compile().as_text())

@@ -154,6 +154,25 @@ inline ffi::Error fill_fp8_descales(ffi::AnyBuffer descale_q, ffi::AnyBuffer des
   return ffi::Error::Success();
 }
 
+// Every param of an FP8 forward call: q, k, v (float8_e4m3fn), the checked outputs (out
+// bfloat16) and the descales.
+inline ffi::Error fill_fwd_fp8(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::AnyBuffer descale_q, ffi::AnyBuffer descale_k,
+                               ffi::AnyBuffer descale_v, ffi::AnyBuffer* out, ffi::AnyBuffer* lse,
+                               float softmax_scale, float softcap, int64_t diag_lo,
+                               int64_t diag_hi, int64_t block_q, int64_t block_k, FwdParams* p) {
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, p, /*fp8=*/true);
+      e.failure())
+    return e;
+  if (auto e = fill_fwd_outputs(*p, out, lse); e.failure()) return e;
+  if (auto e = fill_fp8_descales(descale_q, descale_k, descale_v, block_q, block_k, *out, p);
+      e.failure())
+    return e;
+  p->out = out->untyped_data();
+  p->lse = static_cast<float*>(lse->untyped_data());
+  return ffi::Error::Success();
+}
+
 // FP8 quantization (flash.h): x [batch, seqlen, heads, head_dim] float32/float16/bfloat16;
 // signs float32 [batch, head_dim], read only when `hadamard` (head_dim a power of two); x8
 // float8_e4m3fn like x; descale float32 [batch, heads, ceil(seqlen / block_rows)], or

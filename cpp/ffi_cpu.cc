@@ -75,12 +75,9 @@ ffi::Error fwd_fp8_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        int64_t diag_lo, int64_t diag_hi, int64_t descale_block_q,
                        int64_t descale_block_k) {
   FwdParams p;
-  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, /*fp8=*/true);
-      e.failure())
-    return e;
-  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
-  if (auto e = ffi_util::fill_fp8_descales(descale_q, descale_k, descale_v, descale_block_q,
-                                           descale_block_k, *out, &p);
+  if (auto e = ffi_util::fill_fwd_fp8(q, k, v, descale_q, descale_k, descale_v, &*out, &*lse,
+                                      softmax_scale, softcap, diag_lo, diag_hi, descale_block_q,
+                                      descale_block_k, &p);
       e.failure())
     return e;
   return run_fwd_into(p, out, lse);

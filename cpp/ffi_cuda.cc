@@ -221,16 +221,11 @@ ffi::Error fwd_fp8_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, f
                         int64_t descale_block_q, int64_t descale_block_k) {
   return on_device(stream, device, [&] {
     FwdParams p;
-    if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, /*fp8=*/true);
+    if (auto e = ffi_util::fill_fwd_fp8(q, k, v, descale_q, descale_k, descale_v, &*out, &*lse,
+                                        softmax_scale, softcap, diag_lo, diag_hi, descale_block_q,
+                                        descale_block_k, &p);
         e.failure())
       return e;
-    if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
-    if (auto e = ffi_util::fill_fp8_descales(descale_q, descale_k, descale_v, descale_block_q,
-                                             descale_block_k, *out, &p);
-        e.failure())
-      return e;
-    p.out = out->untyped_data();
-    p.lse = static_cast<float*>(lse->untyped_data());
     if (!sm90_supports_fwd(p))
       return invalid("this build has no Hopper FP8 forward kernel for " + hdim_str(p) +
                      " (FP8 takes head_dim == head_dim_v in {64, 128, 256}, built ones only), or "

@@ -20,7 +20,8 @@
 // it to dq_accum with one bulk reduce-add (cp.reduce.async.bulk ... add.f32) per tile; dQFull/
 // dQEmpty named barriers give one step of slack, so consumers never wait on global memory. hdim
 // 256 (16 KB of shared memory left) passes each tile through in 4 rounds of a quarter tile
-// (kDqRounds). Float4 atomics in the same fragment order remain for experiments
+// (kDqRounds), with one round of slack: a consumer waits until the writer's previous bulk add
+// has read its slot. Float4 atomics in the same fragment order remain for experiments
 // (FA3_BWD_DQ_ATOMIC): at hdim 256 they held L2 at 93-95% of its throughput (66% with the rounds).
 // Deterministic mode orders the dQ adds of the key blocks of one (query block, head) with a
 // semaphore: key block n adds only after blocks n_lo..n-1 have added, so the float sums are
@@ -593,8 +594,8 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.seqlen_q, kHeadDim, p.heads_q, p.batch));
       Tensor mdO = args.tma_do.get_tma_tensor(make_shape(p.seqlen_q, kHeadDimV, p.heads_q, p.batch));
       auto state = cutlass::make_producer_start_state<Pipeline>();
-      // Query head and block of step it (it / num_m, it % num_m) as counters: a division per step
-      // made the 24-register producer spill at hdim 256.
+      // Query head and block of step it (it / num_m, it % num_m) as counters, not a division per
+      // step in the 24-register producer (at hdim 256 it still spills 4 bytes, one load a step).
       int h = hkv * p.group, m_block = m_lo;
       CUTLASS_PRAGMA_NO_UNROLL
       for (int it = 0; it < n_iter; ++it) {

@@ -243,7 +243,8 @@ struct BwdTraitsSm90 {
   // 224 264 301 321 335 341 -> 256 304 336 355 365 370 TFLOP/s, causal 159 213 262 298 329 345 ->
   // 181 242 291 326 364 376 (h200_2026-11-22s7b_bwd256_dq_rounds.txt). Tried and slower there:
   // one dO stage so that 2 rounds of 16 KB fit (full 306 at 4k: dO loads no longer hidden); the
-  // dQ GEMM in two column slices, each stored once done (337 against 345 at 4k).
+  // dQ GEMM in two column slices, each stored once done (337 against 345 at 4k); a ring of two
+  // 4 KB half slots per warpgroup on mbarriers, the writer one piece behind (329 against 350).
   // +1024: the dynamic shared memory base is rounded up to the 1024-byte swizzle alignment.
   // FA3_BWD_DQ_ATOMIC (experiments only) forces the float4 atomic path.
   template <int kRounds>

@@ -57,7 +57,7 @@ case "$cmd" in
       timeout "${STAGE_TIMEOUT:-80}" "$bin" time 2>&1 | grep -vE "^device|CHECKS" || echo "$bin: rc=$?"
     done
     if command -v compute-sanitizer > /dev/null; then
-      # SANITIZE: "tool:hdim" pairs on the small causal GQA case (hdim 256 takes the atomic dQ path).
+      # SANITIZE: "tool:hdim" pairs on the small causal GQA case (hdim 256 passes dQ in 4 rounds).
       for ts in ${SANITIZE:-memcheck:128 racecheck:128 memcheck:256}; do
         echo "== compute-sanitizer --tool ${ts%%:*} small ${ts##*:}"
         timeout 90 compute-sanitizer --tool "${ts%%:*}" devbin/test_bwd_sm90 small "${ts##*:}" 2>&1 | tail -4

@@ -15,16 +15,19 @@
 // M dimension of the dK/dV products, so P^T/dS^T written by a thread are read back by its own
 // warpgroup when the warpgroups split keys (hdim <= 128).
 // dQ accumulation (FlashAttention-3's design): dq_accum holds each (head, 64-row query block) tile in
-// fragment order (flash_bwd_postprocess_sm90.h un-permutes it). Where shared memory has room
-// (kDqBulk), each consumer warpgroup stores its float32 dQ tile to shared memory with 128-bit
-// stores, and warp 1 of the producer warpgroup adds it to dq_accum with one bulk reduce-add
-// (cp.reduce.async.bulk ... add.f32) per tile; dQFull/dQEmpty named barriers give one step of
-// slack, so consumers never wait on global memory. Otherwise (hdim 256: no 64 KB left) consumers
-// issue coalesced float4 atomics in the same fragment order.
+// fragment order (flash_bwd_postprocess_sm90.h un-permutes it). Each consumer warpgroup stores its
+// float32 dQ tile to shared memory with 128-bit stores, and warp 1 of the producer warpgroup adds
+// it to dq_accum with one bulk reduce-add (cp.reduce.async.bulk ... add.f32) per tile; dQFull/
+// dQEmpty named barriers give one step of slack, so consumers never wait on global memory. hdim
+// 256 (16 KB of shared memory left) passes each tile through in 4 rounds of a quarter tile
+// (kDqRounds), with one round of slack: a consumer waits until the writer's previous bulk add
+// has read its slot. Float4 atomics in the same fragment order remain for experiments
+// (FA3_BWD_DQ_ATOMIC): at hdim 256 they held L2 at 93-95% of its throughput (66% with the rounds).
 // Deterministic mode orders the dQ adds of the key blocks of one (query block, head) with a
 // semaphore: key block n adds only after blocks n_lo..n-1 have added, so the float sums are
 // bit-identical run to run. The dQ writer warp (or, with atomics, each consumer warpgroup) waits
-// on it before adding and releases it once its adds are complete in global memory.
+// on it before a tile's first add and releases it once all of the tile's adds are complete in
+// global memory.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -232,12 +235,30 @@ struct BwdTraitsSm90 {
     typename Pipeline::SharedStorage pipeline_do;
     cutlass::arch::ClusterTransactionBarrier barrier_kv;
   };
-  // dQ goes through shared memory and the writer warp's bulk reduce-add when its 32 KB (hdim 128)
-  // .. 48 KB (hdim 192) fit; hdim 256 (208 KB without it) falls back to float4 atomics.
+  // dQ goes through shared memory and the writer warp's bulk reduce-add. Each warpgroup's tile
+  // passes through in kDqRounds parts per step (one slot per warpgroup, kDqSlotFloats each):
+  // 1 where the whole tile fits, 32 KB (hdim 128) .. 48 KB (hdim 192); hdim 256 (208 KB without
+  // it) has 16 KB left, so its 2 x 32 KB go through 4 rounds of 2 x 8 KB. Measured at hdim 256
+  // against float4 atomics (H200, bf16, 16k tokens, scripts/dev_bwd.sh timing, 512..16k): full
+  // 224 264 301 321 335 341 -> 256 304 336 355 365 370 TFLOP/s, causal 159 213 262 298 329 345 ->
+  // 181 242 291 326 364 376 (h200_2026-11-22s7b_bwd256_dq_rounds.txt). Tried and slower there:
+  // one dO stage so that 2 rounds of 16 KB fit (full 306 at 4k: dO loads no longer hidden); the
+  // dQ GEMM in two column slices, each stored once done (337 against 345 at 4k); a ring of two
+  // 4 KB half slots per warpgroup on mbarriers, the writer one piece behind (329 against 350).
   // +1024: the dynamic shared memory base is rounded up to the 1024-byte swizzle alignment.
-  static constexpr bool kDqBulk =
-      int(sizeof(SharedStorageT<kBlockM * kHeadDim>)) + 1024 <= 227 * 1024;
-  using SharedStorage = SharedStorageT<kDqBulk ? kBlockM * kHeadDim : 0>;
+  // FA3_BWD_DQ_ATOMIC (experiments only) forces the float4 atomic path.
+  template <int kRounds>
+  static constexpr bool kDqFits = int(sizeof(SharedStorageT<kBlockM * kHeadDim / kRounds>)) + 1024 <= 227 * 1024;
+#ifdef FA3_BWD_DQ_ATOMIC
+  static constexpr int kDqRounds = 0;
+#else
+  static constexpr int kDqRounds = kDqFits<1> ? 1 : kDqFits<2> ? 2 : kDqFits<4> ? 4 : 0;
+#endif
+  static constexpr bool kDqBulk = kDqRounds > 0;
+  static constexpr int kDqSlotFloats = kDqBulk ? kDqWgFloats / kDqRounds : 0;
+  static_assert(!kDqBulk || kDqSlotFloats % (4 * cutlass::NumThreadsPerWarpGroup) == 0,
+                "a dQ slot holds whole float4s of every thread");
+  using SharedStorage = SharedStorageT<kNumMmaWG * kDqSlotFloats>;
   static_assert(kDqBulk || !kDqSplitM, "the atomic dQ path orders one 64-row block per CTA step");
   static constexpr int kSmemBytes = int(sizeof(SharedStorage)) + 1024;
   // The epilogue stages dK in the Q buffers and dV in the dO buffers (flash_bwd_kernel_sm90 end)
@@ -418,8 +439,9 @@ __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::Sh
                                          int n_block, int m_lo, int num_m, int n_iter, int q_row0,
                                          int diag_lo) {
   constexpr int kNumMmaWG = Tr::kNumMmaWG;
+  constexpr int kRounds = Tr::kDqRounds;
   constexpr int kBarThreads = cutlass::NumThreadsPerWarpGroup + cutlass::NumThreadsPerWarp;
-  constexpr uint32_t kWgBytes = Tr::kDqWgFloats * sizeof(float);
+  constexpr uint32_t kSlotBytes = Tr::kDqSlotFloats * sizeof(float);
   const bool lane0 = cute::elect_one_sync();
   for (int w = 0; w < kNumMmaWG; ++w) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(w));
   int h = hkv * p.group, m_block = m_lo;
@@ -436,32 +458,36 @@ __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::Sh
     }
     __syncwarp();  // reconverge before the named barriers
     CUTLASS_PRAGMA_UNROLL
-    for (int w = 0; w < kNumMmaWG; ++w) {
-      sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_full(w));
-      if (lane0) {
-        bulk_reduce_add_f32(dst + w * Tr::kDqWgFloats, ss.dq.data() + w * Tr::kDqWgFloats, kWgBytes);
-        bulk_commit_group();
+    for (int r = 0; r < kRounds; ++r) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 0; w < kNumMmaWG; ++w) {
+        sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_full(w));
+        if (lane0) {
+          bulk_reduce_add_f32(dst + w * Tr::kDqWgFloats + r * Tr::kDqSlotFloats, ss.dq.data() + w * Tr::kDqSlotFloats,
+                              kSlotBytes);
+          bulk_commit_group();
+        }
       }
-    }
-    const bool last = it + 1 == n_iter;
-    if (p.deterministic) {
-      if (lane0) {
-        bulk_wait_all();  // the adds are done in global memory, not only read from shared memory
-        fence_proxy_async_global();
-        red_release_add(sem, 1);
+      const bool last = it + 1 == n_iter && r + 1 == kRounds;
+      if (p.deterministic && r + 1 == kRounds) {
+        if (lane0) {
+          bulk_wait_all();  // the adds are done in global memory, not only read from shared memory
+          fence_proxy_async_global();
+          red_release_add(sem, 1);
+        }
+        __syncwarp();
+        if (!last) {
+          for (int w = 0; w < kNumMmaWG; ++w) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(w));
+        }
+      } else {
+        static_assert(kNumMmaWG == 2, "bulk group waits below are written for two consumer warpgroups");
+        if (lane0) bulk_wait_group_read<1>();
+        __syncwarp();
+        if (!last) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(0));
+        if (lane0) bulk_wait_group_read<0>();
+        __syncwarp();
+        if (!last) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(1));
       }
-      __syncwarp();
-      if (!last) {
-        for (int w = 0; w < kNumMmaWG; ++w) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(w));
-      }
-    } else {
-      static_assert(kNumMmaWG == 2, "bulk group waits below are written for two consumer warpgroups");
-      if (lane0) bulk_wait_group_read<1>();
-      __syncwarp();
-      if (!last) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(0));
-      if (lane0) bulk_wait_group_read<0>();
-      __syncwarp();
-      if (!last) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(1));
     }
     if (++m_block == m_lo + num_m) {
       m_block = m_lo;
@@ -569,10 +595,11 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       Tensor mQ = args.tma_q.get_tma_tensor(make_shape(p.seqlen_q, kHeadDim, p.heads_q, p.batch));
       Tensor mdO = args.tma_do.get_tma_tensor(make_shape(p.seqlen_q, kHeadDimV, p.heads_q, p.batch));
       auto state = cutlass::make_producer_start_state<Pipeline>();
+      // Query head and block of step it (it / num_m, it % num_m) as counters, not a division per
+      // step in the 24-register producer (at hdim 256 it still spills 4 bytes, one load a step).
+      int h = hkv * p.group, m_block = m_lo;
       CUTLASS_PRAGMA_NO_UNROLL
       for (int it = 0; it < n_iter; ++it) {
-        const int h = hkv * p.group + it / num_m;
-        const int m_block = m_lo + it % num_m;
         Tensor gQ = local_tile(domain_offset(make_coord(offset_q, _0{}), mQ(_, _, h, b)),
                                Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, _0{}));
         Tensor gdO = local_tile(domain_offset(make_coord(offset_q, _0{}), mdO(_, _, h, b)),
@@ -592,6 +619,10 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
         copy(args.tma_do.with(*bar_do, 0), tdOgdO, tdOsdO(_, stage));
         bulk_load_g2s(ss.dpsum.data() + stage * kBlockM, p.dpsum + row, kBlockM * sizeof(float), bar_do);
         ++state;
+        if (++m_block == m_lo + num_m) {
+          m_block = m_lo;
+          ++h;
+        }
       }
     } else if constexpr (Tr::kDqBulk) {
       if (threadIdx.x / cutlass::NumThreadsPerWarp == 1 && n_iter > 0) store_dq<Tr>(p, ss, b, hkv, n_block, m_lo, num_m, n_iter, q_row0, diag_lo);
@@ -860,13 +891,20 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       return make_float4(tdQrdQ(4 * j), tdQrdQ(4 * j + 1), tdQrdQ(4 * j + 2), tdQrdQ(4 * j + 3));
     };
     if constexpr (Tr::kDqBulk) {
+      // Chunks r * kSlotChunks .. of round r through this warpgroup's slot.
       constexpr int kBarThreads = cutlass::NumThreadsPerWarpGroup + cutlass::NumThreadsPerWarp;
-      const uint32_t sdq = cast_smem_ptr_to_uint(ss.dq.data() + wg * Tr::kDqWgFloats + 4 * wg_tid);
-      sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_empty(wg));  // the previous tile was read
+      constexpr int kSlotChunks = kDqChunks / Tr::kDqRounds;
+      const uint32_t sdq = cast_smem_ptr_to_uint(ss.dq.data() + wg * Tr::kDqSlotFloats + 4 * wg_tid);
       CUTLASS_PRAGMA_UNROLL
-      for (int j = 0; j < kDqChunks; ++j) st_shared_f32x4(sdq + j * 16 * cutlass::NumThreadsPerWarpGroup, dq_chunk(j));
-      cutlass::arch::fence_view_async_shared();  // visible to the bulk copy (async proxy)
-      sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_full(wg));
+      for (int r = 0; r < Tr::kDqRounds; ++r) {
+        sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_empty(wg));  // the previous round was read
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kSlotChunks; ++c) {
+          st_shared_f32x4(sdq + c * 16 * cutlass::NumThreadsPerWarpGroup, dq_chunk(r * kSlotChunks + c));
+        }
+        cutlass::arch::fence_view_async_shared();  // visible to the bulk copy (async proxy)
+        sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_full(wg));
+      }
     } else {
       float4* gdq = reinterpret_cast<float4*>(
                         p.dq_accum + ((int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + q_row0 + m0) * kHeadDim +
@@ -890,9 +928,12 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
         if (wg_tid == 0) red_release_add(sem, 1);
       }
     }
+    if constexpr (!Tr::kDkvRS) {
+      warpgroup_wait<1>();  // dV done: dO and dpsum of this stage are no longer read
+      pipeline_do.consumer_release(state);
+    }
     warpgroup_wait<0>();
     pipeline_q.consumer_release(state);  // Q and lse of this stage are no longer read
-    if constexpr (!Tr::kDkvRS) pipeline_do.consumer_release(state);
     ++state;
   }
 

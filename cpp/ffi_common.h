@@ -275,6 +275,17 @@ inline ffi::Error fill_seqused(ffi::AnyBuffer seqused_k, int64_t num_splits, Fwd
   return ffi::Error::Success();
 }
 
+// GQA rows packed by the caller (flash.h; Hopper KV cache only), after fill_fwd and
+// fill_seqused: q's rows are (position, head of a group) pairs, packed_group of them per position.
+inline ffi::Error fill_packed_group(int64_t packed_group, FwdParams* p) {
+  if (packed_group < 1 || p->seqlen_q % packed_group != 0 || p->heads_q != p->heads_kv)
+    return invalid("packed_group must be >= 1, divide seqlen_q (" + std::to_string(p->seqlen_q) +
+                   ") and come with heads_q == heads_kv (" + std::to_string(p->heads_q) + ", " +
+                   std::to_string(p->heads_kv) + "), got " + std::to_string(packed_group));
+  p->packed_group = packed_group;
+  return ffi::Error::Success();
+}
+
 // Paged K/V (flash.h, "Paged"), after fill_fwd(..., paged = true): page_table int32
 // [batch, max_pages_per_seq >= 1]; its values are not checked here (the kernels treat an index
 // outside [0, num_pages) as a page of zeros).

@@ -167,7 +167,8 @@ ffi::Error fwd_kvcache_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                             ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seqused_k,
                             ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                             ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
-                            float softcap, int64_t diag_lo, int64_t diag_hi, int64_t num_splits) {
+                            float softcap, int64_t diag_lo, int64_t diag_hi, int64_t num_splits,
+                            int64_t packed_group) {
   ScopedDevice scope(device);
   if (auto e = enter_device(scope, device); e.failure()) return e;
   count_call(stream);
@@ -175,6 +176,7 @@ ffi::Error fwd_kvcache_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
   if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
     return e;
   if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure()) return e;
+  if (auto e = ffi_util::fill_packed_group(packed_group, &p); e.failure()) return e;
   return launch_fwd(stream, device, p, out, lse, workspace);
 }
 
@@ -185,7 +187,7 @@ ffi::Error fwd_kvcache_paged_cuda(cudaStream_t stream, int32_t device, ffi::AnyB
                                   ffi::Result<ffi::AnyBuffer> lse,
                                   ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
                                   float softcap, int64_t diag_lo, int64_t diag_hi,
-                                  int64_t num_splits) {
+                                  int64_t num_splits, int64_t packed_group) {
   ScopedDevice scope(device);
   if (auto e = enter_device(scope, device); e.failure()) return e;
   count_call(stream);
@@ -195,6 +197,7 @@ ffi::Error fwd_kvcache_paged_cuda(cudaStream_t stream, int32_t device, ffi::AnyB
     return e;
   if (auto e = ffi_util::fill_paged(page_table, &p); e.failure()) return e;
   if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure()) return e;
+  if (auto e = ffi_util::fill_packed_group(packed_group, &p); e.failure()) return e;
   return launch_fwd(stream, device, p, out, lse, workspace);
 }
 
@@ -378,7 +381,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // lse
         .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
             FA3_JAX_MASK_ATTRS
-        .Attr<int64_t>("num_splits"),  // split-KV ranges (0: heuristic)
+        .Attr<int64_t>("num_splits")     // split-KV ranges (0: heuristic)
+        .Attr<int64_t>("packed_group"),  // GQA rows packed by the caller (1: none; flash.h)
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -395,7 +399,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<xla::ffi::AnyBuffer>()  // lse
         .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
             FA3_JAX_MASK_ATTRS
-        .Attr<int64_t>("num_splits"),
+        .Attr<int64_t>("num_splits")
+        .Attr<int64_t>("packed_group"),
     {xla::ffi::Traits::kCmdBufferCompatible});
 
 // The packed targets (varlen: cu_seqlens int32 [batch, num_seqs + 1]; segment ids: int32

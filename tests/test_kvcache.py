@@ -258,12 +258,17 @@ def test_long_rows_cpu():
 @pytest.mark.parametrize("heads,sq,seqlen_new,kw", [
     ((8, 2), 1, 1, "causal"),          # GQA, one query: packed group
     ((8, 1), 1, 7, "full"),            # MQA, 7 appended, packed
-    ((8, 2), 7, 7, "window"),          # 7 queries, window: unpacked
+    ((8, 2), 1, 1, "window"),          # one query, window: packed, masked by position
+    ((8, 2), 7, 7, "window"),          # 7 queries, window: 28 packed rows (q transposed)
+    ((8, 2), 4, 1, "causal"),          # speculative: 4 queries, causal rows by position
+    ((32, 2), 7, 7, "causal"),         # 112 packed rows of 16 heads a position
+    ((8, 1), 17, 1, "causal"),         # 136 rows would not fit one tile: unpacked
     ((4, 4), 1, 1, "window_softcap"),  # MHA, window and softcap
 ])
 def test_gpu_split_kv(num_splits, heads, sq, seqlen_new, kw):
     """Hopper split-KV over the cache: forced 1 and 3 splits and the heuristic, lengths 0 to
-    4097 in one batch (empty rows: out 0, lse -inf), GQA packing where it applies."""
+    4097 in one batch (empty rows: out 0, lse -inf; lengths below seqlen_q: causal rows that
+    see no key), GQA packing where it applies."""
     check(LONG, hq=heads[0], hkv=heads[1], d=128, dv=128, sq=sq, seqlen_new=seqlen_new,
           capacity=LONG_CAPACITY, num_splits=num_splits, dtype=jnp.bfloat16, atol=2e-2,
           lse_atol=2e-2, **KW[kw])
@@ -273,7 +278,8 @@ def test_gpu_split_kv(num_splits, heads, sq, seqlen_new, kw):
 @pytest.mark.parametrize("num_splits", [0, 1, 3])
 @pytest.mark.parametrize("page_size,heads,sq,seqlen_new,kw", [
     (128, (8, 2), 1, 1, "causal"),       # pages of one key block, packed GQA
-    (256, (8, 1), 7, 7, "window"),       # two blocks a page, unpacked
+    (256, (8, 1), 7, 7, "window"),       # two blocks a page, 56 packed rows
+    (16, (8, 2), 4, 1, "causal"),        # speculative on 16-row boxes, packed
     (16, (8, 2), 1, 7, "full"),          # 8 pages a block: one 16-row box each
     (64, (4, 4), 4, 1, "window_softcap"),
 ])

@@ -142,8 +142,9 @@ struct FwdTraits {
   using PipelineV = cutlass::PipelineTmaAsync<kStages>;
   using PipelineState = typename PipelineK::PipelineState;
 
+  // Split-KV tiles may hold GQA-packed rows of several query positions (mask.h, kGrouped).
   using Mask = cute::conditional_t<kSegments, SegmentBandMask<kBlockM, kBlockN>,
-                                   BandMask<kBlockM, kBlockN>>;
+                                   BandMask<kBlockM, kBlockN, kSplit>>;
 
   // O leaves through shared memory and one TMA store per consumer warpgroup (its 64 rows), which
   // runs while the warpgroup starts its next tile, where tile_size.h says so
@@ -312,8 +313,9 @@ struct FwdTraits {
       } else if constexpr (kSplit) {
         if (seqused_k) {  // the first len keys of the batch row, band bottom-right aligned to them
           int const len = min(max(__ldg(seqused_k + t.batch), 0), mask.seqlen_k);
-          m = {mask.seqlen_q, len, varlen_diag(varlen.diag_lo, mask.seqlen_q, len),
-               varlen_diag(varlen.diag_hi, mask.seqlen_q, len)};
+          int const positions = mask.seqlen_q / mask.rows_per_pos;  // GQA-packed: rows / group
+          m = {mask.seqlen_q, len, varlen_diag(varlen.diag_lo, positions, len),
+               varlen_diag(varlen.diag_hi, positions, len), mask.rows_per_pos};
         }
       } else if constexpr (kSegments) {
         SegmentRanges const r =

@@ -67,6 +67,10 @@ struct FwdTraits {
   // kSplit: the key length of a KV-cache call (seqused_k); decode-shaped calls are memory-bound,
   // so the register copy of the band that kDense avoids costs nothing measurable there.
   static constexpr bool kLocated = kVarlen || kSegments || kSplit;
+  // kSplit: the whole of warp 0 runs the producer (FwdMainloop::load), so that a key block of a
+  // paged cache with pages smaller than a block arrives as boxes issued by one lane each rather
+  // than one after the other by one thread (tile_size.h, kFwdPageRows).
+  static constexpr bool kProducerWarp = kSplit;
 
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>,
                 "fp16, bf16 or e4m3 inputs");

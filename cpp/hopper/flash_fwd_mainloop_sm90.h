@@ -74,7 +74,7 @@ struct FwdMainloop {
     // kProducerWarp: every lane of warp 0 runs this function; lane 0 (the leader) issues every
     // load but the page boxes and arrives on the barriers, the other lanes only keep the same
     // pipeline state. Otherwise thread 0 alone runs it.
-    bool const leader = !Traits::kProducerWarp || cute::canonical_lane_idx() == 0;
+    bool const leader = !Traits::kProducerWarp || cutlass::canonical_lane_idx() == 0;
 
     // Paged K/V (kSplit only): key block n is block n % page_blocks of the page the table names
     // (page_blocks > 0), or kBlockN / kPageRows boxes, box r from the page of its first key.
@@ -101,7 +101,7 @@ struct FwdMainloop {
           constexpr int kBoxes = kBlockN / kRows;
           static_assert(kBoxes <= 32, "one box per lane of the producer warp");
           __syncwarp();  // the leader's expect_tx first
-          int const r = cute::canonical_lane_idx();
+          int const r = cutlass::canonical_lane_idx();
           if (r < kBoxes) {
             int const key = n * kBlockN + r * kRows;
             Tensor s_boxes = local_tile(sX(_, _, slot), Box{},

@@ -281,13 +281,15 @@ def test_gpu_split_kv(num_splits, heads, sq, seqlen_new, kw):
     (256, (8, 1), 7, 7, "window"),       # two blocks a page, 56 packed rows
     (16, (8, 2), 4, 1, "causal"),        # speculative on 16-row boxes, packed
     (16, (8, 2), 1, 7, "full"),          # 8 pages a block: one 16-row box each
-    (64, (4, 4), 4, 1, "window_softcap"),
+    (64, (4, 4), 4, 1, "window_softcap"),  # 64-row boxes (kFwdPageRowsLarge)
+    (192, (8, 2), 4, 7, "causal"),       # 64-row boxes, blocks across page edges
+    (48, (8, 1), 1, 1, "window"),        # 16-row boxes, three a page
 ])
 def test_gpu_paged_kernel(num_splits, page_size, heads, sq, seqlen_new, kw):
-    """Hopper reading the pages itself (page_size a multiple of 16: whole blocks, or 16-row boxes
-    for smaller pages): shuffled pages, lengths 0 to 4097, forced splits."""
+    """Hopper reading the pages itself (page_size a multiple of 16: whole blocks, or 64- or
+    16-row boxes for smaller pages): shuffled pages, lengths 0 to 4097, forced splits."""
     check(LONG, hq=heads[0], hkv=heads[1], d=128, dv=128, sq=sq, seqlen_new=seqlen_new,
-          page_size=page_size, capacity=4352, num_splits=num_splits, dtype=jnp.bfloat16,
+          page_size=page_size, capacity=4608, num_splits=num_splits, dtype=jnp.bfloat16,
           atol=2e-2, lse_atol=2e-2, **KW[kw])
 
 

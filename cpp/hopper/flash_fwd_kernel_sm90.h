@@ -3,8 +3,9 @@
 // FwdEpilogue.
 //
 // 384 threads: warpgroup 0 produces (one thread issues every TMA, or with kProducerWarp warp 0
-// runs the producer, lanes issuing a paged block's boxes; one thread of warp 1 runs the
-// tile scheduler, the rest only give their registers back), warpgroups 1 and 2 consume 64 query rows each.
+// runs the producer, lanes issuing a paged block's boxes; one thread of warp 1 runs the tile
+// scheduler, the rest only give their registers back), warpgroups 1 and 2 consume 64 query rows
+// each.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>

@@ -87,37 +87,48 @@ struct FwdMainloop {
       int const page = __ldg(p.page_table + int64_t(t.batch) * p.page_table_stride + index);
       return page >= 0 && page < num_pages ? page : num_pages;
     };
-    constexpr int kRows = Traits::kPageRows;
+    // Key block n as kBlockN / rows boxes of `rows` rows (tma_page: its descriptor), lane r
+    // issuing box r (with its own page index load) after the leader's expect_tx.
+    auto load_boxes = [&](auto rows, auto const& tma_page, auto const& shape, auto const& sX,
+                          int slot, int n, uint64_t* bar) {
+      constexpr int kRows = decltype(rows)::value;
+      using Box = Shape<Int<kRows>, decltype(size<1>(sX))>;  // (kRows, D)
+      constexpr int kBoxes = kBlockN / kRows;
+      static_assert(kBoxes <= 32, "one box per lane of the producer warp");
+      __syncwarp();  // the leader's expect_tx first
+      int const r = cutlass::canonical_lane_idx();
+      if (r < kBoxes) {
+        int const key = n * kBlockN + r * kRows;
+        Tensor s_boxes = local_tile(sX(_, _, slot), Box{},
+                                    make_coord(_, _0{}));  // (kRows, D, kBoxes)
+        int const page = page_at(key / p.page_size);
+        Tensor g = local_tile(tma_page.get_tma_tensor(shape)(_, _, h_kv, page), Box{},
+                              make_coord(_, _0{}));  // (kRows, D, page_size / kRows)
+        auto [tg, ts] = tma_partition(tma_page, _0{}, Layout<_1>{}, group_modes<0, 2>(s_boxes),
+                                      group_modes<0, 2>(g));
+        copy(tma_page.with(*bar, 0), tg(_, (key % p.page_size) / kRows), ts(_, r));
+      }
+    };
     // One key block of K or V (tma, tile: its (N, D) block shape; sX: its whole ring; slot) on
     // barrier bar: contiguous, one TMA load of the block; pages of whole blocks, one TMA load
-    // from the block's page; smaller pages, kBlockN / kRows boxes of kRows rows, lane r issuing
-    // box r (with its own page index load) after the leader's expect_tx (kProducerWarp).
-    auto load_block = [&](auto const& tma, auto const& tma_page, auto const& shape,
-                          auto const& tile, auto const& sX, auto const& tXgX, auto const& tXsX,
-                          int slot, int n, uint64_t* bar) {
+    // from the block's page; smaller pages, boxes (load_boxes) of kPageRowsLarge rows where
+    // page_size is a multiple of it, else of kPageRows.
+    auto load_block = [&](auto const& tma, auto const& tma_page, auto const& tma_page_large,
+                          auto const& shape, auto const& tile, auto const& sX, auto const& tXgX,
+                          auto const& tXsX, int slot, int n, uint64_t* bar) {
       if constexpr (Traits::kSplit) {
         if (p.page_table && p.page_blocks == 0) {
-          using Box = Shape<Int<kRows>, decltype(get<1>(tile))>;  // (kRows, D)
-          constexpr int kBoxes = kBlockN / kRows;
-          static_assert(kBoxes <= 32, "one box per lane of the producer warp");
-          __syncwarp();  // the leader's expect_tx first
-          int const r = cutlass::canonical_lane_idx();
-          if (r < kBoxes) {
-            int const key = n * kBlockN + r * kRows;
-            Tensor s_boxes = local_tile(sX(_, _, slot), Box{},
-                                        make_coord(_, _0{}));  // (kRows, D, kBoxes)
-            Tensor g = local_tile(tma_page.get_tma_tensor(shape)(_, _, h_kv, page_at(key / p.page_size)),
-                                  Box{}, make_coord(_, _0{}));  // (kRows, D, page_size / kRows)
-            auto [tg, ts] = tma_partition(tma_page, _0{}, Layout<_1>{}, group_modes<0, 2>(s_boxes),
-                                          group_modes<0, 2>(g));
-            copy(tma_page.with(*bar, 0), tg(_, (key % p.page_size) / kRows), ts(_, r));
-          }
+          if (p.page_size % Traits::kPageRowsLarge == 0)
+            load_boxes(Int<Traits::kPageRowsLarge>{}, tma_page_large, shape, sX, slot, n, bar);
+          else
+            load_boxes(Int<Traits::kPageRows>{}, tma_page, shape, sX, slot, n, bar);
           return;
         }
         if (p.page_table) {
           if (leader) {
-            Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, h_kv, page_at(n / p.page_blocks)),
-                                  tile, make_coord(_, _0{}));  // (N, D, page_blocks)
+            int const page = page_at(n / p.page_blocks);
+            Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, h_kv, page), tile,
+                                  make_coord(_, _0{}));  // (N, D, page_blocks)
             auto tp = tma_partition(tma, _0{}, Layout<_1>{}, group_modes<0, 2>(sX),
                                     group_modes<0, 2>(g));
             copy(tma.with(*bar, 0), get<0>(tp)(_, n % p.page_blocks), tXsX(_, slot));
@@ -129,8 +140,9 @@ struct FwdMainloop {
     };
     auto load_k = [&](int n) {
       pipe_k.producer_acquire(write);
-      load_block(p.tma_k, p.tma_k_page, p.shape_k, select<1, 2>(typename Traits::TileShapeQK{}),
-                 sK, tKgK, tKsK, write.index(), n, pipe_k.producer_get_barrier(write));
+      load_block(p.tma_k, p.tma_k_page, p.tma_k_page_large, p.shape_k,
+                 select<1, 2>(typename Traits::TileShapeQK{}), sK, tKgK, tKsK, write.index(), n,
+                 pipe_k.producer_get_barrier(write));
     };
     // V of block n goes to the slot K of block n used, one step behind `write`; deriving that
     // state instead of keeping a second one saves registers (the producer has only 24).
@@ -139,8 +151,9 @@ struct FwdMainloop {
       PipelineState const st(wrap ? Traits::kStages - 1 : write.index() - 1,
                              wrap ? write.phase() ^ 1 : write.phase(), 0);
       pipe_v.producer_acquire(st);
-      load_block(p.tma_v, p.tma_v_page, p.shape_v, typename Traits::TileShapeVLoad{}, sV, tVgV,
-                 tVsV, st.index(), n, pipe_v.producer_get_barrier(st));
+      load_block(p.tma_v, p.tma_v_page, p.tma_v_page_large, p.shape_v,
+                 typename Traits::TileShapeVLoad{}, sV, tVgV, tVsV, st.index(), n,
+                 pipe_v.producer_get_barrier(st));
     };
 
     // Q of the previous tile must be dead (its last S WGMMA retired) before it is overwritten.

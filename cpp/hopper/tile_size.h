@@ -164,6 +164,9 @@ inline constexpr int kMinBlocksPerSplit = 4;
 // contiguous view first). 16: the smallest box whose shared-memory offset keeps the 128-byte
 // swizzle pattern (8 rows of 128 bytes) aligned for every head dim; block_n is a multiple of it.
 inline constexpr int kFwdPageRows = 16;
+// Pages of a multiple of kFwdPageRowsLarge rows (still smaller than a block) arrive in boxes of
+// that many rows where block_n is a multiple of it: a quarter of the TMA loads of 16-row boxes.
+inline constexpr int kFwdPageRowsLarge = 64;
 inline constexpr int kMaxSplits = 128;
 
 constexpr int fwd_num_splits(int num_tiles, int num_n_blocks, int num_sms) {

@@ -209,27 +209,21 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     if (paged && kp.page_blocks == 0) {
       // Pages smaller than a block: boxes of kPageRowsLarge rows where the page size allows,
       // else of kPageRows (FwdMainloop::load makes the same choice).
-      auto page_tma = [&](auto rows, auto smem_ring, auto dim, void const* ptr,
-                          ShapeQKV const& shape, StrideQKV const& stride) {
-        constexpr int kRows = decltype(rows)::value, kDim = decltype(dim)::value;
-        using Ring = decltype(smem_ring);
-        using SmemBox = typename Traits::template SmemLayoutPageT<kRows, Ring, kDim>;
-        return make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(ptr), shape, stride), SmemBox{},
-                             Shape<Int<kRows>, Int<kDim>>{}, _1{});
-      };
-      using SmemK = typename Traits::SmemLayoutK;
-      using SmemV = typename Traits::SmemLayoutV;
       constexpr int kLarge = Traits::kPageRowsLarge, kSmall = Traits::kPageRows;
+      Tensor const k_pool = make_tensor(gmem(p.k), kp.shape_k, stride_k);
+      Tensor const v_pool = make_tensor(gmem(p.v), kp.shape_v, stride_v);
       if (p.page_size % kLarge == 0) {
-        kp.tma_k_page_large =
-            page_tma(Int<kLarge>{}, SmemK{}, Int<kHeadDim>{}, p.k, kp.shape_k, stride_k);
-        kp.tma_v_page_large =
-            page_tma(Int<kLarge>{}, SmemV{}, Int<kHeadDimV>{}, p.v, kp.shape_v, stride_v);
+        kp.tma_k_page_large = make_tma_copy(SM90_TMA_LOAD{}, k_pool,
+                                            typename Traits::SmemLayoutKPageLarge{},
+                                            Shape<Int<kLarge>, Int<kHeadDim>>{}, _1{});
+        kp.tma_v_page_large = make_tma_copy(SM90_TMA_LOAD{}, v_pool,
+                                            typename Traits::SmemLayoutVPageLarge{},
+                                            Shape<Int<kLarge>, Int<kHeadDimV>>{}, _1{});
       } else {
-        kp.tma_k_page =
-            page_tma(Int<kSmall>{}, SmemK{}, Int<kHeadDim>{}, p.k, kp.shape_k, stride_k);
-        kp.tma_v_page =
-            page_tma(Int<kSmall>{}, SmemV{}, Int<kHeadDimV>{}, p.v, kp.shape_v, stride_v);
+        kp.tma_k_page = make_tma_copy(SM90_TMA_LOAD{}, k_pool, typename Traits::SmemLayoutKPage{},
+                                      Shape<Int<kSmall>, Int<kHeadDim>>{}, _1{});
+        kp.tma_v_page = make_tma_copy(SM90_TMA_LOAD{}, v_pool, typename Traits::SmemLayoutVPage{},
+                                      Shape<Int<kSmall>, Int<kHeadDimV>>{}, _1{});
       }
     }
   }

@@ -239,6 +239,10 @@ struct FwdTraits {
   using TmaPageT = decltype(make_tma_copy(SM90_TMA_LOAD{}, GmemTensorQKV{},
                                           SmemLayoutPageT<kRows, SmemLayout, kDim>{},
                                           Shape<Int<kRows>, Int<kDim>>{}, _1{}));
+  using SmemLayoutKPage = SmemLayoutPageT<kPageRows, SmemLayoutK, kHeadDim>;
+  using SmemLayoutVPage = SmemLayoutPageT<kPageRows, SmemLayoutV, kHeadDimV>;
+  using SmemLayoutKPageLarge = SmemLayoutPageT<kPageRowsLarge, SmemLayoutK, kHeadDim>;
+  using SmemLayoutVPageLarge = SmemLayoutPageT<kPageRowsLarge, SmemLayoutV, kHeadDimV>;
   using TmaKPage = TmaPageT<kPageRows, SmemLayoutK, kHeadDim>;
   using TmaVPage = TmaPageT<kPageRows, SmemLayoutV, kHeadDimV>;
   using TmaKPageLarge = TmaPageT<kPageRowsLarge, SmemLayoutK, kHeadDim>;

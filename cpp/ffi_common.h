@@ -278,10 +278,12 @@ inline ffi::Error fill_seqused(ffi::AnyBuffer seqused_k, int64_t num_splits, Fwd
 // GQA rows packed by the caller (flash.h; Hopper KV cache only), after fill_fwd and
 // fill_seqused: q's rows are (position, head of a group) pairs, packed_group of them per position.
 inline ffi::Error fill_packed_group(int64_t packed_group, FwdParams* p) {
-  if (packed_group < 1 || p->seqlen_q % packed_group != 0 || p->heads_q != p->heads_kv)
-    return invalid("packed_group must be >= 1, divide seqlen_q (" + std::to_string(p->seqlen_q) +
-                   ") and come with heads_q == heads_kv (" + std::to_string(p->heads_q) + ", " +
-                   std::to_string(p->heads_kv) + "), got " + std::to_string(packed_group));
+  if (packed_group < 1 ||
+      (packed_group > 1 && (p->seqlen_q % packed_group != 0 || p->heads_q != p->heads_kv)))
+    return invalid("packed_group must be 1, or > 1 dividing seqlen_q (" +
+                   std::to_string(p->seqlen_q) + ") with heads_q == heads_kv (" +
+                   std::to_string(p->heads_q) + ", " + std::to_string(p->heads_kv) + "), got " +
+                   std::to_string(packed_group));
   p->packed_group = packed_group;
   return ffi::Error::Success();
 }

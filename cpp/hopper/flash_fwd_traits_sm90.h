@@ -69,7 +69,8 @@ struct FwdTraits {
   static constexpr bool kLocated = kVarlen || kSegments || kSplit;
   // kSplit: the whole of warp 0 runs the producer (FwdMainloop::load), so that a key block of a
   // paged cache with pages smaller than a block arrives as boxes issued by one lane each rather
-  // than one after the other by one thread (tile_size.h, kFwdPageRows).
+  // than one after the other by one thread: pages of 16, 8 x 16k, seqlen_q 4, 1.96 -> 3.25
+  // TB/s on H200 (tile_size.h, kFwdPageRows); contiguous rows unchanged within 1%.
   static constexpr bool kProducerWarp = kSplit;
 
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>,

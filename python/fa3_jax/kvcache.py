@@ -7,13 +7,14 @@ caller donates the cache under ``jax.jit``; attention then runs on the KV-cache 
 (``fa3_fwd_kvcache``): the dense forward over the cache with ``seqused_k[b] = cache_seqlens[b] +
 seqlen_new``, the keys used by batch row b (cpp/flash.h, "Used key lengths"), so keys past a
 row's length are never loaded and no mask is materialised. On Hopper it is the split-KV kernel
-(Flash-Decoding), with the query heads of a GQA group packed into one tile when seqlen_q is 1 and
-no window cuts the keys; ``num_splits`` picks the split count.
+(Flash-Decoding), with the query heads of a GQA group packed into one tile under any band
+(seqlen_q > 1 too, while seqlen_q * group <= 128: the kernel masks packed rows by position);
+``num_splits`` picks the split count.
 
 Paged caches whose page_size is a multiple of 16 (``_ffi.fwd_page_rows``) are read in place
 (``fa3_fwd_kvcache_paged``; the CPU backend reads the same pages): the Hopper kernel looks each
 key block's page up in the page table and loads it with one TMA load, or, for pages smaller than
-a block, one 16-row box per page piece. Other page sizes take an interim path: the pages of each
+a block, one box per page piece (64 rows where page_size is a multiple of 64, else 16). Other page sizes take an interim path: the pages of each
 row are gathered into a contiguous ``[batch, max_pages_per_seq * page_size, ...]`` view before
 the kernel (one extra read and write of the gathered pages).
 """

@@ -212,6 +212,7 @@ def test_bad_metadata_stays_in_bounds(page_size):
     lengths = [-5, 2000, 2 ** 31 - 1, -(2 ** 31), 1020, 1010]
     if not page_size:
         check(lengths, sq=4, seqlen_new=7)
+        check(lengths, sq=4, seqlen_new=0)  # no append: the kernel clamps the lengths itself
         return
     lengths = jnp.asarray(lengths, jnp.int32)
     k_cache, v_cache, page_table = make_cache(lengths, 2, 32, 24, page_size)
@@ -315,6 +316,15 @@ def test_gpu_paged_bad_pages(page_size):
         assert not np.isnan(out).any()
         assert np.max(np.abs(out - ref)) <= 2e-2
         assert np.max(np.abs(np.asarray(lse) - ref_lse)) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_gpu_bad_lengths_no_append(page_size):
+    """Without an append the lengths reach the kernel unclipped (python/fa3_jax/kvcache.py): it
+    clamps them to [0, capacity] as the CPU backend and the reference do."""
+    check([-5, 2000, 2 ** 31 - 1, -(2 ** 31), 1020, 1010], hq=8, hkv=2, d=128, dv=128, sq=4,
+          seqlen_new=0, page_size=page_size, dtype=jnp.bfloat16, atol=2e-2, lse_atol=2e-2)
 
 
 @pytest.mark.gpu

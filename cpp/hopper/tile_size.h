@@ -153,7 +153,9 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 //    one full wave beats two). Measured on H200 (bf16, hdim 128, GQA 32/8 packed, forced split
 //    counts, 2026-11-22), K/V TB/s: 8x4k s=2 3.64 (s=4 3.29, s=8 2.99); 8x16k s=2 4.35
 //    (s=4 4.21, s=16 3.88); 1x128k s=16 4.27, s=15 4.20 (the 90% rule's pick), s=33 3.91
-//    (two exact waves), s=64 3.47.
+//    (two exact waves), s=64 3.47. The KV cache (h200_2026-11-22s7k_kvcache_decode.txt): 8x4k
+//    s=2 3.48 (s=1 2.48, s=3 2.77, s=4 3.24); 1x128k s=16 4.14 (s=12 3.69, s=20 2.80, s=24
+//    3.21, s=32 3.79).
 //  - Each split keeps at least kMinBlocksPerSplit key blocks, so the pipeline fill and the
 //    partial epilogue stay small next to its loads; at most kMaxSplits ranges per tile.
 //  - The split kernel keeps the dense tile's 2 K/V stages: 3 stages at hdim 128 (224 KB) read
@@ -173,7 +175,7 @@ inline constexpr int kMinBlocksPerSplit = 4;
 // h200_2026-11-22s7k_kvcache_decode.txt): one thread issuing 16-row boxes, pages of 16 1.96 /
 // 1.94 and 64 2.04 / 1.99 (contiguous 4.09 / 3.94); a box per lane, pages of 16 3.25 / 3.20;
 // a 64-row box per lane, pages of 64 3.92 / 3.77. At seqlen_q 1 (8 x 4k .. 64 x 8k): pages of
-// 16 2.91-3.59, of 64 3.28-4.33, 0.79-0.85x and 0.95-0.98x the contiguous cache.
+// 16 2.99-3.60, of 64 3.36-4.34, 0.79-0.85x and 0.95-0.98x the contiguous cache.
 inline constexpr int kFwdPageRows = 16;
 inline constexpr int kFwdPageRowsLarge = 64;
 inline constexpr int kMaxSplits = 128;

@@ -154,6 +154,25 @@ inline ffi::Error fill_fp8_descales(ffi::AnyBuffer descale_q, ffi::AnyBuffer des
   return ffi::Error::Success();
 }
 
+// Every param of an FP8 forward call: q, k, v (float8_e4m3fn), the checked outputs (out
+// bfloat16) and the descales.
+inline ffi::Error fill_fwd_fp8(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                               ffi::AnyBuffer descale_q, ffi::AnyBuffer descale_k,
+                               ffi::AnyBuffer descale_v, ffi::AnyBuffer* out, ffi::AnyBuffer* lse,
+                               float softmax_scale, float softcap, int64_t diag_lo,
+                               int64_t diag_hi, int64_t block_q, int64_t block_k, FwdParams* p) {
+  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, p, /*fp8=*/true);
+      e.failure())
+    return e;
+  if (auto e = fill_fwd_outputs(*p, out, lse); e.failure()) return e;
+  if (auto e = fill_fp8_descales(descale_q, descale_k, descale_v, block_q, block_k, *out, p);
+      e.failure())
+    return e;
+  p->out = out->untyped_data();
+  p->lse = static_cast<float*>(lse->untyped_data());
+  return ffi::Error::Success();
+}
+
 // FP8 quantization (flash.h): x [batch, seqlen, heads, head_dim] float32/float16/bfloat16;
 // signs float32 [batch, head_dim], read only when `hadamard` (head_dim a power of two); x8
 // float8_e4m3fn like x; descale float32 [batch, heads, ceil(seqlen / block_rows)], or
@@ -320,6 +339,19 @@ inline ffi::Error fill_segments(ffi::AnyBuffer q_ids, ffi::AnyBuffer kv_ids, Fwd
   return ffi::Error::Success();
 }
 
+// Packed sequences (flash.h): two int32 metadata operands after the dense inputs, either
+// cu_seqlens (varlen) or segment ids. One handler per direction and platform serves both.
+enum class Packing { kVarlen, kSegments };
+
+template <Packing kPacking>
+ffi::Error fill_packing(ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k, int64_t max_seqlen_q,
+                        int64_t max_seqlen_k, FwdParams* p) {
+  if constexpr (kPacking == Packing::kVarlen)
+    return fill_varlen(meta_q, meta_k, max_seqlen_q, max_seqlen_k, p);
+  else
+    return fill_segments(meta_q, meta_k, p);  // segment calls ignore max_seqlen_*
+}
+
 }  // namespace fa3::ffi_util
 
 // The attribute list shared by both directions and both platforms, in binding order:
@@ -332,3 +364,110 @@ inline ffi::Error fill_segments(ffi::AnyBuffer q_ids, ffi::AnyBuffer kv_ids, Fwd
       .Attr<float>("softcap")               \
       .Attr<int64_t>("diag_lo")             \
       .Attr<int64_t>("diag_hi")
+
+// The bindings, one per target and shared by both platforms, in the order the Python lowering
+// (_primitives.py) passes operands and attributes. CTX: what the platform's handler takes before
+// the operands (the CUDA stream and device; nothing on the CPU); WS: what it returns after the
+// outputs (the CUDA workspace, a uint8 buffer XLA allocates; nothing on the CPU). Either may be
+// an empty macro argument.
+//
+// Dense forward: q, k, v -> out, lse.
+#define FA3_JAX_BIND_FWD(CTX, WS)                                                   \
+  xla::ffi::Ffi::Bind() CTX                                                         \
+      .Arg<xla::ffi::AnyBuffer>() /* q [batch, seqlen_q, heads_q, head_dim] */      \
+      .Arg<xla::ffi::AnyBuffer>() /* k [batch, seqlen_k, heads_kv, head_dim] */     \
+      .Arg<xla::ffi::AnyBuffer>() /* v [batch, seqlen_k, heads_kv, head_dim_v] */   \
+      .Ret<xla::ffi::AnyBuffer>() /* out [batch, seqlen_q, heads_q, head_dim_v] */  \
+      .Ret<xla::ffi::AnyBuffer>() /* lse [batch, heads_q, seqlen_q] float32 */ WS   \
+          FA3_JAX_MASK_ATTRS
+
+// KV cache, contiguous: the dense forward plus per-row key lengths; num_splits 0 is the
+// heuristic (the CPU computes without splitting); packed_group > 1: q's rows are GQA-packed by
+// the caller (flash.h; Hopper only, the CPU takes 1).
+#define FA3_JAX_BIND_FWD_KVCACHE(CTX, WS)                                           \
+  xla::ffi::Ffi::Bind() CTX                                                         \
+      .Arg<xla::ffi::AnyBuffer>() /* q */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* k, the cache [batch, seqlen_k, heads_kv, d] */ \
+      .Arg<xla::ffi::AnyBuffer>() /* v */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* seqused_k int32 [batch]: keys used per row */  \
+      .Ret<xla::ffi::AnyBuffer>() /* out */                                         \
+      .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                      \
+          FA3_JAX_MASK_ATTRS.Attr<int64_t>("num_splits").Attr<int64_t>("packed_group")
+
+// KV cache, paged: k and v are page pools, rows reach them through the page table.
+#define FA3_JAX_BIND_FWD_KVCACHE_PAGED(CTX, WS)                                         \
+  xla::ffi::Ffi::Bind() CTX                                                             \
+      .Arg<xla::ffi::AnyBuffer>() /* q */                                               \
+      .Arg<xla::ffi::AnyBuffer>() /* k pool [num_pages, page_size, heads_kv, d] */      \
+      .Arg<xla::ffi::AnyBuffer>() /* v pool [num_pages, page_size, heads_kv, d_v] */    \
+      .Arg<xla::ffi::AnyBuffer>() /* seqused_k int32 [batch] */                         \
+      .Arg<xla::ffi::AnyBuffer>() /* page_table int32 [batch, max_pages_per_seq] */     \
+      .Ret<xla::ffi::AnyBuffer>() /* out */                                             \
+      .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                          \
+          FA3_JAX_MASK_ATTRS.Attr<int64_t>("num_splits").Attr<int64_t>("packed_group")
+
+// Packed forward (varlen or segment ids, fill_packing): the dense operands, then the metadata.
+// max_seqlen_*: bounds on every sequence (varlen grid sizes; segment calls bind zeros).
+#define FA3_JAX_BIND_FWD_PACKED(CTX, WS)                                            \
+  xla::ffi::Ffi::Bind() CTX                                                         \
+      .Arg<xla::ffi::AnyBuffer>() /* q */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* k */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* v */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */               \
+      .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */              \
+      .Ret<xla::ffi::AnyBuffer>() /* out */                                         \
+      .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                      \
+          FA3_JAX_MASK_ATTRS.Attr<int64_t>("max_seqlen_q").Attr<int64_t>("max_seqlen_k")
+
+// FP8 forward: float8_e4m3fn q, k, v with float32 descales (flash.h, "FP8"); out bfloat16.
+#define FA3_JAX_BIND_FWD_FP8(CTX, WS)                                                   \
+  xla::ffi::Ffi::Bind() CTX                                                             \
+      .Arg<xla::ffi::AnyBuffer>() /* q float8_e4m3fn */                                 \
+      .Arg<xla::ffi::AnyBuffer>() /* k float8_e4m3fn */                                 \
+      .Arg<xla::ffi::AnyBuffer>() /* v float8_e4m3fn */                                 \
+      .Arg<xla::ffi::AnyBuffer>() /* descale_q float32 (per tensor or per block) */     \
+      .Arg<xla::ffi::AnyBuffer>() /* descale_k float32 */                               \
+      .Arg<xla::ffi::AnyBuffer>() /* descale_v float32 */                               \
+      .Ret<xla::ffi::AnyBuffer>() /* out bfloat16 */                                    \
+      .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                          \
+          FA3_JAX_MASK_ATTRS                                                            \
+      .Attr<int64_t>("descale_block_q") /* query rows per descale block, 0: per tensor */ \
+      .Attr<int64_t>("descale_block_k") /* keys per descale block, 0: per tensor */
+
+// FP8 quantization of one tensor (flash.h): x -> x8 and its descales.
+#define FA3_JAX_BIND_FP8_QUANTIZE(CTX, WS)                                                \
+  xla::ffi::Ffi::Bind() CTX                                                               \
+      .Arg<xla::ffi::AnyBuffer>() /* x [batch, seqlen, heads, head_dim] f32/f16/bf16 */   \
+      .Arg<xla::ffi::AnyBuffer>() /* signs float32 [batch, head_dim] (with hadamard) */   \
+      .Ret<xla::ffi::AnyBuffer>() /* x8 float8_e4m3fn, like x */                          \
+      .Ret<xla::ffi::AnyBuffer>() /* descale float32 */ WS                                \
+      .Attr<int64_t>("block_rows") /* rows per descale block; 0: per (batch, kv head) */  \
+      .Attr<int64_t>("heads_kv")   /* descale groups of heads / heads_kv (block_rows 0) */ \
+      .Attr<bool>("hadamard")      /* the random-sign Hadamard transform first */
+
+// Dense backward: q, k, v, the forward's out and lse, dout, dlse (zeros when unused) -> dq, dk,
+// dv; deterministic: bit-identical gradients run to run.
+#define FA3_JAX_BIND_BWD_OPERANDS(CTX)                                              \
+  xla::ffi::Ffi::Bind() CTX                                                         \
+      .Arg<xla::ffi::AnyBuffer>() /* q */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* k */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* v */                                           \
+      .Arg<xla::ffi::AnyBuffer>() /* out (forward's) */                             \
+      .Arg<xla::ffi::AnyBuffer>() /* lse (forward's) */                             \
+      .Arg<xla::ffi::AnyBuffer>() /* dout */                                        \
+      .Arg<xla::ffi::AnyBuffer>() /* dlse, cotangent of lse */
+#define FA3_JAX_BIND_BWD_RESULTS(WS)                                                \
+  .Ret<xla::ffi::AnyBuffer>() /* dq */                                              \
+      .Ret<xla::ffi::AnyBuffer>() /* dk */                                          \
+      .Ret<xla::ffi::AnyBuffer>() /* dv */ WS FA3_JAX_MASK_ATTRS.Attr<bool>("deterministic")
+#define FA3_JAX_BIND_BWD(CTX, WS) FA3_JAX_BIND_BWD_OPERANDS(CTX) FA3_JAX_BIND_BWD_RESULTS(WS)
+
+// Packed backward: the dense operands, the metadata, the dense results and attributes, then
+// the max_seqlen bounds.
+#define FA3_JAX_BIND_BWD_PACKED(CTX, WS)                                            \
+  FA3_JAX_BIND_BWD_OPERANDS(CTX)                                                    \
+      .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */               \
+      .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */              \
+      FA3_JAX_BIND_BWD_RESULTS(WS)                                                  \
+      .Attr<int64_t>("max_seqlen_q")                                                \
+      .Attr<int64_t>("max_seqlen_k")

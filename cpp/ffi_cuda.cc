@@ -29,6 +29,8 @@ namespace ffi = xla::ffi;
 using ffi_util::fill_bwd;
 using ffi_util::fill_fwd;
 using ffi_util::fill_fwd_outputs;
+using ffi_util::fill_packing;
+using ffi_util::Packing;
 using ffi_util::invalid;
 
 // Handler executions, and those that ran while XLA was capturing the stream into a command buffer
@@ -129,36 +131,56 @@ ffi::Error launch_fwd(cudaStream_t stream, int32_t device, FwdParams& p,
   return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
 }
 
+// Every handler: the device made current and checked, the call counted, then `body`.
+template <class Body>
+ffi::Error on_device(cudaStream_t stream, int32_t device, Body&& body) {
+  ScopedDevice scope(device);
+  if (auto e = enter_device(scope, device); e.failure()) return e;
+  count_call(stream);
+  return body();
+}
+
+// A 16-bit forward: the dense params, then `extra` (the operands of a packed or KV-cache call),
+// then launch_fwd. `paged`: k and v are page pools.
+template <class Extra>
+ffi::Error fwd_call(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                    ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer>& out,
+                    ffi::Result<ffi::AnyBuffer>& lse, ffi::Result<ffi::AnyBuffer>& workspace,
+                    float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
+                    bool paged, Extra&& extra) {
+  return on_device(stream, device, [&] {
+    FwdParams p;
+    if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, false, paged);
+        e.failure())
+      return e;
+    if (auto e = extra(p); e.failure()) return e;
+    return launch_fwd(stream, device, p, out, lse, workspace);
+  });
+}
+
+ffi::Error no_extra(FwdParams&) { return ffi::Error::Success(); }
+
 ffi::Error fwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
                     ffi::AnyBuffer v, ffi::Result<ffi::AnyBuffer> out,
                     ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
                     float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  FwdParams p;
-  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
-    return e;
-  return launch_fwd(stream, device, p, out, lse, workspace);
+  return fwd_call(stream, device, q, k, v, out, lse, workspace, softmax_scale, softcap, diag_lo,
+                  diag_hi, false, no_extra);
 }
 
-// Varlen: cu_seqlens stay on the device (the kernels clamp them, flash.h); only their shape is
-// checked here.
-ffi::Error fwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
-                           ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer cu_q,
-                           ffi::AnyBuffer cu_k, ffi::Result<ffi::AnyBuffer> out,
+// Packed (ffi_util::fill_packing): cu_seqlens or segment ids stay on the device (the kernels
+// clamp cu_seqlens, flash.h; the ids' values are the mask); only their shapes are checked here.
+template <Packing kPacking>
+ffi::Error fwd_packed_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+                           ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer meta_q,
+                           ffi::AnyBuffer meta_k, ffi::Result<ffi::AnyBuffer> out,
                            ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
                            float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
                            int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  FwdParams p;
-  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
-    return e;
-  if (auto e = ffi_util::fill_varlen(cu_q, cu_k, max_seqlen_q, max_seqlen_k, &p); e.failure())
-    return e;
-  return launch_fwd(stream, device, p, out, lse, workspace);
+  return fwd_call(stream, device, q, k, v, out, lse, workspace, softmax_scale, softcap, diag_lo,
+                  diag_hi, false, [&](FwdParams& p) {
+                    return fill_packing<kPacking>(meta_q, meta_k, max_seqlen_q, max_seqlen_k, &p);
+                  });
 }
 
 // KV cache: seqused_k stays on the device (the kernel clamps it, flash.h); only its shape is
@@ -169,15 +191,12 @@ ffi::Error fwd_kvcache_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                             ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
                             float softcap, int64_t diag_lo, int64_t diag_hi, int64_t num_splits,
                             int64_t packed_group) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  FwdParams p;
-  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
-    return e;
-  if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure()) return e;
-  if (auto e = ffi_util::fill_packed_group(packed_group, &p); e.failure()) return e;
-  return launch_fwd(stream, device, p, out, lse, workspace);
+  return fwd_call(stream, device, q, k, v, out, lse, workspace, softmax_scale, softcap, diag_lo,
+                  diag_hi, false, [&](FwdParams& p) {
+                    if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure())
+                      return e;
+                    return ffi_util::fill_packed_group(packed_group, &p);
+                  });
 }
 
 // Paged KV cache: the page table stays on the device too (out-of-range pages read as zeros).
@@ -188,36 +207,13 @@ ffi::Error fwd_kvcache_paged_cuda(cudaStream_t stream, int32_t device, ffi::AnyB
                                   ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
                                   float softcap, int64_t diag_lo, int64_t diag_hi,
                                   int64_t num_splits, int64_t packed_group) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  FwdParams p;
-  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, false, true);
-      e.failure())
-    return e;
-  if (auto e = ffi_util::fill_paged(page_table, &p); e.failure()) return e;
-  if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure()) return e;
-  if (auto e = ffi_util::fill_packed_group(packed_group, &p); e.failure()) return e;
-  return launch_fwd(stream, device, p, out, lse, workspace);
-}
-
-// Segment ids: the ids stay on the device (their values are the mask, not shapes); only their
-// shapes are checked here. max_seqlen_* are bound for symmetry with the CPU target and unused.
-ffi::Error fwd_segments_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
-                             ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer q_ids,
-                             ffi::AnyBuffer kv_ids, ffi::Result<ffi::AnyBuffer> out,
-                             ffi::Result<ffi::AnyBuffer> lse,
-                             ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
-                             float softcap, int64_t diag_lo, int64_t diag_hi, int64_t,
-                             int64_t) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  FwdParams p;
-  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
-    return e;
-  if (auto e = ffi_util::fill_segments(q_ids, kv_ids, &p); e.failure()) return e;
-  return launch_fwd(stream, device, p, out, lse, workspace);
+  return fwd_call(stream, device, q, k, v, out, lse, workspace, softmax_scale, softcap, diag_lo,
+                  diag_hi, true, [&](FwdParams& p) {
+                    if (auto e = ffi_util::fill_paged(page_table, &p); e.failure()) return e;
+                    if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure())
+                      return e;
+                    return ffi_util::fill_packed_group(packed_group, &p);
+                  });
 }
 
 // FP8 forward: float8_e4m3fn q, k, v with float32 descales (flash.h, "FP8"); out bfloat16. The
@@ -228,28 +224,22 @@ ffi::Error fwd_fp8_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, f
                         ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> workspace,
                         float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
                         int64_t descale_block_q, int64_t descale_block_k) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  FwdParams p;
-  if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, /*fp8=*/true);
-      e.failure())
-    return e;
-  if (auto e = fill_fwd_outputs(p, &*out, &*lse); e.failure()) return e;
-  if (auto e = ffi_util::fill_fp8_descales(descale_q, descale_k, descale_v, descale_block_q,
-                                           descale_block_k, *out, &p);
-      e.failure())
-    return e;
-  p.out = out->untyped_data();
-  p.lse = static_cast<float*>(lse->untyped_data());
-  if (!sm90_supports_fwd(p))
-    return invalid("this build has no Hopper FP8 forward kernel for " + hdim_str(p) +
-                   " (FP8 takes head_dim == head_dim_v in {64, 128, 256}, built ones only), or "
-                   "the per-block descales are not on the kernel's tiles (descale_block_q, "
-                   "descale_block_k = " + std::to_string(p.descale_block_q) + ", " +
-                   std::to_string(p.descale_block_k) + "; fa3_jax.fp8.scale_blocks gives them)");
-  if (auto e = check_workspace(*workspace, sm90_fwd_workspace_bytes(p)); e.failure()) return e;
-  return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
+  return on_device(stream, device, [&] {
+    FwdParams p;
+    if (auto e = ffi_util::fill_fwd_fp8(q, k, v, descale_q, descale_k, descale_v, &*out, &*lse,
+                                        softmax_scale, softcap, diag_lo, diag_hi, descale_block_q,
+                                        descale_block_k, &p);
+        e.failure())
+      return e;
+    if (!sm90_supports_fwd(p))
+      return invalid("this build has no Hopper FP8 forward kernel for " + hdim_str(p) +
+                     " (FP8 takes head_dim == head_dim_v in {64, 128, 256}, built ones only), or "
+                     "the per-block descales are not on the kernel's tiles (descale_block_q, "
+                     "descale_block_k = " + std::to_string(p.descale_block_q) + ", " +
+                     std::to_string(p.descale_block_k) + "; fa3_jax.fp8.scale_blocks gives them)");
+    if (auto e = check_workspace(*workspace, sm90_fwd_workspace_bytes(p)); e.failure()) return e;
+    return launch_result(run_fwd_sm90(p, workspace->untyped_data(), stream), device);
+  });
 }
 
 // FP8 quantization of one tensor (flash.h): x8 and its descales; the workspace holds the group
@@ -259,21 +249,20 @@ ffi::Error fp8_quantize_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer
                              ffi::Result<ffi::AnyBuffer> descale,
                              ffi::Result<ffi::AnyBuffer> workspace, int64_t block_rows,
                              int64_t heads_kv, bool hadamard) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  Fp8QuantizeParams p;
-  if (auto e = ffi_util::fill_fp8_quantize(x, signs, *x8, *descale, block_rows, heads_kv,
-                                           hadamard, &p);
-      e.failure())
-    return e;
-  if (!sm90_supports_fp8_quantize(p))
-    return invalid("the Hopper FP8 quantization takes head_dim 64, 128 or 256 and blocks of at "
-                   "most 128 rows, got head_dim=" + std::to_string(p.head_dim) +
-                   ", block_rows=" + std::to_string(p.block_rows));
-  if (auto e = check_workspace(*workspace, sm90_fp8_quantize_workspace_bytes(p)); e.failure())
-    return e;
-  return launch_result(run_fp8_quantize_sm90(p, workspace->untyped_data(), stream), device);
+  return on_device(stream, device, [&] {
+    Fp8QuantizeParams p;
+    if (auto e = ffi_util::fill_fp8_quantize(x, signs, *x8, *descale, block_rows, heads_kv,
+                                             hadamard, &p);
+        e.failure())
+      return e;
+    if (!sm90_supports_fp8_quantize(p))
+      return invalid("the Hopper FP8 quantization takes head_dim 64, 128 or 256 and blocks of at "
+                     "most 128 rows, got head_dim=" + std::to_string(p.head_dim) +
+                     ", block_rows=" + std::to_string(p.block_rows));
+    if (auto e = check_workspace(*workspace, sm90_fp8_quantize_workspace_bytes(p)); e.failure())
+      return e;
+    return launch_result(run_fp8_quantize_sm90(p, workspace->untyped_data(), stream), device);
+  });
 }
 
 // The backward after its params are filled: support check, workspace, launch.
@@ -288,62 +277,48 @@ ffi::Error launch_bwd(cudaStream_t stream, int32_t device, const BwdParams& p,
   return launch_result(run_bwd_sm90(p, workspace->untyped_data(), stream), device);
 }
 
+// A backward: the dense params, then `extra` (a packed call's metadata), then launch_bwd.
+template <class Extra>
+ffi::Error bwd_call(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                    ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
+                    ffi::AnyBuffer dout, ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer>& dq,
+                    ffi::Result<ffi::AnyBuffer>& dk, ffi::Result<ffi::AnyBuffer>& dv,
+                    ffi::Result<ffi::AnyBuffer>& workspace, float softmax_scale, float softcap,
+                    int64_t diag_lo, int64_t diag_hi, bool deterministic, Extra&& extra) {
+  return on_device(stream, device, [&] {
+    BwdParams p;
+    if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
+                          diag_lo, diag_hi, deterministic, &p);
+        e.failure())
+      return e;
+    if (auto e = extra(p); e.failure()) return e;
+    return launch_bwd(stream, device, p, workspace);
+  });
+}
+
 ffi::Error bwd_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q, ffi::AnyBuffer k,
                     ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse, ffi::AnyBuffer dout,
                     ffi::AnyBuffer dlse, ffi::Result<ffi::AnyBuffer> dq,
                     ffi::Result<ffi::AnyBuffer> dk, ffi::Result<ffi::AnyBuffer> dv,
                     ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale, float softcap,
                     int64_t diag_lo, int64_t diag_hi, bool deterministic) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  BwdParams p;
-  if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
-                        diag_lo, diag_hi, deterministic, &p);
-      e.failure())
-    return e;
-  return launch_bwd(stream, device, p, workspace);
+  return bwd_call(stream, device, q, k, v, out, lse, dout, dlse, dq, dk, dv, workspace,
+                  softmax_scale, softcap, diag_lo, diag_hi, deterministic, no_extra);
 }
 
-ffi::Error bwd_varlen_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
+template <Packing kPacking>
+ffi::Error bwd_packed_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
                            ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
                            ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
-                           ffi::AnyBuffer cu_q, ffi::AnyBuffer cu_k,
+                           ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k,
                            ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                            ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> workspace,
                            float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
                            bool deterministic, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  BwdParams p;
-  if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
-                        diag_lo, diag_hi, deterministic, &p);
-      e.failure())
-    return e;
-  if (auto e = ffi_util::fill_varlen(cu_q, cu_k, max_seqlen_q, max_seqlen_k, &p); e.failure())
-    return e;
-  return launch_bwd(stream, device, p, workspace);
-}
-
-ffi::Error bwd_segments_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer q,
-                             ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
-                             ffi::AnyBuffer lse, ffi::AnyBuffer dout, ffi::AnyBuffer dlse,
-                             ffi::AnyBuffer q_ids, ffi::AnyBuffer kv_ids,
-                             ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                             ffi::Result<ffi::AnyBuffer> dv, ffi::Result<ffi::AnyBuffer> workspace,
-                             float softmax_scale, float softcap, int64_t diag_lo, int64_t diag_hi,
-                             bool deterministic, int64_t, int64_t) {
-  ScopedDevice scope(device);
-  if (auto e = enter_device(scope, device); e.failure()) return e;
-  count_call(stream);
-  BwdParams p;
-  if (auto e = fill_bwd(q, k, v, out, lse, dout, dlse, *dq, *dk, *dv, softmax_scale, softcap,
-                        diag_lo, diag_hi, deterministic, &p);
-      e.failure())
-    return e;
-  if (auto e = ffi_util::fill_segments(q_ids, kv_ids, &p); e.failure()) return e;
-  return launch_bwd(stream, device, p, workspace);
+  return bwd_call(stream, device, q, k, v, out, lse, dout, dlse, dq, dk, dv, workspace,
+                  softmax_scale, softcap, diag_lo, diag_hi, deterministic, [&](FwdParams& p) {
+                    return fill_packing<kPacking>(meta_q, meta_k, max_seqlen_q, max_seqlen_k, &p);
+                  });
 }
 
 }  // namespace
@@ -354,158 +329,27 @@ void fa3_cuda_call_stats(int64_t* calls, int64_t* captured) {
   *captured = fa3::g_captured.load();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_fwd_cuda, fa3::fwd_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()  // XLA's stream for this op
-        .Ctx<xla::ffi::DeviceOrdinal>()                 // the device that stream belongs to
-        .Arg<xla::ffi::AnyBuffer>()                     // q
-        .Arg<xla::ffi::AnyBuffer>()                     // k
-        .Arg<xla::ffi::AnyBuffer>()                     // v
-        .Ret<xla::ffi::AnyBuffer>()                     // out
-        .Ret<xla::ffi::AnyBuffer>()                     // lse
-        .Ret<xla::ffi::AnyBuffer>()                     // workspace (uint8, XLA-allocated)
-            FA3_JAX_MASK_ATTRS,
-    {xla::ffi::Traits::kCmdBufferCompatible});
+// Bindings: ffi_common.h, shared with the CPU handlers, with XLA's stream for the op and the
+// device it belongs to first and the workspace result (uint8, XLA-allocated) last.
+#define FA3_JAX_CUDA_CTX \
+  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>().Ctx<xla::ffi::DeviceOrdinal>()
+#define FA3_JAX_CUDA_WS .Ret<xla::ffi::AnyBuffer>()
+#define FA3_JAX_CUDA_HANDLER(NAME, HANDLER, BIND)                               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, HANDLER, BIND(FA3_JAX_CUDA_CTX, FA3_JAX_CUDA_WS), \
+                                {xla::ffi::Traits::kCmdBufferCompatible})
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_fwd_kvcache_cuda, fa3::fwd_kvcache_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()  // q
-        .Arg<xla::ffi::AnyBuffer>()  // k (the cache)
-        .Arg<xla::ffi::AnyBuffer>()  // v
-        .Arg<xla::ffi::AnyBuffer>()  // seqused_k int32 [batch]
-        .Ret<xla::ffi::AnyBuffer>()  // out
-        .Ret<xla::ffi::AnyBuffer>()  // lse
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
-            FA3_JAX_MASK_ATTRS
-        .Attr<int64_t>("num_splits")     // split-KV ranges (0: heuristic)
-        .Attr<int64_t>("packed_group"),  // GQA rows packed by the caller (1: none; flash.h)
-    {xla::ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_fwd_kvcache_paged_cuda, fa3::fwd_kvcache_paged_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()  // q
-        .Arg<xla::ffi::AnyBuffer>()  // k pool [num_pages, page_size, heads_kv, head_dim]
-        .Arg<xla::ffi::AnyBuffer>()  // v pool
-        .Arg<xla::ffi::AnyBuffer>()  // seqused_k int32 [batch]
-        .Arg<xla::ffi::AnyBuffer>()  // page_table int32 [batch, max_pages_per_seq]
-        .Ret<xla::ffi::AnyBuffer>()  // out
-        .Ret<xla::ffi::AnyBuffer>()  // lse
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
-            FA3_JAX_MASK_ATTRS
-        .Attr<int64_t>("num_splits")
-        .Attr<int64_t>("packed_group"),
-    {xla::ffi::Traits::kCmdBufferCompatible});
-
-// The packed targets (varlen: cu_seqlens int32 [batch, num_seqs + 1]; segment ids: int32
-// [batch, seqlen_q] / [batch, seqlen_k]) share one binding each way, as in ffi_cpu.cc. Segment
-// calls ignore max_seqlen_* (the CPU target's binding).
-#define FA3_JAX_CUDA_PACKED_FWD(NAME, HANDLER)                                              \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
-      NAME, HANDLER,                                                                        \
-      xla::ffi::Ffi::Bind()                                                                 \
-          .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                                    \
-          .Ctx<xla::ffi::DeviceOrdinal>()                                                   \
-          .Arg<xla::ffi::AnyBuffer>() /* q */                                               \
-          .Arg<xla::ffi::AnyBuffer>() /* k */                                               \
-          .Arg<xla::ffi::AnyBuffer>() /* v */                                               \
-          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */                   \
-          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */                  \
-          .Ret<xla::ffi::AnyBuffer>() /* out */                                             \
-          .Ret<xla::ffi::AnyBuffer>() /* lse */                                             \
-          .Ret<xla::ffi::AnyBuffer>() /* workspace (uint8; flash_fwd_sm90.cu's layout) */   \
-              FA3_JAX_MASK_ATTRS                                                            \
-          .Attr<int64_t>("max_seqlen_q") /* bound on every query sequence (grid size) */    \
-          .Attr<int64_t>("max_seqlen_k"), /* bound on every key sequence */                 \
-      {xla::ffi::Traits::kCmdBufferCompatible})
-
-#define FA3_JAX_CUDA_PACKED_BWD(NAME, HANDLER)                                              \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(                                                            \
-      NAME, HANDLER,                                                                        \
-      xla::ffi::Ffi::Bind()                                                                 \
-          .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()                                    \
-          .Ctx<xla::ffi::DeviceOrdinal>()                                                   \
-          .Arg<xla::ffi::AnyBuffer>() /* q */                                               \
-          .Arg<xla::ffi::AnyBuffer>() /* k */                                               \
-          .Arg<xla::ffi::AnyBuffer>() /* v */                                               \
-          .Arg<xla::ffi::AnyBuffer>() /* out */                                             \
-          .Arg<xla::ffi::AnyBuffer>() /* lse */                                             \
-          .Arg<xla::ffi::AnyBuffer>() /* dout */                                            \
-          .Arg<xla::ffi::AnyBuffer>() /* dlse */                                            \
-          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_q or q_segment_ids */                   \
-          .Arg<xla::ffi::AnyBuffer>() /* cu_seqlens_k or kv_segment_ids */                  \
-          .Ret<xla::ffi::AnyBuffer>() /* dq */                                              \
-          .Ret<xla::ffi::AnyBuffer>() /* dk */                                              \
-          .Ret<xla::ffi::AnyBuffer>() /* dv */                                              \
-          .Ret<xla::ffi::AnyBuffer>() /* workspace (uint8; flash_bwd_launch_sm90.h) */      \
-              FA3_JAX_MASK_ATTRS                                                            \
-          .Attr<bool>("deterministic")                                                      \
-          .Attr<int64_t>("max_seqlen_q")                                                    \
-          .Attr<int64_t>("max_seqlen_k"),                                                   \
-      {xla::ffi::Traits::kCmdBufferCompatible})
-
-FA3_JAX_CUDA_PACKED_FWD(fa3_fwd_varlen_cuda, fa3::fwd_varlen_cuda);
-FA3_JAX_CUDA_PACKED_FWD(fa3_fwd_segments_cuda, fa3::fwd_segments_cuda);
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_fwd_fp8_cuda, fa3::fwd_fp8_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()  // q float8_e4m3fn [batch, seqlen_q, heads_q, head_dim]
-        .Arg<xla::ffi::AnyBuffer>()  // k float8_e4m3fn [batch, seqlen_k, heads_kv, head_dim]
-        .Arg<xla::ffi::AnyBuffer>()  // v float8_e4m3fn [batch, seqlen_k, heads_kv, head_dim_v]
-        .Arg<xla::ffi::AnyBuffer>()  // descale_q float32 (flash.h: per tensor or per block)
-        .Arg<xla::ffi::AnyBuffer>()  // descale_k float32
-        .Arg<xla::ffi::AnyBuffer>()  // descale_v float32
-        .Ret<xla::ffi::AnyBuffer>()  // out bfloat16
-        .Ret<xla::ffi::AnyBuffer>()  // lse
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8; tile counter, then V transposed)
-            FA3_JAX_MASK_ATTRS
-        .Attr<int64_t>("descale_block_q")   // query rows per descale block, 0: per tensor
-        .Attr<int64_t>("descale_block_k"),  // keys per descale block, 0: per tensor
-    {xla::ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_fp8_quantize_cuda, fa3::fp8_quantize_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()    // x [batch, seqlen, heads, head_dim] float32/16/bf16
-        .Arg<xla::ffi::AnyBuffer>()    // signs float32 [batch, head_dim] (read with hadamard)
-        .Ret<xla::ffi::AnyBuffer>()    // x8 float8_e4m3fn, like x
-        .Ret<xla::ffi::AnyBuffer>()    // descale float32 (flash.h, "FP8")
-        .Ret<xla::ffi::AnyBuffer>()    // workspace (uint8; group maxima when block_rows is 0)
-        .Attr<int64_t>("block_rows")   // rows per descale block; 0: per (batch, kv head)
-        .Attr<int64_t>("heads_kv")     // descale groups of heads / heads_kv heads (block_rows 0)
-        .Attr<bool>("hadamard"),       // the random-sign Hadamard transform first
-    {xla::ffi::Traits::kCmdBufferCompatible});
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    fa3_bwd_cuda, fa3::bwd_cuda,
-    xla::ffi::Ffi::Bind()
-        .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-        .Ctx<xla::ffi::DeviceOrdinal>()
-        .Arg<xla::ffi::AnyBuffer>()  // q
-        .Arg<xla::ffi::AnyBuffer>()  // k
-        .Arg<xla::ffi::AnyBuffer>()  // v
-        .Arg<xla::ffi::AnyBuffer>()  // out
-        .Arg<xla::ffi::AnyBuffer>()  // lse
-        .Arg<xla::ffi::AnyBuffer>()  // dout
-        .Arg<xla::ffi::AnyBuffer>()  // dlse
-        .Ret<xla::ffi::AnyBuffer>()  // dq
-        .Ret<xla::ffi::AnyBuffer>()  // dk
-        .Ret<xla::ffi::AnyBuffer>()  // dv
-        .Ret<xla::ffi::AnyBuffer>()  // workspace (uint8, XLA-allocated)
-            FA3_JAX_MASK_ATTRS
-        .Attr<bool>("deterministic"),
-    {xla::ffi::Traits::kCmdBufferCompatible});
-
-FA3_JAX_CUDA_PACKED_BWD(fa3_bwd_varlen_cuda, fa3::bwd_varlen_cuda);
-FA3_JAX_CUDA_PACKED_BWD(fa3_bwd_segments_cuda, fa3::bwd_segments_cuda);
+FA3_JAX_CUDA_HANDLER(fa3_fwd_cuda, fa3::fwd_cuda, FA3_JAX_BIND_FWD);
+FA3_JAX_CUDA_HANDLER(fa3_fwd_kvcache_cuda, fa3::fwd_kvcache_cuda, FA3_JAX_BIND_FWD_KVCACHE);
+FA3_JAX_CUDA_HANDLER(fa3_fwd_kvcache_paged_cuda, fa3::fwd_kvcache_paged_cuda,
+                     FA3_JAX_BIND_FWD_KVCACHE_PAGED);
+FA3_JAX_CUDA_HANDLER(fa3_fwd_varlen_cuda, fa3::fwd_packed_cuda<fa3::Packing::kVarlen>,
+                     FA3_JAX_BIND_FWD_PACKED);
+FA3_JAX_CUDA_HANDLER(fa3_fwd_segments_cuda, fa3::fwd_packed_cuda<fa3::Packing::kSegments>,
+                     FA3_JAX_BIND_FWD_PACKED);
+FA3_JAX_CUDA_HANDLER(fa3_fwd_fp8_cuda, fa3::fwd_fp8_cuda, FA3_JAX_BIND_FWD_FP8);
+FA3_JAX_CUDA_HANDLER(fa3_fp8_quantize_cuda, fa3::fp8_quantize_cuda, FA3_JAX_BIND_FP8_QUANTIZE);
+FA3_JAX_CUDA_HANDLER(fa3_bwd_cuda, fa3::bwd_cuda, FA3_JAX_BIND_BWD);
+FA3_JAX_CUDA_HANDLER(fa3_bwd_varlen_cuda, fa3::bwd_packed_cuda<fa3::Packing::kVarlen>,
+                     FA3_JAX_BIND_BWD_PACKED);
+FA3_JAX_CUDA_HANDLER(fa3_bwd_segments_cuda, fa3::bwd_packed_cuda<fa3::Packing::kSegments>,
+                     FA3_JAX_BIND_BWD_PACKED);

@@ -31,48 +31,67 @@ def _collectives(text):
     return {name: found.count(name) for name in sorted(set(found))}
 
 
-def _attention_and_grads(q, k, v, dout, dlse, **kw):
-    """(out, lse) and the gradients of <out, dout> + <lse, dlse> (dlse exercises the lse
-    cotangent); jitted, so it runs sharded when its inputs are."""
-    def loss(q, k, v):
-        out, lse = fa3_jax.flash_attention(q, k, v, return_lse=True, **kw)
+def _attention_and_grads(dout, dlse, **kw):
+    """Jitted (out, lse) of attn(q, k, v, *ids) and the gradients of <out, dout> + <lse, dlse>
+    (dlse exercises the lse cotangent); ids: none, or (q_segment_ids, kv_segment_ids). They run
+    sharded when their inputs are."""
+    def attn(q, k, v, *ids):
+        seg = dict(zip(("q_segment_ids", "kv_segment_ids"), ids))
+        return fa3_jax.flash_attention(q, k, v, return_lse=True, **seg, **kw)
+
+    def loss(*args):
+        out, lse = attn(*args)
         return jnp.sum(out * dout) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
 
-    fwd = jax.jit(partial(fa3_jax.flash_attention, return_lse=True, **kw))
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    return fwd, grad
+    return jax.jit(attn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def _check_sequence_parallel(mesh, spec, q, k, v, *, load_balance=0, strategy="ring", **kw):
-    """Runs attention on q/k/v sharded by ``spec`` and checks out, lse and gradients against one
-    device and the float32 reference; returns the collectives of the forward and the gradient."""
+def _gathered_dtypes(text):
+    """Element types of every all-gather's result in compiled HLO text."""
+    kinds = set()
+    for m in re.finditer(r"=\s*(.*?)\s+all-gather(?:-start)?\(", text):
+        kinds.update(re.findall(r"\b([a-z]+[0-9]*)\[", m.group(1)))
+    return kinds
+
+
+def _check_sequence_parallel(mesh, spec, q, k, v, ids=(), *, load_balance=0, strategy="ring",
+                             **kw):
+    """Runs attention on q/k/v sharded by ``spec`` (segment ids ``ids``, if any, sharded like
+    their sequence) and checks out, lse and gradients against one device and the float32
+    reference, padding rows (id 0) included. Returns the collectives of the forward and the
+    gradient, and the element types all-gathered."""
     n = load_balance
     dout = jax.random.normal(fresh_key(), q.shape[:3] + (v.shape[3],), jnp.float32)
     dlse = jax.random.normal(fresh_key(), (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
-    ref_fwd, ref_grad = _attention_and_grads(q, k, v, dout, dlse, **kw)
-    ref_out, ref_lse = ref_fwd(q, k, v)
-    ref_grads = ref_grad(q, k, v)
-    f32_out, f32_lse = fa3_jax.attention_reference(q, k, v, return_lse=True, **kw)
+    ref_fwd, ref_grad = _attention_and_grads(dout, dlse, **kw)
+    ref_out, ref_lse = ref_fwd(q, k, v, *ids)
+    ref_grads = ref_grad(q, k, v, *ids)
+    f32_out, f32_lse = (segment_reference(q, k, v, *ids, **kw) if ids else
+                        fa3_jax.attention_reference(q, k, v, return_lse=True, **kw))
+    assert max_err(ref_out, f32_out) <= TOL and max_err(ref_lse, f32_lse) <= TOL
 
     # The load-balanced layout is applied outside jit, as to token ids on the host.
     lay = (lambda x, axis=1: cp.load_balance_reorder(x, n, axis)) if n else (lambda x, axis=1: x)
     back = (lambda x, axis=1: cp.load_balance_restore(x, n, axis)) if n else (lambda x, axis=1: x)
     sharding = NamedSharding(mesh, spec)
+    id_sharding = NamedSharding(mesh, P(*tuple(spec)[:2]))
     args = [jax.device_put(lay(x), sharding) for x in (q, k, v)]
-    fwd, grad = _attention_and_grads(q, k, v, lay(dout), lay(dlse, 2), load_balance=n,
+    args += [jax.device_put(lay(x), id_sharding) for x in ids]
+    fwd, grad = _attention_and_grads(lay(dout), lay(dlse, 2), load_balance=n,
                                      context_parallel=strategy, **kw)
     out, lse = fwd(*args)
     assert out.sharding.is_equivalent_to(sharding, 4), out.sharding
     out, lse = back(out), back(lse, 2)
     assert max_err(out, ref_out) <= TOL and max_err(lse, ref_lse) <= TOL
-    assert max_err(out, f32_out) <= TOL and max_err(lse, f32_lse) <= TOL
+    # Rows that see no key (padding, or a document with no visible key): out 0, lse -inf.
     np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+    assert not np.isnan(np.asarray(out)).any()
     for name, g, r in zip(("dq", "dk", "dv"), grad(*args), ref_grads):
         assert g.sharding.is_equivalent_to(sharding, 4), (name, g.sharding)
         err = max_err(back(g), r)
         assert err <= TOL, f"{name}: max error {err:.3g}"
-    return (_collectives(fwd.lower(*args).compile().as_text()),
-            _collectives(grad.lower(*args).compile().as_text()))
+    texts = [f.lower(*args).compile().as_text() for f in (fwd, grad)]
+    return ([_collectives(t) for t in texts], set().union(*map(_gathered_dtypes, texts)))
 
 
 SEQ = P(None, "seq", None, None)
@@ -97,8 +116,8 @@ CASES = {
 def test_ring_equals_one_device(case):
     shape, names, spec, b, s, hq, hkv, d, lb, kw = CASES[case]
     q, k, v = make_qkv(b, s, s, hq, hkv, d)
-    fwd, grad = _check_sequence_parallel(_mesh(shape, names), spec, q, k, v, load_balance=lb,
-                                         **kw)
+    (fwd, grad), _ = _check_sequence_parallel(_mesh(shape, names), spec, q, k, v,
+                                              load_balance=lb, **kw)
     # Ring: K/V and dK/dV travel by collective-permute; nothing is gathered, in either direction.
     assert "all-gather" not in fwd and "all-gather" not in grad, (fwd, grad)
     assert fwd.get("collective-permute", 0) >= 2 and grad.get("collective-permute", 0) >= 4, \
@@ -112,8 +131,8 @@ def test_ring_equals_one_device(case):
 
 def test_all_gather_strategy_equals_one_device():
     q, k, v = make_qkv(2, 64, 64, 4, 2, 32)
-    fwd, grad = _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, load_balance=4,
-                                         strategy="all_gather", causal=True)
+    (fwd, grad), _ = _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v,
+                                              load_balance=4, strategy="all_gather", causal=True)
     assert set(fwd) == {"all-gather"} and "reduce-scatter" in grad, (fwd, grad)
     assert "collective-permute" not in grad, grad
 
@@ -122,66 +141,11 @@ def test_sequence_lengths_differ():
     """seqlen_q != seqlen_k: chunks of different lengths, bottom-right aligned causal band."""
     q, _, _ = make_qkv(1, 64, 64, 4, 2, 32)
     _, k, v = make_qkv(1, 128, 128, 4, 2, 32)
-    fwd, _ = _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, causal=True)
+    (fwd, _), _ = _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, causal=True)
     assert "all-gather" not in fwd, fwd
 
 
 # ---- segment ids (packed documents) on a sharded sequence --------------------------------------
-
-def _gathered_dtypes(text):
-    """Element types of every all-gather's result in compiled HLO text."""
-    kinds = set()
-    for m in re.finditer(r"=\s*(.*?)\s+all-gather(?:-start)?\(", text):
-        kinds.update(re.findall(r"\b([a-z]+[0-9]*)\[", m.group(1)))
-    return kinds
-
-
-def _check_segments_parallel(mesh, spec, q, k, v, q_ids, kv_ids, *, load_balance=0,
-                             strategy="ring", **kw):
-    """Segment ids sharded like their sequence: out, lse and gradients equal one device and the
-    float32 reference. Returns the collectives (forward, gradient) and the all-gathered types."""
-    n = load_balance
-    dout = jax.random.normal(fresh_key(), q.shape[:3] + (v.shape[3],), jnp.float32)
-    dlse = jax.random.normal(fresh_key(), (q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
-
-    def compiled(dout, dlse, **extra):
-        def attn(q, k, v, q_ids, kv_ids):
-            return fa3_jax.flash_attention(q, k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
-                                           return_lse=True, **kw, **extra)
-
-        def loss(*args):
-            out, lse = attn(*args)
-            return jnp.sum(out * dout) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
-
-        return jax.jit(attn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-
-    ref_fwd, ref_grad = compiled(dout, dlse)
-    ref_out, ref_lse = ref_fwd(q, k, v, q_ids, kv_ids)
-    ref_grads = ref_grad(q, k, v, q_ids, kv_ids)
-    f32_out, f32_lse = segment_reference(q, k, v, q_ids, kv_ids, **kw)
-    assert max_err(ref_out, f32_out) <= TOL and max_err(ref_lse, f32_lse) <= TOL
-
-    lay = (lambda x, axis=1: cp.load_balance_reorder(x, n, axis)) if n else (lambda x, axis=1: x)
-    back = (lambda x, axis=1: cp.load_balance_restore(x, n, axis)) if n else (lambda x, axis=1: x)
-    sharding = NamedSharding(mesh, spec)
-    id_sharding = NamedSharding(mesh, P(*tuple(spec)[:2]))
-    args = [jax.device_put(lay(x), sharding) for x in (q, k, v)]
-    args += [jax.device_put(lay(x), id_sharding) for x in (q_ids, kv_ids)]
-    fwd, grad = compiled(lay(dout), lay(dlse, 2), load_balance=n, context_parallel=strategy)
-    out, lse = fwd(*args)
-    assert out.sharding.is_equivalent_to(sharding, 4), out.sharding
-    out, lse = back(out), back(lse, 2)
-    assert max_err(out, ref_out) <= TOL and max_err(lse, ref_lse) <= TOL
-    # Padding rows (id 0) and rows whose document has no visible key: out 0, lse -inf, no NaN.
-    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
-    assert not np.isnan(np.asarray(out)).any()
-    for name, g, r in zip(("dq", "dk", "dv"), grad(*args), ref_grads):
-        assert g.sharding.is_equivalent_to(sharding, 4), (name, g.sharding)
-        err = max_err(back(g), r)
-        assert err <= TOL, f"{name}: max error {err:.3g}"
-    texts = [f.lower(*args).compile().as_text() for f in (fwd, grad)]
-    return [_collectives(t) for t in texts], set().union(*map(_gathered_dtypes, texts))
-
 
 # (mesh shape, axis names, spec, batch, seqlen, heads_q, heads_kv, head_dim, load_balance,
 #  document lengths per batch row (the rest padding), kw)
@@ -200,8 +164,8 @@ def test_segment_ids_ring_equals_one_device(case):
     shape, names, spec, b, s, hq, hkv, d, lb, docs, kw = SEGMENT_CASES[case]
     q, k, v = make_qkv(b, s, s, hq, hkv, d)
     ids = packed_ids(b, s, docs)
-    (fwd, grad), gathered = _check_segments_parallel(_mesh(shape, names), spec, q, k, v, ids, ids,
-                                                     load_balance=lb, **kw)
+    (fwd, grad), gathered = _check_sequence_parallel(_mesh(shape, names), spec, q, k, v,
+                                                     (ids, ids), load_balance=lb, **kw)
     # K/V (and dK/dV) travel by collective-permute as without ids; only the int32 key ids are
     # all-gathered, once.
     assert fwd.get("collective-permute", 0) >= 2 and grad.get("collective-permute", 0) >= 4, \
@@ -216,13 +180,13 @@ def test_segment_ids_all_gather_and_lengths_differ():
     queries are the last 64 tokens of a 128-token packed row)."""
     q, k, v = make_qkv(2, 64, 64, 4, 2, 32)
     ids = packed_ids(2, 64, [[9, 50], [1, 63]])
-    _, gathered = _check_segments_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, ids, ids,
+    _, gathered = _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, (ids, ids),
                                            load_balance=4, strategy="all_gather", causal=True)
     assert gathered <= {"s32", "f32"}, gathered  # K/V once (float32 here), and the ids
     q, _, _ = make_qkv(1, 64, 64, 4, 2, 32)
     _, k, v = make_qkv(1, 128, 128, 4, 2, 32)
     kv_ids = packed_ids(1, 128, [[40, 50, 30]])
-    _check_segments_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, kv_ids[:, 64:], kv_ids,
+    _check_sequence_parallel(_mesh((4,), ("seq",)), SEQ, q, k, v, (kv_ids[:, 64:], kv_ids),
                              causal=True)
 
 
@@ -413,3 +377,49 @@ def test_flax_training_step():
         assert max_err(g, r) <= 1e-5
     text = sharded.lower(params, *lay).compile().as_text()
     assert "collective-permute" in _collectives(text), _collectives(text)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+def test_varlen_token_axis_sharded(strategy):
+    """flash_attention_varlen with its packed token axis sharded 4 ways and
+    context_parallel=ring/all_gather: equal to one device (the varlen kernels) in out, lse and
+    gradients; only int32 (the key ids) and, for all_gather, K/V are all-gathered, never q."""
+    from test_varlen import make
+    mesh = _mesh((4,), ("seq",))
+    q, k, v, cu, _ = make([7, 30, 1, 0, 60, 22], [7, 30, 1, 0, 60, 22], 4, 2, 32, pad_q=8,
+                          pad_k=8)
+    kw = dict(causal=True, max_seqlen_q=128, max_seqlen_k=128, return_lse=True)
+    dout = jax.random.normal(fresh_key(), q.shape[:2] + v.shape[2:])
+    dlse = jax.random.normal(fresh_key(), (q.shape[1], q.shape[0]))
+
+    def compiled(**extra):
+        def attn(q, k, v, cu):
+            return fa3_jax.flash_attention_varlen(q, k, v, cu, cu, **kw, **extra)
+
+        def loss(q, k, v, cu):
+            out, lse = attn(q, k, v, cu)
+            return jnp.sum(out * dout) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * dlse)
+
+        return jax.jit(attn), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+    ref_fwd, ref_grad = compiled()
+    ref_out, ref_lse = ref_fwd(q, k, v, cu)
+    sharding = NamedSharding(mesh, P("seq", None, None))
+    args = [jax.device_put(x, sharding) for x in (q, k, v)] + [cu]
+    fwd, grad = compiled(context_parallel=strategy)
+    out, lse = fwd(*args)
+    assert out.sharding.is_equivalent_to(sharding, 3), out.sharding
+    assert max_err(out, ref_out) <= TOL and max_err(lse, ref_lse) <= TOL
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+    for name, g, r in zip(("dq", "dk", "dv"), grad(*args), ref_grad(q, k, v, cu)):
+        assert g.sharding.is_equivalent_to(sharding, 3), (name, g.sharding)
+        assert max_err(g, r) <= TOL, (name, max_err(g, r))
+    texts = [f.lower(*args).compile().as_text() for f in (fwd, grad)]
+    gathered = set().union(*map(_gathered_dtypes, texts))
+    if strategy == "ring":
+        assert gathered <= {"s32"}, gathered
+        assert _collectives(texts[0]).get("collective-permute", 0) == 3, _collectives(texts[0])
+    else:
+        assert gathered <= {"s32", "f32"}, gathered
+    # The gather default all-gathers q itself (float32 here): the strategies above do not.
+    assert "f32" in _gathered_dtypes(ref_fwd.lower(*args).compile().as_text())

@@ -161,6 +161,41 @@ def test_sequence_sharded_segment_ids_match_one_gpu(load_balance):
     assert "collective-permute" in found and found <= {"collective-permute", "all-gather"}, found
 
 
+
+@needs_two
+def test_varlen_token_axis_sharded_matches_one_gpu():
+    """flash_attention_varlen with its packed token axis sharded over 2 GPUs and
+    context_parallel="ring" (segment-id kernels on a ring) matches the varlen kernels on one GPU
+    in out, lse and gradients; tokens past the last sequence get out 0 and lse -inf."""
+    gpus = _gpus()[:2]
+    mesh = Mesh(np.array(gpus), ("seq",))
+    q, k, v = (x[0] for x in make_qkv(1, 1000, 1000, 8, 2, 128, dtype=jnp.bfloat16))
+    cu = jnp.array([0, 137, 537, 537, 750, 950], jnp.int32)  # an empty sequence, 50 padding
+
+    def attn(q, k, v, cu, strategy="gather"):
+        return fa3_jax.flash_attention_varlen(q, k, v, cu, cu, max_seqlen_q=400, max_seqlen_k=400,
+                                              causal=True, return_lse=True,
+                                              context_parallel=strategy)
+
+    def loss(q, k, v, cu, strategy="gather"):
+        o = attn(q, k, v, cu, strategy)[0]
+        return jnp.sum(o.astype(jnp.float32) * jnp.cos(jnp.arange(o.shape[-1], dtype=jnp.float32)))
+
+    one = [jax.device_put(x, gpus[0]) for x in (q, k, v, cu)]
+    two = [jax.device_put(x, NamedSharding(mesh, P("seq"))) for x in (q, k, v)] + [
+        jax.device_put(cu, NamedSharding(mesh, P()))]
+    fwd = jax.jit(attn, static_argnums=4)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=4)
+    (out2, lse2), (out1, lse1) = fwd(*two, "ring"), fwd(*one)
+    assert _rel_err(out2, out1) < 1e-2 and max_err(lse2, lse1) < 1e-2
+    assert not np.isnan(np.asarray(out2, np.float32)).any()
+    assert np.all(np.asarray(out2[950:]) == 0) and np.all(np.isneginf(np.asarray(lse2[:, 950:])))
+    for name, a, b in zip(("dq", "dk", "dv"), grad(*two, "ring"), grad(*one)):
+        assert _rel_err(a, b) < 1e-2, (name, _rel_err(a, b))
+    found = set(_collectives(grad.lower(*two, "ring").compile().as_text()))
+    assert "collective-permute" in found and found <= {"collective-permute", "all-gather"}, found
+
+
 def _train_module():
     spec = importlib.util.spec_from_file_location("train_transformer",
                                                   ROOT / "benchmarks" / "train_transformer.py")

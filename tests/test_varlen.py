@@ -253,3 +253,53 @@ def test_head_sharding_stays_local():
     for f in (fwd, grad):
         text = f.lower(qs, ks, vs, cq, ck).compile().as_text()
         assert not re.findall(r"\ball-gather(?:-start)?\(", text)
+
+
+@pytest.mark.parametrize("strategy", ["ring", "all_gather"])
+@pytest.mark.parametrize("case", ["causal", "window_softcap", "q_ne_k_full"])
+def test_context_parallel_strategies_on_one_device(strategy, case):
+    """context_parallel="ring"/"all_gather" runs as segment ids built from the cu_seqlens: on one
+    device the same out, lse and gradients as the varlen kernels and the per-sequence reference,
+    empty sequences and tokens past the last sequence included."""
+    if case == "q_ne_k_full":  # no band: any cu_seqlens pair
+        q, k, v, cq, ck = make([5, 0, 30, 1, 7], [9, 3, 0, 40, 2], 4, 2, 32, pad_q=3, pad_k=5)
+        kw = {}
+    else:
+        q, k, v, cq, _ = make([1, 7, 0, 113, 20], [1, 7, 0, 113, 20], 4, 2, 32, pad_q=4, pad_k=4)
+        ck = cq  # the same array: self-attention, whole-axis positions match
+        kw = dict(causal=True) if case == "causal" else dict(window_size=(9, 2), softcap=15.0)
+    out, lse = run(q, k, v, cq, ck, context_parallel=strategy, **kw)
+    ref, ref_lse = varlen_reference(q, k, v, cq, ck, **kw)
+    assert max_err(out, ref) <= 2e-5 and max_err(lse, ref_lse) <= 1e-4
+    np.testing.assert_array_equal(np.isneginf(np.asarray(lse)), np.isneginf(np.asarray(ref_lse)))
+    dout = jax.random.normal(fresh_key(), q.shape[:2] + v.shape[2:])
+    dlse = jax.random.normal(fresh_key(), (q.shape[1], q.shape[0]))
+    got = jax.jit(partial(_grads, lambda *a: run(*a, cq, ck, context_parallel=strategy, **kw)))(
+        q, k, v, dout, dlse)
+    want = jax.jit(partial(_grads, lambda *a: run(*a, cq, ck, **kw)))(q, k, v, dout, dlse)
+    for name, g, r in zip(("dq", "dk", "dv"), got, want):
+        assert max_err(g, r) <= 1e-4, (name, max_err(g, r))
+
+
+def test_segment_ids_from_bad_cu_seqlens():
+    """The ids follow the kernels' clamping: entries clamped to [0, total], then running max."""
+    from fa3_jax.varlen import segment_ids_from_cu_seqlens
+    for cu, total in (([0, 3, 3, 7], 9), ([-5, 3, -1, 12], 10), ([2, 5, 1 << 30, 2 ** 31 - 1], 8)):
+        got = np.asarray(segment_ids_from_cu_seqlens(jnp.array(cu, jnp.int32), total))
+        c = safe_cu(cu, total)
+        want = np.zeros(total, np.int32)
+        for s in range(len(c) - 1):
+            want[c[s]:c[s + 1]] = s + 1
+        np.testing.assert_array_equal(got, want)
+
+
+def test_context_parallel_argument_errors():
+    q, k, v, cq, ck = _qkv3()
+    with pytest.raises(ValueError, match=r"context_parallel must be one of"):
+        run(q, k, v, cq, cq, context_parallel="rings")
+    # causal needs one and the same cu_seqlens array (and equal totals) for a whole-axis band.
+    with pytest.raises(ValueError, match=r"pass the same array as cu_seqlens_q and cu_seqlens_k"
+                                         r".*got different arrays, totals 8 and 8"):
+        run(q, k, v, cq, ck, causal=True, context_parallel="ring")
+    with pytest.raises(ValueError, match=r"got the same arrays, totals 8 and 6"):
+        run(q, k[:6], v[:6], cq, cq, window_size=(2, 0), context_parallel="all_gather")

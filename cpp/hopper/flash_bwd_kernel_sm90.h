@@ -721,13 +721,27 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // only scales dS, which is rounded to 16 bits anyway.
     uint32_t dtanh2[Tr::kHasSoftcap ? decltype(size(tSrS))::value / 2 : 1];
     warpgroup_wait<1>();
+    // Segment ids of a masked block pair: from the blocks' runs (segments_sm90.h) where a block
+    // holds at most two, by row index only; else loaded, one id per element (mask.h has the
+    // forward's measurement of what those loads cost).
+    sm90::SegmentRuns q_runs{}, k_runs{};
+    if constexpr (Tr::kSegments) {
+      if (seg_mask) {
+        q_runs = __ldg(p.seg.q_runs + int64_t(b) * p.seg.num_q_blocks + m_block);
+        k_runs = __ldg(p.seg.k_runs + int64_t(b) * p.seg.num_k_blocks + n_block);
+      }
+    }
     auto masked = [&](int i) {
       const int kn = n0 + get<0>(tScS(i)), diag = kn - (m0 + get<1>(tScS(i)));
       if constexpr (Tr::kSegments) {
         if (seg_mask) {  // q_segment_ids[qm] == kv_segment_ids[kn] != 0 (rows past the ends: 0)
           const int qm = m0 + get<1>(tScS(i));
-          const int qid = qm < seqlen_q ? __ldg(p.seg.q_ids + int64_t(b) * p.seqlen_q + qm) : 0;
-          const int kid = kn < seqlen_k ? __ldg(p.seg.k_ids + int64_t(b) * p.seqlen_k + kn) : 0;
+          const int qid = qm >= seqlen_q ? 0
+                          : q_runs.w     ? sm90::segment_run_id(q_runs, qm - m0)
+                                         : __ldg(p.seg.q_ids + int64_t(b) * p.seqlen_q + qm);
+          const int kid = kn >= seqlen_k ? 0
+                          : k_runs.w     ? sm90::segment_run_id(k_runs, kn - n0)
+                                         : __ldg(p.seg.k_ids + int64_t(b) * p.seqlen_k + kn);
           if (qid == 0 || qid != kid) return true;
         }
       }

@@ -344,6 +344,7 @@ struct FwdTraits {
         m.u_last = r.w;
         m.q_ids = seg.q_ids + int64_t(t.batch) * mask.seqlen_q;
         m.k_ids = seg.k_ids + int64_t(t.batch) * mask.seqlen_k;
+        m.k_runs = seg.k_runs + int64_t(t.batch) * seg.num_k_blocks;
       }
       return true;
     }

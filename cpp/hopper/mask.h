@@ -87,11 +87,18 @@ struct BandMask {
 // decision reads registers only: a uniform-id load per block on the consumers' path cost 3-5%
 // (H200, hdim 128, 16k tokens in 11 documents, segments / dense forward: full 0.67 -> 0.70,
 // causal 0.69 -> 0.72), though ptxas then reports 132 spill bytes at hdim 128 (76 before).
+// A masked key block of at most two runs (a document boundary inside it: SegmentRuns) gives
+// each row one interval of visible columns, compared like the band's; only blocks of three
+// runs or more load their key ids, one per column. (One id load per element made the blocks at
+// every document's edges cost several dense blocks: at 16k tokens in documents that do not
+// start on a 128-row edge, segments took 1.33-1.49x varlen's time, 0.93-1.08x where they do,
+// benchmarks/measured/h200_2026-11-22s7_segments_alignment.txt.)
 template <int kBlockM, int kBlockN>
 struct SegmentBandMask : BandMask<kBlockM, kBlockN> {
   using Band = BandMask<kBlockM, kBlockN>;
   int32_t const* q_ids;  // this batch row's [seqlen_q]
   int32_t const* k_ids;  // [seqlen_k]
+  SegmentRuns const* k_runs;  // this batch row's key blocks' runs
   int n_first, n_last;   // the segment hull of key blocks, [n_first, n_last)
   int u_first, u_last;   // the uniform range, [u_first, u_last)
 
@@ -116,6 +123,27 @@ struct SegmentBandMask : BandMask<kBlockM, kBlockN> {
     for (int mi = 0; mi < 2; ++mi) {
       int const i = m_block * kBlockM + coord.row0 + AccCoord::row_offset(mi);
       qid[mi] = i < this->seqlen_q ? __ldg(q_ids + i) : 0;
+    }
+    SegmentRuns const runs = __ldg(k_runs + n_block);
+    if (runs.w) {
+      // Row mi sees the block-relative columns [c_lo, c_hi): the run holding its id, if any.
+      // Columns past seqlen_k are past the last run and masked by the band already.
+      int c_lo[2], c_hi[2];
+      CUTLASS_PRAGMA_UNROLL
+      for (int mi = 0; mi < 2; ++mi) {
+        bool const first = qid[mi] != 0 && qid[mi] == runs.x;
+        bool const second = qid[mi] != 0 && qid[mi] == runs.y && runs.x != runs.y;
+        c_lo[mi] = (first ? 0 : runs.z) - coord.col0;
+        c_hi[mi] = (first ? runs.z : second ? kBlockN : runs.z) - coord.col0;
+      }
+      CUTLASS_PRAGMA_UNROLL
+      for (int ni = 0; ni < size<1>(s); ++ni) {
+        int const col = AccCoord::col_offset(ni);
+        CUTLASS_PRAGMA_UNROLL
+        for (int mi = 0; mi < 2; ++mi)
+          if (col < c_lo[mi] || col >= c_hi[mi]) s(mi, ni) = -INFINITY;
+      }
+      return;
     }
     int const j0 = n_block * kBlockN + coord.col0;
     CUTLASS_PRAGMA_UNROLL

@@ -42,7 +42,7 @@ flash_attention; varlen: flash_attention_varlen) -> nn (jax.nn drop-in).
 | deterministic backward                | always                 | option                        |
 | jit / grad / vmap / checkpoint        | yes                    | yes                           |
 | context parallelism (sequence sharding) | ring, all-gather, load-balanced causal | same |
-| varlen (cu_seqlens)                   | yes (fwd + bwd)        | yes (fwd + bwd)               |
+| varlen (cu_seqlens; context-parallel as segment ids) | yes (fwd + bwd) | yes (fwd + bwd)  |
 | segment ids (context-parallel too)    | yes (fwd + bwd)        | yes (fwd + bwd)               |
 | KV cache (contiguous, paged), append  | yes (forward)          | split-KV + GQA packing; pages read in place (multiples of 16) |
 | FP8 (e4m3) forward                    | yes (dequantize + f32) | yes (hdim 64/128/256, dense)  |

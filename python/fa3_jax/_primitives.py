@@ -682,11 +682,8 @@ def _kvcache_fwd_local(q, k, v, seqused_k, page_table, softmax_scale, softcap, d
         out_types += (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),)
     target = "fa3_fwd_kvcache" if page_table is None else "fa3_fwd_kvcache_paged"
     call = jax.ffi.ffi_call(target, out_types)
-    attrs = dict(num_splits=np.int64(num_splits),
-                 **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi))
-    if cuda:
-        attrs["packed_group"] = np.int64(group)
-    out, lse = call(*operands, **attrs)[:2]
+    out, lse = call(*operands, num_splits=np.int64(num_splits), packed_group=np.int64(group),
+                    **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi))[:2]
     return _unpack_gqa_rows(out, lse, hq * group) if group > 1 else (out, lse)
 
 

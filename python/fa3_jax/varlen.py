@@ -6,6 +6,10 @@ q ``[total_q, heads_q, head_dim]``, k/v ``[total_k, heads_kv, head_dim(_v)]`` an
 cut their work per sequence (cpp/flash.h): no mask is materialised and no block straddles two
 sequences. Internally this is the dense layout with batch 1 plus the cu_seqlens operands, so
 ``vmap`` folds into that batch axis and head sharding works as for ``flash_attention``.
+
+A token axis sharded over devices is gathered, unless ``context_parallel`` names a strategy:
+then the call runs as segment ids derived from the cu_seqlens (sequence s is id s + 1, tokens
+outside every sequence id 0), which run context-parallel as ``flash_attention`` does.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 
 from fa3_jax.attention import (_check_float, _PackedConfig, as_int32_array, bottom_right_band,
                                check_qkv, packed_attention)
+from fa3_jax.context_parallel import check_strategy
 
 
 def _check_cu_seqlens(name, x):
@@ -39,7 +44,7 @@ def _check_max_seqlen(name, x):
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q, max_seqlen_k,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                           return_lse=False, deterministic=False):
+                           return_lse=False, deterministic=False, context_parallel="gather"):
     """FlashAttention over variable-length sequences packed along one token axis.
 
     Args:
@@ -57,6 +62,18 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q,
         i, j positions inside sequence s of lengths lq, lk, query i sees key j when
         i + lk - lq - left <= j <= i + lk - lq + right (causal: right = 0).
       return_lse: also return lse [heads_q, total_q] float32 (natural log).
+      context_parallel: how a token axis sharded over devices runs under multi-device jit.
+        "gather" (default): q/k/v are gathered and each device runs the varlen kernels on every
+        token. "ring" or "all_gather": the call runs as segment ids built from the cu_seqlens
+        (``flash_attention(..., q_segment_ids=, kv_segment_ids=)`` on a batch of 1), so K/V
+        chunks travel around the devices (or are all-gathered once) and no device holds every
+        query: O(total / n) memory for the attention. On one device the result is the same
+        (within rounding); the segment-id kernels are slower than the varlen ones on Hopper
+        (README, "Packed sequences"), so name a strategy only where the token axis is sharded.
+        With causal or a window, per-sequence bottom-right alignment matches the segment ids'
+        alignment on the whole token axis only when query and key sequences end together, so
+        these strategies then need ``cu_seqlens_q is cu_seqlens_k`` (the same array) and
+        total_q == total_k (self-attention over packed documents); otherwise a ValueError.
 
     Returns:
       out [total_q, heads_q, head_dim_v] in q's dtype (and lse if return_lse). Tokens outside every
@@ -68,7 +85,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q,
     sequence (negative lengths are empty), sequences never overlap, and entries past total end
     the last sequence at total. Gradients (jax.grad) flow to q, k, v, and through lse when
     returned. Works under jit, grad and vmap (over a leading axis of all five arrays); under
-    multi-device jit the heads axis stays sharded (the token axis is gathered). On a Hopper GPU
+    multi-device jit the heads axis stays sharded (the token axis: see context_parallel). On a Hopper GPU
     forward and backward run on the sm90 kernels; max_seqlen_q/k must then be true bounds (rows
     of a sequence past them are never touched out of bounds, but their results are left
     unwritten).
@@ -95,9 +112,28 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q,
     diag_lo, diag_hi = bottom_right_band(0, 0, causal, window_size)
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"fa3_jax: deterministic must be a bool, got {type(deterministic).__name__}")
-    cfg = _PackedConfig("varlen", scale, softcap, int(diag_lo), int(diag_hi), bool(deterministic),
-                        mq, mk)
-    out, lse = packed_attention(q[None], k[None], v[None], cu_q[None], cu_k[None], cfg)
+    check_strategy(context_parallel)
+    if context_parallel == "gather":
+        cfg = _PackedConfig("varlen", scale, softcap, int(diag_lo), int(diag_hi),
+                            bool(deterministic), mq, mk)
+        out, lse = packed_attention(q[None], k[None], v[None], cu_q[None], cu_k[None], cfg)
+    else:
+        if (causal or tuple(window_size) != (-1, -1)) and (cu_seqlens_q is not cu_seqlens_k
+                                                           or total_q != total_k):
+            raise ValueError(
+                f"fa3_jax: flash_attention_varlen(context_parallel={context_parallel!r}) with "
+                f"causal or a window runs on positions along the whole token axis, which match "
+                f"each sequence's bottom-right alignment only for self-attention: pass the same "
+                f"array as cu_seqlens_q and cu_seqlens_k, with total_q == total_k (got "
+                f"{'the same' if cu_seqlens_q is cu_seqlens_k else 'different'} arrays, totals "
+                f"{total_q} and {total_k}); or use context_parallel='gather'")
+        # Whole-axis band: bottom-right over (total_q, total_k), here equal when it matters.
+        diag_lo, diag_hi = bottom_right_band(total_q, total_k, causal, window_size)
+        cfg = _PackedConfig("segments", scale, softcap, int(diag_lo), int(diag_hi),
+                            bool(deterministic), context_parallel=context_parallel)
+        ids_q, ids_k = segment_ids_from_cu_seqlens(cu_q, total_q), segment_ids_from_cu_seqlens(
+            cu_k, total_k)
+        out, lse = packed_attention(q[None], k[None], v[None], ids_q[None], ids_k[None], cfg)
     out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
 
@@ -107,3 +143,13 @@ def cu_seqlens_from_lengths(lengths):
     lengths = jnp.asarray(lengths, jnp.int32)
     return jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(lengths, dtype=jnp.int32)])
 
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens, total):
+    """int32 [total] segment ids of varlen's layout: token t of sequence s gets id s + 1, tokens
+    outside every sequence 0. cu_seqlens is first clamped as the kernels clamp it (each entry to
+    [0, total], then raised to the running maximum), so bad entries give empty sequences."""
+    cu = jax.lax.cummax(jnp.clip(cu_seqlens.astype(jnp.int32), 0, total), axis=0)
+    t = jnp.arange(total, dtype=jnp.int32)
+    ids = jnp.searchsorted(cu, t, side="right").astype(jnp.int32)  # s + 1 where cu[s] <= t < cu[s+1]
+    return jnp.where(t < cu[-1], ids, 0)

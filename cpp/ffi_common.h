@@ -294,6 +294,19 @@ inline ffi::Error fill_seqused(ffi::AnyBuffer seqused_k, int64_t num_splits, Fwd
   return ffi::Error::Success();
 }
 
+// GQA rows packed by the caller (flash.h; Hopper KV cache only), after fill_fwd and
+// fill_seqused: q's rows are (position, head of a group) pairs, packed_group of them per position.
+inline ffi::Error fill_packed_group(int64_t packed_group, FwdParams* p) {
+  if (packed_group < 1 ||
+      (packed_group > 1 && (p->seqlen_q % packed_group != 0 || p->heads_q != p->heads_kv)))
+    return invalid("packed_group must be 1, or > 1 dividing seqlen_q (" +
+                   std::to_string(p->seqlen_q) + ") with heads_q == heads_kv (" +
+                   std::to_string(p->heads_q) + ", " + std::to_string(p->heads_kv) + "), got " +
+                   std::to_string(packed_group));
+  p->packed_group = packed_group;
+  return ffi::Error::Success();
+}
+
 // Paged K/V (flash.h, "Paged"), after fill_fwd(..., paged = true): page_table int32
 // [batch, max_pages_per_seq >= 1]; its values are not checked here (the kernels treat an index
 // outside [0, num_pages) as a page of zeros).
@@ -369,7 +382,8 @@ ffi::Error fill_packing(ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k, int64_t ma
           FA3_JAX_MASK_ATTRS
 
 // KV cache, contiguous: the dense forward plus per-row key lengths; num_splits 0 is the
-// heuristic (the CPU computes without splitting).
+// heuristic (the CPU computes without splitting); packed_group > 1: q's rows are GQA-packed by
+// the caller (flash.h; Hopper only, the CPU takes 1).
 #define FA3_JAX_BIND_FWD_KVCACHE(CTX, WS)                                           \
   xla::ffi::Ffi::Bind() CTX                                                         \
       .Arg<xla::ffi::AnyBuffer>() /* q */                                           \
@@ -378,7 +392,7 @@ ffi::Error fill_packing(ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k, int64_t ma
       .Arg<xla::ffi::AnyBuffer>() /* seqused_k int32 [batch]: keys used per row */  \
       .Ret<xla::ffi::AnyBuffer>() /* out */                                         \
       .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                      \
-          FA3_JAX_MASK_ATTRS.Attr<int64_t>("num_splits")
+          FA3_JAX_MASK_ATTRS.Attr<int64_t>("num_splits").Attr<int64_t>("packed_group")
 
 // KV cache, paged: k and v are page pools, rows reach them through the page table.
 #define FA3_JAX_BIND_FWD_KVCACHE_PAGED(CTX, WS)                                         \
@@ -390,7 +404,7 @@ ffi::Error fill_packing(ffi::AnyBuffer meta_q, ffi::AnyBuffer meta_k, int64_t ma
       .Arg<xla::ffi::AnyBuffer>() /* page_table int32 [batch, max_pages_per_seq] */     \
       .Ret<xla::ffi::AnyBuffer>() /* out */                                             \
       .Ret<xla::ffi::AnyBuffer>() /* lse */ WS                                          \
-          FA3_JAX_MASK_ATTRS.Attr<int64_t>("num_splits")
+          FA3_JAX_MASK_ATTRS.Attr<int64_t>("num_splits").Attr<int64_t>("packed_group")
 
 // Packed forward (varlen or segment ids, fill_packing): the dense operands, then the metadata.
 // max_seqlen_*: bounds on every sequence (varlen grid sizes; segment calls bind zeros).

@@ -37,12 +37,23 @@ ffi::Error fwd_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
   return run_fwd_into(p, out, lse);
 }
 
+// KV-cache calls bind packed_group for symmetry with the CUDA target (flash.h); the CPU backend
+// takes unpacked rows only (python/fa3_jax/_primitives.py packs for Hopper alone).
+ffi::Error check_unpacked_cpu(int64_t packed_group) {
+  if (packed_group != 1)
+    return ffi_util::invalid("the CPU backend takes unpacked query rows (packed_group 1), got " +
+                             std::to_string(packed_group));
+  return ffi::Error::Success();
+}
+
 // KV cache: the dense forward over the first seqused_k[b] keys of each batch row (flash.h).
 // num_splits is bound for symmetry with the CUDA target; the CPU backend does not split.
 ffi::Error fwd_kvcache_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                            ffi::AnyBuffer seqused_k, ffi::Result<ffi::AnyBuffer> out,
                            ffi::Result<ffi::AnyBuffer> lse, float softmax_scale, float softcap,
-                           int64_t diag_lo, int64_t diag_hi, int64_t num_splits) {
+                           int64_t diag_lo, int64_t diag_hi, int64_t num_splits,
+                           int64_t packed_group) {
+  if (auto e = check_unpacked_cpu(packed_group); e.failure()) return e;
   FwdParams p;
   if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p); e.failure())
     return e;
@@ -56,7 +67,8 @@ ffi::Error fwd_kvcache_paged_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuf
                                  ffi::AnyBuffer seqused_k, ffi::AnyBuffer page_table,
                                  ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                                  float softmax_scale, float softcap, int64_t diag_lo,
-                                 int64_t diag_hi, int64_t num_splits) {
+                                 int64_t diag_hi, int64_t num_splits, int64_t packed_group) {
+  if (auto e = check_unpacked_cpu(packed_group); e.failure()) return e;
   FwdParams p;
   if (auto e = fill_fwd(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, &p, false, true);
       e.failure())

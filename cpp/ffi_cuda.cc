@@ -189,10 +189,13 @@ ffi::Error fwd_kvcache_cuda(cudaStream_t stream, int32_t device, ffi::AnyBuffer 
                             ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer seqused_k,
                             ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                             ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
-                            float softcap, int64_t diag_lo, int64_t diag_hi, int64_t num_splits) {
+                            float softcap, int64_t diag_lo, int64_t diag_hi, int64_t num_splits,
+                            int64_t packed_group) {
   return fwd_call(stream, device, q, k, v, out, lse, workspace, softmax_scale, softcap, diag_lo,
                   diag_hi, false, [&](FwdParams& p) {
-                    return ffi_util::fill_seqused(seqused_k, num_splits, &p);
+                    if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure())
+                      return e;
+                    return ffi_util::fill_packed_group(packed_group, &p);
                   });
 }
 
@@ -203,11 +206,13 @@ ffi::Error fwd_kvcache_paged_cuda(cudaStream_t stream, int32_t device, ffi::AnyB
                                   ffi::Result<ffi::AnyBuffer> lse,
                                   ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
                                   float softcap, int64_t diag_lo, int64_t diag_hi,
-                                  int64_t num_splits) {
+                                  int64_t num_splits, int64_t packed_group) {
   return fwd_call(stream, device, q, k, v, out, lse, workspace, softmax_scale, softcap, diag_lo,
                   diag_hi, true, [&](FwdParams& p) {
                     if (auto e = ffi_util::fill_paged(page_table, &p); e.failure()) return e;
-                    return ffi_util::fill_seqused(seqused_k, num_splits, &p);
+                    if (auto e = ffi_util::fill_seqused(seqused_k, num_splits, &p); e.failure())
+                      return e;
+                    return ffi_util::fill_packed_group(packed_group, &p);
                   });
 }
 

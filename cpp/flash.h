@@ -46,7 +46,13 @@
 // key position j of batch row b lives in page page_table[b][j / page_size], row j % page_size.
 // A page index outside [0, num_pages) reads as zeros (keys and values 0: such positions still
 // take part in the softmax when inside len_b). The Hopper kernel needs page_size to be a
-// multiple of its block_n (cpp/hopper/tile_size.h): one TMA load per key block.
+// multiple of 16 (cpp/hopper/tile_size.h: one TMA load per key block from pages of whole
+// blocks, else boxes of 64 or 16 rows, one per page piece).
+// GQA rows packed by the caller (optional, FwdParams::packed_group > 1; with seqused_k only;
+// Hopper only): q holds heads_q == heads_kv heads of seqlen_q = positions * packed_group rows,
+// row s * packed_group + j being query position s of the caller's query head
+// h * packed_group + j (out and lse likewise); the band is on positions s, so one tile reads K/V
+// once for a whole group (python/fa3_jax/_primitives.py transposes q, out and lse around it).
 // num_splits (any dense 16-bit forward on Hopper) asks for that many key ranges per tile (split-KV,
 // cpp/hopper/tile_size.h); 0 lets the kernel choose; the CPU backend ignores it.
 //
@@ -116,6 +122,8 @@ struct FwdParams {
   const int32_t* seqused_k = nullptr;
   // Split-KV ranges per tile (see the header comment): 0 = the kernel's heuristic.
   int64_t num_splits = 0;
+  // GQA rows packed by the caller (see the header comment): query rows per position; 1 = none.
+  int64_t packed_group = 1;
   // Paged K/V (see the header comment); null for the contiguous layout. int32
   // [batch, seqlen_k / page_size]; k and v then hold num_pages pages of page_size rows.
   const int32_t* page_table = nullptr;

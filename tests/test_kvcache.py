@@ -212,6 +212,7 @@ def test_bad_metadata_stays_in_bounds(page_size):
     lengths = [-5, 2000, 2 ** 31 - 1, -(2 ** 31), 1020, 1010]
     if not page_size:
         check(lengths, sq=4, seqlen_new=7)
+        check(lengths, sq=4, seqlen_new=0)  # no append: the kernel clamps the lengths itself
         return
     lengths = jnp.asarray(lengths, jnp.int32)
     k_cache, v_cache, page_table = make_cache(lengths, 2, 32, 24, page_size)
@@ -258,12 +259,17 @@ def test_long_rows_cpu():
 @pytest.mark.parametrize("heads,sq,seqlen_new,kw", [
     ((8, 2), 1, 1, "causal"),          # GQA, one query: packed group
     ((8, 1), 1, 7, "full"),            # MQA, 7 appended, packed
-    ((8, 2), 7, 7, "window"),          # 7 queries, window: unpacked
+    ((8, 2), 1, 1, "window"),          # one query, window: packed, masked by position
+    ((8, 2), 7, 7, "window"),          # 7 queries, window: 28 packed rows (q transposed)
+    ((8, 2), 4, 1, "causal"),          # speculative: 4 queries, causal rows by position
+    ((32, 2), 7, 7, "causal"),         # 112 packed rows of 16 heads a position
+    ((8, 1), 17, 1, "causal"),         # 136 rows would not fit one tile: unpacked
     ((4, 4), 1, 1, "window_softcap"),  # MHA, window and softcap
 ])
 def test_gpu_split_kv(num_splits, heads, sq, seqlen_new, kw):
     """Hopper split-KV over the cache: forced 1 and 3 splits and the heuristic, lengths 0 to
-    4097 in one batch (empty rows: out 0, lse -inf), GQA packing where it applies."""
+    4097 in one batch (empty rows: out 0, lse -inf; lengths below seqlen_q: causal rows that
+    see no key), GQA packing where it applies."""
     check(LONG, hq=heads[0], hkv=heads[1], d=128, dv=128, sq=sq, seqlen_new=seqlen_new,
           capacity=LONG_CAPACITY, num_splits=num_splits, dtype=jnp.bfloat16, atol=2e-2,
           lse_atol=2e-2, **KW[kw])
@@ -273,15 +279,18 @@ def test_gpu_split_kv(num_splits, heads, sq, seqlen_new, kw):
 @pytest.mark.parametrize("num_splits", [0, 1, 3])
 @pytest.mark.parametrize("page_size,heads,sq,seqlen_new,kw", [
     (128, (8, 2), 1, 1, "causal"),       # pages of one key block, packed GQA
-    (256, (8, 1), 7, 7, "window"),       # two blocks a page, unpacked
+    (256, (8, 1), 7, 7, "window"),       # two blocks a page, 56 packed rows
+    (16, (8, 2), 4, 1, "causal"),        # speculative on 16-row boxes, packed
     (16, (8, 2), 1, 7, "full"),          # 8 pages a block: one 16-row box each
-    (64, (4, 4), 4, 1, "window_softcap"),
+    (64, (4, 4), 4, 1, "window_softcap"),  # 64-row boxes (kFwdPageRowsLarge)
+    (192, (8, 2), 4, 7, "causal"),       # 64-row boxes, blocks across page edges
+    (48, (8, 1), 1, 1, "window"),        # 16-row boxes, three a page
 ])
 def test_gpu_paged_kernel(num_splits, page_size, heads, sq, seqlen_new, kw):
-    """Hopper reading the pages itself (page_size a multiple of 16: whole blocks, or 16-row boxes
-    for smaller pages): shuffled pages, lengths 0 to 4097, forced splits."""
+    """Hopper reading the pages itself (page_size a multiple of 16: whole blocks, or 64- or
+    16-row boxes for smaller pages): shuffled pages, lengths 0 to 4097, forced splits."""
     check(LONG, hq=heads[0], hkv=heads[1], d=128, dv=128, sq=sq, seqlen_new=seqlen_new,
-          page_size=page_size, capacity=4352, num_splits=num_splits, dtype=jnp.bfloat16,
+          page_size=page_size, capacity=4608, num_splits=num_splits, dtype=jnp.bfloat16,
           atol=2e-2, lse_atol=2e-2, **KW[kw])
 
 
@@ -307,6 +316,15 @@ def test_gpu_paged_bad_pages(page_size):
         assert not np.isnan(out).any()
         assert np.max(np.abs(out - ref)) <= 2e-2
         assert np.max(np.abs(np.asarray(lse) - ref_lse)) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_gpu_bad_lengths_no_append(page_size):
+    """Without an append the lengths reach the kernel unclipped (python/fa3_jax/kvcache.py): it
+    clamps them to [0, capacity] as the CPU backend and the reference do."""
+    check([-5, 2000, 2 ** 31 - 1, -(2 ** 31), 1020, 1010], hq=8, hkv=2, d=128, dv=128, sq=4,
+          seqlen_new=0, page_size=page_size, dtype=jnp.bfloat16, atol=2e-2, lse_atol=2e-2)
 
 
 @pytest.mark.gpu

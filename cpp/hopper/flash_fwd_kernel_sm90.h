@@ -2,8 +2,10 @@
 // producer / consumer warpgroup split and the persistent tile loop; composes FwdMainloop and
 // FwdEpilogue.
 //
-// 384 threads: warpgroup 0 produces (one thread issues every TMA, one thread of warp 1 runs the
-// tile scheduler, the rest only give their registers back), warpgroups 1 and 2 consume 64 query rows each.
+// 384 threads: warpgroup 0 produces (one thread issues every TMA, or with kProducerWarp warp 0
+// runs the producer, lanes issuing a paged block's boxes; one thread of warp 1 runs the tile
+// scheduler, the rest only give their registers back), warpgroups 1 and 2 consume 64 query rows
+// each.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -67,13 +69,15 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         if (int(tile) >= sched.num_tiles) break;
         tile = next_tile(p.tile_counter, int(tile));
       }
-    } else if (threadIdx.x == 0) {
+    } else if (Traits::kProducerWarp ? threadIdx.x < 32 : threadIdx.x == 0) {
+      // The TMA thread (thread 0), or with kProducerWarp warp 0, thread 0 its leader.
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();
       int q_tile_count = 0;
       for (uint32_t seq = 0;; ++seq) {
         ss.tile_full[seq & 1].wait((seq >> 1) & 1);
         int const tile = ss.tile_ids[seq & 1];
-        ss.tile_empty[seq & 1].arrive();
+        if constexpr (Traits::kProducerWarp) __syncwarp();  // every lane has read the slot
+        if (threadIdx.x == 0) ss.tile_empty[seq & 1].arrive();
         if (tile >= sched.num_tiles) break;
         TileCoord t = decode_tile(sched, tile);
         typename Traits::Mask mask;

@@ -29,7 +29,7 @@ struct FwdMainloop {
   using PipelineState = typename Traits::PipelineState;
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
 
-  // Called by a single producer thread. q_tile_count: non-empty tiles this CTA loaded before.
+  // Called by the producer: thread 0, or warp 0 (Traits::kProducerWarp). q_tile_count: non-empty tiles this CTA loaded before.
   // offset_q / offset_k: first row of the tile's sequence in its batch row (0 when dense). Rows
   // past the sequence's end load the next sequence's rows or TMA's zero fill; the mask and the
   // epilogue's row bounds keep them out of every result.
@@ -71,6 +71,11 @@ struct FwdMainloop {
     Tensor tVgV = get<0>(tV);  // (TMA, n_blocks)
     Tensor tVsV = get<1>(tV);  // (TMA, PIPE)
 
+    // kProducerWarp: every lane of warp 0 runs this function; lane 0 (the leader) issues every
+    // load but the page boxes and arrives on the barriers, the other lanes only keep the same
+    // pipeline state. Otherwise thread 0 alone runs it.
+    bool const leader = !Traits::kProducerWarp || cutlass::canonical_lane_idx() == 0;
+
     // Paged K/V (kSplit only): key block n is block n % page_blocks of the page the table names
     // (page_blocks > 0), or kBlockN / kPageRows boxes, box r from the page of its first key.
     // A page index outside the pool becomes num_pages, a box wholly outside the tensor, which
@@ -82,50 +87,62 @@ struct FwdMainloop {
       int const page = __ldg(p.page_table + int64_t(t.batch) * p.page_table_stride + index);
       return page >= 0 && page < num_pages ? page : num_pages;
     };
-    auto page_of = [&](int n) { return page_at(n / p.page_blocks); };
-    constexpr int kRows = Traits::kPageRows;
-    // One block as kBlockN / kRows boxes of kRows rows, each from its page (pages < kBlockN).
-    // The page indices are all loaded before the first box is issued: one after the other, each
-    // load's latency stalled the issue (16-row boxes at 1.6-1.8 TB/s, H200, 2026-11-22).
-    auto load_boxes = [&](auto const& tma, auto const& shape, auto const& s_stage, int n,
-                          uint64_t* bar, int h) {
-      using Box = Shape<Int<kRows>, decltype(size<1>(s_stage))>;  // (kRows, D)
-      Tensor s_boxes = local_tile(s_stage, Box{}, make_coord(_, _0{}));  // (kRows, D, kBlockN / kRows)
+    // Key block n as kBlockN / rows boxes of `rows` rows (tma_page: its descriptor), lane r
+    // issuing box r (with its own page index load) after the leader's expect_tx.
+    auto load_boxes = [&](auto rows, auto const& tma_page, auto const& shape, auto const& sX,
+                          int slot, int n, uint64_t* bar) {
+      constexpr int kRows = decltype(rows)::value;
+      using Box = Shape<Int<kRows>, decltype(size<1>(sX))>;  // (kRows, D)
       constexpr int kBoxes = kBlockN / kRows;
-      int pages[kBoxes];
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kBoxes; ++r) pages[r] = page_at((n * kBlockN + r * kRows) / p.page_size);
-      CUTLASS_PRAGMA_UNROLL
-      for (int r = 0; r < kBoxes; ++r) {
+      static_assert(kBoxes <= 32, "one box per lane of the producer warp");
+      __syncwarp();  // the leader's expect_tx first
+      int const r = cutlass::canonical_lane_idx();
+      if (r < kBoxes) {
         int const key = n * kBlockN + r * kRows;
-        Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, h, pages[r]), Box{},
+        Tensor s_boxes = local_tile(sX(_, _, slot), Box{},
+                                    make_coord(_, _0{}));  // (kRows, D, kBoxes)
+        int const page = page_at(key / p.page_size);
+        Tensor g = local_tile(tma_page.get_tma_tensor(shape)(_, _, h_kv, page), Box{},
                               make_coord(_, _0{}));  // (kRows, D, page_size / kRows)
-        auto [tg, ts] = tma_partition(tma, _0{}, Layout<_1>{}, group_modes<0, 2>(s_boxes),
+        auto [tg, ts] = tma_partition(tma_page, _0{}, Layout<_1>{}, group_modes<0, 2>(s_boxes),
                                       group_modes<0, 2>(g));
-        copy(tma.with(*bar, 0), tg(_, (key % p.page_size) / kRows), ts(_, r));
+        copy(tma_page.with(*bar, 0), tg(_, (key % p.page_size) / kRows), ts(_, r));
       }
     };
-    auto load_k = [&](int n) {
-      pipe_k.producer_acquire(write);
+    // One key block of K or V (tma, tile: its (N, D) block shape; sX: its whole ring; slot) on
+    // barrier bar: contiguous, one TMA load of the block; pages of whole blocks, one TMA load
+    // from the block's page; smaller pages, boxes (load_boxes) of kPageRowsLarge rows where
+    // page_size is a multiple of it, else of kPageRows.
+    auto load_block = [&](auto const& tma, auto const& tma_page, auto const& tma_page_large,
+                          auto const& shape, auto const& tile, auto const& sX, auto const& tXgX,
+                          auto const& tXsX, int slot, int n, uint64_t* bar) {
       if constexpr (Traits::kSplit) {
         if (p.page_table && p.page_blocks == 0) {
-          load_boxes(p.tma_k_page, p.shape_k, sK(_, _, write.index()), n,
-                     pipe_k.producer_get_barrier(write), h_kv);
+          if (p.page_size % Traits::kPageRowsLarge == 0)
+            load_boxes(Int<Traits::kPageRowsLarge>{}, tma_page_large, shape, sX, slot, n, bar);
+          else
+            load_boxes(Int<Traits::kPageRows>{}, tma_page, shape, sX, slot, n, bar);
           return;
         }
         if (p.page_table) {
-          Tensor gKp = local_tile(p.tma_k.get_tma_tensor(p.shape_k)(_, _, h_kv, page_of(n)),
-                                  select<1, 2>(typename Traits::TileShapeQK{}),
+          if (leader) {
+            int const page = page_at(n / p.page_blocks);
+            Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, h_kv, page), tile,
                                   make_coord(_, _0{}));  // (N, D, page_blocks)
-          auto tKp = tma_partition(p.tma_k, _0{}, Layout<_1>{}, group_modes<0, 2>(sK),
-                                   group_modes<0, 2>(gKp));
-          copy(p.tma_k.with(*pipe_k.producer_get_barrier(write), 0),
-               get<0>(tKp)(_, n % p.page_blocks), tKsK(_, write.index()));
+            auto tp = tma_partition(tma, _0{}, Layout<_1>{}, group_modes<0, 2>(sX),
+                                    group_modes<0, 2>(g));
+            copy(tma.with(*bar, 0), get<0>(tp)(_, n % p.page_blocks), tXsX(_, slot));
+          }
           return;
         }
       }
-      copy(p.tma_k.with(*pipe_k.producer_get_barrier(write), 0), tKgK(_, n),
-           tKsK(_, write.index()));
+      if (leader) copy(tma.with(*bar, 0), tXgX(_, n), tXsX(_, slot));
+    };
+    auto load_k = [&](int n) {
+      pipe_k.producer_acquire(write);
+      load_block(p.tma_k, p.tma_k_page, p.tma_k_page_large, p.shape_k,
+                 select<1, 2>(typename Traits::TileShapeQK{}), sK, tKgK, tKsK, write.index(), n,
+                 pipe_k.producer_get_barrier(write));
     };
     // V of block n goes to the slot K of block n used, one step behind `write`; deriving that
     // state instead of keeping a second one saves registers (the producer has only 24).
@@ -134,30 +151,17 @@ struct FwdMainloop {
       PipelineState const st(wrap ? Traits::kStages - 1 : write.index() - 1,
                              wrap ? write.phase() ^ 1 : write.phase(), 0);
       pipe_v.producer_acquire(st);
-      if constexpr (Traits::kSplit) {
-        if (p.page_table && p.page_blocks == 0) {
-          load_boxes(p.tma_v_page, p.shape_v, sV(_, _, st.index()), n,
-                     pipe_v.producer_get_barrier(st), h_kv);
-          return;
-        }
-        if (p.page_table) {
-          Tensor gVp = local_tile(p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, page_of(n)),
-                                  typename Traits::TileShapeVLoad{},
-                                  make_coord(_, _0{}));  // (N, Dv, page_blocks)
-          auto tVp = tma_partition(p.tma_v, _0{}, Layout<_1>{}, group_modes<0, 2>(sV),
-                                   group_modes<0, 2>(gVp));
-          copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0),
-               get<0>(tVp)(_, n % p.page_blocks), tVsV(_, st.index()));
-          return;
-        }
-      }
-      copy(p.tma_v.with(*pipe_v.producer_get_barrier(st), 0), tVgV(_, n), tVsV(_, st.index()));
+      load_block(p.tma_v, p.tma_v_page, p.tma_v_page_large, p.shape_v,
+                 typename Traits::TileShapeVLoad{}, sV, tVgV, tVsV, st.index(), n,
+                 pipe_v.producer_get_barrier(st));
     };
 
     // Q of the previous tile must be dead (its last S WGMMA retired) before it is overwritten.
     if (q_tile_count > 0) ss.q_empty.wait((q_tile_count - 1) & 1);
-    ss.q_full.arrive_and_expect_tx(Traits::kBytesQ);
-    copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full), 0), tQgQ, tQsQ);
+    if (leader) {
+      ss.q_full.arrive_and_expect_tx(Traits::kBytesQ);
+      copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full), 0), tQgQ, tQsQ);
+    }
 
     // Both rings advance once per block; V runs one block behind K, matching the consumers.
     load_k(n_max - 1);

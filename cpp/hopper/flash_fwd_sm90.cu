@@ -41,9 +41,10 @@ using namespace cute;
 // them (diag_lo <= 0 and diag_hi >= seqlen_k - 1: no window cuts the keys; bottom-right causal
 // with seqlen_q 1 is such a case), since the kernel's band would otherwise mask the packed rows
 // as if they were different query positions.
-// With seqused_k (a KV cache) the band is relative to each row's own diagonal len_b - 1, so the
-// one query row sees all len_b keys for every len_b <= seqlen_k iff diag_lo <= -(seqlen_k - 1)
-// and diag_hi >= 0 (causal without a window); windowed cache calls run unpacked (still split).
+// With seqused_k (a KV cache) the split kernel's mask knows which query position each packed
+// row is (mask.h, kGrouped: rows_per_pos = group), so every band packs, windows included.
+// Cache calls with seqlen_q > 1 arrive packed by the caller instead (FwdParams::packed_group,
+// python/fa3_jax/_primitives.py): the same rows, (position, head) pairs, with the same mask.
 // Varlen and segment-id calls are never packed (nor split) yet.
 // FP8 calls are never packed (nor split): the per-block descales are per query head (flash.h).
 bool packable_gqa_shape(FwdParams const& p) {
@@ -52,7 +53,7 @@ bool packable_gqa_shape(FwdParams const& p) {
 }
 bool pack_gqa(FwdParams const& p) {
   if (!packable_gqa_shape(p)) return false;
-  if (p.seqused_k) return p.diag_lo <= -(p.seqlen_k - 1) && p.diag_hi >= 0;
+  if (p.seqused_k) return true;
   return p.diag_lo <= 0 && p.diag_hi >= p.seqlen_k - 1;
 }
 
@@ -206,19 +207,32 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
                            typename Traits::TileShapeVLoad{}, _1{});
   if constexpr (kSplit) {
     if (paged && kp.page_blocks == 0) {
-      constexpr int kRows = Traits::kPageRows;
-      kp.tma_k_page = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.k), kp.shape_k, stride_k),
-                                    typename Traits::SmemLayoutKPage{},
-                                    Shape<Int<kRows>, Int<kHeadDim>>{}, _1{});
-      kp.tma_v_page = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.v), kp.shape_v, stride_v),
-                                    typename Traits::SmemLayoutVPage{},
-                                    Shape<Int<kRows>, Int<kHeadDimV>>{}, _1{});
+      // Pages smaller than a block: boxes of kPageRowsLarge rows where the page size allows,
+      // else of kPageRows (FwdMainloop::load makes the same choice).
+      constexpr int kLarge = Traits::kPageRowsLarge, kSmall = Traits::kPageRows;
+      Tensor const k_pool = make_tensor(gmem(p.k), kp.shape_k, stride_k);
+      Tensor const v_pool = make_tensor(gmem(p.v), kp.shape_v, stride_v);
+      if (p.page_size % kLarge == 0) {
+        kp.tma_k_page_large = make_tma_copy(SM90_TMA_LOAD{}, k_pool,
+                                            typename Traits::SmemLayoutKPageLarge{},
+                                            Shape<Int<kLarge>, Int<kHeadDim>>{}, _1{});
+        kp.tma_v_page_large = make_tma_copy(SM90_TMA_LOAD{}, v_pool,
+                                            typename Traits::SmemLayoutVPageLarge{},
+                                            Shape<Int<kLarge>, Int<kHeadDimV>>{}, _1{});
+      } else {
+        kp.tma_k_page = make_tma_copy(SM90_TMA_LOAD{}, k_pool, typename Traits::SmemLayoutKPage{},
+                                      Shape<Int<kSmall>, Int<kHeadDim>>{}, _1{});
+        kp.tma_v_page = make_tma_copy(SM90_TMA_LOAD{}, v_pool, typename Traits::SmemLayoutVPage{},
+                                      Shape<Int<kSmall>, Int<kHeadDimV>>{}, _1{});
+      }
     }
   }
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
-  // Packed rows all see every key (pack_gqa), which the unbounded band says. With seqused_k the
-  // tiles take their band from kp.varlen's diag_lo / diag_hi instead (Params::locate).
+  // Packed dense rows all see every key (pack_gqa), which the unbounded band says. With
+  // seqused_k the tiles take their band from kp.varlen's diag_lo / diag_hi instead
+  // (Params::locate), on query positions: packed rows are (position, head) pairs, rows_per_pos
+  // of them per position (mask.h, kGrouped).
   int64_t const lo = plan.packed ? -int64_t(sq) : std::clamp<int64_t>(p.diag_lo, -int64_t(sq), int64_t(sk));
   int64_t const hi = plan.packed ? int64_t(sk) : std::clamp<int64_t>(p.diag_hi, -int64_t(sq), int64_t(sk));
   kp.mask = {};  // segment fields (SegmentBandMask) are per tile: Params::locate
@@ -229,11 +243,11 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.seqused_k = p.seqused_k;
   if (p.seqused_k) {
     // Relative to each row's bottom-right diagonal, pre-clamped to +-(sq + sk) (< 2^31 by
-    // sm90_supports_fwd) as for varlen (sm90::varlen_diag); packed: unbounded, so that every
-    // packed row sees all len_b keys.
+    // sm90_supports_fwd) as for varlen (sm90::varlen_diag).
     int64_t const far = int64_t(sq) + sk;
-    kp.varlen.diag_lo = plan.packed ? int(-far) : int(std::clamp<int64_t>(p.diag_lo, -far, far));
-    kp.varlen.diag_hi = plan.packed ? int(far) : int(std::clamp<int64_t>(p.diag_hi, -far, far));
+    kp.varlen.diag_lo = int(std::clamp<int64_t>(p.diag_lo, -far, far));
+    kp.varlen.diag_hi = int(std::clamp<int64_t>(p.diag_hi, -far, far));
+    kp.mask.rows_per_pos = plan.packed ? group : int(p.packed_group);
   }
 
   // Varlen: tiles are (m_block, head, (batch row, sequence)); the grid covers the longest
@@ -486,6 +500,11 @@ bool sm90_supports_fwd(const FwdParams& p) {
   // seqused_k: the dense 16-bit layout only (flash.h). Paged: with seqused_k, pages of a
   // multiple of 16 rows, page and pool counts within the TMA's 32-bit coordinates.
   if (p.seqused_k && (p.cu_seqlens_q || p.q_segment_ids || p.dtype == DType::kFloat8E4M3))
+    return false;
+  // Rows packed by the caller: whole groups of one KV head's query heads, KV cache calls only.
+  if (p.packed_group != 1 &&
+      (!p.seqused_k || p.packed_group < 1 || p.heads_q != p.heads_kv ||
+       p.seqlen_q % p.packed_group != 0))
     return false;
   if (p.page_table) {
     // Pages of whole key blocks, or of whole kFwdPageRows-row boxes (tile_size.h).

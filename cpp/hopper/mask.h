@@ -6,6 +6,10 @@
 // masking (only blocks crossing a band edge or the end of the keys), and the masking itself.
 // diag_lo / diag_hi arrive clamped to [-seqlen_q, seqlen_k] so that all arithmetic fits in int.
 // SegmentBandMask adds segment ids (flash.h) to the same three answers.
+// kGrouped (the split-KV kernel): the tile's rows may be (query position, query head of a GQA
+// group) pairs, rows_per_pos heads per position (GQA packing, flash_fwd_sm90.cu: pack_gqa):
+// row r is query position r / rows_per_pos, and the band is on positions. seqlen_q stays the
+// row count (the epilogue's bound). The division runs once per row of a masked block only.
 #pragma once
 
 #include <cmath>
@@ -15,16 +19,25 @@
 
 namespace fa3::sm90 {
 
-template <int kBlockM, int kBlockN>
+template <int kBlockM, int kBlockN, bool kGrouped = false>
 struct BandMask {
   int seqlen_q, seqlen_k;
   int diag_lo, diag_hi;
+  int rows_per_pos = 1;  // kGrouped only; positions = seqlen_q / rows_per_pos
+
+  // The query position of tile row `row`.
+  CUTLASS_DEVICE int pos(int row) const {
+    if constexpr (kGrouped)
+      return row / rows_per_pos;
+    else
+      return row;
+  }
 
   // Key blocks [n_min, n_max) that hold at least one visible key for m_block; empty when
   // n_max <= n_min.
   CUTLASS_DEVICE void n_block_range(int m_block, int& n_min, int& n_max) const {
-    int const i_first = m_block * kBlockM;
-    int const i_last = min(i_first + kBlockM, seqlen_q) - 1;
+    int const i_first = pos(m_block * kBlockM);
+    int const i_last = pos(min(m_block * kBlockM + kBlockM, seqlen_q) - 1);
     int const j_first = max(0, i_first + diag_lo);
     int const j_last = min(seqlen_k - 1, i_last + diag_hi);
     if (j_last < j_first) {
@@ -36,10 +49,11 @@ struct BandMask {
   }
 
   CUTLASS_DEVICE bool needs_mask(int m_block, int n_block) const {
-    int const i0 = m_block * kBlockM, j0 = n_block * kBlockN;
+    int const i0 = pos(m_block * kBlockM), i1 = pos(m_block * kBlockM + kBlockM - 1);
+    int const j0 = n_block * kBlockN;
     return j0 + kBlockN > seqlen_k                    // past the last key
            || j0 + kBlockN - 1 - i0 > diag_hi         // crosses the upper band edge
-           || j0 - (i0 + kBlockM - 1) < diag_lo;      // crosses the lower band edge
+           || j0 - i1 < diag_lo;                      // crosses the lower band edge
   }
 
   // acc_s: one warpgroup's 64 x kBlockN WGMMA accumulator; coord: where its elements sit.
@@ -51,7 +65,7 @@ struct BandMask {
     int const j0 = n_block * kBlockN + coord.col0;
     CUTLASS_PRAGMA_UNROLL
     for (int mi = 0; mi < size<0>(s); ++mi) {
-      int const i = m_block * kBlockM + coord.row0 + AccCoord::row_offset(mi);
+      int const i = pos(m_block * kBlockM + coord.row0 + AccCoord::row_offset(mi));
       // Visible columns of this row, relative to the thread's first column: [col_lo, col_hi).
       int const col_hi = min(seqlen_k, i + diag_hi + 1) - j0;
       int const col_lo = i + diag_lo - j0;

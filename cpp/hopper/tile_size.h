@@ -153,9 +153,14 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 //    one full wave beats two). Measured on H200 (bf16, hdim 128, GQA 32/8 packed, forced split
 //    counts, 2026-11-22), K/V TB/s: 8x4k s=2 3.64 (s=4 3.29, s=8 2.99); 8x16k s=2 4.35
 //    (s=4 4.21, s=16 3.88); 1x128k s=16 4.27, s=15 4.20 (the 90% rule's pick), s=33 3.91
-//    (two exact waves), s=64 3.47.
+//    (two exact waves), s=64 3.47. The KV cache (h200_2026-11-22s7k_kvcache_decode.txt): 8x4k
+//    s=2 3.48 (s=1 2.48, s=3 2.77, s=4 3.24); 1x128k s=16 4.14 (s=12 3.69, s=20 2.80, s=24
+//    3.21, s=32 3.79).
 //  - Each split keeps at least kMinBlocksPerSplit key blocks, so the pipeline fill and the
 //    partial epilogue stay small next to its loads; at most kMaxSplits ranges per tile.
+//  - The split kernel keeps the dense tile's 2 K/V stages: 3 stages at hdim 128 (224 KB) read
+//    slower on every contiguous row (H200, 2026-11-22, K/V TB/s, cache column: 8 x 4k 3.42 ->
+//    3.31, 8 x 16k 4.21 -> 4.03, 1 x 128k 4.11 -> 3.96; h200_2026-11-22s7k_kvcache_decode.txt).
 inline constexpr int kMinBlocksPerSplit = 4;
 
 // Paged KV caches (flash.h, "Paged"): pages of a multiple of block_n rows arrive as one TMA load
@@ -163,7 +168,16 @@ inline constexpr int kMinBlocksPerSplit = 4;
 // must be a multiple of it (python/fa3_jax/kvcache.py gathers other page sizes into a
 // contiguous view first). 16: the smallest box whose shared-memory offset keeps the 128-byte
 // swizzle pattern (8 rows of 128 bytes) aligned for every head dim; block_n is a multiple of it.
+// Pages of a multiple of kFwdPageRowsLarge rows (still smaller than a block) arrive in boxes of
+// that many rows where block_n is a multiple of it: a quarter of the TMA loads. Lane r of the
+// producer warp issues box r (flash_fwd_traits_sm90.h, kProducerWarp). Measured on H200
+// (bench_decode.py, hdim 128, 32/8 heads, 8 x 16k, K/V TB/s at seqlen_q 4 / 16, 2026-11-22,
+// h200_2026-11-22s7k_kvcache_decode.txt): one thread issuing 16-row boxes, pages of 16 1.96 /
+// 1.94 and 64 2.04 / 1.99 (contiguous 4.09 / 3.94); a box per lane, pages of 16 3.25 / 3.20;
+// a 64-row box per lane, pages of 64 3.92 / 3.77. At seqlen_q 1 (8 x 4k .. 64 x 8k): pages of
+// 16 2.99-3.60, of 64 3.36-4.34, 0.79-0.85x and 0.95-0.98x the contiguous cache.
 inline constexpr int kFwdPageRows = 16;
+inline constexpr int kFwdPageRowsLarge = 64;
 inline constexpr int kMaxSplits = 128;
 
 constexpr int fwd_num_splits(int num_tiles, int num_n_blocks, int num_sms) {

@@ -63,32 +63,51 @@ def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0, segment
 # become rows of one tile, so K/V stream once per group. seqlen_q 1 packs inside the kernel
 # without a copy (cpp/hopper/flash_fwd_sm90.cu: pack_gqa). For 1 < seqlen_q the rows (position s,
 # head j of the group) are not one stride apart, so q and out are transposed here, around the
-# call: legal only where every packed row sees the same keys, i.e. there is no mask at all, and
-# worth it only while the group's seqlen_q * group rows fit in one 128-row tile (block_m,
-# cpp/hopper/tile_size.h): the transposes then move a few KB next to the K/V megabytes.
+# call, worth it only while the group's seqlen_q * group rows fit in one 128-row tile (block_m,
+# cpp/hopper/tile_size.h): the transposes then move a few KB next to the K/V megabytes. The
+# dense call packs only where every packed row sees the same keys (no mask at all); the KV-cache
+# call packs under any band, since its kernel masks packed rows by position (packed_group,
+# cpp/flash.h).
 _PACKED_ROWS_MAX = 128
 
 
-def _packs_gqa_rows(q_shape, k_shape, diag_lo, diag_hi):
+def _packs_gqa_rows(q_shape, k_shape, diag_lo=None, diag_hi=None, any_band=False):
     _, sq, hq, _ = q_shape
     sk, hkv = k_shape[1], k_shape[2]
+    if not (1 < sq and hq > hkv and sq * (hq // hkv) <= _PACKED_ROWS_MAX):
+        return False
+    if any_band:
+        return True
     if not (isinstance(diag_lo, (int, np.integer)) and isinstance(diag_hi, (int, np.integer))):
         return False  # band chosen per device (context parallelism): keep the plain call
-    return (1 < sq and hq > hkv and sq * (hq // hkv) <= _PACKED_ROWS_MAX
-            and diag_lo <= -(sq - 1) and diag_hi >= sk - 1)
+    return diag_lo <= -(sq - 1) and diag_hi >= sk - 1
+
+
+def _pack_gqa_rows(q, heads_kv):
+    """q [b, sq, hq, d] -> [b, sq * group, heads_kv, d]: row s * group + j of KV head h is query
+    position s of query head h * group + j."""
+    b, sq, hq, d = q.shape
+    g = hq // heads_kv
+    return q.reshape(b, sq, heads_kv, g, d).transpose(0, 1, 3, 2, 4).reshape(b, sq * g, heads_kv, d)
+
+
+def _unpack_gqa_rows(out, lse, heads_q):
+    """out [b, sq * group, heads_kv, dv] and lse [b, heads_kv, sq * group] of packed rows back to
+    [b, sq, heads_q, dv] and [b, heads_q, sq]."""
+    b, rows, hkv, dv = out.shape
+    g = heads_q // hkv
+    sq = rows // g
+    out = out.reshape(b, sq, g, hkv, dv).transpose(0, 1, 3, 2, 4).reshape(b, sq, heads_q, dv)
+    lse = lse.reshape(b, hkv, sq, g).transpose(0, 1, 3, 2).reshape(b, heads_q, sq)
+    return out, lse
 
 
 def _fwd_ffi_packed_rows(q, k, v, softmax_scale, softcap, cuda):
-    """The forward with the query heads of each KV group packed into the rows: row s * group + j
-    of KV head h is query position s of query head h * group + j. Returns out and lse unpacked."""
-    b, sq, hq, d = q.shape
-    hkv, dv = k.shape[2], v.shape[3]
-    g = hq // hkv
-    qp = q.reshape(b, sq, hkv, g, d).transpose(0, 1, 3, 2, 4).reshape(b, sq * g, hkv, d)
-    out, lse = _fwd_ffi(qp, k, v, softmax_scale, softcap, -UNBOUNDED, UNBOUNDED, cuda)
-    out = out.reshape(b, sq, g, hkv, dv).transpose(0, 1, 3, 2, 4).reshape(b, sq, hq, dv)
-    lse = lse.reshape(b, hkv, sq, g).transpose(0, 1, 3, 2).reshape(b, hq, sq)
-    return out, lse
+    """The forward with the query heads of each KV group packed into the rows
+    (_pack_gqa_rows). Returns out and lse unpacked."""
+    out, lse = _fwd_ffi(_pack_gqa_rows(q, k.shape[2]), k, v, softmax_scale, softcap, -UNBOUNDED,
+                        UNBOUNDED, cuda)
+    return _unpack_gqa_rows(out, lse, q.shape[2])
 
 
 def _fwd_ffi(q, k, v, softmax_scale, softcap, diag_lo, diag_hi, cuda):
@@ -642,6 +661,12 @@ _register(packed_bwd_p, lambda q, k, v, *rest, **_: _bwd_abstract(q, k, v, *rest
 
 def _kvcache_fwd_local(q, k, v, seqused_k, page_table, softmax_scale, softcap, diag_lo, diag_hi,
                        num_splits, cuda=False):
+    hq = q.shape[2]
+    # seqlen_q > 1 (speculative decoding): the group's query heads packed into the rows, masked
+    # by position in the kernel (cpp/flash.h, packed_group); seqlen_q 1 packs in the kernel.
+    group = hq // k.shape[2] if cuda and _packs_gqa_rows(q.shape, k.shape, any_band=True) else 1
+    if group > 1:
+        q = _pack_gqa_rows(q, k.shape[2])
     b, sq, hq, _ = q.shape
     out_types = (jax.ShapeDtypeStruct((b, sq, hq, v.shape[3]), q.dtype),
                  jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
@@ -657,8 +682,9 @@ def _kvcache_fwd_local(q, k, v, seqused_k, page_table, softmax_scale, softcap, d
         out_types += (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),)
     target = "fa3_fwd_kvcache" if page_table is None else "fa3_fwd_kvcache_paged"
     call = jax.ffi.ffi_call(target, out_types)
-    return tuple(call(*operands, num_splits=np.int64(num_splits),
-                      **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)))[:2]
+    out, lse = call(*operands, num_splits=np.int64(num_splits), packed_group=np.int64(group),
+                    **_mask_attrs(softmax_scale, softcap, diag_lo, diag_hi))[:2]
+    return _unpack_gqa_rows(out, lse, hq * group) if group > 1 else (out, lse)
 
 
 def _kvcache_contiguous_local(q, k, v, seqused_k, *static):

@@ -7,13 +7,14 @@ caller donates the cache under ``jax.jit``; attention then runs on the KV-cache 
 (``fa3_fwd_kvcache``): the dense forward over the cache with ``seqused_k[b] = cache_seqlens[b] +
 seqlen_new``, the keys used by batch row b (cpp/flash.h, "Used key lengths"), so keys past a
 row's length are never loaded and no mask is materialised. On Hopper it is the split-KV kernel
-(Flash-Decoding), with the query heads of a GQA group packed into one tile when seqlen_q is 1 and
-no window cuts the keys; ``num_splits`` picks the split count.
+(Flash-Decoding), with the query heads of a GQA group packed into one tile under any band
+(seqlen_q > 1 too, while seqlen_q * group <= 128: the kernel masks packed rows by position);
+``num_splits`` picks the split count.
 
 Paged caches whose page_size is a multiple of 16 (``_ffi.fwd_page_rows``) are read in place
 (``fa3_fwd_kvcache_paged``; the CPU backend reads the same pages): the Hopper kernel looks each
 key block's page up in the page table and loads it with one TMA load, or, for pages smaller than
-a block, one 16-row box per page piece. Other page sizes take an interim path: the pages of each
+a block, one box per page piece (64 rows where page_size is a multiple of 64, else 16). Other page sizes take an interim path: the pages of each
 row are gathered into a contiguous ``[batch, max_pages_per_seq * page_size, ...]`` view before
 the kernel (one extra read and write of the gathered pages).
 """
@@ -209,8 +210,9 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
     diag_lo, diag_hi = bottom_right_band(0, 0, causal, window_size)
     num_splits = _check_num_splits(num_splits)
 
-    start = jnp.clip(lengths, 0, capacity - seqlen_new)
     if seqlen_new:
+        start = jnp.clip(lengths, 0, capacity - seqlen_new)
+        used = start + seqlen_new
         if paged:
             pos = start[:, None] + jnp.arange(seqlen_new, dtype=jnp.int32)[None, :]
             page, slot = _page_slots(page_table, num_pages, page_size, pos)
@@ -219,15 +221,18 @@ def flash_attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, *, k_new=No
         else:
             k_cache = _append_contiguous(k_cache, k_new, start)
             v_cache = _append_contiguous(v_cache, v_new, start)
-    # All seqlen_q queries of row b against its keys [0, start[b] + seqlen_new): the kernel reads
+    else:
+        # The kernels clamp the used key lengths to [0, capacity] themselves (cpp/flash.h, "Used
+        # key lengths"): the lengths go in as they are, with no clip kernel before the call.
+        used = lengths
+    # All seqlen_q queries of row b against its keys [0, used[b]): the kernel reads
     # the pages itself where page_size is a multiple of its page boxes, else a gathered view.
     if paged and page_size % _ffi.fwd_page_rows() == 0:
-        kv = (k_cache, v_cache, start + seqlen_new, page_table)
+        kv = (k_cache, v_cache, used, page_table)
     elif paged:
-        kv = (_gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table),
-              start + seqlen_new)
+        kv = (_gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table), used)
     else:
-        kv = (k_cache, v_cache, start + seqlen_new)
+        kv = (k_cache, v_cache, used)
     out, lse = kvcache_fwd_p.bind(q, *kv, softmax_scale=float(scale), softcap=float(softcap),
                                   diag_lo=int(diag_lo), diag_hi=int(diag_hi),
                                   num_splits=num_splits)

@@ -29,6 +29,19 @@ def test_forward(dtype, d, dv, sq, sk, causal):
     check_forward(q, k, v, causal=causal)
 
 
+# Shapes long enough for the large dense tile (cpp/hopper/tile_size.h, fwd_use_large_tile): at
+# head dim 64 a 192-row tile with three consumer warpgroups, from 1k rows full and 8k causal.
+@pytest.mark.parametrize("sq,sk,kw", [(8193, 8193, dict(causal=True)),
+                                      (8200, 9001, dict(causal=True)),
+                                      (1100, 1030, dict(softcap=15.0)),
+                                      (2000, 1500, dict())])
+def test_forward_large_tile(sq, sk, kw):
+    if 64 not in fa3_jax.cuda_head_dims():
+        pytest.skip("head_dim 64 not in this build")
+    q, k, v = to_gpu(*make_qkv(1, sq, sk, 4, 2, 64, dtype=jnp.bfloat16))
+    check_forward(q, k, v, **kw)
+
+
 @pytest.mark.parametrize("kw", [dict(window_size=(64, 0)), dict(window_size=(100, 37)),
                                 dict(softcap=15.0), dict(softcap=15.0, causal=True)])
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1)])

@@ -84,7 +84,7 @@ struct FwdEpilogue {
   }
 
   // O of the tile through shared memory: each consumer warpgroup waits until its previous TMA
-  // store has read its half of the buffer (kOAliasesV: until both warpgroups are done with the
+  // store has read its part of the buffer (kOAliasesV: until all warpgroups are done with the
   // V ring, which then holds O), writes its 64 rows there (16-bit pairs, in the PV
   // accumulator's order), fences them for the async proxy, and one of its threads issues the TMA
   // store (rows past the tensor's end are dropped by the TMA unit) without waiting for it.
@@ -93,9 +93,9 @@ struct FwdEpilogue {
                                        TensorO const& tOrO, TileCoord t, int mma_tidx) {
     int const wg = mma_tidx / 128;
     bool const issuer = mma_tidx % 128 == 0;
-    auto const bar = wg == 0 ? FwdNamedBarrier::EpilogueWG0 : FwdNamedBarrier::EpilogueWG1;
+    FwdNamedBarrier const bar = fwd_epilogue_barrier(wg);
     if constexpr (Traits::kOAliasesV) {
-      // O goes into the V ring: both warpgroups' last P V WGMMAs must have read it. (The previous
+      // O goes into the V ring: every warpgroup's last P V WGMMA must have read it. (The previous
       // tile's TMA stores have read O: the producer waited for that before this tile's V.)
       named_barrier_sync(Traits::kNumMmaThreads, FwdNamedBarrier::EpilogueAll);
     } else {
@@ -116,7 +116,8 @@ struct FwdEpilogue {
     named_barrier_sync(128, bar);
     if (issuer) {
       Tensor mO = p.tma_o.get_tma_tensor(p.shape_o)(_, _, t.head, t.batch);
-      Tensor gO = local_tile(mO, Shape<_64, Int<kHeadDimV>>{}, make_coord(t.m_block * 2 + wg, _0{}));
+      Tensor gO = local_tile(mO, Shape<_64, Int<kHeadDimV>>{},
+                             make_coord(t.m_block * Traits::kNumMmaWarpGroups + wg, _0{}));
       Tensor sOw =
           make_tensor(make_smem_ptr(Traits::smem_o(ss)), typename Traits::SmemLayoutO{})(_, _, wg);
       auto [tOgO, tOsOw] = tma_partition(p.tma_o, _0{}, Layout<_1>{}, group_modes<0, 2>(sOw),

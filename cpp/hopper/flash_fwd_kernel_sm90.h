@@ -2,10 +2,10 @@
 // producer / consumer warpgroup split and the persistent tile loop; composes FwdMainloop and
 // FwdEpilogue.
 //
-// 384 threads: warpgroup 0 produces (one thread issues every TMA, or with kProducerWarp warp 0
-// runs the producer, lanes issuing a paged block's boxes; one thread of warp 1 runs the tile
-// scheduler, the rest only give their registers back), warpgroups 1 and 2 consume 64 query rows
-// each.
+// 384 or 512 threads: warpgroup 0 produces (one thread issues every TMA, or with kProducerWarp
+// warp 0 runs the producer, lanes issuing a paged block's boxes; one thread of warp 1 runs the
+// tile scheduler, the rest only give their registers back), warpgroups 1 .. block_m / 64
+// consume 64 query rows each.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -95,9 +95,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();
     int const mma_tidx = threadIdx.x - 128;
-    // Pingpong: warpgroup 0 issues first, so warpgroup 1 opens its barrier once up front.
-    if (Traits::kPingpong && mma_tidx >= 128)
-      named_barrier_arrive(Traits::kNumMmaThreads, FwdNamedBarrier::WarpSchedulerWG0);
+    // Pingpong: warpgroup 0 issues first, so the last warpgroup (which signals it from then on)
+    // opens its barrier once up front.
+    if (Traits::kPingpong && mma_tidx / 128 == Traits::kNumMmaWarpGroups - 1)
+      named_barrier_arrive(2 * 128, FwdNamedBarrier::WarpSchedulerWG0);
 
     typename Traits::TiledMmaPV mma_pv;
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
@@ -137,9 +138,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     if constexpr (Traits::kTmaStoreO) {
       if (mma_tidx % 128 == 0) tma_store_wait<0>();
     }
-    // Absorb warpgroup 1's last arrive so that no named barrier is left half-arrived.
+    // Absorb the last warpgroup's last arrive so that no named barrier is left half-arrived.
     if (Traits::kPingpong && mma_tidx < 128)
-      named_barrier_sync(Traits::kNumMmaThreads, FwdNamedBarrier::WarpSchedulerWG0);
+      named_barrier_sync(2 * 128, FwdNamedBarrier::WarpSchedulerWG0);
   }
 }
 

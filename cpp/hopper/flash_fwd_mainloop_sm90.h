@@ -4,10 +4,10 @@
 // Producer (one thread of warp 0): Q once per tile on its own barrier, then K and V through two
 // rings of kStages slots, in exactly the order the consumers need them: K[n_max-1], then
 // (K[n-1], V[n]) pairs, then V[n_min].
-// Consumers (two warpgroups, 64 query rows each): intra-warpgroup overlap as in FA3 — the
+// Consumers (two or three warpgroups, 64 query rows each): intra-warpgroup overlap as in FA3 — the
 // S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
 // together, and the softmax of the next block runs while P V is still on the tensor cores.
-// Pingpong: the two warpgroups take turns issuing WGMMAs (named barriers), so one's softmax
+// Pingpong: the warpgroups take turns issuing WGMMAs (named barriers), so one's softmax
 // runs under the other's matrix work. Pingpong and where O is rescaled are per head dim
 // (tile_size.h, fwd_schedule).
 #pragma once
@@ -242,17 +242,14 @@ struct FwdMainloop {
     float const softcap_pre = Traits::kFp8 ? p.softcap_pre * qk_descale : p.softcap_pre;
 
     int const wg = mma_tidx / 128;
+    // Pingpong turns go round the warpgroups: 0, 1 (, 2), 0, ...
     auto scheduler_sync = [&] {
-      if constexpr (Traits::kPingpong)
-        named_barrier_sync(
-            Traits::kNumMmaThreads,
-            static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + wg));
+      if constexpr (Traits::kPingpong) named_barrier_sync(2 * 128, fwd_scheduler_barrier(wg));
     };
     auto scheduler_arrive = [&] {
       if constexpr (Traits::kPingpong)
-        named_barrier_arrive(
-            Traits::kNumMmaThreads,
-            static_cast<FwdNamedBarrier>(int(FwdNamedBarrier::WarpSchedulerWG0) + (1 - wg)));
+        named_barrier_arrive(2 * 128, fwd_scheduler_barrier(
+                                          wg + 1 == Traits::kNumMmaWarpGroups ? 0 : wg + 1));
     };
     // Block n's k and v descales (1 unless per block), and the next block's, already loading.
     float dk_blk = 1.f, dv_blk = 1.f, dk_next = 1.f, dv_next = 1.f;

@@ -60,7 +60,7 @@ bool pack_gqa(FwdParams const& p) {
 // The grid as the kernel sees it: query rows and heads per tile coordinates, and the split.
 struct FwdPlan {
   bool packed;
-  bool wide;  // the dense call runs the wide tile (tile_size.h, fwd_use_wide_tile)
+  bool large;  // the dense call runs the large tile (tile_size.h, fwd_use_large_tile)
   int seqlen_q, heads;  // of the tiles (packed: the group's heads as rows, heads_kv heads)
   int num_m_blocks, num_tiles_unsplit, num_splits;
 };
@@ -96,14 +96,15 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
       p.num_seqs > 0 || p.q_segment_ids || fp8 ? 1
       : forced > 0          ? forced
                             : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
-  // The wide tile has the default tile's block_m, so the tile count and split rule agree. Dense
-  // calls only (not varlen, segment ids, KV cache, split or packed), with the band covering
-  // every key.
+  // The large tile (its own block_m at hdim 64) runs only unsplit, so the split rule above
+  // counts default tiles; launch_fwd_plan counts the large tile's own. Dense calls only (not
+  // varlen, segment ids, KV cache, split or packed).
   bool const full_band = p.diag_lo <= -(p.seqlen_q - 1) && p.diag_hi >= p.seqlen_k - 1;
-  plan.wide = !packed && plan.num_splits == 1 && p.num_seqs == 0 && !p.q_segment_ids &&
-              !p.seqused_k &&
-              sm90::fwd_use_wide_tile(int(p.head_dim), int(p.head_dim_v), fp8, full_band,
-                                      p.seqlen_k);
+  bool const from_key0 = p.diag_lo <= -(p.seqlen_q - 1);
+  plan.large = !packed && plan.num_splits == 1 && p.num_seqs == 0 && !p.q_segment_ids &&
+               !p.seqused_k &&
+               sm90::fwd_use_large_tile(int(p.head_dim), int(p.head_dim_v), fp8, full_band,
+                                        from_key0, p.seqlen_q, p.seqlen_k);
   return plan;
 }
 
@@ -132,13 +133,13 @@ size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
 
 int num_sms_here() { return std::max(cuda::device_facts(cuda::current_device()).num_sms, 0); }
 
-template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode, bool kWide = false>
+template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode, bool kLarge = false>
 const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
                             cudaStream_t stream) {
   constexpr bool kFp8 = sizeof(Element) == 1;
-  constexpr sm90::FwdTileSize ts = kWide ? sm90::fwd_tile_size_wide(kHeadDim, kHeadDimV, kFp8)
-                                         : sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8);
-  static_assert(!kWide || (kMode == sm90::FwdMode::kDense && ts.block_n > 0));
+  constexpr sm90::FwdTileSize ts = kLarge ? sm90::fwd_tile_size_large(kHeadDim, kHeadDimV, kFp8)
+                                          : sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8);
+  static_assert(!kLarge || (kMode == sm90::FwdMode::kDense && ts.block_n > 0));
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
                                  ts.producer_regs, ts.consumer_regs, Element, kMode>;
   using ElementOut = typename Traits::ElementOut;
@@ -397,8 +398,8 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
     if (p.q_segment_ids)  // never packed or split (plan_fwd)
       return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSegments>(p, plan, workspace,
                                                                                stream);
-    if constexpr (sm90::fwd_tile_size_wide(kHeadDim, kHeadDimV).block_n > 0) {
-      if (plan.wide)
+    if constexpr (sm90::fwd_tile_size_large(kHeadDim, kHeadDimV).block_n > 0) {
+      if (plan.large)
         return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense, true>(
             p, plan, workspace, stream);
     }

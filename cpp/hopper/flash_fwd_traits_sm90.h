@@ -79,7 +79,8 @@ struct FwdTraits {
                 "FP8 is dense only: no split-KV partials, varlen offsets or segment ids (issue 11 scope)");
   static_assert(!kFp8 || kBlockN % 32 == 0,
                 "FP8: block_n is the K of the e4m3 P @ V WGMMA, 32 per instruction");
-  static_assert(kBlockM == 128, "two consumer warpgroups of 64 query rows each");
+  static_assert(kBlockM == 128 || (kBlockM == 192 && !kFp8),
+                "two or three consumer warpgroups of 64 query rows each (FP8: two)");
   static_assert(kBlockN % 16 == 0, "block_n is the K dimension of the P @ V WGMMA");
   static_assert(kHeadDim % 32 == 0 && kHeadDimV % 32 == 0, "head dims in 32-element steps");
 
@@ -91,8 +92,10 @@ struct FwdTraits {
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup
   static constexpr int kProducerRegs = kProducerRegs_, kConsumerRegs = kConsumerRegs_;
   // setmaxnreg.inc only takes what setmaxnreg.dec gave back: the split must use exactly the
-  // registers allocated at launch (65536 / 384 rounded down to 8 = 168 per thread).
-  static_assert(128 * kProducerRegs + kNumMmaThreads * kConsumerRegs == 168 * 384,
+  // registers allocated at launch (65536 / threads rounded down to 8 per thread: 168 at 384
+  // threads, 128 at 512).
+  static constexpr int kLaunchRegs = 65536 / kNumThreads / 8 * 8;
+  static_assert(128 * kProducerRegs + kNumMmaThreads * kConsumerRegs == kLaunchRegs * kNumThreads,
                 "producer / consumer register split must add up to the launch allocation");
 
   using TileShapeQK = Shape<Int<kBlockM>, Int<kBlockN>, Int<kHeadDim>>;   // (M, N, D)
@@ -153,7 +156,7 @@ struct FwdTraits {
 
   // O leaves through shared memory and one TMA store per consumer warpgroup (its 64 rows), which
   // runs while the warpgroup starts its next tile, where tile_size.h says so
-  // (fwd_store_o_with_tma), shared memory has room for the 128 x dv 16-bit tile and the layout
+  // (fwd_store_o_with_tma), shared memory has room for the block_m x dv 16-bit tile and the layout
   // is the dense one: varlen tiles stop at their sequence's end, which a TMA box cannot (the
   // tensor's bounds are the batch row's), and split-KV tiles write float32 partials. Otherwise
   // registers to global.
@@ -161,8 +164,8 @@ struct FwdTraits {
       cutlass::gemm::collective::detail::ss_smem_selector<GMMA::Major::K, ElementOut, _64,
                                                           Int<kHeadDimV>>(),
       Shape<_64, Int<kHeadDimV>, Int<kNumMmaWarpGroups>>{}));
-  // The (128, dv) view of it that the PV accumulator partitions: row r of warpgroup w's half is
-  // tile row 64 w + r.
+  // The (block_m, dv) view of it that the PV accumulator partitions: row r of warpgroup w's part
+  // is tile row 64 w + r.
   using SmemLayoutOTile = decltype(composition(
       SmemLayoutO{}, make_layout(Shape<Shape<_64, Int<kNumMmaWarpGroups>>, Int<kHeadDimV>>{},
                                  Stride<Stride<_1, Int<64 * kHeadDimV>>, _64>{})));

@@ -10,19 +10,31 @@
 namespace fa3::sm90 {
 
 enum class FwdNamedBarrier : uint32_t {
-  // Pingpong between the two consumer warpgroups: warpgroup w waits on WarpSchedulerWG0 + w
-  // before issuing its WGMMAs and then signals the other one, so that one warpgroup's softmax
-  // overlaps the other's tensor-core work.
+  // Pingpong between the consumer warpgroups (two or three): warpgroup w waits on
+  // WarpSchedulerWG0 + w before issuing its WGMMAs and then signals the next one (w + 1, the
+  // last signals warpgroup 0), so that one warpgroup's softmax overlaps the others' tensor-core
+  // work. Each barrier joins two warpgroups (256 threads): the signalling and the waiting one.
   WarpSchedulerWG0 = 0,
   WarpSchedulerWG1 = 1,
+  WarpSchedulerWG2 = 2,
   // The epilogue's O tile in shared memory, per consumer warpgroup (128 threads): free to
   // overwrite (its previous TMA store has read it), then written and fenced for the TMA store.
-  EpilogueWG0 = 2,
-  EpilogueWG1 = 3,
-  // Both consumer warpgroups (256 threads) are past their last P V WGMMA of the tile, so O may
-  // overwrite the V ring (kOAliasesV).
-  EpilogueAll = 4,
+  EpilogueWG0 = 3,
+  EpilogueWG1 = 4,
+  EpilogueWG2 = 5,
+  // Every consumer warpgroup is past its last P V WGMMA of the tile, so O may overwrite the V
+  // ring (kOAliasesV).
+  EpilogueAll = 6,
 };
+static_assert(static_cast<uint32_t>(FwdNamedBarrier::EpilogueAll) < 8, "8 named barriers per kernel");
+
+// Barrier ids of consumer warpgroup wg (0, 1, 2).
+CUTLASS_DEVICE FwdNamedBarrier fwd_scheduler_barrier(int wg) {
+  return static_cast<FwdNamedBarrier>(static_cast<uint32_t>(FwdNamedBarrier::WarpSchedulerWG0) + wg);
+}
+CUTLASS_DEVICE FwdNamedBarrier fwd_epilogue_barrier(int wg) {
+  return static_cast<FwdNamedBarrier>(static_cast<uint32_t>(FwdNamedBarrier::EpilogueWG0) + wg);
+}
 
 enum class BwdNamedBarrier : uint32_t {
   PdSWritten = 0,  // both consumer warpgroups wrote P^T and dS^T to shared memory

@@ -230,6 +230,10 @@ std::vector<Case> cases() {
       // More tiles than SMs: CTAs run several tiles, so buffers reused across tiles are tested.
       {8, 1000, 1000, 8, 2, -kInf, 0, 0.f, "causal 8x1000 gqa"},
       {4, 2048, 2048, 8, 8, -kInf, kInf, 0.f, "full 4x2048"},
+      // Long enough for the large tile (tile_size.h, fwd_use_large_tile) where a head dim has one.
+      {2, 1100, 1100, 4, 2, -kInf, kInf, 30.f, "full softcap30 gqa 1100"},
+      {1, 8193, 8193, 2, 1, -kInf, 0, 0.f, "causal 8193 mqa"},
+      {1, 8200, 9001, 2, 2, -kInf, 9001 - 8200, 0.f, "causal-br 8200x9001"},
       // Decode shapes: split-KV and (seqlen_q 1, all keys visible) GQA packing.
       {2, 1, 4097, 32, 8, -kInf, kInf, 0.f, "decode gqa 1x4097"},
       {1, 1, 3001, 8, 8, 3001 - 1 - 100, 3001 - 1, 0.f, "decode window100"},

@@ -1,7 +1,7 @@
 // fa3_jax Hopper: every forward tile-size choice, with its reason, in one constexpr function.
 //
-// Constraints shared by all choices: two consumer warpgroups (block_m = 128, 64 query rows
-// each), shared memory Q + stages * (K + V) <= 227 KB,
+// Constraints shared by all choices: 64 query rows per consumer warpgroup (block_m = 128: two
+// consumer warpgroups; 192: three), shared memory Q + stages * (K + V) <= 227 KB,
 // block_n a multiple of 16 (it is the K dimension of the P @ V WGMMA).
 #pragma once
 
@@ -11,10 +11,13 @@ struct FwdTileSize {
   int block_m;  // query rows per tile (64 per consumer warpgroup)
   int block_n;  // keys per mainloop step
   int stages;   // depth of the K and V shared-memory rings
-  // setmaxnreg split of the 384 threads' 64512 registers (168 each at launch):
-  // 128 * producer + 256 * consumer must equal 64512, i.e. (24, 240), (40, 232) or (56, 224).
-  // 232 consumer registers suffice up to head dim 192 and leave the TMA / scheduler threads 40
-  // (at 24 they spill); head dim 256 needs all 240 for its 128-register O accumulator.
+  // setmaxnreg split of the 65536 registers over the CTA's threads (one producer warpgroup plus
+  // block_m / 64 consumer warpgroups), which get 65536 / threads rounded down to 8 at launch:
+  // 128 * producer + 2 * block_m * consumer must equal that total (flash_fwd_traits_sm90.h
+  // checks it). Two consumer warpgroups (384 threads, 168 each, 64512 in all): (24, 240),
+  // (40, 232) or (56, 224). 232 consumer registers suffice up
+  // to head dim 192 and leave the TMA / scheduler threads 40 (at 24 they spill); head dim 256
+  // needs all 240 for its 128-register O accumulator. Three (512 threads, 128 each): (32, 160).
   int producer_regs = 40;
   int consumer_regs = 232;
 };
@@ -49,7 +52,8 @@ constexpr FwdTileSize fwd_tile_size_fp8(int head_dim) {
 constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = false) {
   if (fp8) return fwd_tile_size_fp8(head_dim);
   // hdim 64: operands are small, so the S accumulator (64 x 128 per warpgroup) dominates the
-  // registers; 3 stages (Q 16 KB + 3 * 32 KB) hide load latency of the short K/V tiles.
+  // registers; 3 stages (Q 16 KB + 3 * 32 KB) hide load latency of the short K/V tiles. Long
+  // dense calls run the large tile instead (192 x 128, below).
   if (head_dim <= 64) return {128, 128, 3};
   // hdim 96: same shape as 64; 2 stages of 24 KB K/V tiles leave room to spare.
   if (head_dim <= 96) return {128, 128, 2};
@@ -70,36 +74,72 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
   return {128, 80, 2, 24, 240};
 }
 
-// The wide tile: a second dense 16-bit instantiation, chosen per call (fwd_use_wide_tile) where
-// every query row sees every key and the keys are many. block_n 0: none for this head dim.
-//  - hdim 128: 128 x 176 (FA3's non-causal choice), smem Q 32 KB + 2 * (44 + 44) KB = 208 KB,
-//    so O goes through the V ring (kOAliasesV). Measured on H200 (bf16, 16k tokens, hidden 2048,
-//    --time, one run each, clocks not pinned), 128 x 128 -> 128 x 176 TFLOP/s at 512 / 1k / 2k /
-//    4k / 8k / 16k: full 453 / 541 / 599 / 638 / 594 / 608 -> 392 / 505 / 582 / 584 / 625 / 629
-//    (the 2026-11-21 runs: +3% at 8k-16k, -7..15% at 512): wide from 8k keys on. Bench beside
-//    cuDNN (h200_2026-11-22s6t_fwdtile.txt): full 8k 0.969 -> 1.008, 16k 0.985 -> 1.025.
-inline constexpr int kWideTileMinSeqlenK = 8192;
-constexpr FwdTileSize fwd_tile_size_wide(int head_dim, int head_dim_v, bool fp8 = false) {
+// The large tile: a second dense 16-bit instantiation, chosen per call (fwd_use_large_tile) for
+// long dense calls (not varlen, segment ids, split-KV, KV caches or GQA-packed decode, which keep
+// the default tile; the split rule counts default tiles). block_n 0: none for this head dim.
+//  - hdim 128: 128 x 176 (FA3's non-causal choice, wider), smem Q 32 KB + 2 * (44 + 44) KB =
+//    208 KB, so O goes through the V ring (kOAliasesV). Measured on H200 (bf16, 16k tokens,
+//    hidden 2048, --time, one run each, clocks not pinned), 128 x 128 -> 128 x 176 TFLOP/s at
+//    512 / 1k / 2k / 4k / 8k / 16k: full 453 / 541 / 599 / 638 / 594 / 608 -> 392 / 505 / 582 /
+//    584 / 625 / 629 (the 2026-11-21 runs: +3% at 8k-16k, -7..15% at 512): only where every
+//    query row sees every key, from 8k keys on. Bench beside cuDNN
+//    (h200_2026-11-22s6t_fwdtile.txt): full 8k 0.969 -> 1.008, 16k 0.985 -> 1.025.
+//  - hdim 64: 192 x 128 (FA3's causal choice, taller): three consumer warpgroups of 64 rows
+//    (512 threads; setmaxnreg (32, 160): S 64, P 32 and O 32 registers each), so every K/V
+//    block in shared memory feeds 192 query rows instead of 128; smem Q 24 KB + 3 * (16 + 16)
+//    KB. ptxas: 20 bytes of spill stores, in the consumers' per-tile setup before the first
+//    WGMMA. Measured on H200 (bf16, 16k tokens, hidden 2048, test_fwd_sm90 --time, clocks not
+//    pinned, 2026-11-22; benchmarks/measured/h200_2026-11-22s7f_fwd64.txt), 128 x 128 -> 192 x
+//    128 TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k, every call on the 192-row tile (first build):
+//      full   326 / 388 / 428 / 445 / 429 / 443 -> 315 / 394 / 474 / 488 / 483 / 495 (run 1),
+//             325 / 388 / 431 / 433 / 432 / 440 -> 329 / 396 / 475 / 464 / 488 / 496 (run 2);
+//      causal 184 / 265 / 343 / 404 / 427 / 439 -> 161 / 230 / 332 / 408 / 470 / 467 (run 1),
+//             183 / 267 / 349 / 402 / 423 / 434 -> 163 / 228 / 345 / 404 / 452 / 461 (run 2).
+//    With the rule below (second build, two runs, base -> this):
+//      full   332 / 394 / 432 / 445 / 443 / 447 -> 329 / 394 / 473 / 477 / 502 / 499,
+//             329 / 389 / 430 / 438 / 439 / 449 -> 330 / 399 / 478 / 486 / 491 / 499;
+//      causal 188 / 271 / 345 / 408 / 441 / 440 -> 182 / 268 / 340 / 397 / 461 / 473,
+//             187 / 267 / 345 / 406 / 426 / 443 -> 183 / 270 / 341 / 396 / 466 / 465
+//    (512-4k causal run the default tile in both: the 1-3% there is run-to-run spread).
+//    Short causal calls lose: a 192-row block straddles more diagonal key blocks (1k causal
+//    visits 6144 row-blocks against 4608) and the last block is partly empty. So: where every
+//    query row sees every key from kLargeTileMinSeqlen64Full keys and rows on; with a band
+//    (causal, windows) only where each row's keys start at key 0 (no left edge) and the query
+//    rows are at least kLargeTileMinSeqlen64Band.
+inline constexpr int kLargeTileMinSeqlenK128 = 8192;
+inline constexpr int kLargeTileMinSeqlen64Full = 1024;
+inline constexpr int kLargeTileMinSeqlen64Band = 8192;
+constexpr FwdTileSize fwd_tile_size_large(int head_dim, int head_dim_v, bool fp8 = false) {
   if (!fp8 && head_dim == 128 && head_dim_v == 128) return {128, 176, 2};
+  if (!fp8 && head_dim == 64 && head_dim_v == 64) return {192, 128, 3, 32, 160};
   return {128, 0, 0};
 }
-// full_band: every query row sees keys [0, seqlen_k) (no causal or window edge).
-constexpr bool fwd_use_wide_tile(int head_dim, int head_dim_v, bool fp8, bool full_band,
-                                 long long seqlen_k) {
-  return fwd_tile_size_wide(head_dim, head_dim_v, fp8).block_n > 0 && full_band &&
-         seqlen_k >= kWideTileMinSeqlenK;
+// full_band: every query row sees keys [0, seqlen_k) (no causal or window edge); from_key0: each
+// query row's keys start at key 0 (no left window edge; causal is such a band).
+constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool full_band,
+                                  bool from_key0, long long seqlen_q, long long seqlen_k) {
+  if (fwd_tile_size_large(head_dim, head_dim_v, fp8).block_n == 0) return false;
+  if (head_dim == 64)
+    return full_band ? seqlen_q >= kLargeTileMinSeqlen64Full &&
+                           seqlen_k >= kLargeTileMinSeqlen64Full
+                     : from_key0 && seqlen_q >= kLargeTileMinSeqlen64Band;
+  return full_band && seqlen_k >= kLargeTileMinSeqlenK128;
 }
 
 // The forward epilogue: O through shared memory and one TMA store per consumer warpgroup, which
 // overlaps the next tile's mainloop (flash_fwd_epilogue_sm90.h, store_tma), or straight from the
 // registers with 4-byte stores. Dense tiles only (varlen tiles end at their sequence, split-KV
-// tiles write float32 partials) and only where shared memory has room for the 128 x dv tile
+// tiles write float32 partials) and only where shared memory has room for the block_m x dv tile
 // (flash_fwd_traits_sm90.h). Measured on H200 (bf16, 16k tokens, hidden 2048, scripts/dev_fwd.sh
 // --time, 2026-11-22), TFLOP/s registers -> TMA store at 512 / 1k / 2k / 4k+:
 //  - hdim 128: full 426 / 521 / 584 -> 449 / 538 / 594, causal 234 / 334 / 430 -> 259 / 364 /
 //    434, 4k-16k within 2% either way: on.
 //  - hdim 64: full 339 / 397 / 435 -> 331 / 390 / 429, causal 273 -> 265 at 1k: off (its 64-column
-//    rows are cheap to store from registers, and the extra barriers cost more).
+//    rows are cheap to store from registers, and the extra barriers cost more). The 192-row large
+//    tile (2026-11-22, h200_2026-11-22s7f_fwd64.txt, two runs), TFLOP/s at 2k / 4k / 8k / 16k:
+//    full 473 / 477 / 502 / 499 and 478 / 486 / 491 / 499 -> 474 / 475 / 495 / 499 and 476 /
+//    475 / 494 / 498, causal 8k / 16k 461 / 473 and 466 / 465 -> 478 / 468 and 482 / 470: a wash
+//    (ptxas: 64 spill bytes against 20), so off there too.
 //  - FP8 (bfloat16 out), fp8_epilogue_ab, TFLOP/s at 1k / 4k / 16k: hdim 128 full 506 / 717 /
 //    800 -> 541 / 734 / 805, causal 328 / 595 / 714 -> 358 / 617 / 721; hdim 256 full 566 / 899
 //    / 1053 -> 663 / 1017 / 1167, causal 368 / 674 / 871 -> 439 / 791 / 974: on at both, though

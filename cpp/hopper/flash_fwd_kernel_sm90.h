@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       ss.tile_full[i].init(1);
       ss.tile_empty[i].init(Traits::kNumMmaThreads + 1);  // consumers + the TMA thread
     }
+    ss.tile_want.init(1);
   }
 
   typename PipelineK::Params pipe_params;
@@ -61,19 +62,26 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     if (threadIdx.x == 32) {
       // Scheduler thread (warp 1): claims tiles and publishes them (num_tiles or more means
       // "done") through a 2-deep ring to the TMA thread and the consumers. Kept apart from the
-      // TMA thread, whose 24-40 registers it would otherwise push into spills.
+      // TMA thread, whose 24-40 registers it would otherwise push into spills. With
+      // sched.claim_on_demand a tile is claimed only when the TMA thread asks for it (tile_want:
+      // it has issued every load of the tile before), not as soon as a ring slot is free, which
+      // claims two tiles ahead of the consumers (tile_scheduler.h, "Claiming").
       for (uint32_t seq = 0, tile = blockIdx.x;; ++seq) {  // ring slot seq % 2, phase (seq / 2) % 2
+        if (seq > 0) {
+          if (sched.claim_on_demand) ss.tile_want.wait((seq - 1) & 1);
+          tile = next_tile(p.tile_counter, int(tile));
+        }
         ss.tile_empty[seq & 1].wait(((seq >> 1) & 1) ^ 1);
         ss.tile_ids[seq & 1] = int(tile);
         ss.tile_full[seq & 1].arrive();
         if (int(tile) >= sched.num_tiles) break;
-        tile = next_tile(p.tile_counter, int(tile));
       }
     } else if (Traits::kProducerWarp ? threadIdx.x < 32 : threadIdx.x == 0) {
       // The TMA thread (thread 0), or with kProducerWarp warp 0, thread 0 its leader.
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();
       int q_tile_count = 0;
       for (uint32_t seq = 0;; ++seq) {
+        if (seq > 0) ss.tile_want.arrive();  // done with tile seq - 1: the next one, please
         ss.tile_full[seq & 1].wait((seq >> 1) & 1);
         int const tile = ss.tile_ids[seq & 1];
         if constexpr (Traits::kProducerWarp) __syncwarp();  // every lane has read the slot

@@ -304,10 +304,12 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
       1, int64_t(span_k) * (kHeadDim + kHeadDimV) * sizeof(Element) / heads_per_kv);
   int const l2_group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
   kp.sched = {num_m_blocks, h, num_hb, 0, 0, num_m_blocks * num_hb * plan.num_splits,
-              longest_first, plan.num_splits};
+              longest_first, plan.num_splits, /*claim_on_demand=*/false};
   sm90::set_sections(kp.sched, l2_group);
   kp.qheads_per_kvhead = heads_per_kv;
   int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
+  kp.sched.claim_on_demand = !kSplit && longest_first &&
+                             kp.sched.num_tiles <= sm90::kClaimOnDemandMaxTilesPerCta * grid;
   // With at most one tile per CTA there is nothing to balance: no counter and no memset (short
   // calls then cost one launch).
   int* tile_counter = static_cast<int*>(workspace);

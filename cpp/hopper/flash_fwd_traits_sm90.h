@@ -190,6 +190,7 @@ struct FwdTraits {
     // Tile ids handed from the producer (which runs the scheduler) to the consumers.
     int tile_ids[2];
     cutlass::arch::ClusterBarrier tile_full[2], tile_empty[2];
+    cutlass::arch::ClusterBarrier tile_want;  // the TMA thread asks for its next tile
     typename PipelineK::SharedStorage pipe_k;
     typename PipelineV::SharedStorage pipe_v;
   };

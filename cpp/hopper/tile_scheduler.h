@@ -19,6 +19,30 @@
 // there), hdim 256 2k-8k 0.895 / 0.897 / 0.888 -> 0.920 / 0.956 / 0.957
 // (benchmarks/measured/h200_2026-11-22s6t_fwdtile.txt).
 //
+// Claiming (flash_fwd_kernel_sm90.h): one scheduler thread per CTA claims tiles for its TMA
+// thread and consumers through a 2-deep ring. Claimed as soon as a ring slot frees, a CTA holds
+// two tiles beyond the one its consumers run; with causal tiles of very unequal length that
+// broke the longest-first order at the end of the grid (ncu, H200, hdim 256 causal 8k, 2 x 8
+// heads: SM active cycles avg 1.18M, min 0.87M, max 1.45M of 1.45M elapsed, 81%; full: 94%).
+// Claimed only when the TMA thread has issued every load of the previous tile instead, on
+// demand, the tail balances; but the claim's latency then shows on short tiles. Measured on H200
+// (test_fwd_sm90 --time, bf16, 16k tokens, hidden 2048, two runs each, 2026-11-22,
+// h200_2026-11-22s7f_claim.txt), eager -> on demand for every call, TFLOP/s at 512 / 1k / 2k /
+// 4k / 8k / 16k:
+//   hdim 256 causal 231 / 328 / 412 / 505 / 558 / 556 -> 254 / 375 / 490 / 609 / 657 / 668,
+//                   231 / 333 / 415 / 518 / 547 / 543 -> 247 / 365 / 476 / 597 / 654 / 707;
+//   hdim 256 full   681 / 689 -> 643 / 655 at 8k, the rest within 3%;
+//   hdim 64 causal  184 / 263 / 345 / 399 / 464 / 467 -> 175 / 256 / 335 / 403 / 478 / 485,
+//                   186 / 266 / 339 / 400 / 468 / 472 -> 179 / 260 / 346 / 401 / 470 / 487;
+//   hdim 64 full    332 / 400 at 512 / 1k -> 317 / 378 (run 1), 335 / 400 -> 331 / 400 (run 2).
+// What the eager claim can cost is about two of the longest tiles per CTA against the CTA's share
+// of the work; with causal tiles (mean about half the longest) that is about 4 * CTAs / tiles:
+// 50% with the bench's hdim 256 grids (1024 tiles on 132 SMs, 7.8 per CTA), 10-20% at hdim 64
+// (21-31 per CTA), where the claim latency costs as much as it saves. So: on demand with a band
+// (longest_first) and at most kClaimOnDemandMaxTilesPerCta tiles per CTA (hdim 128's 15.5 per
+// CTA is not measured and stays eager), eager otherwise and for split-KV / KV-cache calls
+// (decode shapes: splits of one tile are equal, and those grids were not measured).
+//
 // Split-KV (Flash-Decoding): with num_splits > 1 every (m_block, head, batch) tile becomes
 // num_splits tiles, adjacent in tile order, each covering one contiguous range of the key blocks
 // (split_n_range); their partial results meet in the combine kernel (flash_fwd_combine_sm90.h).
@@ -38,7 +62,9 @@ struct TileSchedulerParams {
   int num_tiles;   // num_m_blocks * num_hb * num_splits
   bool longest_first;
   int num_splits;  // 1: each tile covers all its key blocks and writes out / lse itself
+  bool claim_on_demand;  // "Claiming" above
 };
+inline constexpr int kClaimOnDemandMaxTilesPerCta = 8;
 
 struct TileCoord {
   int m_block, head, batch;

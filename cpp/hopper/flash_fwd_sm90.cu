@@ -210,21 +210,21 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     if (paged && kp.page_blocks == 0) {
       // Pages smaller than a block: boxes of kPageRowsLarge rows where the page size allows,
       // else of kPageRows (FwdMainloop::load makes the same choice).
-      constexpr int kLarge = Traits::kPageRowsLarge, kSmall = Traits::kPageRows;
+      constexpr int kBoxLarge = Traits::kPageRowsLarge, kBoxSmall = Traits::kPageRows;
       Tensor const k_pool = make_tensor(gmem(p.k), kp.shape_k, stride_k);
       Tensor const v_pool = make_tensor(gmem(p.v), kp.shape_v, stride_v);
-      if (p.page_size % kLarge == 0) {
+      if (p.page_size % kBoxLarge == 0) {
         kp.tma_k_page_large = make_tma_copy(SM90_TMA_LOAD{}, k_pool,
                                             typename Traits::SmemLayoutKPageLarge{},
-                                            Shape<Int<kLarge>, Int<kHeadDim>>{}, _1{});
+                                            Shape<Int<kBoxLarge>, Int<kHeadDim>>{}, _1{});
         kp.tma_v_page_large = make_tma_copy(SM90_TMA_LOAD{}, v_pool,
                                             typename Traits::SmemLayoutVPageLarge{},
-                                            Shape<Int<kLarge>, Int<kHeadDimV>>{}, _1{});
+                                            Shape<Int<kBoxLarge>, Int<kHeadDimV>>{}, _1{});
       } else {
         kp.tma_k_page = make_tma_copy(SM90_TMA_LOAD{}, k_pool, typename Traits::SmemLayoutKPage{},
-                                      Shape<Int<kSmall>, Int<kHeadDim>>{}, _1{});
+                                      Shape<Int<kBoxSmall>, Int<kHeadDim>>{}, _1{});
         kp.tma_v_page = make_tma_copy(SM90_TMA_LOAD{}, v_pool, typename Traits::SmemLayoutVPage{},
-                                      Shape<Int<kSmall>, Int<kHeadDimV>>{}, _1{});
+                                      Shape<Int<kBoxSmall>, Int<kHeadDimV>>{}, _1{});
       }
     }
   }

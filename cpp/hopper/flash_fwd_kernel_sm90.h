@@ -81,7 +81,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();
       int q_tile_count = 0;
       for (uint32_t seq = 0;; ++seq) {
-        if (seq > 0) ss.tile_want.arrive();  // done with tile seq - 1: the next one, please
+        // Done with tile seq - 1: the next one, please. One arrive (the barrier counts one): with
+        // kProducerWarp every lane runs this loop, and 32 arrives crashed the split kernel.
+        if (seq > 0 && threadIdx.x == 0 && sched.claim_on_demand) ss.tile_want.arrive();
         ss.tile_full[seq & 1].wait((seq >> 1) & 1);
         int const tile = ss.tile_ids[seq & 1];
         if constexpr (Traits::kProducerWarp) __syncwarp();  // every lane has read the slot

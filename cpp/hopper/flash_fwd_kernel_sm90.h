@@ -81,8 +81,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();
       int q_tile_count = 0;
       for (uint32_t seq = 0;; ++seq) {
-        // Done with tile seq - 1: the next one, please. One arrive (the barrier counts one): with
-        // kProducerWarp every lane runs this loop, and 32 arrives crashed the split kernel.
+        // Done with tile seq - 1: the next one, please. One arrive, the leader's: the barrier
+        // counts one, and with kProducerWarp every lane runs this loop. (The merged tree's split
+        // kernel, with all 32 lanes arriving, failed every launch on an H200 ("unspecified launch
+        // failure"); with this line the GPU suite passes.)
         if (seq > 0 && threadIdx.x == 0 && sched.claim_on_demand) ss.tile_want.arrive();
         ss.tile_full[seq & 1].wait((seq >> 1) & 1);
         int const tile = ss.tile_ids[seq & 1];

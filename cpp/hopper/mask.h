@@ -86,7 +86,8 @@ struct BandMask {
 // only the band can mask, so blocks inside a long document cost what dense blocks cost. The
 // decision reads registers only: a uniform-id load per block on the consumers' path cost 3-5%
 // (H200, hdim 128, 16k tokens in 11 documents, segments / dense forward: full 0.67 -> 0.70,
-// causal 0.69 -> 0.72), though ptxas then reports 132 spill bytes at hdim 128 (76 before).
+// causal 0.69 -> 0.72). ptxas (2026-11-22, session 7): 0 spill bytes at hdim 64, 96, 128 and
+// 192/128; 64 at hdim 192, 136 at hdim 256.
 // A masked key block of at most two runs (a document boundary inside it: SegmentRuns) gives
 // each row one interval of visible columns, compared like the band's; only blocks of three
 // runs or more load their key ids, one per column. (One id load per element made the blocks at

@@ -85,10 +85,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q,
     sequence (negative lengths are empty), sequences never overlap, and entries past total end
     the last sequence at total. Gradients (jax.grad) flow to q, k, v, and through lse when
     returned. Works under jit, grad and vmap (over a leading axis of all five arrays); under
-    multi-device jit the heads axis stays sharded (the token axis: see context_parallel). On a Hopper GPU
-    forward and backward run on the sm90 kernels; max_seqlen_q/k must then be true bounds (rows
-    of a sequence past them are never touched out of bounds, but their results are left
-    unwritten).
+    multi-device jit the heads axis stays sharded (the token axis: see context_parallel). On a
+    Hopper GPU forward and backward run on the sm90 kernels; max_seqlen_q/k must then be true
+    bounds (rows of a sequence past them are never touched out of bounds, but their results are
+    left unwritten).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -151,5 +151,6 @@ def segment_ids_from_cu_seqlens(cu_seqlens, total):
     [0, total], then raised to the running maximum), so bad entries give empty sequences."""
     cu = jax.lax.cummax(jnp.clip(cu_seqlens.astype(jnp.int32), 0, total), axis=0)
     t = jnp.arange(total, dtype=jnp.int32)
-    ids = jnp.searchsorted(cu, t, side="right").astype(jnp.int32)  # s + 1 where cu[s] <= t < cu[s+1]
+    # s + 1 where cu[s] <= t < cu[s + 1]
+    ids = jnp.searchsorted(cu, t, side="right").astype(jnp.int32)
     return jnp.where(t < cu[-1], ids, 0)

@@ -73,9 +73,17 @@ def test_forward_one_long(kw):
 
 
 def test_forward_loose_max_seqlen():
-    """A max_seqlen above the true maximum only adds empty tiles."""
+    """A max_seqlen above the true maximum changes nothing: the grids number the blocks of the
+    sequences (varlen_sm90.h), bounded by the tokens rather than num_seqs x max_seqlen."""
     q, k, v, cq, ck = make([130, 7, 260], [50, 300, 1], 4, 2, gpu_head_dims()[0], dtype=jnp.bfloat16)
     check(q, k, v, cq, ck, max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], causal=True)
+    rng = np.random.default_rng(2)  # few distinct lengths keep the reference small
+    lens_q = rng.choice([0, 1, 17, 129], 100).tolist() + [1000]
+    lens_k = rng.choice([0, 3, 40, 128], 100).tolist() + [777]
+    for d in sorted({gpu_head_dims()[0], gpu_head_dims()[-1]}):
+        q, k, v, cq, ck = make(lens_q, lens_k, 4, 2, d, pad_q=3, dtype=jnp.bfloat16)
+        for kw in ("full", "causal"):
+            check(q, k, v, cq, ck, max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], **KW[kw])
 
 
 @pytest.mark.parametrize("cu_q,cu_k", [
@@ -116,12 +124,14 @@ def _grads(fn, q, k, v, dout, dlse):
     return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
-def check_grads(q, k, v, cq, ck, deterministic=False, **kw):
+def check_grads(q, k, v, cq, ck, deterministic=False, max_seqlen_q=None, max_seqlen_k=None,
+                **kw):
     """dq, dk, dv (through out and lse) within twice the error of the same reference run in q's
-    dtype (plus ATOL) of the float32 reference; rows outside every sequence exactly zero."""
+    dtype (plus ATOL) of the float32 reference; rows outside every sequence exactly zero.
+    max_seqlen_*: the true longest sequence unless given."""
     cq_np, ck_np = np.asarray(cq), np.asarray(ck)
-    mq = max(int(np.diff(safe_cu(cq_np, q.shape[0])).max()), 1)
-    mk = max(int(np.diff(safe_cu(ck_np, k.shape[0])).max()), 1)
+    mq = max_seqlen_q or max(int(np.diff(safe_cu(cq_np, q.shape[0])).max()), 1)
+    mk = max_seqlen_k or max(int(np.diff(safe_cu(ck_np, k.shape[0])).max()), 1)
     dout = jax.random.normal(jax.random.PRNGKey(7), q.shape[:2] + v.shape[2:])
     dlse = jax.random.normal(jax.random.PRNGKey(8), (q.shape[1], q.shape[0]))
     q, k, v, cq, ck, dout, dlse = to_gpu(q, k, v, cq, ck, dout, dlse)
@@ -160,6 +170,24 @@ def test_backward_many_short_and_one_long():
     check_grads(q, k, v, cq, ck, causal=True)
     q, k, v, cq, ck = make([2049], [3000], 2, 1, gpu_head_dims()[-1], pad_q=1, dtype=jnp.bfloat16)
     check_grads(q, k, v, cq, ck, window_size=(300, 0))
+
+
+@pytest.mark.parametrize("kw", ["full", "causal"])
+def test_backward_loose_max_seqlen(kw):
+    """max_seqlen = the token count with many short sequences and a few long ones: every block
+    of every sequence is covered (the numbered blocks of varlen_sm90.h), deterministic mode
+    bit-identical."""
+    rng = np.random.default_rng(3)  # few distinct lengths keep the reference small
+    lens_q = rng.choice([0, 1, 17, 129], 80).tolist() + [1000]
+    lens_k = rng.choice([0, 3, 40, 128], 80).tolist() + [513]
+    for d in sorted({gpu_head_dims()[0], gpu_head_dims()[-1]}):
+        q, k, v, cq, ck = make(lens_q, lens_k, 4, 2, d, pad_q=2, pad_k=5, dtype=jnp.bfloat16)
+        loose = dict(max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], **KW[kw])
+        check_grads(q, k, v, cq, ck, **loose)
+    a = check_grads(q, k, v, cq, ck, deterministic=True, **loose)
+    b = check_grads(q, k, v, cq, ck, deterministic=True, **loose)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_backward_bad_cu_seqlens_and_deterministic():

@@ -67,7 +67,8 @@ struct BwdMainParams {
   float softcap_log2;     // softcap * log2(e)
   float scale_div_softcap;
   bool deterministic;
-  // Varlen (cu_q non-null): grid z is (batch row, sequence); each CTA works inside its sequence,
+  // Varlen (cu_q non-null): grid x numbers the key blocks of all sequences of batch row z
+  // (sm90::varlen_block; varlen.block_seq holds the key blocks); each CTA works inside its sequence,
   // with the band relative to the sequence's bottom-right diagonal and its query blocks at their
   // padded plane rows (varlen_q_block_row).
   sm90::VarlenParams varlen;
@@ -513,15 +514,18 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   const int warp_group = __shfl_sync(0xffffffffu, threadIdx.x / cutlass::NumThreadsPerWarpGroup, 0);
-  const int n_block = blockIdx.x, hkv = blockIdx.y;
-  const int n0 = n_block * kBlockN;
+  const int hkv = blockIdx.y;
+  int n_block = blockIdx.x;
   // The CTA's sequence: lengths, band, where its rows start (offset_*), and the plane row of its
-  // first query block (q_row0). Dense: the whole batch row.
+  // first query block (q_row0). Dense: the whole batch row. Varlen: blockIdx.x is a numbered key
+  // block of batch row blockIdx.z (sm90::varlen_block), n_block its index in its sequence.
   int b = blockIdx.z, seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, diag_lo = p.diag_lo,
       diag_hi = p.diag_hi, offset_q = 0, offset_k = 0, q_row0 = 0;
   if (p.varlen.cu_q) {
-    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, blockIdx.z);
-    if (n0 >= s.len_k) return;  // past the sequence's keys: nothing to compute or write
+    int s_in_row;
+    // Past the row's last key block: nothing to compute or write.
+    if (!sm90::varlen_block(p.varlen, b, blockIdx.x, s_in_row, n_block)) return;
+    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, b * p.varlen.num_seqs + s_in_row);
     b = s.batch;
     seqlen_q = s.len_q;
     seqlen_k = s.len_k;
@@ -529,8 +533,9 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     diag_hi = sm90::varlen_diag(p.varlen.diag_hi, s.len_q, s.len_k);
     offset_q = s.offset_q;
     offset_k = s.offset_k;
-    q_row0 = varlen_q_block_row(s.offset_q, blockIdx.z - b * p.varlen.num_seqs);
+    q_row0 = varlen_q_block_row(s.offset_q, s_in_row);
   }
+  const int n0 = n_block * kBlockN;
 
   // Query blocks with at least one visible (query, key) pair for this key block:
   // m0 <= n_end - 1 - diag_lo and min(m0 + kBlockM, seqlen_q) - 1 >= n0 - diag_hi.

@@ -8,6 +8,7 @@
 #include "flash.h"
 #include "flash_bwd_tile_size_sm90.h"
 #include "segments_sm90.h"
+#include "varlen_sm90.h"
 
 namespace fa3::sm90_bwd {
 
@@ -15,7 +16,7 @@ namespace fa3::sm90_bwd {
 // see flash_bwd_postprocess_sm90.h); float lse_log2 and dpsum [b, hq, sq_pad];
 // int semaphores [b, hq, sq_pad / 64] (one per 64-row query block, the smallest block_m).
 // Varlen (num_seqs > 0): planes of sq + kBwdSeqlenQPad num_seqs rows (varlen_q_block_row pads each
-// sequence to whole blocks), then the clamped cu_seqlens_q/k (int [b, num_seqs + 1] each).
+// sequence to whole blocks), then the clamped cu_seqlens_q/k and the numbered blocks (sm90::varlen_workspace).
 // Segment ids (q_segment_ids non-null): then the block stats and hulls (segments_sm90.h), sized
 // for 64-row blocks on both sides, the smallest tiles of any backward instantiation (the size
 // Python asks for does not know softcap, which picks the tiles).
@@ -38,7 +39,7 @@ inline BwdWorkspaceLayout bwd_workspace_layout(const BwdParams& p) {
   w.dpsum = bwd_align256(w.lse_log2 + rows * sizeof(float));
   w.semaphores = bwd_align256(w.dpsum + rows * sizeof(float));
   w.cu_seqlens = bwd_align256(w.semaphores + size_t(p.batch) * p.heads_q * w.sem_per_head * sizeof(int));
-  const size_t cu_bytes = p.num_seqs > 0 ? size_t(2 * p.batch * (p.num_seqs + 1)) * sizeof(int) : 0;
+  const size_t cu_bytes = p.num_seqs > 0 ? sm90::varlen_workspace_bytes(p.batch, p.num_seqs, p.seqlen_q, p.seqlen_k) : 0;
   w.segments = bwd_align256(w.cu_seqlens + cu_bytes);
   const size_t seg_bytes = p.q_segment_ids
                                ? sm90::segment_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, 64, 64)

@@ -36,32 +36,40 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   float* dpsum = reinterpret_cast<float*>(ws + w.dpsum);
   int* semaphores = reinterpret_cast<int*>(ws + w.semaphores);
 
-  // Varlen: clamp cu_seqlens into the workspace and zero dq/dk/dv rows outside every sequence
-  // (no CTA below covers them); grids then cover (block, head, sequence) up to max_seqlen.
+  // Varlen: clamp cu_seqlens into the workspace, zero dq/dk/dv rows outside every sequence (no
+  // CTA below covers them) and number the blocks of the sequences of each batch row
+  // (sm90::varlen_block): the key blocks of the main kernel, the kBwdSeqlenQPad-row query blocks
+  // of the pre/postprocess; grids then cover (numbered block, head, batch row).
   sm90::VarlenParams varlen;
+  const int2* block_seq_k = nullptr;  // varlen: the main kernel's numbered key blocks
+  int k_blocks = 0;
   const bool is_varlen = p.cu_seqlens_q != nullptr;
   const int seqs = is_varlen ? int(p.num_seqs) : 1;
   const int64_t span_q = is_varlen ? std::min(p.max_seqlen_q, p.seqlen_q) : p.seqlen_q;
   const int64_t span_k = is_varlen ? std::min(p.max_seqlen_k, p.seqlen_k) : p.seqlen_k;
   if (is_varlen) {
-    int* cu = reinterpret_cast<int*>(ws + w.cu_seqlens);
     sm90::VarlenPrepParams prep;
     prep.raw_q = p.cu_seqlens_q;
     prep.raw_k = p.cu_seqlens_k;
-    prep.cu_q = cu;
-    prep.cu_k = cu + p.batch * (seqs + 1);
     prep.batch = int(p.batch);
     prep.num_seqs = seqs;
     prep.seqlen_q = int(p.seqlen_q);
     prep.seqlen_k = int(p.seqlen_k);
+    if (!sm90::varlen_workspace(prep, ws + w.cu_seqlens, kBwdSeqlenQPad, span_q, Tr::kBlockN, span_k))
+      return "sm90 varlen backward: key blocks below the numbering's smallest block";
     prep.fill[0] = {p.dq, int64_t(p.heads_q) * kHeadDim * int64_t(sizeof(Element)), false};
     prep.fill[1] = {p.dk, int64_t(p.heads_kv) * kHeadDim * int64_t(sizeof(Element)), true};
     prep.fill[2] = {p.dv, int64_t(p.heads_kv) * kHeadDimV * int64_t(sizeof(Element)), true};
     if (!sm90::launch_varlen_prepare(prep, stream)) return "sm90 varlen prepare kernel launch failed";
     const int64_t far = p.seqlen_q + p.seqlen_k;  // keeps the band's meaning per sequence
-    varlen = {prep.cu_q, prep.cu_k, seqs, int(std::clamp<int64_t>(p.diag_lo, -far, far)),
+    varlen = {prep.cu_q, prep.cu_k, seqs, prep.block_seq_q, prep.block_stride_q,
+              int(std::clamp<int64_t>(p.diag_lo, -far, far)),
               int(std::clamp<int64_t>(p.diag_hi, -far, far))};
+    block_seq_k = prep.block_seq_k;
+    k_blocks = prep.block_stride_k;
   }
+  // Varlen: the numbered kBwdSeqlenQPad-row query blocks of a batch row (pre/postprocess grids).
+  const int q_pad_blocks = varlen.block_stride;
 
   BwdPreParams pre{};
   pre.out = p.out_in;
@@ -79,9 +87,9 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   pre.varlen = varlen;
   static_assert(kBwdSeqlenQPad % kPreRowsPerBlock == 0, "the preprocess covers seqlen_q_pad in whole blocks");
   // Varlen: each sequence's rows up to a whole kBwdSeqlenQPad (the main kernel reads whole blocks).
-  dim3 pre_grid(unsigned(is_varlen ? (span_q + kBwdSeqlenQPad - 1) / kBwdSeqlenQPad * (kBwdSeqlenQPad / kPreRowsPerBlock)
+  dim3 pre_grid(unsigned(is_varlen ? q_pad_blocks * (kBwdSeqlenQPad / kPreRowsPerBlock)
                                    : w.seqlen_q_pad / kPreRowsPerBlock),
-                unsigned(p.heads_q), unsigned(p.batch * seqs));
+                unsigned(p.heads_q), unsigned(p.batch));
   flash_bwd_preprocess_sm90<Element, kHeadDim, kHeadDimV><<<pre_grid, kPreThreads, 0, stream>>>(pre);
   if (cuda::launch_failed()) return "sm90 backward preprocess kernel launch failed";
 
@@ -112,6 +120,8 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   m.scale_div_softcap = kSoftcap ? p.softmax_scale / p.softcap : 0.f;
   m.deterministic = p.deterministic;
   m.varlen = varlen;
+  m.varlen.block_seq = block_seq_k;
+  m.varlen.block_stride = k_blocks;
   // Segment ids: the segment-id variant of the main kernel, after the stats and hulls on its tiles.
   if (p.q_segment_ids) {
     sm90::SegmentPrepParams sp;
@@ -132,7 +142,9 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
     static cuda::PerDevice<cudaError_t> smem_limit_set;  // one per instantiation
     if (cuda::set_smem_limit_once(smem_limit_set, kernel, T::kSmemBytes) != cudaSuccess)
       return "cannot raise the shared-memory limit of the sm90 backward main kernel";
-    dim3 grid(unsigned((span_k + T::kBlockN - 1) / T::kBlockN), unsigned(p.heads_kv), unsigned(p.batch * seqs));
+    static_assert(T::kBlockN == Tr::kBlockN, "varlen's key blocks are numbered in Tr::kBlockN rows");
+    const int64_t n_blocks = is_varlen ? k_blocks : (span_k + T::kBlockN - 1) / T::kBlockN;
+    dim3 grid(unsigned(n_blocks), unsigned(p.heads_kv), unsigned(p.batch));
     kernel<<<grid, T::kNumThreads, T::kSmemBytes, stream>>>(make_bwd_kernel_args<T>(m, int(p.batch)));
     return cuda::launch_failed() ? "sm90 backward main kernel launch failed" : nullptr;
   };
@@ -150,7 +162,10 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   post.varlen = varlen;
   static_assert(Tr::kBlockM / Tr::kDqRowSplit == kDqBlockRows,
                 "the postprocess un-permutes the main kernel's dQ fragment order, one 64-row block at a time");
-  dim3 post_grid(unsigned((span_q + kDqBlockRows - 1) / kDqBlockRows), unsigned(p.heads_q), unsigned(p.batch * seqs));
+  static_assert(kBwdSeqlenQPad % kDqBlockRows == 0, "the postprocess splits numbered blocks in whole parts");
+  dim3 post_grid(unsigned(is_varlen ? q_pad_blocks * (kBwdSeqlenQPad / kDqBlockRows)
+                                    : (span_q + kDqBlockRows - 1) / kDqBlockRows),
+                 unsigned(p.heads_q), unsigned(p.batch));
   flash_bwd_postprocess_sm90<Element, kHeadDim, Tr::kDqAtomN, Tr::kDqColSplit>
       <<<post_grid, kPostThreads, 0, stream>>>(post);
   if (cuda::launch_failed()) return "sm90 backward postprocess kernel launch failed";

@@ -40,15 +40,21 @@ __global__ void __launch_bounds__(kPostThreads) flash_bwd_postprocess_sm90(const
   constexpr int kChunks = kDqBlockRows * kHeadDim / kColSplit / (4 * 128);  // float4s per thread
   constexpr int kGroups = kAtomN / 8;
   static_assert(kHeadDim % (kColSplit * kAtomN) == 0, "whole dQ atoms per warpgroup");
-  const int m_block = blockIdx.x, h = blockIdx.y;
+  const int h = blockIdx.y;
   // Global rows src0 + r (r < rows) of batch row b, from plane rows dst0 + r of dq_accum.
-  int b = blockIdx.z, src0 = m_block * kDqBlockRows, rows = p.seqlen_q - src0, dst0 = src0;
+  int b = blockIdx.z, src0 = blockIdx.x * kDqBlockRows, rows = p.seqlen_q - src0, dst0 = src0;
   if (p.varlen.cu_q) {
-    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, blockIdx.z);
+    // blockIdx.x: part blockIdx.x % kParts of numbered kBwdSeqlenQPad-row block blockIdx.x / kParts
+    // (sm90::varlen_block).
+    constexpr int kParts = kBwdSeqlenQPad / kDqBlockRows;
+    int s_in_row, block;
+    if (!sm90::varlen_block(p.varlen, b, blockIdx.x / kParts, s_in_row, block)) return;
+    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, b * p.varlen.num_seqs + s_in_row);
+    src0 = (block * kParts + blockIdx.x % kParts) * kDqBlockRows;
     if (src0 >= s.len_q) return;
     b = s.batch;
     rows = s.len_q - src0;
-    dst0 = varlen_q_block_row(s.offset_q, blockIdx.z - b * p.varlen.num_seqs) + src0;
+    dst0 = varlen_q_block_row(s.offset_q, s_in_row) + src0;
     src0 += s.offset_q;
   }
   const int64_t block = (int64_t(b) * p.heads_q + h) * p.seqlen_q_pad + dst0;

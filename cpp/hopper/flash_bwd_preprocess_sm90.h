@@ -4,7 +4,8 @@
 //   lse_log2[b,h,i] = lse[b,h,i] * log2(e), and +inf where lse = -inf (empty rows) or i >= seqlen_q,
 //                     so that exp2(s - lse_log2) = 0 there and the main kernel needs no row checks;
 //   dq_accum[b,h,i,:] = 0 and the deterministic-mode semaphores = 0 (the workspace is not zeroed).
-// Varlen: one CTA per (64-row block of a sequence, head, sequence), writing that block's rows at
+// Varlen: one CTA per (64-row block of a sequence, head, batch row), the blocks numbered over the
+// sequences of the batch row in kBwdSeqlenQPad-row units (sm90::varlen_block), writing its rows at
 // its padded position (varlen_q_block_row), past the sequence's end as if past seqlen_q, up to
 // the sequence's last whole kBwdSeqlenQPad rows (the main kernel reads whole query blocks).
 #pragma once
@@ -72,13 +73,16 @@ __global__ void __launch_bounds__(kPreThreads) flash_bwd_preprocess_sm90(const B
   // at plane rows dst0 + r (the same rows when dense).
   int b = blockIdx.z, src0 = blockIdx.x * kPreRowsPerBlock, rows = p.seqlen_q - src0, dst0 = src0;
   if (p.varlen.cu_q) {
-    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, blockIdx.z);
-    const int m0 = blockIdx.x * kPreRowsPerBlock;
-    if (m0 >= (s.len_q + kBwdSeqlenQPad - 1) / kBwdSeqlenQPad * kBwdSeqlenQPad) return;
+    // blockIdx.x: part blockIdx.x % kParts of numbered kBwdSeqlenQPad-row block blockIdx.x / kParts.
+    constexpr int kParts = kBwdSeqlenQPad / kPreRowsPerBlock;
+    int s_in_row, block;
+    if (!sm90::varlen_block(p.varlen, b, blockIdx.x / kParts, s_in_row, block)) return;
+    const sm90::SeqSpan s = sm90::varlen_span(p.varlen, b * p.varlen.num_seqs + s_in_row);
+    const int m0 = (block * kParts + blockIdx.x % kParts) * kPreRowsPerBlock;
     b = s.batch;
     src0 = s.offset_q + m0;
     rows = s.len_q - m0;
-    dst0 = varlen_q_block_row(s.offset_q, blockIdx.z - b * p.varlen.num_seqs) + m0;
+    dst0 = varlen_q_block_row(s.offset_q, s_in_row) + m0;
   }
   const int64_t bh = int64_t(b) * p.heads_q + h;
   const int row0 = warp * kRowsPerWarp + lane / kLanesPerRow;  // within the block

@@ -47,8 +47,12 @@ const char* run_dtype(const BwdParams& p, void* ws, cudaStream_t_ stream) {
 bool sm90_supports_bwd(const BwdParams& p) {
   // Segment ids: dense layout only (never with cu_seqlens); the prepare grids' y is the batch.
   if (p.q_segment_ids && p.cu_seqlens_q) return false;
-  // Varlen grids put (batch row, sequence) on z; the prepare kernel puts the batch on y.
-  if (p.cu_seqlens_q && (p.num_seqs < 1 || p.batch * p.num_seqs > 65535)) return false;
+  // Varlen grids put the batch row on z (the prepare kernel on y) and number the blocks of its
+  // sequences on x (int).
+  if (p.cu_seqlens_q && (p.num_seqs < 1 || p.num_seqs >= (int64_t(1) << 30) ||
+                         p.seqlen_q + p.num_seqs * 128 >= (int64_t(1) << 30) ||
+                         p.seqlen_k + p.num_seqs * 128 >= (int64_t(1) << 30)))
+    return false;
   return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && p.heads_kv > 0 &&
          p.heads_q % p.heads_kv == 0 && bwd_hdim_compiled(p.head_dim, p.head_dim_v) &&
          p.seqlen_q < (int64_t(1) << 30) && p.seqlen_k < (int64_t(1) << 30) && p.heads_kv <= 65535 &&

@@ -117,7 +117,9 @@ size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
   return align256(size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * sizeof(float));
 }
 size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
-  if (p.num_seqs > 0) return kCounterBytes + sm90::varlen_workspace_bytes(p.batch, p.num_seqs);
+  if (p.num_seqs > 0)
+    return kCounterBytes +
+           sm90::varlen_workspace_bytes(p.batch, p.num_seqs, p.seqlen_q, p.seqlen_k);
   if (p.q_segment_ids) {
     sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v));
     return kCounterBytes + sm90::segment_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k,
@@ -251,24 +253,23 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     kp.mask.rows_per_pos = plan.packed ? group : int(p.packed_group);
   }
 
-  // Varlen: tiles are (m_block, head, (batch row, sequence)); the grid covers the longest
-  // sequence the caller promises (max_seqlen_q), and each tile finds its sequence on the device.
-  // A varlen plan is never packed or split (plan_fwd).
+  // Varlen: tiles are (numbered query block, head, batch row) (sm90::varlen_block); each tile
+  // finds its sequence on the device. A varlen plan is never packed or split (plan_fwd).
   int const seqs = varlen ? int(p.num_seqs) : 1;
   int const span_q = varlen ? int(std::min<int64_t>(p.max_seqlen_q, sq)) : sq;
   int const span_k = varlen ? int(std::min<int64_t>(p.max_seqlen_k, sk)) : sk;
   bool longest_first = hi < sk;
   if constexpr (varlen) {
-    int* cu = reinterpret_cast<int*>(static_cast<char*>(workspace) + kCounterBytes);
     sm90::VarlenPrepParams prep;
     prep.raw_q = p.cu_seqlens_q;
     prep.raw_k = p.cu_seqlens_k;
-    prep.cu_q = cu;
-    prep.cu_k = cu + b * (seqs + 1);
     prep.batch = b;
     prep.num_seqs = seqs;
     prep.seqlen_q = sq;
     prep.seqlen_k = sk;
+    if (!sm90::varlen_workspace(prep, static_cast<char*>(workspace) + kCounterBytes, ts.block_m,
+                                span_q, 0, span_k))
+      return "sm90 varlen forward: query blocks below the numbering's smallest block";
     prep.fill[0] = {p.out, int64_t(hq) * kHeadDimV * int64_t(sizeof(ElementOut)), false};
     prep.lse = p.lse;
     prep.lse_heads = hq;
@@ -276,7 +277,8 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     // Pre-clamped to +-(sq + sk) (< 2^31 by sm90_supports_fwd): the per-sequence band keeps its
     // meaning (sm90::varlen_diag).
     int64_t const far = int64_t(sq) + sk;
-    kp.varlen = {prep.cu_q, prep.cu_k, seqs, int(std::clamp<int64_t>(p.diag_lo, -far, far)),
+    kp.varlen = {prep.cu_q, prep.cu_k, seqs, prep.block_seq_q, prep.block_stride_q,
+                 int(std::clamp<int64_t>(p.diag_lo, -far, far)),
                  int(std::clamp<int64_t>(p.diag_hi, -far, far))};
     longest_first = p.diag_hi < span_k;
   }
@@ -296,8 +298,8 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
       return "sm90 segment-id prepare kernel launch failed";
   }
 
-  int const num_m_blocks = (span_q + ts.block_m - 1) / ts.block_m;
-  int const num_hb = h * b * seqs;
+  int const num_m_blocks = varlen ? kp.varlen.block_stride : (span_q + ts.block_m - 1) / ts.block_m;
+  int const num_hb = h * b;
   // K/V bytes one (head, sequence) pair pulls through L2 (shared by the query heads of a group).
   int const heads_per_kv = h / hkv;
   int64_t const kv_bytes = std::max<int64_t>(
@@ -516,10 +518,12 @@ bool sm90_supports_fwd(const FwdParams& p) {
       return false;
   }
   if (p.cu_seqlens_q) {
-    // Tiles (m_block, head, sequence) are numbered in int; the prepare grid's y is the batch.
-    int64_t const m_blocks = (std::min(p.max_seqlen_q, p.seqlen_q) + 127) / 128;
-    if (p.num_seqs < 1 || p.batch > 65535 ||
-        m_blocks * p.heads_q * p.batch * p.num_seqs >= kMax)
+    // Tiles (numbered query block, head, batch row) are numbered in int (the bound for the
+    // smallest block_m); the prepare grid's y is the batch.
+    if (p.num_seqs < 1 || p.num_seqs >= kMax || p.batch > 65535 ||
+        int64_t(sm90::varlen_block_bound(p.seqlen_q, p.num_seqs,
+                                         std::min(p.max_seqlen_q, p.seqlen_q), 64)) *
+                p.heads_q * p.batch >= kMax)
       return false;
   }
   return p.seqlen_q < kMax && p.seqlen_k < kMax && p.batch * p.heads_q < kMax;

@@ -318,20 +318,25 @@ struct FwdTraits {
     // sequence's band, (offset_q, offset_k) where its rows start in the batch row. Dense: the
     // whole batch row. Split: the whole batch row, with seqused_k its first seqused_k[b] keys.
     // Segments: the whole batch row, and the band plus the query block's
-    // segment hull and ids. False when the tile's query block starts past its sequence's end
-    // (the grid is sized by the longest sequence): then nothing is loaded, computed or written.
+    // segment hull and ids. Varlen: t.m_block is a numbered query block of batch row t.batch
+    // (varlen_block) and becomes the block's index in its sequence; false when it is past the
+    // row's last block (the grid's bound is not exact): then nothing is loaded, computed or
+    // written.
     CUTLASS_DEVICE bool locate(TileCoord& t, Mask& m, int& offset_q,
                                int& offset_k) const {
       m = mask;
       offset_q = offset_k = 0;
       if constexpr (kVarlen) {
-        SeqSpan const s = varlen_span(varlen, t.batch);
+        int s_in_row, m_block;
+        if (!varlen_block(varlen, t.batch, t.m_block, s_in_row, m_block)) return false;
+        SeqSpan const s = varlen_span(varlen, t.batch * varlen.num_seqs + s_in_row);
+        t.m_block = m_block;
         t.batch = s.batch;
         offset_q = s.offset_q;
         offset_k = s.offset_k;
         m = {s.len_q, s.len_k, varlen_diag(varlen.diag_lo, s.len_q, s.len_k),
              varlen_diag(varlen.diag_hi, s.len_q, s.len_k)};
-        return t.m_block * kBlockM < s.len_q;
+        return true;
       } else if constexpr (kSplit) {
         if (seqused_k) {  // the first len keys of the batch row, band bottom-right aligned to them
           int const len = min(max(__ldg(seqused_k + t.batch), 0), mask.seqlen_k);

@@ -7,8 +7,15 @@
 //  - writes the clamped cu_seqlens_q/k into the call's workspace (the kernels read only those),
 //  - fills the rows outside every sequence, which no attention tile covers: after clamping the
 //    sequences of a batch row are contiguous, so those rows are a head [0, cu[0]) and a tail
-//    [cu[num_seqs], seqlen); outputs there are zero (out, dk, dv) and lse is -inf.
-// The attention kernels then tile (block within a sequence, head, (batch row, sequence)).
+//    [cu[num_seqs], seqlen); outputs there are zero (out, dk, dv) and lse is -inf;
+//  - numbers the blocks of every sequence of a batch row one after the other (varlen_block).
+// The attention kernels then tile (block, head, batch row) over those numbered blocks, so their
+// grids follow the tokens (at most ceil(seqlen / rows) + num_seqs blocks per batch row), not
+// num_seqs x the longest sequence: with many short sequences and a max_seqlen far above them
+// the empty tiles of such a grid took most of the time. Measured on H200 before this numbering
+// (bf16, hdim 128, 16 heads, 230 sequences of 33..511 tokens, 64k tokens; 2026-11-22,
+// benchmarks/measured/h200_2026-11-22s8_varlen_maxseq.txt), forward / forward + backward ms:
+// max_seqlen 511: 0.648 / 2.478; 8192: 1.626 / 4.618; 65536: 8.582 / 21.993.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -24,6 +31,12 @@ struct VarlenParams {
   const int* cu_q = nullptr;  // [batch, num_seqs + 1], clamped (varlen_prepare's output)
   const int* cu_k = nullptr;
   int num_seqs = 1;
+  // The numbered blocks of the side this kernel tiles (varlen_block: the forward's query
+  // blocks, the backward main kernel's key blocks, the pre/postprocess's query row groups):
+  // block_seq[b * block_stride + v] = (sequence, block within it) of block v of batch row b, or
+  // (-1, 0) past the row's last block.
+  const int2* block_seq = nullptr;
+  int block_stride = 0;
   // The band relative to each sequence's own bottom-right diagonal (flash.h), pre-clamped to
   // +-(seqlen_q + seqlen_k), which keeps its meaning for every sequence.
   int diag_lo = 0, diag_hi = 0;
@@ -48,6 +61,30 @@ __device__ __forceinline__ SeqSpan varlen_span(VarlenParams const& v, int seq) {
   return r;
 }
 
+// Blocks of `rows` rows, numbered over the sequences of a batch row one after the other
+// (sequence s has ceil(len_s / rows) blocks). varlen_prepare writes the table block_seq; a tile
+// reads its entry with one load (a binary search over the block counts' prefix sums, 8 dependent
+// loads for 230 sequences, cost 7% of the forward and 5% of forward + backward on short
+// sequences: 230 of 33..511 tokens, H200, h200_2026-11-22s8_varlen_maxseq.txt).
+// False when v is past the row's last block (the grid's bound is not exact).
+__device__ __forceinline__ bool varlen_block(VarlenParams const& v, int b, int block, int& s_in_row,
+                                             int& block_in_seq) {
+  int2 const e = __ldg(v.block_seq + int64_t(b) * v.block_stride + block);
+  s_in_row = e.x;
+  block_in_seq = e.y;
+  return e.x >= 0;
+}
+
+// Host side: a bound on the numbered blocks of `rows` rows of one batch row holding num_seqs
+// sequences in seqlen rows, none longer than span (max_seqlen, a promise: with a longer one the
+// blocks past the bound are not covered, as flash.h states).
+inline constexpr int kVarlenMinBlockRows = 64;  // the smallest block any numbering uses
+inline int64_t varlen_block_bound(int64_t seqlen, int64_t num_seqs, int64_t span, int rows) {
+  int64_t const by_tokens = (seqlen + num_seqs * (rows - 1)) / rows;  // sum of ceil(len / rows)
+  int64_t const by_span = num_seqs * ((span + rows - 1) / rows);
+  return by_tokens < by_span ? by_tokens : by_span;
+}
+
 // Band edges of one sequence of lengths (len_q, len_k) in its own coordinates, clamped to
 // [-len_q, len_k] like the dense band (64-bit: the pre-clamped edges plus the shift can pass
 // 2^31).
@@ -68,6 +105,16 @@ struct VarlenPrepParams {
   const int32_t* raw_k = nullptr;
   int* cu_q = nullptr;             // clamped copies (workspace)
   int* cu_k = nullptr;
+  // Numbered blocks (varlen_block) of block_rows_q query rows / block_rows_k keys: the block
+  // counts' prefix sums per sequence (scratch, [batch, num_seqs + 1]) and the tables
+  // ([batch, stride]; stride: varlen_block_bound, at most varlen_workspace_bytes' room). Null: not
+  // numbered.
+  int* blocks_q = nullptr;
+  int* blocks_k = nullptr;
+  int2* block_seq_q = nullptr;
+  int2* block_seq_k = nullptr;
+  int block_rows_q = 0, block_rows_k = 0;
+  int block_stride_q = 0, block_stride_k = 0;
   int batch = 0, num_seqs = 0, seqlen_q = 0, seqlen_k = 0;
   VarlenFill fill[3];
   float* lse = nullptr;  // [batch, lse_heads, seqlen_q]: -inf outside every sequence; or null
@@ -88,12 +135,17 @@ static __global__ void __launch_bounds__(kVarlenPrepThreads) varlen_prepare(Varl
   int32_t const* rk = p.raw_k + int64_t(b) * n1;
 
   // Clamped copies (CTA x == 0): warp 0 scans q, warp 1 scans k, 32 entries a step, each step a
-  // shuffle max-scan seeded with the previous step's last value.
-  if (blockIdx.x == 0 && warp < 2) {
+  // shuffle max-scan seeded with the previous step's last value; and the numbered blocks: the
+  // block count of sequence idx - 1 (entries idx - 1 and idx), summed by a shuffle scan.
+  if (blockIdx.x == 0) {
+   if (warp < 2) {
     int32_t const* raw = warp == 0 ? rq : rk;
     int* dst = (warp == 0 ? p.cu_q : p.cu_k) + int64_t(b) * n1;
+    int* blocks = warp == 0 ? p.blocks_q : p.blocks_k;
+    if (blocks) blocks += int64_t(b) * n1;
+    int const rows = max(warp == 0 ? p.block_rows_q : p.block_rows_k, 1);
     int const total = warp == 0 ? p.seqlen_q : p.seqlen_k;
-    int carry = 0;
+    int carry = 0, block_carry = 0;
     for (int base = 0; base < n1; base += 32) {
       int const idx = base + lane;
       int x = idx < n1 ? varlen_clamp(raw[idx], total) : 0;
@@ -103,7 +155,36 @@ static __global__ void __launch_bounds__(kVarlenPrepThreads) varlen_prepare(Varl
       }
       x = max(x, carry);
       if (idx < n1) dst[idx] = x;
+      int const up = __shfl_up_sync(0xffffffffu, x, 1);
+      int const prev = lane == 0 ? carry : up;
+      int nb = idx >= 1 && idx < n1 ? (x - prev + rows - 1) / rows : 0;
+      for (int off = 1; off < 32; off *= 2) {
+        int const y = __shfl_up_sync(0xffffffffu, nb, off);
+        if (lane >= off) nb += y;
+      }
+      nb += block_carry;
+      if (blocks && idx < n1) blocks[idx] = nb;
       carry = __shfl_sync(0xffffffffu, x, 31);
+      block_carry = __shfl_sync(0xffffffffu, nb, 31);
+    }
+   }
+    // The tables, from the prefix sums (visible to the CTA after the barrier): warp w writes the
+    // entries of sequences w, w + 8, ..., one lane per block; the CTA then marks the entries
+    // between the last block and the stride.
+    __syncthreads();
+    for (int side = 0; side < 2; ++side) {
+      int2* table = side == 0 ? p.block_seq_q : p.block_seq_k;
+      int const* blocks = side == 0 ? p.blocks_q : p.blocks_k;
+      if (!table || !blocks) continue;
+      int const stride = side == 0 ? p.block_stride_q : p.block_stride_k;
+      table += int64_t(b) * stride;
+      blocks += int64_t(b) * n1;
+      for (int s = warp; s < p.num_seqs; s += kVarlenPrepThreads / 32) {
+        int const first = blocks[s], last = min(blocks[s + 1], stride);
+        for (int i = first + lane; i < last; i += 32) table[i] = make_int2(s, i - first);
+      }
+      for (int i = blocks[p.num_seqs] + int(threadIdx.x); i < stride; i += kVarlenPrepThreads)
+        table[i] = make_int2(-1, 0);
     }
   }
 
@@ -166,9 +247,44 @@ static inline bool launch_varlen_prepare(VarlenPrepParams const& p, cudaStream_t
   return cudaPeekAtLastError() == cudaSuccess;
 }
 
-// Bytes of the clamped cu_seqlens_q and cu_seqlens_k in a workspace.
-inline size_t varlen_workspace_bytes(int64_t batch, int64_t num_seqs) {
-  return size_t(2 * batch * (num_seqs + 1)) * sizeof(int);
+// Bytes of the clamped cu_seqlens_q and cu_seqlens_k, the numbered query and key blocks' prefix
+// sums and their tables (for blocks of at least kVarlenMinBlockRows rows) in a workspace, in that
+// order (varlen_workspace).
+inline size_t varlen_workspace_bytes(int64_t batch, int64_t num_seqs, int64_t seqlen_q,
+                                     int64_t seqlen_k) {
+  int64_t const ints = 4 * batch * (num_seqs + 1);
+  int64_t const entries =
+      batch * (varlen_block_bound(seqlen_q, num_seqs, seqlen_q, kVarlenMinBlockRows) +
+               varlen_block_bound(seqlen_k, num_seqs, seqlen_k, kVarlenMinBlockRows));
+  return size_t((ints + 1) / 2 * 2) * sizeof(int) + size_t(entries) * sizeof(int2);
+}
+// Points prep's arrays into the workspace at `at` (prep.batch, num_seqs and seqlen_q/k set) and
+// sizes the tables for blocks of rows_q query rows and rows_k keys of sequences no longer than
+// span_q / span_k; rows 0: no table for that side. False for rows below kVarlenMinBlockRows (the
+// workspace has no room).
+inline bool varlen_workspace(VarlenPrepParams& prep, void* at, int rows_q, int64_t span_q,
+                             int rows_k, int64_t span_k) {
+  if ((rows_q != 0 && rows_q < kVarlenMinBlockRows) || (rows_k != 0 && rows_k < kVarlenMinBlockRows))
+    return false;
+  int* cu = static_cast<int*>(at);
+  int64_t const n = int64_t(prep.batch) * (prep.num_seqs + 1);
+  prep.cu_q = cu;
+  prep.cu_k = cu + n;
+  prep.blocks_q = cu + 2 * n;
+  prep.blocks_k = cu + 3 * n;
+  prep.block_rows_q = rows_q;
+  prep.block_rows_k = rows_k;
+  int2* const tables = reinterpret_cast<int2*>(cu + (4 * n + 1) / 2 * 2);
+  prep.block_seq_q = rows_q ? tables : nullptr;
+  prep.block_seq_k = rows_k ? tables + int64_t(prep.batch) *
+                                           varlen_block_bound(prep.seqlen_q, prep.num_seqs,
+                                                              prep.seqlen_q, kVarlenMinBlockRows)
+                            : nullptr;
+  prep.block_stride_q =
+      rows_q ? int(varlen_block_bound(prep.seqlen_q, prep.num_seqs, span_q, rows_q)) : 0;
+  prep.block_stride_k =
+      rows_k ? int(varlen_block_bound(prep.seqlen_k, prep.num_seqs, span_k, rows_k)) : 0;
+  return true;
 }
 
 }  // namespace fa3::sm90

@@ -55,7 +55,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q,
         (device arrays: they are read by the kernels, never on the host). Query sequence s
         attends to key sequence s only.
       max_seqlen_q, max_seqlen_k: static ints >= 1, at least the longest query / key sequence
-        (the Hopper kernels size their grids by them: rows of a longer sequence past them are
+        (the Hopper kernels bound their grids by them: with a longer sequence some rows are
         left unwritten; the CPU backend reads the lengths).
       softmax_scale, softcap, deterministic: as in flash_attention.
       causal, window_size: as in flash_attention, bottom-right aligned in each sequence: with
@@ -86,9 +86,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q,
     the last sequence at total. Gradients (jax.grad) flow to q, k, v, and through lse when
     returned. Works under jit, grad and vmap (over a leading axis of all five arrays); under
     multi-device jit the heads axis stays sharded (the token axis: see context_parallel). On a
-    Hopper GPU forward and backward run on the sm90 kernels; max_seqlen_q/k must then be true
-    bounds (rows of a sequence past them are never touched out of bounds, but their results are
-    left unwritten).
+    Hopper GPU forward and backward run on the sm90 kernels, whose grids follow the tokens (a
+    loose max_seqlen, such as the packed length, costs no time); max_seqlen_q/k must still be
+    true bounds (with a longer sequence some rows are left unwritten, never out of bounds).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):

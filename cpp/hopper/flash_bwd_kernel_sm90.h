@@ -19,10 +19,11 @@
 // float32 dQ tile to shared memory with 128-bit stores, and warp 1 of the producer warpgroup adds
 // it to dq_accum with one bulk reduce-add (cp.reduce.async.bulk ... add.f32) per tile; dQFull/
 // dQEmpty named barriers give one step of slack, so consumers never wait on global memory. hdim
-// 256 (16 KB of shared memory left) passes each tile through in 4 rounds of a quarter tile
-// (kDqRounds), with one round of slack: a consumer waits until the writer's previous bulk add
-// has read its slot. Float4 atomics in the same fragment order remain for experiments
-// (FA3_BWD_DQ_ATOMIC): at hdim 256 they held L2 at 93-95% of its throughput (66% with the rounds).
+// 256 (16 KB of shared memory left) passes half of each tile through its slot in 2 rounds of a
+// quarter tile (kDqRounds), a consumer waiting until the writer's previous bulk add has read the
+// slot, and the other half through the warpgroup's column half of the step's Q stage once its dK
+// product is done (kDqInStages). Float4 atomics in the same fragment order remain for experiments
+// (FA3_BWD_DQ_ATOMIC): at hdim 256 they held L2 at 93-95% of its throughput (66% with 4 rounds).
 // Deterministic mode orders the dQ adds of the key blocks of one (query block, head) with a
 // semaphore: key block n adds only after blocks n_lo..n-1 have added, so the float sums are
 // bit-identical run to run. The dQ writer warp (or, with atomics, each consumer warpgroup) waits
@@ -256,7 +257,10 @@ struct BwdTraitsSm90 {
   // tile). ncu of the 4-round design (H200, causal 8k): about 40% of the consumers' stall samples
   // at the rounds' dQEmpty barrier and 10% in their proxy fences. The whole tile through the Q
   // and dO halves (no rounds) moved the stalls to the Q/dO loads, which wait for the writer's
-  // release: full 4k 349 -> 341 TFLOP/s, causal 8k 355 -> 359 (h200_2026-11-22s8b_bwd256.txt).
+  // release: full 4k 349 -> 341 TFLOP/s, causal 8k 355 -> 359. Half and half as here, against
+  // 4 rounds (H200, bf16, 16k tokens, scripts/dev_bwd.sh timing, 512..16k): full 254 300 331 349
+  // 362 364 -> 280 348 394 424 421 421 TFLOP/s, causal 179 239 286 321 356 367 -> 186 257 329
+  // 383 422 420 (h200_2026-11-22s8b_bwd256.txt).
   // FA3_BWD_DQ_ATOMIC (experiments only) forces the float4 atomic path.
 #ifdef FA3_BWD_DQ_ATOMIC
   static constexpr bool kDqInStages = false;

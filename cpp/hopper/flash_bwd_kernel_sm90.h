@@ -19,10 +19,11 @@
 // float32 dQ tile to shared memory with 128-bit stores, and warp 1 of the producer warpgroup adds
 // it to dq_accum with one bulk reduce-add (cp.reduce.async.bulk ... add.f32) per tile; dQFull/
 // dQEmpty named barriers give one step of slack, so consumers never wait on global memory. hdim
-// 256 (16 KB of shared memory left) passes each tile through in 4 rounds of a quarter tile
-// (kDqRounds), with one round of slack: a consumer waits until the writer's previous bulk add
-// has read its slot. Float4 atomics in the same fragment order remain for experiments
-// (FA3_BWD_DQ_ATOMIC): at hdim 256 they held L2 at 93-95% of its throughput (66% with the rounds).
+// 256 (16 KB of shared memory left) passes half of each tile through its slot in 2 rounds of a
+// quarter tile (kDqRounds), a consumer waiting until the writer's previous bulk add has read the
+// slot, and the other half through the warpgroup's column half of the step's Q stage once its dK
+// product is done (kDqInStages). Float4 atomics in the same fragment order remain for experiments
+// (FA3_BWD_DQ_ATOMIC): at hdim 256 they held L2 at 93-95% of its throughput (66% with 4 rounds).
 // Deterministic mode orders the dQ adds of the key blocks of one (query block, head) with a
 // semaphore: key block n adds only after blocks n_lo..n-1 have added, so the float sums are
 // bit-identical run to run. The dQ writer warp (or, with atomics, each consumer warpgroup) waits
@@ -250,13 +251,38 @@ struct BwdTraitsSm90 {
   // FA3_BWD_DQ_ATOMIC (experiments only) forces the float4 atomic path.
   template <int kRounds>
   static constexpr bool kDqFits = int(sizeof(SharedStorageT<kBlockM * kHeadDim / kRounds>)) + 1024 <= 227 * 1024;
+  // kDqInStages (hdim 256): half of each warpgroup's tile (chunks 0..7) goes instead through the
+  // warpgroup's column half of the step's Q stage (16 KB), which it no longer reads once its dK
+  // product is done; the writer adds it and then releases the Q stage together with the
+  // consumers. The other half goes through the slot in kDqRounds = 2 rounds (not 4 for the whole
+  // tile). ncu of the 4-round design (H200, causal 8k): about 40% of the consumers' stall samples
+  // at the rounds' dQEmpty barrier and 10% in their proxy fences. The whole tile through the Q
+  // and dO halves (no rounds) moved the stalls to the Q/dO loads, which wait for the writer's
+  // release: full 4k 349 -> 341 TFLOP/s, causal 8k 355 -> 359. Half and half as here, against
+  // 4 rounds (H200, bf16, 16k tokens, scripts/dev_bwd.sh timing, 512..16k): full 254 300 331 349
+  // 362 364 -> 280 348 394 424 421 421 TFLOP/s, causal 179 239 286 321 356 367 -> 186 257 329
+  // 383 422 420 (h200_2026-11-22s8b_bwd256.txt).
+  // FA3_BWD_DQ_ATOMIC (experiments only) forces the float4 atomic path.
 #ifdef FA3_BWD_DQ_ATOMIC
+  static constexpr bool kDqInStages = false;
   static constexpr int kDqRounds = 0;
 #else
-  static constexpr int kDqRounds = kDqFits<1> ? 1 : kDqFits<2> ? 2 : kDqFits<4> ? 4 : 0;
+  static constexpr bool kDqInStages = !kDqFits<2> && !kDkvRS && kDkvSplit == 2 && kHeadDim == kHeadDimV;
+  static constexpr int kDqRounds = kDqInStages ? 2 : kDqFits<1> ? 1 : kDqFits<2> ? 2 : kDqFits<4> ? 4 : 0;
 #endif
   static constexpr bool kDqBulk = kDqRounds > 0;
-  static constexpr int kDqSlotFloats = kDqBulk ? kDqWgFloats / kDqRounds : 0;
+  // Chunks (float4 per thread) of the tile that go through the slot: all, or the second half.
+  static constexpr int kDqSlotTileFloats = kDqInStages ? kDqWgFloats / 2 : kDqWgFloats;
+  static constexpr int kDqSlotFloats = kDqBulk ? kDqSlotTileFloats / kDqRounds : 0;
+  // One warpgroup's column half of a Q stage: elements (its offset in the stage, times wg).
+  static constexpr int kQHalfElems = kBlockM * kHeadDim / 2;
+  static_assert(!kDqInStages || kQHalfElems * int(sizeof(Element)) == kDqWgFloats / 2 * int(sizeof(float)),
+                "a Q half holds half of one warpgroup's float32 dQ tile");
+  static_assert(!kDqInStages || (SmemLayoutQ{}(0, kHeadDim / 2, 0) == kQHalfElems &&
+                                 SmemLayoutQ{}(kBlockM - 1, kHeadDim / 2 - 1, 0) < kQHalfElems &&
+                                 SmemLayoutQ{}(kBlockM - 1, kHeadDim - 1, 0) < 2 * kQHalfElems &&
+                                 SmemLayoutQ{}(0, 0, 1) == 2 * kQHalfElems),
+                "the column halves of a Q stage are contiguous (the warpgroups' dK operands)");
   static_assert(!kDqBulk || kDqSlotFloats % (4 * cutlass::NumThreadsPerWarpGroup) == 0,
                 "a dQ slot holds whole float4s of every thread");
   using SharedStorage = SharedStorageT<kNumMmaWG * kDqSlotFloats>;
@@ -458,19 +484,20 @@ __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::Sh
       fence_proxy_async_global();  // their adds are visible to this thread's bulk adds
     }
     __syncwarp();  // reconverge before the named barriers
+    constexpr int kSlotBase = Tr::kDqWgFloats - Tr::kDqSlotTileFloats;  // the slot's part of the tile
     CUTLASS_PRAGMA_UNROLL
     for (int r = 0; r < kRounds; ++r) {
       CUTLASS_PRAGMA_UNROLL
       for (int w = 0; w < kNumMmaWG; ++w) {
         sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_full(w));
         if (lane0) {
-          bulk_reduce_add_f32(dst + w * Tr::kDqWgFloats + r * Tr::kDqSlotFloats, ss.dq.data() + w * Tr::kDqSlotFloats,
-                              kSlotBytes);
+          bulk_reduce_add_f32(dst + w * Tr::kDqWgFloats + kSlotBase + r * Tr::kDqSlotFloats,
+                              ss.dq.data() + w * Tr::kDqSlotFloats, kSlotBytes);
           bulk_commit_group();
         }
       }
       const bool last = it + 1 == n_iter && r + 1 == kRounds;
-      if (p.deterministic && r + 1 == kRounds) {
+      if (p.deterministic && r + 1 == kRounds && !Tr::kDqInStages) {
         if (lane0) {
           bulk_wait_all();  // the adds are done in global memory, not only read from shared memory
           fence_proxy_async_global();
@@ -490,6 +517,32 @@ __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::Sh
         if (!last) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(1));
       }
     }
+    if constexpr (Tr::kDqInStages) {
+      // The first half of each tile, from the warpgroups' Q halves; then the Q stage is released
+      // (the consumers have arrived on it too).
+      const int stage = it % Tr::kStages;
+      CUTLASS_PRAGMA_UNROLL
+      for (int w = 0; w < kNumMmaWG; ++w) {
+        sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_stage_full(w));
+        if (lane0) {
+          bulk_reduce_add_f32(dst + w * Tr::kDqWgFloats,
+                              reinterpret_cast<const float*>(ss.q.data() + (2 * stage + w) * Tr::kQHalfElems),
+                              Tr::kDqWgFloats / 2 * sizeof(float));
+        }
+      }
+      if (lane0) {
+        bulk_commit_group();
+        if (p.deterministic) {
+          bulk_wait_all();  // the adds are done in global memory, not only read from shared memory
+          fence_proxy_async_global();
+          red_release_add(sem, 1);
+        } else {
+          bulk_wait_group_read<0>();
+        }
+        ss.pipeline_q.empty_barrier_[stage].arrive();
+      }
+      __syncwarp();
+    }
     if (++m_block == m_lo + num_m) {
       m_block = m_lo;
       ++h;
@@ -497,6 +550,10 @@ __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::Sh
   }
   if (lane0) bulk_wait_all();  // shared memory must outlive the last copy
   __syncwarp();
+  if constexpr (Tr::kDqInStages) {
+    // The epilogue may overwrite the Q stages (its dQEmpty wait).
+    for (int w = 0; w < kNumMmaWG; ++w) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(w));
+  }
 }
 
 template <class Tr>
@@ -571,9 +628,11 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
   pipe_params.transaction_bytes = Tr::kTxBytesQ;
   pipe_params.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
   pipe_params.is_leader = threadIdx.x == 0;  // the one producer thread that arms the barriers
-  pipe_params.num_consumers = kMmaThreads;
+  // kDqInStages: the dQ writer also releases each Q stage, once its bulk adds have read it.
+  pipe_params.num_consumers = kMmaThreads + (Tr::kDqInStages ? 1 : 0);
   if (threadIdx.x == 0) ss.barrier_kv.init(1);
   Pipeline pipeline_q(ss.pipeline_q, pipe_params, Shape<_1, _1, _1>{});  // inits + fences its barriers
+  pipe_params.num_consumers = kMmaThreads;
   pipe_params.transaction_bytes = Tr::kTxBytesdO;
   Pipeline pipeline_do(ss.pipeline_do, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();
@@ -898,17 +957,30 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     if constexpr (Tr::kDqBulk) {
       // Chunks r * kSlotChunks .. of round r through this warpgroup's slot.
       constexpr int kBarThreads = cutlass::NumThreadsPerWarpGroup + cutlass::NumThreadsPerWarp;
-      constexpr int kSlotChunks = kDqChunks / Tr::kDqRounds;
+      // kDqInStages: the slot carries chunks kDqChunks/2.., and chunks 0.. follow through the
+      // warpgroup's Q half once dK is done.
+      constexpr int kSlotChunks = Tr::kDqSlotFloats / (4 * cutlass::NumThreadsPerWarpGroup);
+      constexpr int kSlotBase = kDqChunks - kSlotChunks * Tr::kDqRounds;
       const uint32_t sdq = cast_smem_ptr_to_uint(ss.dq.data() + wg * Tr::kDqSlotFloats + 4 * wg_tid);
       CUTLASS_PRAGMA_UNROLL
       for (int r = 0; r < Tr::kDqRounds; ++r) {
         sm90::named_barrier_sync(kBarThreads, sm90::bwd_dq_empty(wg));  // the previous round was read
         CUTLASS_PRAGMA_UNROLL
         for (int c = 0; c < kSlotChunks; ++c) {
-          st_shared_f32x4(sdq + c * 16 * cutlass::NumThreadsPerWarpGroup, dq_chunk(r * kSlotChunks + c));
+          st_shared_f32x4(sdq + c * 16 * cutlass::NumThreadsPerWarpGroup, dq_chunk(kSlotBase + r * kSlotChunks + c));
         }
         cutlass::arch::fence_view_async_shared();  // visible to the bulk copy (async proxy)
         sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_full(wg));
+      }
+      if constexpr (Tr::kDqInStages) {
+        warpgroup_wait<1>();  // dV done: dO and dpsum of this stage are no longer read
+        pipeline_do.consumer_release(state);
+        warpgroup_wait<0>();  // dK done: this warpgroup no longer reads its Q half
+        const uint32_t sq = cast_smem_ptr_to_uint(ss.q.data() + (2 * stage + wg) * Tr::kQHalfElems) + 16 * wg_tid;
+        CUTLASS_PRAGMA_UNROLL
+        for (int c = 0; c < kSlotBase; ++c) st_shared_f32x4(sq + c * 16 * cutlass::NumThreadsPerWarpGroup, dq_chunk(c));
+        cutlass::arch::fence_view_async_shared();
+        sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_stage_full(wg));
       }
     } else {
       float4* gdq = reinterpret_cast<float4*>(
@@ -933,12 +1005,13 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
         if (wg_tid == 0) red_release_add(sem, 1);
       }
     }
-    if constexpr (!Tr::kDkvRS) {
+    if constexpr (!Tr::kDkvRS && !Tr::kDqInStages) {
       warpgroup_wait<1>();  // dV done: dO and dpsum of this stage are no longer read
       pipeline_do.consumer_release(state);
     }
     warpgroup_wait<0>();
-    pipeline_q.consumer_release(state);  // Q and lse of this stage are no longer read
+    pipeline_q.consumer_release(state);  // Q and lse of this stage are no longer read (kDqInStages:
+                                         // the writer's arrival follows its bulk read)
     ++state;
   }
 
@@ -954,7 +1027,13 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     // the instructions and write sectors in halves. Rows are row-major with 16-byte chunk c of
     // row r at c ^ (r % 8): the 8 rows of a warp's pair stores fall in distinct banks.
     // Both warpgroups must be done with Q/dO (the other may still run its last dK/dV product);
-    // PdSWritten is otherwise idle by now.
+    // PdSWritten is otherwise idle by now. kDqInStages: and the dQ writer's last bulk adds have
+    // read the Q stages (its final dQEmpty arrival).
+    if constexpr (Tr::kDqInStages) {
+      if (n_iter > 0) {
+        sm90::named_barrier_sync(cutlass::NumThreadsPerWarpGroup + cutlass::NumThreadsPerWarp, sm90::bwd_dq_empty(wg));
+      }
+    }
     sm90::named_barrier_sync(kMmaThreads, sm90::BwdNamedBarrier::PdSWritten);
     Element* sdk = ss.q.data();
     Element* sdv = ss.dout.data();

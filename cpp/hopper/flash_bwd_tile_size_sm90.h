@@ -43,7 +43,7 @@ struct BwdTileSize {
 //  * hdim 192/256: 64 x 64. A 128-key block would need 2 * 192 (or 256) dK+dV registers per
 //    thread; with 64 keys the warpgroups split dK/dV along the head dim instead (128 regs at 256)
 //    and shared memory (Q, dO double-buffered, K, V, P, dS: 208 KB at 256) still fits 227 KB,
-//    with 16 KB left for the dQ writer's slots (kDqRounds in flash_bwd_kernel_sm90.h).
+//    with 16 KB left for the dQ writer's slots (kDqRounds, kDqInStages in flash_bwd_kernel_sm90.h).
 //    Query blocks stay at 64 there (one WGMMA M tile for dQ, split along the head dim).
 constexpr BwdTileSize bwd_tile_size_sm90(int head_dim, int head_dim_v, bool softcap) {
   return (head_dim <= 64 && head_dim_v <= 64 && !softcap) ? BwdTileSize{128, 128}

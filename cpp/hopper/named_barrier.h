@@ -44,6 +44,8 @@ enum class BwdNamedBarrier : uint32_t {
   dQEmptyWG0 = 4,  // the writer's bulk add has read it; the buffer may be overwritten (WG1: +1)
   // dQ through float4 atomics in deterministic mode, per consumer warpgroup (128 threads):
   dQOrderWG0 = 6,  // the warpgroup's turn to add dQ (WG1: +1)
+  // dQ half through the Q stage (kDqInStages, bulk path only, so the atomic path's ids are free):
+  dQStageFullWG0 = 6,  // the warpgroup stored half of its dQ tile in its Q half (WG1: +1)
 };
 static_assert(static_cast<uint32_t>(BwdNamedBarrier::dQOrderWG0) + 1 < 8, "8 named barriers per kernel");
 
@@ -52,6 +54,9 @@ CUTLASS_DEVICE BwdNamedBarrier bwd_dq_full(int wg) {
 }
 CUTLASS_DEVICE BwdNamedBarrier bwd_dq_empty(int wg) {
   return static_cast<BwdNamedBarrier>(static_cast<uint32_t>(BwdNamedBarrier::dQEmptyWG0) + wg);
+}
+CUTLASS_DEVICE BwdNamedBarrier bwd_dq_stage_full(int wg) {
+  return static_cast<BwdNamedBarrier>(static_cast<uint32_t>(BwdNamedBarrier::dQStageFullWG0) + wg);
 }
 CUTLASS_DEVICE BwdNamedBarrier bwd_dq_order(int wg) {
   return static_cast<BwdNamedBarrier>(static_cast<uint32_t>(BwdNamedBarrier::dQOrderWG0) + wg);

@@ -35,8 +35,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     cute::prefetch_tma_descriptor(p.tma_k.get_tma_descriptor());
     cute::prefetch_tma_descriptor(p.tma_v.get_tma_descriptor());
     if constexpr (Traits::kTmaStoreO) cute::prefetch_tma_descriptor(p.tma_o.get_tma_descriptor());
-    ss.q_full.init(1);
-    ss.q_empty.init(Traits::kNumMmaThreads);
+    for (int i = 0; i < Traits::kQStages; ++i) {
+      ss.q_full[i].init(1);
+      ss.q_empty[i].init(Traits::kNumMmaThreads);
+    }
     ss.o_free.init(Traits::kNumMmaWarpGroups);
     for (int i = 0; i < 2; ++i) {
       ss.tile_full[i].init(1);

@@ -36,7 +36,9 @@ struct FwdMainloop {
   static CUTLASS_DEVICE void load(Params const& p, SharedStorage& ss, PipelineK& pipe_k,
                                   PipelineV& pipe_v, PipelineState& write, int q_tile_count,
                                   TileCoord t, int offset_q, int offset_k, int n_min, int n_max) {
-    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});  // (M, D)
+    int const q_buf = Traits::q_buffer(q_tile_count);
+    Tensor sQ = make_tensor(make_smem_ptr(Traits::smem_q(ss, q_buf)),
+                            typename Traits::SmemLayoutQ{});  // (M, D)
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});  // (N, D, PIPE)
     // (N, Dv, PIPE); FP8: (Dv, N, PIPE)
     Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVLoad{});
@@ -156,11 +158,13 @@ struct FwdMainloop {
                  pipe_v.producer_get_barrier(st));
     };
 
-    // Q of the previous tile must be dead (its last S WGMMA retired) before it is overwritten.
-    if (q_tile_count > 0) ss.q_empty.wait((q_tile_count - 1) & 1);
+    // The Q this buffer held (kQStages tiles ago) must be dead (its last S WGMMA retired)
+    // before it is overwritten.
+    if (q_tile_count >= Traits::kQStages)
+      ss.q_empty[q_buf].wait(Traits::q_phase(q_tile_count) ^ 1);
     if (leader) {
-      ss.q_full.arrive_and_expect_tx(Traits::kBytesQ);
-      copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full), 0), tQgQ, tQsQ);
+      ss.q_full[q_buf].arrive_and_expect_tx(Traits::kBytesQ);
+      copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full[q_buf]), 0), tQgQ, tQsQ);
     }
 
     // Both rings advance once per block; V runs one block behind K, matching the consumers.
@@ -185,7 +189,9 @@ struct FwdMainloop {
                                  PipelineV& pipe_v, PipelineState& read, int q_tile_count,
                                  TileCoord t, Mask const& mask, int n_min, int n_max, int mma_tidx,
                                  TensorO& tOrO, cute::array<float, 2>& lse) {
-    Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Traits::SmemLayoutQ{});   // (M, D)
+    int const q_buf = Traits::q_buffer(q_tile_count);
+    Tensor sQ = make_tensor(make_smem_ptr(Traits::smem_q(ss, q_buf)),
+                            typename Traits::SmemLayoutQ{});  // (M, D)
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});   // (N, D, PIPE)
     Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVt{}); // (Dv, N, PIPE)
 
@@ -280,7 +286,7 @@ struct FwdMainloop {
     OnlineSoftmax<2> softmax(Traits::kFp8 && !p.has_softcap ? p.scale_log2 * qk_descale
                                                             : p.scale_log2);
     clear(tOrO);
-    ss.q_full.wait(q_tile_count & 1);
+    ss.q_full[q_buf].wait(Traits::q_phase(q_tile_count));
 
     int n = n_max - 1;
     load_descales(n);
@@ -335,13 +341,14 @@ struct FwdMainloop {
       convert_p();
     }
     // Every S WGMMA of this tile has retired: the producer may load the next tile's Q.
-    ss.q_empty.arrive();
+    ss.q_empty[q_buf].arrive();
 
     if constexpr (Traits::kRescaleOFirst) rescale_rows(tOrO, o_scale_due);
     pipe_v.consumer_wait(read_v);
-    wgmma_gemm<false, 0>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+    wgmma_gemm<false, -1>(mma_pv, tOrP, tOrV(_, _, _, read_v.index()), tOrO);
+    cute::array<float, 2> inv = softmax.finalize(lse);  // under the last P V WGMMA
+    warpgroup_wait<0>();
     pipe_v.consumer_release(read_v);
-    cute::array<float, 2> inv = softmax.finalize(lse);
     if constexpr (Traits::kFp8) {
       float const dv = per_block ? v_descale : *descale_v_row;
       inv[0] *= dv;

@@ -174,16 +174,16 @@ struct FwdTraits {
   static constexpr uint32_t kBytesK = kBlockN * kHeadDim * sizeof(Element);
   static constexpr uint32_t kBytesV = kBlockN * kHeadDimV * sizeof(Element);
 
-  template <int kOElements>
+  template <int kOElements, int kQBuffers = 1>
   struct SharedStorageT {
     // 1024-byte alignment: the 128-byte swizzle pattern repeats every 1024 bytes and the WGMMA
-    // descriptors assume a pattern-aligned base.
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ>, 1024> q;
+    // descriptors assume a pattern-aligned base. kQBuffers Q tiles, back to back (kQStages).
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ> * kQBuffers, 1024> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVLoad>, 1024> v;
     alignas(1024) cute::array_aligned<ElementOut, kOElements, 1024> o;  // kTmaStoreO only
-    cutlass::arch::ClusterTransactionBarrier q_full;  // TMA of Q landed
-    cutlass::arch::ClusterBarrier q_empty;            // consumers done reading Q
+    cutlass::arch::ClusterTransactionBarrier q_full[kQBuffers];  // TMA of Q landed
+    cutlass::arch::ClusterBarrier q_empty[kQBuffers];            // consumers done reading Q
     // kOAliasesV: the TMA stores of the tile's O have read it out of the V ring (one arrive per
     // consumer warpgroup); the producer waits for it before the next tile's first V load.
     cutlass::arch::ClusterBarrier o_free;
@@ -206,8 +206,29 @@ struct FwdTraits {
       cute::cosize_v<SmemLayoutO> * sizeof(ElementOut) <=
           cute::cosize_v<SmemLayoutVLoad> * sizeof(Element);
   static constexpr bool kTmaStoreO = kWantTmaStoreO && (kOSeparateFits || kOAliasesV);
-  using SharedStorage =
-      SharedStorageT<kTmaStoreO && !kOAliasesV ? cute::cosize_v<SmemLayoutO> : 0>;
+  static constexpr int kOElements = kTmaStoreO && !kOAliasesV ? cute::cosize_v<SmemLayoutO> : 0;
+  // Q tiles in shared memory (tile_size.h, fwd_double_buffer_q): with two, tile j's Q loads into
+  // buffer j % 2 while tile j - 1 still reads the other, so the producer issues it as soon as it
+  // has issued tile j - 1's last load, not only once tile j - 1's last S WGMMA has retired. Where
+  // it fits next to the O tile (which keeps its shared memory first); never with split-KV (its
+  // tiles are decode's, one per CTA) or FP8.
+  static constexpr int kQStages =
+      fwd_double_buffer_q(kHeadDim, kHeadDimV, kFp8) && !kSplit &&
+              sizeof(SharedStorageT<kOElements, 2>) <= 227 * 1024
+          ? 2
+          : 1;
+  using SharedStorage = SharedStorageT<kOElements, kQStages>;
+  // Q buffer of the tile this CTA runs as its q_tile_count-th non-empty tile, and the phase of
+  // that buffer's barriers (q_full, q_empty) for it.
+  static CUTLASS_DEVICE int q_buffer(int q_tile_count) {
+    return kQStages == 1 ? 0 : q_tile_count & 1;
+  }
+  static CUTLASS_DEVICE uint32_t q_phase(int q_tile_count) {
+    return uint32_t(kQStages == 1 ? q_tile_count : q_tile_count >> 1) & 1;
+  }
+  static CUTLASS_DEVICE Element* smem_q(SharedStorage& ss, int q_buf) {
+    return ss.q.data() + q_buf * cute::cosize_v<SmemLayoutQ>;
+  }
   // The O tile's shared memory (kTmaStoreO): its own buffer, or the start of the V ring.
   static CUTLASS_DEVICE ElementOut* smem_o(SharedStorage& ss) {
     if constexpr (kOAliasesV)

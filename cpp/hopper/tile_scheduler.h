@@ -39,9 +39,13 @@
 // of the work; with causal tiles (mean about half the longest) that is about 4 * CTAs / tiles:
 // 50% with the bench's hdim 256 grids (1024 tiles on 132 SMs, 7.8 per CTA), 10-20% at hdim 64
 // (21-31 per CTA), where the claim latency costs as much as it saves. So: on demand with a band
-// (longest_first) and at most kClaimOnDemandMaxTilesPerCta tiles per CTA (hdim 128's 15.5 per
-// CTA is not measured and stays eager), eager otherwise and for split-KV / KV-cache calls
-// (decode shapes: splits of one tile are equal, and those grids were not measured).
+// (longest_first) and at most kClaimOnDemandMaxTilesPerCta tiles per CTA, eager otherwise and for
+// split-KV / KV-cache calls (decode shapes: splits of one tile are equal, and those grids were
+// not measured). The bench's hdim 128 causal grids (2048 tiles, 15.5 per CTA), eager -> on
+// demand (test_fwd_sm90 --time, bf16, two runs, 2026-11-22, h200_2026-11-22s8f_fwdshort.txt,
+// run 2), TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k: 258 / 357 / 437 / 514 / 552 / 563 -> 289 /
+// 413 / 523 / 598 / 643 / 617, 255 / 347 / 448 / 510 / 556 / 562 -> 295 / 426 / 538 / 609 / 629
+// / 608: hence 16 (hdim 64's 31 per CTA stays eager).
 //
 // Split-KV (Flash-Decoding): with num_splits > 1 every (m_block, head, batch) tile becomes
 // num_splits tiles, adjacent in tile order, each covering one contiguous range of the key blocks
@@ -64,7 +68,7 @@ struct TileSchedulerParams {
   int num_splits;  // 1: each tile covers all its key blocks and writes out / lse itself
   bool claim_on_demand;  // "Claiming" above
 };
-inline constexpr int kClaimOnDemandMaxTilesPerCta = 8;
+inline constexpr int kClaimOnDemandMaxTilesPerCta = 16;
 
 struct TileCoord {
   int m_block, head, batch;

@@ -155,6 +155,27 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
   return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256);
 }
 
+// Two Q buffers (flash_fwd_traits_sm90.h, kQStages): with one, the producer can load tile j's Q
+// only once both consumer warpgroups' last S WGMMA of tile j - 1 has retired, and the consumers
+// reach tile j after little more than the last block's softmax, P V and the epilogue, less than
+// Q's load latency. With two, Q is loaded while tile j - 1 still runs. 16-bit only, where it fits
+// beside the O tile: hdim 128's 128 x 128 tile (Q 2 x 32 KB + 2 * (32 + 32) KB + O 32 KB = 224
+// KB; not its 128 x 176 tile, nor hdim 192 / 256). Measured on H200 (test_fwd_sm90 --time, bf16,
+// 16k tokens, hidden 2048, clocks not pinned, two runs each, 2026-11-22,
+// benchmarks/measured/h200_2026-11-22s8f_fwdshort.txt; both with the last P V's finalize
+// overlap, flash_fwd_mainloop_sm90.h), one -> two Q buffers, TFLOP/s at 512 / 1k / 2k / 4k:
+//   hdim 128 full   461 / 555 / 614 / 648, 458 / 551 / 611 / 597 -> 464 / 561 / 615 / 594,
+//                   477 / 567 / 623 / 657 (8k / 16k: the 128 x 176 tile, unchanged);
+//   hdim 128 causal 254 / 354 / 433 / 510, 252 / 346 / 424 / 477 -> 266 / 357 / 439 / 518,
+//                   263 / 368 / 448 / 524 (8k / 16k within 1%);
+//   ncu, hdim 128 full 1k: 245.4 -> 242.4 us.
+// hdim 64 (128 x 128, 3 stages; 192 x 128) was a wash: full 328 / 399, 324 / 395 -> 320 / 397,
+// 318 / 394 at 512 / 1k, causal 180 / 256 / 336, 177 / 253 / 335 -> 181 / 264 / 334, 180 / 254 /
+// 338 at 512 / 1k / 2k, 2k+ full within 2%: off.
+constexpr bool fwd_double_buffer_q(int head_dim, int head_dim_v, bool fp8) {
+  return !fp8 && head_dim == 128 && head_dim_v == 128;
+}
+
 // Consumer schedule of the 16-bit mainloop (flash_fwd_mainloop_sm90.h):
 //  - pingpong: the two consumer warpgroups take turns issuing WGMMAs (named barriers), so one's
 //    softmax runs under the other's matrix work;

@@ -197,8 +197,35 @@ struct FwdSchedule {
   bool pingpong;
   bool rescale_o_first;
 };
+// FP8: hdim 128 and 256 without pingpong; hdim 64 keeps it (not measured without). Measured on
+// H200 (test_fwd_sm90 --time-fp8, per-tensor descales, V transpose included, 16k tokens, hidden
+// 2048, TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k, 2026-11-22,
+// benchmarks/measured/h200_2026-11-22s8q_fp8_schedule.txt):
+//  - hdim 256, mean of 2 runs each (alternating, one device call):
+//    pingpong:    full 504 / 739 / 943 / 1093 / 1147 / 1128, causal 287 / 466 / 680 / 862 / 1046 /
+//      1114;
+//    no pingpong: full 509 / 744 / 947 / 1085 / 1146 / 1128, causal 290 / 466 / 694 / 906 / 1079 /
+//      1145: causal +2-5% from 2k, full within 1%. Rescaling first as well (as 16-bit hdim 256):
+//      causal +0.6-4% from 2k but full -1.5 to -4% from 4k.
+//  - hdim 128, mean of 4 pingpong / 3 no-pingpong runs in 3 device calls:
+//    pingpong:    full 445 / 588 / 703 / 781 / 824 / 829, causal 254 / 389 / 538 / 662 / 748 / 804;
+//    no pingpong: full 434 / 583 / 701 / 790 / 832 / 844, causal 252 / 387 / 536 / 668 / 760 / 829:
+//      +1-3% from 4k, -0.2 to -1.0% at 1k-2k, -2.5% at 512 full. Rescaling first as well lost
+//      3-8% at 1k-4k. Also measured and not taken (one run each against pingpong): the pingpong
+//      arrive moved after the S WGMMA's wait (-3 to +2%, ncu the same); 1 of 4 exponentials as a
+//      degree-2 polynomial on the FMA pipe (-2 to -6%); exponentials as ex2.approx.f16x2 with
+//      f16x2 row sums (-7 to -22%; sm_90 runs it as two MUFU.EX2.F16 per pair, 16 exp2 per clock
+//      and SM like MUFU.EX2). ncu (full 4k): tensor 42%, XU 44%, issue slots 44%, 5.4 cycles per
+//      issued instruction; stall samples on the MUFU.EX2 20% (2/3 "wait"), FMNMX 9%, the S-WGMMA
+//      wait 4%, the K-barrier wait 3.5%: each consumer warp runs its block's ~450 softmax
+//      instructions at low IPC, one warp per scheduler, so the other warpgroup's WGMMAs cover
+//      only part of it.
+constexpr FwdSchedule fwd_schedule_fp8(int head_dim) {
+  return {head_dim <= 64, false};
+}
 constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
-  if (fp8 || head_dim <= 192) return {true, false};
+  if (fp8) return fwd_schedule_fp8(head_dim);
+  if (head_dim <= 192) return {true, false};
   return {false, true};
 }
 

@@ -262,7 +262,6 @@ struct BwdTraitsSm90 {
   // 4 rounds (H200, bf16, 16k tokens, scripts/dev_bwd.sh timing, 512..16k): full 254 300 331 349
   // 362 364 -> 280 348 394 424 421 421 TFLOP/s, causal 179 239 286 321 356 367 -> 186 257 329
   // 383 422 420 (h200_2026-11-22s8b_bwd256.txt).
-  // FA3_BWD_DQ_ATOMIC (experiments only) forces the float4 atomic path.
 #ifdef FA3_BWD_DQ_ATOMIC
   static constexpr bool kDqInStages = false;
   static constexpr int kDqRounds = 0;

@@ -340,7 +340,8 @@ struct FwdMainloop {
         rescale_rows(tOrO, o_scale);
       convert_p();
     }
-    // Every S WGMMA of this tile has retired: the producer may load the next tile's Q.
+    // Every S WGMMA of this tile has retired: the producer may load another tile's Q into this
+    // Q buffer.
     ss.q_empty[q_buf].arrive();
 
     if constexpr (Traits::kRescaleOFirst) rescale_rows(tOrO, o_scale_due);

@@ -168,7 +168,10 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 //                   477 / 567 / 623 / 657 (8k / 16k: the 128 x 176 tile, unchanged);
 //   hdim 128 causal 254 / 354 / 433 / 510, 252 / 346 / 424 / 477 -> 266 / 357 / 439 / 518,
 //                   263 / 368 / 448 / 524 (8k / 16k within 1%);
-//   ncu, hdim 128 full 1k: 245.4 -> 242.4 us.
+//   ncu, hdim 128 full 1k: 245.4 -> 242.4 us. Bench (bench_attention.py, fa3_jax / cuDNN, main's
+//   h200_2026-11-22s8_base_bench_fwd.txt -> run 2 there) at 512 / 1k / 2k / 4k: full 0.897 / 0.923
+//   / 0.945 / 0.963 -> 0.916 / 0.938 / 0.969 / 0.990, causal 0.914 / 0.970 / 1.004 / 1.000 ->
+//   0.938 / 0.988 / 1.009 / 1.008.
 // hdim 64 (128 x 128, 3 stages; 192 x 128) was a wash: full 328 / 399, 324 / 395 -> 320 / 397,
 // 318 / 394 at 512 / 1k, causal 180 / 256 / 336, 177 / 253 / 335 -> 181 / 264 / 334, 180 / 254 /
 // 338 at 512 / 1k / 2k, 2k+ full within 2%: off.

@@ -77,13 +77,12 @@ def test_forward_loose_max_seqlen():
     sequences (varlen_sm90.h), bounded by the tokens rather than num_seqs x max_seqlen."""
     q, k, v, cq, ck = make([130, 7, 260], [50, 300, 1], 4, 2, gpu_head_dims()[0], dtype=jnp.bfloat16)
     check(q, k, v, cq, ck, max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], causal=True)
-    rng = np.random.default_rng(2)  # few distinct lengths keep the reference small
-    lens_q = rng.choice([0, 1, 17, 129], 100).tolist() + [1000]
-    lens_k = rng.choice([0, 3, 40, 128], 100).tolist() + [777]
-    for d in sorted({gpu_head_dims()[0], gpu_head_dims()[-1]}):
+    rng = np.random.default_rng(2)  # two lengths a side keep the reference small
+    lens_q = rng.choice([1, 129], 60).tolist() + [1000]
+    lens_k = rng.choice([3, 128], 60).tolist() + [777]
+    for d, kw in ((gpu_head_dims()[0], "full"), (gpu_head_dims()[-1], "causal")):
         q, k, v, cq, ck = make(lens_q, lens_k, 4, 2, d, pad_q=3, dtype=jnp.bfloat16)
-        for kw in ("full", "causal"):
-            check(q, k, v, cq, ck, max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], **KW[kw])
+        check(q, k, v, cq, ck, max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], **KW[kw])
 
 
 @pytest.mark.parametrize("cu_q,cu_k", [
@@ -177,15 +176,20 @@ def test_backward_loose_max_seqlen(kw):
     """max_seqlen = the token count with many short sequences and a few long ones: every block
     of every sequence is covered (the numbered blocks of varlen_sm90.h), deterministic mode
     bit-identical."""
-    rng = np.random.default_rng(3)  # few distinct lengths keep the reference small
-    lens_q = rng.choice([0, 1, 17, 129], 80).tolist() + [1000]
-    lens_k = rng.choice([0, 3, 40, 128], 80).tolist() + [513]
-    for d in sorted({gpu_head_dims()[0], gpu_head_dims()[-1]}):
-        q, k, v, cq, ck = make(lens_q, lens_k, 4, 2, d, pad_q=2, pad_k=5, dtype=jnp.bfloat16)
-        loose = dict(max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], **KW[kw])
-        check_grads(q, k, v, cq, ck, **loose)
+    rng = np.random.default_rng(3)  # two lengths a side keep the reference small
+    lens_q = rng.choice([1, 129], 40).tolist() + [1000]
+    lens_k = rng.choice([3, 128], 40).tolist() + [513]
+    q, k, v, cq, ck = make(lens_q, lens_k, 4, 2, gpu_head_dims()[-1], pad_q=2, pad_k=5,
+                           dtype=jnp.bfloat16)
+    loose = dict(max_seqlen_q=q.shape[0], max_seqlen_k=k.shape[0], **KW[kw])
     a = check_grads(q, k, v, cq, ck, deterministic=True, **loose)
-    b = check_grads(q, k, v, cq, ck, deterministic=True, **loose)
+    dout = jax.random.normal(jax.random.PRNGKey(7), q.shape[:2] + v.shape[2:])
+    dlse = jax.random.normal(jax.random.PRNGKey(8), (q.shape[1], q.shape[0]))
+    args = to_gpu(q, k, v, dout, dlse)
+    cq, ck = to_gpu(cq, ck)
+    kernel = lambda q, k, v: fa3_jax.flash_attention_varlen(  # noqa: E731
+        q, k, v, cq, ck, return_lse=True, deterministic=True, **loose)
+    b = jax.jit(lambda *x: _grads(kernel, *x))(*args)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

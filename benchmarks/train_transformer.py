@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from functools import partial
@@ -173,6 +174,9 @@ def main(argv=None):
           f"{fa3_jax.cuda_built()} | batch={args.batch} seq={args.seq} layers={args.layers} "
           f"heads={args.heads}/{args.kv_heads} head_dim={args.head_dim} dtype={args.dtype} "
           f"steps={args.steps}", flush=True)
+    if backend == "gpu" and "autotune_level=0" in os.environ.get("XLA_FLAGS", ""):
+        print("note: XLA_FLAGS turns GEMM autotuning off: the step times are not the models' "
+              "(unset it to compare them)", flush=True)
 
     key = jax.random.PRNGKey(0)
     batches = make_batches(key, args.steps, args.batch, args.seq, args.vocab)

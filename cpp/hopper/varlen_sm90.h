@@ -138,36 +138,36 @@ static __global__ void __launch_bounds__(kVarlenPrepThreads) varlen_prepare(Varl
   // shuffle max-scan seeded with the previous step's last value; and the numbered blocks: the
   // block count of sequence idx - 1 (entries idx - 1 and idx), summed by a shuffle scan.
   if (blockIdx.x == 0) {
-   if (warp < 2) {
-    int32_t const* raw = warp == 0 ? rq : rk;
-    int* dst = (warp == 0 ? p.cu_q : p.cu_k) + int64_t(b) * n1;
-    int* blocks = warp == 0 ? p.blocks_q : p.blocks_k;
-    if (blocks) blocks += int64_t(b) * n1;
-    int const rows = max(warp == 0 ? p.block_rows_q : p.block_rows_k, 1);
-    int const total = warp == 0 ? p.seqlen_q : p.seqlen_k;
-    int carry = 0, block_carry = 0;
-    for (int base = 0; base < n1; base += 32) {
-      int const idx = base + lane;
-      int x = idx < n1 ? varlen_clamp(raw[idx], total) : 0;
-      for (int off = 1; off < 32; off *= 2) {
-        int const y = __shfl_up_sync(0xffffffffu, x, off);
-        if (lane >= off) x = max(x, y);
+    if (warp < 2) {
+      int32_t const* raw = warp == 0 ? rq : rk;
+      int* dst = (warp == 0 ? p.cu_q : p.cu_k) + int64_t(b) * n1;
+      int* blocks = warp == 0 ? p.blocks_q : p.blocks_k;
+      if (blocks) blocks += int64_t(b) * n1;
+      int const rows = max(warp == 0 ? p.block_rows_q : p.block_rows_k, 1);
+      int const total = warp == 0 ? p.seqlen_q : p.seqlen_k;
+      int carry = 0, block_carry = 0;
+      for (int base = 0; base < n1; base += 32) {
+        int const idx = base + lane;
+        int x = idx < n1 ? varlen_clamp(raw[idx], total) : 0;
+        for (int off = 1; off < 32; off *= 2) {
+          int const y = __shfl_up_sync(0xffffffffu, x, off);
+          if (lane >= off) x = max(x, y);
+        }
+        x = max(x, carry);
+        if (idx < n1) dst[idx] = x;
+        int const up = __shfl_up_sync(0xffffffffu, x, 1);
+        int const prev = lane == 0 ? carry : up;
+        int nb = idx >= 1 && idx < n1 ? (x - prev + rows - 1) / rows : 0;
+        for (int off = 1; off < 32; off *= 2) {
+          int const y = __shfl_up_sync(0xffffffffu, nb, off);
+          if (lane >= off) nb += y;
+        }
+        nb += block_carry;
+        if (blocks && idx < n1) blocks[idx] = nb;
+        carry = __shfl_sync(0xffffffffu, x, 31);
+        block_carry = __shfl_sync(0xffffffffu, nb, 31);
       }
-      x = max(x, carry);
-      if (idx < n1) dst[idx] = x;
-      int const up = __shfl_up_sync(0xffffffffu, x, 1);
-      int const prev = lane == 0 ? carry : up;
-      int nb = idx >= 1 && idx < n1 ? (x - prev + rows - 1) / rows : 0;
-      for (int off = 1; off < 32; off *= 2) {
-        int const y = __shfl_up_sync(0xffffffffu, nb, off);
-        if (lane >= off) nb += y;
-      }
-      nb += block_carry;
-      if (blocks && idx < n1) blocks[idx] = nb;
-      carry = __shfl_sync(0xffffffffu, x, 31);
-      block_carry = __shfl_sync(0xffffffffu, nb, 31);
     }
-   }
     // The tables, from the prefix sums (visible to the CTA after the barrier): warp w writes the
     // entries of sequences w, w + 8, ..., one lane per block; the CTA then marks the entries
     // between the last block and the stride.

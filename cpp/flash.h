@@ -113,10 +113,11 @@ struct FwdParams {
   const int32_t* cu_seqlens_q = nullptr;
   const int32_t* cu_seqlens_k = nullptr;
   int64_t num_seqs = 0;  // >= 1 with cu_seqlens; the Hopper workspace size depends on it
-  // Upper bounds on any sequence's length, for sizing kernel grids; the CPU backend reads the
-  // lengths themselves and does not need them. The Hopper kernels trust them: rows of a sequence
-  // past max_seqlen_q (after clamping) are never read or written out of bounds, but their
-  // outputs are left unwritten.
+  // Upper bounds on any sequence's length; the CPU backend reads the lengths themselves and does
+  // not need them. The Hopper grids number the blocks of the sequences and stay within both
+  // ceil(seqlen / block) + num_seqs and num_seqs x ceil(max_seqlen / block) blocks a batch row
+  // (hopper/varlen_sm90.h), so they trust the bounds: with a longer sequence nothing is read or
+  // written out of bounds, but some rows' outputs are left unwritten.
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   // Used key lengths (see the header comment); null for all seqlen_k keys. int32 [batch].
   const int32_t* seqused_k = nullptr;

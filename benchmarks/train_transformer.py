@@ -9,7 +9,9 @@ and prints the loss curves side by side and the median step time of each:
            (NVIDIA GPUs only: skipped, saying so, on other backends)
 
 Runs on the CPU backend where there is no GPU; on a Hopper GPU it runs the sm_90a kernels in
-bfloat16. Step times are host wall-clock per step, the compiling first step left out.
+bfloat16. Step times are host wall-clock per step, the compiling first step left out. Where CUPTI
+is available (CUDA builds) the last step of each run is also split by kernel: the GPU time of the
+attention kernels (forward and backward, with their pre/post-processing) against everything else.
 
     python benchmarks/train_transformer.py [--steps 30] [--seq 256] [--batch 8] ...
 """
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fa3_jax
+from fa3_jax import timing
 
 import flax.linen as nn
 
@@ -118,16 +121,43 @@ def train(attention, args, batches, params0):
 
     params = jax.tree.map(jnp.array, params0)
     mom = jax.tree.map(jnp.zeros_like, params)
-    losses, times = [], []
+    losses, times, kernels = [], [], None
     for i, tokens in enumerate(batches):
         t0 = time.perf_counter()
-        params, mom, loss = step(params, mom, tokens)
+        if i == len(batches) - 1 and i > 0:
+            (params, mom, loss), kernels = timing.launched_kernels(step, params, mom, tokens)
+        else:
+            params, mom, loss = step(params, mom, tokens)
         loss = float(loss)  # blocks until the step is done
         times.append(time.perf_counter() - t0)
         losses.append(loss)
         if args.verbose:
             print(f"  [{attention}] step {i:3d} loss {loss:.4f} ({times[-1] * 1e3:.1f} ms)", flush=True)
-    return losses, times[1:]  # the first step includes compilation
+    # The first step includes compilation; the last one ran under CUPTI (kept: its collection
+    # adds no time on the device and the median is robust to its host overhead).
+    return losses, times[1:], kernels
+
+
+# Kernel names of the attention implementations: fa3_jax's own (namespace fa3) and cuDNN's
+# fused SDPA engines; every other kernel (GEMMs, norms, fusions, optimizer) counts as "other".
+ATTENTION_KERNEL_MARKS = ("fa3", "flash", "sdpa", "fmha", "fprop", "bprop", "cudnn")
+
+
+def is_attention_kernel(name):
+    low = name.lower()
+    return any(m in low for m in ATTENTION_KERNEL_MARKS)
+
+
+def kernel_split(kernels):
+    """(attention ms, other ms, kernel count, [(name, ms)] of the attention kernels summed by name)."""
+    att, other, by_name = 0.0, 0.0, {}
+    for name, ms in kernels:
+        if is_attention_kernel(name):
+            att += ms
+            by_name[name] = by_name.get(name, 0.0) + ms
+        else:
+            other += ms
+    return att, other, len(kernels), sorted(by_name.items(), key=lambda kv: -kv[1])
 
 
 def _impls(text):
@@ -218,10 +248,29 @@ def main(argv=None):
         print(f"largest loss difference over {args.steps} steps: "
               + ", ".join(f"{worst[n]:.2e} vs {LABELS[n]}" for n in peers)
               + f"; loss {lf[0]:.3f} -> {lf[-1]:.3f}")
+    split = {n: kernel_split(results[n][2]) for n in names if results[n][2]}
+    if split:
+        print("\nGPU kernel time of the last step (CUPTI), ms:")
+        print(f"{'':>14} {'attention':>10} {'other':>10} {'total':>10} {'kernels':>8}")
+        for n, (att, other, count, _) in split.items():
+            print(f"{LABELS[n]:>14} {att:10.3f} {other:10.3f} {att + other:10.3f} {count:8d}")
+        if "fa3_jax" in split:
+            for n in peers:
+                if n in split and split["fa3_jax"][0] > 0:
+                    print(f"attention kernels: fa3_jax {split['fa3_jax'][0]:.3f} ms, "
+                          f"{split[n][0] / split['fa3_jax'][0]:.2f}x faster than {LABELS[n]}")
+        if args.verbose:
+            for n, (_, _, _, top) in split.items():
+                print(f"  {LABELS[n]} attention kernels:")
+                for name, t in top:
+                    print(f"    {t:8.3f} ms  {name[:150]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), backend=backend, labels=LABELS,
                            losses={n: results[n][0] for n in names}, step_ms=ms,
+                           kernel_ms={n: dict(attention=v[0], other=v[1], kernels=v[2],
+                                              attention_by_name=v[3])
+                                      for n, v in split.items()},
                            skipped=skipped), f, indent=1)
     if not np.isfinite(lf).all():
         raise SystemExit("fa3_jax training produced a non-finite loss")

@@ -38,3 +38,23 @@ def test_main_job_runs_and_names_peers(tmp_path, capsys):
         assert abs(a - b) < 1e-4
     with pytest.raises(SystemExit):
         tt.main(["--impls", "xla"])  # fa3_jax must be among the implementations
+
+
+def test_kernel_split_separates_attention_from_the_rest():
+    tt = _module()
+    kernels = [("void fa3::sm90_bwd::bwd_kernel<128>", 1.5), ("nvjet_hsh_192x192_64x3_2x1_v_bz_TNT", 4.0),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", 0.75),
+               ("loop_add_fusion", 0.25), ("void fa3::sm90_bwd::bwd_kernel<128>", 0.5)]
+    att, other, count, by_name = tt.kernel_split(kernels)
+    assert (att, other, count) == (2.75, 4.25, 5)
+    assert by_name[0] == ("void fa3::sm90_bwd::bwd_kernel<128>", 2.0) and len(by_name) == 2
+
+
+def test_launched_kernels_without_cupti_returns_the_result():
+    from fa3_jax import timing
+    x = jax.numpy.arange(4.0)
+    with jax.default_device(jax.devices("cpu")[0]):
+        out, kernels = timing.launched_kernels(jax.jit(lambda a: a * 2), x)
+    assert list(out) == [0.0, 2.0, 4.0, 6.0]
+    if jax.default_backend() == "cpu":
+        assert kernels is None

@@ -14,6 +14,11 @@ compare numbers only when it agrees.
 
     times, method = kernel_time_ms(jax.jit(f), x, warmup=3, reps=20)
     statistics.median(times), method   # e.g. (1.234, "cupti")
+
+``launched_kernels(fn, *args)`` runs ``fn(*args)`` once under CUPTI and returns its result with
+the ``(kernel_name, milliseconds)`` of every kernel it launched (``None`` in place of the list
+where CUPTI is unavailable): where a call's GPU time goes, e.g. attention against the GEMMs of
+a training step.
 """
 
 from __future__ import annotations
@@ -64,6 +69,27 @@ def _cupti_call_ms(fn, args) -> float:
     if not kernels:
         raise _CuptiUnusable("the call launched no GPU kernel (not running on a CUDA device?)")
     return sum(end - start for _, start, end in kernels) * 1e-6
+
+
+def launched_kernels(fn: Callable, *args):
+    """``(fn(*args), [(kernel_name, ms), ...])`` in launch order, or ``(fn(*args), None)``
+    without CUPTI. The call is blocked on; its errors propagate."""
+    if _cupti is None:
+        return jax.block_until_ready(fn(*args)), None
+    try:
+        _cupti.start()
+    except RuntimeError:
+        return jax.block_until_ready(fn(*args)), None
+    try:
+        out = jax.block_until_ready(fn(*args))
+    finally:
+        try:
+            kernels = _cupti.stop()
+        except RuntimeError:
+            kernels = None
+    if not kernels:
+        return out, None
+    return out, [(name, (end - start) * 1e-6) for name, start, end in sorted(kernels, key=lambda k: k[1])]
 
 
 def _wallclock_call_ms(fn, args) -> float:

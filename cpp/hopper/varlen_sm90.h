@@ -247,39 +247,46 @@ static inline bool launch_varlen_prepare(VarlenPrepParams const& p, cudaStream_t
   return cudaPeekAtLastError() == cudaSuccess;
 }
 
-// Bytes of the clamped cu_seqlens_q and cu_seqlens_k, the numbered query and key blocks' prefix
-// sums and their tables (for blocks of at least kVarlenMinBlockRows rows) in a workspace, in that
-// order (varlen_workspace).
+// The varlen workspace, in order: the clamped cu_seqlens_q and cu_seqlens_k, the numbered query
+// and key blocks' prefix sums ([batch, num_seqs + 1] ints each), then (8-byte aligned) the query
+// and key tables, each with room for blocks of at least kVarlenMinBlockRows rows. The one place
+// that lays it out: varlen_workspace_bytes sizes it, varlen_workspace points into it.
+struct VarlenLayout {
+  int64_t per_array;  // ints of each of the four [batch, num_seqs + 1] arrays
+  int64_t tables;     // int offset of the query table
+  int64_t table_q;    // int2 entries of the query table (the key table follows it)
+  int64_t table_k;
+};
+inline VarlenLayout varlen_layout(int64_t batch, int64_t num_seqs, int64_t seqlen_q, int64_t seqlen_k) {
+  int64_t const n = batch * (num_seqs + 1);
+  return {n, (4 * n + 1) / 2 * 2,
+          batch * varlen_block_bound(seqlen_q, num_seqs, seqlen_q, kVarlenMinBlockRows),
+          batch * varlen_block_bound(seqlen_k, num_seqs, seqlen_k, kVarlenMinBlockRows)};
+}
 inline size_t varlen_workspace_bytes(int64_t batch, int64_t num_seqs, int64_t seqlen_q,
                                      int64_t seqlen_k) {
-  int64_t const ints = 4 * batch * (num_seqs + 1);
-  int64_t const entries =
-      batch * (varlen_block_bound(seqlen_q, num_seqs, seqlen_q, kVarlenMinBlockRows) +
-               varlen_block_bound(seqlen_k, num_seqs, seqlen_k, kVarlenMinBlockRows));
-  return size_t((ints + 1) / 2 * 2) * sizeof(int) + size_t(entries) * sizeof(int2);
+  VarlenLayout const l = varlen_layout(batch, num_seqs, seqlen_q, seqlen_k);
+  return size_t(l.tables) * sizeof(int) + size_t(l.table_q + l.table_k) * sizeof(int2);
 }
 // Points prep's arrays into the workspace at `at` (prep.batch, num_seqs and seqlen_q/k set) and
 // sizes the tables for blocks of rows_q query rows and rows_k keys of sequences no longer than
-// span_q / span_k; rows 0: no table for that side. False for rows below kVarlenMinBlockRows (the
-// workspace has no room).
+// span_q / span_k; rows 0: that side's blocks are not numbered (no prefix sums, no table). False
+// for rows below kVarlenMinBlockRows (the workspace has no room).
 inline bool varlen_workspace(VarlenPrepParams& prep, void* at, int rows_q, int64_t span_q,
                              int rows_k, int64_t span_k) {
   if ((rows_q != 0 && rows_q < kVarlenMinBlockRows) || (rows_k != 0 && rows_k < kVarlenMinBlockRows))
     return false;
+  VarlenLayout const l = varlen_layout(prep.batch, prep.num_seqs, prep.seqlen_q, prep.seqlen_k);
   int* cu = static_cast<int*>(at);
-  int64_t const n = int64_t(prep.batch) * (prep.num_seqs + 1);
+  int2* const tables = reinterpret_cast<int2*>(cu + l.tables);
   prep.cu_q = cu;
-  prep.cu_k = cu + n;
-  prep.blocks_q = cu + 2 * n;
-  prep.blocks_k = cu + 3 * n;
+  prep.cu_k = cu + l.per_array;
+  prep.blocks_q = rows_q ? cu + 2 * l.per_array : nullptr;
+  prep.blocks_k = rows_k ? cu + 3 * l.per_array : nullptr;
   prep.block_rows_q = rows_q;
   prep.block_rows_k = rows_k;
-  int2* const tables = reinterpret_cast<int2*>(cu + (4 * n + 1) / 2 * 2);
   prep.block_seq_q = rows_q ? tables : nullptr;
-  prep.block_seq_k = rows_k ? tables + int64_t(prep.batch) *
-                                           varlen_block_bound(prep.seqlen_q, prep.num_seqs,
-                                                              prep.seqlen_q, kVarlenMinBlockRows)
-                            : nullptr;
+  prep.block_seq_k = rows_k ? tables + l.table_q : nullptr;
   prep.block_stride_q =
       rows_q ? int(varlen_block_bound(prep.seqlen_q, prep.num_seqs, span_q, rows_q)) : 0;
   prep.block_stride_k =

@@ -215,13 +215,17 @@ def run(args):
         if args.hidden % hdim:
             raise SystemExit(f"--hidden {args.hidden} is not a multiple of head dim {hdim}")
         heads = args.hidden // hdim
+        if heads % args.group:
+            raise SystemExit(f"--group {args.group} does not divide the {heads} heads of head dim {hdim}")
         for seqlen in args.seqlens:
             if args.tokens % seqlen:
                 raise SystemExit(f"--tokens {args.tokens} is not a multiple of seqlen {seqlen}")
             batch = args.tokens // seqlen
             key, kq, kk, kv, kd = jax.random.split(key, 5)
             shape = (batch, seqlen, heads, hdim)
-            q, k, v, do = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kk, kv, kd))
+            kv_shape = (batch, seqlen, heads // args.group, hdim)  # GQA: --group query heads share one
+            q, do = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kd))
+            k, v = (jax.random.normal(x, kv_shape, jnp.bfloat16) for x in (kk, kv))
             for mask in args.masks:
                 causal = mask == "causal"
                 window = args.window if mask == "local" else (-1, -1)
@@ -426,6 +430,8 @@ def main(argv=None):
     p.add_argument("--impls", type=_choices(IMPLS), default=list(IMPLS))
     p.add_argument("--tokens", type=int, default=16384, help="batch = tokens / seqlen")
     p.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head_dim")
+    p.add_argument("--group", type=int, default=1,
+                   help="query heads per key/value head (GQA; 1: MHA); FLOPs count the query heads")
     p.add_argument("--reps", type=int, default=10, help="timed calls per cell (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compiles)")
     p.add_argument("--skip-xla-above", type=int, default=0,
@@ -437,24 +443,27 @@ def main(argv=None):
     p.add_argument("--fp8", action="store_true",
                    help="also the FP8 forward section (module docstring), for every shape")
     args = p.parse_args(argv)
+    if args.group < 1:
+        raise SystemExit(f"--group must be >= 1, got {args.group}")
     args.passes = list(PASSES) if args.pass_ == "both" else [args.pass_]
 
     device = jnp.zeros(()).devices().pop()  # honours jax.default_device, unlike default_backend
     print(f"device={device.platform}:{device.device_kind} jax={jax.__version__} "
           f"fa3_jax CUDA kernels={fa3_jax.cuda_built()} {list(fa3_jax.cuda_head_dims())} | "
-          f"tokens={args.tokens} hidden={args.hidden} bf16 reps={args.reps}", flush=True)
+          f"tokens={args.tokens} hidden={args.hidden} group={args.group} bf16 reps={args.reps}", flush=True)
     rows = run(args)
     methods = sorted({r["timing"] for row in rows for r in row["results"].values()
                       if r["status"] == "ok"})
     timing = ",".join(methods) or "none"
     print_tables(rows, args.passes, timing)
 
-    title = f"{device.device_kind}, bf16, {args.tokens} tokens, hidden {args.hidden} ({timing})"
+    gqa = f", GQA group {args.group}" if args.group > 1 else ""
+    title = f"{device.device_kind}, bf16, {args.tokens} tokens, hidden {args.hidden}{gqa} ({timing})"
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=device.device_kind, platform=device.platform,
                            jax=jax.__version__, timing=timing, tokens=args.tokens,
-                           hidden=args.hidden, reps=args.reps, warmup=args.warmup,
+                           hidden=args.hidden, group=args.group, reps=args.reps, warmup=args.warmup,
                            window=list(args.window), rows=rows,
                            summary={p: summarize(rows, p)
                                     for p in args.passes + (["fp8"] if args.fp8 else [])}),

@@ -119,6 +119,21 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   m.softcap_log2 = p.softcap * 1.4426950408889634f;
   m.scale_div_softcap = kSoftcap ? p.softmax_scale / p.softcap : 0.f;
   m.deterministic = p.deterministic;
+  // Key-block-major CTA order (flash_bwd_kernel_sm90's start) where a key block's work falls with
+  // its index (a band with no lower edge whose upper edge cuts keys: causal), the CTAs are coarse
+  // (GQA: a CTA covers its whole group) and few (heads_kv x batch <= 64 pairs): launch order then
+  // leaves the heavy first key blocks of the last pairs running alone at the end. Many pairs in
+  // key-block-major order instead run the first key blocks of every pair at once, whose dQ
+  // accumulators and Q/dO no longer share L2. Measured (H200, hdim 128, causal, 16k tokens,
+  // hidden 2048; bwd TFLOP/s / cuDNN at 1k 2k 4k 16k, launch order -> key-block-major; file
+  // h200_2026-11-22s9b_bwd_key_block_major.txt):
+  //   MHA (pairs 256..16)     1.046 1.053 1.057 1.080 -> 0.772 0.724 0.992 1.093 (launch order)
+  //   GQA 2 (pairs 128..8)    1.181 1.109 1.062 1.106 -> 0.886 1.100 1.138 1.080
+  //   GQA 4 (pairs 64..4)     1.090 1.004 0.954 1.080 -> 1.096 1.096 1.101 1.094
+  //   GQA 8 (pairs 32..2)     0.856 0.781 0.770 1.032 -> 0.997 0.914 0.966 1.012
+  // Not varlen, whose grid numbers the blocks of several sequences.
+  m.key_block_major = !is_varlen && m.group > 1 && int64_t(p.heads_kv) * p.batch <= 64 &&
+                      m.diag_lo <= -m.seqlen_q && m.diag_hi < m.seqlen_k;
   m.varlen = varlen;
   m.varlen.block_seq = block_seq_k;
   m.varlen.block_stride = k_blocks;

@@ -58,8 +58,11 @@ __device__ __forceinline__ float dot8(uint4 a, uint4 b) {
 // each warp issues the 16-byte loads of all its rows (8) before reducing any: a row of O / dO is
 // kVecs vectors, read by kLanesPerRow lanes (a power of two; lanes past kVecs idle), 32 / kLanesPerRow
 // rows per pass. The block's dq_accum rows are contiguous and zeroed with coalesced float4 stores.
+// Launch bounds of 2 CTAs per SM (up to 128 registers): left free, ptxas aimed at 3 (80 registers)
+// and spilled at hdim 192 (8 passes of 2 x 16 bytes in flight per thread: 91 registers unspilled);
+// 16 warps of 16 loads each in flight still cover the memory latency.
 template <class Element, int kHeadDim, int kHeadDimV>
-__global__ void __launch_bounds__(kPreThreads) flash_bwd_preprocess_sm90(const BwdPreParams p) {
+__global__ void __launch_bounds__(kPreThreads, 2) flash_bwd_preprocess_sm90(const BwdPreParams p) {
   constexpr int kVecs = kHeadDimV / 8;
   constexpr int kLanesPerRow = kVecs <= 8 ? 8 : kVecs <= 16 ? 16 : 32;
   constexpr int kVecsPerLane = (kVecs + kLanesPerRow - 1) / kLanesPerRow;

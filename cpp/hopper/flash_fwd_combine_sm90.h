@@ -12,9 +12,12 @@
 // multiplied), then the round merges online: running max m, running sum l of exp(lse_s - m) and
 // the accumulator, rescaled when m grows. The pass reads num_splits * head_dim_v * 4 bytes per
 // row, small next to the K/V the first pass reads whenever splitting pays; what it costs is its
-// latency. Measured on H200 (ncu, 8 x 4k and 8 x 16k decode, 2 splits, 256 rows): the former
-// form (the LSEs read twice and each O_s load after its LSE) took 3.9-4.3 us next to the split
-// kernel's 40 / 129 us.
+// latency. Measured on H200 (benchmarks/measured/h200_2026-11-22s9d_decode.txt; 32/8 heads x 128,
+// seqlen_q 1, 256 rows): the former form (the LSEs read twice, each O_s load after its LSE) took
+// 3.9-4.3 us (ncu) at 8 x 4k and 8 x 16k (2 splits), 8.1-8.3 us at 1 x 128k (16 splits), next to
+// the split kernel's 40 / 129 / 130 us; this form 3.3-3.7 us at 8 x 4k and 8 x 16k. bench_decode
+// K/V TB/s, before -> after, same call: 8 x 4k flash_attention 3.52 -> 3.57, cache 3.47 -> 3.55;
+// 1 x 128k 4.18 -> 4.24, 4.17 -> 4.23; the unsplit and 2-split rows from 16k up within 1%.
 #pragma once
 
 #include <cutlass/numeric_conversion.h>

@@ -6,9 +6,18 @@
 // has lse_s = -inf and its O_s was never written (the workspace is not zeroed), so it is skipped,
 // not weighted by 0: a row with no visible key in any split gets out 0 and lse -inf, never NaN.
 //
-// One warp per row: the lanes reduce the split LSEs, then each lane merges 4 columns at a time
-// (float4 loads; head_dim_v is a multiple of 32). The pass reads num_splits * head_dim_v * 4
-// bytes per row, small next to the K/V the first pass reads whenever splitting pays.
+// One warp per row, splits in rounds of kCombineRound: lane j loads split j's LSE while every lane
+// loads its 4-column chunks of each split's O_s, all in one round trip (the O_s loads do not wait
+// for the LSEs; an empty split's unwritten O_s is loaded too and dropped by a select, never
+// multiplied), then the round merges online: running max m, running sum l of exp(lse_s - m) and
+// the accumulator, rescaled when m grows. The pass reads num_splits * head_dim_v * 4 bytes per
+// row, small next to the K/V the first pass reads whenever splitting pays; what it costs is its
+// latency. Measured on H200 (benchmarks/measured/h200_2026-11-22s9d_decode.txt; 32/8 heads x 128,
+// seqlen_q 1, 256 rows): the former form (the LSEs read twice, each O_s load after its LSE) took
+// 3.9-4.3 us (ncu) at 8 x 4k and 8 x 16k (2 splits), 8.1-8.3 us at 1 x 128k (16 splits), next to
+// the split kernel's 40 / 129 / 130 us; this form 3.3-3.7 us at 8 x 4k and 8 x 16k. bench_decode
+// K/V TB/s, before -> after, same call: 8 x 4k flash_attention 3.52 -> 3.57, cache 3.47 -> 3.55;
+// 1 x 128k 4.18 -> 4.24, 4.17 -> 4.23; the unsplit and 2-split rows from 16k up within 1%.
 #pragma once
 
 #include <cutlass/numeric_conversion.h>
@@ -31,6 +40,8 @@ struct FwdCombineParams {
 };
 
 inline constexpr int kCombineWarps = 4;  // rows per 128-thread block
+inline constexpr int kCombineRound = 8;  // splits whose O_s loads are in flight together
+inline constexpr int kCombineChunks = 2;  // 4-column chunks per lane: head_dim_v <= 256
 
 template <class Element>
 __global__ void __launch_bounds__(kCombineWarps * 32)
@@ -39,19 +50,54 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   int const row = blockIdx.x * kCombineWarps + threadIdx.x / 32;
   if (row >= p.num_rows) return;
 
-  float lse_max = -INFINITY;
-  for (int s = lane; s < p.num_splits; s += 32)
-    lse_max = fmaxf(lse_max, p.lse_accum[int64_t(s) * p.num_rows + row]);
-  for (int offset = 16; offset > 0; offset /= 2)
-    lse_max = fmaxf(lse_max, __shfl_xor_sync(0xffffffffu, lse_max, offset));
-  float sum = 0.f;
-  if (lse_max != -INFINITY) {
-    for (int s = lane; s < p.num_splits; s += 32)
-      sum += expf(p.lse_accum[int64_t(s) * p.num_rows + row] - lse_max);  // exp(-inf) = 0
+  float m = -INFINITY, l = 0.f;  // running max of the LSEs, sum of exp(lse_s - m)
+  float4 acc[kCombineChunks];
+  CUTLASS_PRAGMA_UNROLL
+  for (int k = 0; k < kCombineChunks; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = 0; s0 < p.num_splits; s0 += kCombineRound) {
+    int const n = min(kCombineRound, p.num_splits - s0);
+    float const lse_s =
+        lane < n ? p.lse_accum[int64_t(s0 + lane) * p.num_rows + row] : -INFINITY;
+    float4 o[kCombineChunks][kCombineRound];
+    CUTLASS_PRAGMA_UNROLL
+    for (int k = 0; k < kCombineChunks; ++k) {
+      int const c = (lane + 32 * k) * 4;
+      CUTLASS_PRAGMA_UNROLL
+      for (int j = 0; j < kCombineRound; ++j) {
+        if (j < n && c < p.head_dim_v)
+          o[k][j] = *reinterpret_cast<float4 const*>(
+              p.o_accum + (int64_t(s0 + j) * p.num_rows + row) * p.head_dim_v + c);
+      }
+    }
+    float round_max = lse_s;
+    for (int offset = 16; offset > 0; offset /= 2)
+      round_max = fmaxf(round_max, __shfl_xor_sync(0xffffffffu, round_max, offset));
+    float const m_new = fmaxf(m, round_max);
+    if (m_new == -INFINITY) continue;  // every split so far empty
+    float const scale = expf(m - m_new);  // 0 while m is -inf
+    float const w = lse_s == -INFINITY ? 0.f : expf(lse_s - m_new);
+    float w_sum = w;
+    for (int offset = 16; offset > 0; offset /= 2)
+      w_sum += __shfl_xor_sync(0xffffffffu, w_sum, offset);
+    l = l * scale + w_sum;
+    m = m_new;
+    CUTLASS_PRAGMA_UNROLL
+    for (int j = 0; j < kCombineRound; ++j) {
+      float const wj = __shfl_sync(0xffffffffu, w, j);
+      bool const use = j < n && wj > 0.f;  // an empty split's O_s is garbage: select, not 0 * O_s
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < kCombineChunks; ++k) {
+        float4& a = acc[k];
+        float const sj = j == 0 ? scale : 1.f;  // the rescale rides on the first split's FMA
+        a.x = use ? fmaf(wj, o[k][j].x, a.x * sj) : a.x * sj;
+        a.y = use ? fmaf(wj, o[k][j].y, a.y * sj) : a.y * sj;
+        a.z = use ? fmaf(wj, o[k][j].z, a.z * sj) : a.z * sj;
+        a.w = use ? fmaf(wj, o[k][j].w, a.w * sj) : a.w * sj;
+      }
+    }
   }
-  for (int offset = 16; offset > 0; offset /= 2)
-    sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  float const lse = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
+  float const lse = m == -INFINITY ? -INFINITY : m + logf(l);
+  float const inv = l > 0.f ? 1.f / l : 0.f;
 
   int const i = row % p.seqlen_q;
   int const hb = row / p.seqlen_q;
@@ -61,23 +107,14 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
   Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride +
                  h * p.out_head_stride + i * p.out_row_stride;
   cutlass::NumericArrayConverter<Element, float, 4> to_element;
-  for (int c = lane * 4; c < p.head_dim_v; c += 32 * 4) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (lse != -INFINITY) {
-      for (int s = 0; s < p.num_splits; ++s) {
-        float const lse_s = p.lse_accum[int64_t(s) * p.num_rows + row];
-        if (lse_s == -INFINITY) continue;
-        float const w = expf(lse_s - lse);
-        float4 const o = *reinterpret_cast<float4 const*>(
-            p.o_accum + (int64_t(s) * p.num_rows + row) * p.head_dim_v + c);
-        acc.x = fmaf(w, o.x, acc.x);
-        acc.y = fmaf(w, o.y, acc.y);
-        acc.z = fmaf(w, o.z, acc.z);
-        acc.w = fmaf(w, o.w, acc.w);
-      }
+  CUTLASS_PRAGMA_UNROLL
+  for (int k = 0; k < kCombineChunks; ++k) {
+    int const c = (lane + 32 * k) * 4;
+    if (c < p.head_dim_v) {
+      cutlass::Array<float, 4> const v = {acc[k].x * inv, acc[k].y * inv, acc[k].z * inv,
+                                          acc[k].w * inv};
+      *reinterpret_cast<cutlass::Array<Element, 4>*>(out + c) = to_element(v);
     }
-    cutlass::Array<float, 4> const v = {acc.x, acc.y, acc.z, acc.w};
-    *reinterpret_cast<cutlass::Array<Element, 4>*>(out + c) = to_element(v);
   }
 }
 

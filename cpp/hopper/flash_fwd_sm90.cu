@@ -380,6 +380,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   cp.lse_row_stride = kp.lse_row_stride;
   cp.lse_head_stride = kp.lse_head_stride;
   cp.lse_batch_stride = kp.lse_batch_stride;
+  static_assert(kHeadDimV <= 32 * 4 * sm90::kCombineChunks, "combine: 4 columns a lane a chunk");
   int const combine_blocks = (cp.num_rows + sm90::kCombineWarps - 1) / sm90::kCombineWarps;
   sm90::flash_fwd_combine_sm90<ElementOut>
       <<<combine_blocks, sm90::kCombineWarps * 32, 0, stream>>>(cp);

@@ -267,6 +267,12 @@ inline constexpr int kMinBlocksPerSplit = 4;
 // 1.94 and 64 2.04 / 1.99 (contiguous 4.09 / 3.94); a box per lane, pages of 16 3.25 / 3.20;
 // a 64-row box per lane, pages of 64 3.92 / 3.77. At seqlen_q 1 (8 x 4k .. 64 x 8k): pages of
 // 16 2.99-3.60, of 64 3.36-4.34, 0.79-0.85x and 0.95-0.98x the contiguous cache.
+// Measured and not taken (2026-11-22, h200_2026-11-22s9d_decode.txt): pages smaller than a block
+// copied with cp.async by the producer warp's 32 lanes (16-byte chunks into the swizzled slot,
+// the full barrier completed by cp.async.mbarrier.arrive, FA3's non-TMA technique but with one
+// warp): pages of 16 and 64 both at 0.98-1.03 TB/s against the boxes' 2.81-3.34 and 3.34-4.29 in
+// the same call (ncu, 8 x 16k: DRAM 21% busy, 530 us against 129 contiguous; the 40-register
+// producer spilled). One warp's copies keep far fewer bytes in flight than the TMA unit does.
 inline constexpr int kFwdPageRows = 16;
 inline constexpr int kFwdPageRowsLarge = 64;
 inline constexpr int kMaxSplits = 128;

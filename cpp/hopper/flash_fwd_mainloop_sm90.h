@@ -296,7 +296,8 @@ struct FwdMainloop {
     // order), its K and V slots waited for and released. A warpgroup that sees no block at all
     // writes out 0 and lse -inf for its rows, as an empty tile does. Measured reason:
     // tile_size.h, the large tile.
-    if constexpr (Traits::kNumMmaWarpGroups > 2 && !Traits::kLocated) {
+    constexpr bool kWarpGroupBand = Traits::kNumMmaWarpGroups > 2 && !Traits::kLocated;
+    if constexpr (kWarpGroupBand) {
       int wg_n_min, wg_n_max;
       int const row0 = t.m_block * kBlockM + wg * 64;
       mask.n_block_range_rows(row0, row0 + 64, wg_n_min, wg_n_max);

@@ -301,10 +301,11 @@ struct FwdMainloop {
       int wg_n_min, wg_n_max;
       int const row0 = t.m_block * kBlockM + wg * 64;
       mask.n_block_range_rows(row0, row0 + 64, wg_n_min, wg_n_max);
-      // Warp-uniform as the compiler sees it (wg is, but derives from threadIdx): otherwise the
-      // pipeline state after this loop is not, and every block's WGMMA descriptors are moved to
-      // uniform registers anew (R2UR 8 -> 24, 892 -> 941 instructions per mainloop step, hdim 64
-      // full 16k 506 -> 483 TFLOP/s on the H200).
+      // Warp-uniform as the compiler sees it (wg is, but derives from threadIdx), and with it the
+      // pipeline state after this loop. Without the broadcast (earlier forms of this pass-over,
+      // run 2 of benchmarks/measured/h200_2026-11-22s9f_fwd64_band.txt): ptxas 56-68 spill
+      // bytes against 8 here (12 on main), and the 192-row tile 4-6% slower on every call, full
+      // 16k 506 -> 483 TFLOP/s on the H200.
       wg_n_max = __shfl_sync(0xffffffff, wg_n_max, 0);
       for (; n >= n_min && n >= wg_n_max; --n) {
         scheduler_sync();

@@ -289,6 +289,39 @@ struct FwdMainloop {
     ss.q_full[q_buf].wait(Traits::q_phase(q_tile_count));
 
     int n = n_max - 1;
+    // kWarpGroupBand (three consumer warpgroups, dense: the 192-row tile): with a band's upper
+    // edge, the tile's last key block may hold no key that this warpgroup's 64 rows see (at
+    // 192 x 128, rows up to 128 above the tile's last; rows past seqlen_q see none). Such a
+    // block is passed over: its pingpong turn taken without a WGMMA (the turns keep their
+    // order), its K and V slots waited for and released. A warpgroup that sees no block at all
+    // writes out 0 and lse -inf for its rows, as an empty tile does. Measured reason:
+    // tile_size.h, the large tile.
+    constexpr bool kWarpGroupBand = Traits::kNumMmaWarpGroups > 2 && !Traits::kLocated;
+    if constexpr (kWarpGroupBand) {
+      int wg_n_min, wg_n_max;
+      int const row0 = t.m_block * kBlockM + wg * 64;
+      mask.n_block_range_rows(row0, row0 + 64, wg_n_min, wg_n_max);
+      // Warp-uniform as the compiler sees it (wg is, but derives from threadIdx), and with it the
+      // pipeline state after this loop. Without the broadcast (earlier forms of this pass-over,
+      // run 2 of benchmarks/measured/h200_2026-11-22s9f_fwd64_band.txt): ptxas 56-68 spill
+      // bytes against 8 here (12 on main), and the 192-row tile 4-6% slower on every call, full
+      // 16k 506 -> 483 TFLOP/s on the H200.
+      wg_n_max = __shfl_sync(0xffffffff, wg_n_max, 0);
+      for (; n >= n_min && n >= wg_n_max; --n) {
+        scheduler_sync();
+        scheduler_arrive();
+        pipe_k.consumer_wait(read);
+        pipe_k.consumer_release(read);
+        pipe_v.consumer_wait(read);
+        pipe_v.consumer_release(read);
+        ++read;
+      }
+      if (n < n_min) {  // no key for these rows
+        ss.q_empty[q_buf].arrive();
+        lse[0] = lse[1] = -INFINITY;
+        return;
+      }
+    }
     load_descales(n);
     advance_descales();
     load_descales(n - 1);

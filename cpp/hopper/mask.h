@@ -36,11 +36,16 @@ struct BandMask {
   // Key blocks [n_min, n_max) that hold at least one visible key for m_block; empty when
   // n_max <= n_min.
   CUTLASS_DEVICE void n_block_range(int m_block, int& n_min, int& n_max) const {
-    int const i_first = pos(m_block * kBlockM);
-    int const i_last = pos(min(m_block * kBlockM + kBlockM, seqlen_q) - 1);
+    n_block_range_rows(m_block * kBlockM, m_block * kBlockM + kBlockM, n_min, n_max);
+  }
+  // The same for the tile rows [row_begin, row_end) alone (one consumer warpgroup's rows).
+  CUTLASS_DEVICE void n_block_range_rows(int row_begin, int row_end, int& n_min,
+                                         int& n_max) const {
+    int const i_first = pos(row_begin);
+    int const i_last = pos(min(row_end, seqlen_q) - 1);
     int const j_first = max(0, i_first + diag_lo);
     int const j_last = min(seqlen_k - 1, i_last + diag_hi);
-    if (j_last < j_first) {
+    if (row_begin >= seqlen_q || j_last < j_first) {
       n_min = n_max = 0;
       return;
     }

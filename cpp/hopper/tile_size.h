@@ -101,14 +101,32 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //      causal 188 / 271 / 345 / 408 / 441 / 440 -> 182 / 268 / 340 / 397 / 461 / 473,
 //             187 / 267 / 345 / 406 / 426 / 443 -> 183 / 270 / 341 / 396 / 466 / 465
 //    (512-4k causal run the default tile in both: the 1-3% there is run-to-run spread).
-//    Short causal calls lose: a 192-row block straddles more diagonal key blocks (1k causal
-//    visits 6144 row-blocks against 4608) and the last block is partly empty. So: where every
-//    query row sees every key from kLargeTileMinSeqlen64Full keys and rows on; with a band
-//    (causal, windows) only where each row's keys start at key 0 (no left edge) and the query
-//    rows are at least kLargeTileMinSeqlen64Band.
+//    Short causal calls lost: a 192-row block straddles more diagonal key blocks (1k causal
+//    visits 6144 row-blocks against 4608) and the last block is partly empty. Since
+//    2026-11-22 (session 9) each consumer warpgroup of the 192-row tile passes over the key
+//    blocks its own 64 rows do not see (flash_fwd_mainloop_sm90.h, kWarpGroupBand: the
+//    diagonal's last block for the tile's upper rows, every block for rows past seqlen_q), so
+//    causal visits what the 128-row tile visits (1k: 4608). Measured on H200 (test_fwd_sm90
+//    --time, bf16, 16k tokens, hidden 2048, clocks not pinned, one device call, two runs each,
+//    benchmarks/measured/h200_2026-11-22s9f_fwd64_band.txt), main (causal on the 128-row tile
+//    up to 4k) -> the 192-row tile with the pass-over on every causal call, TFLOP/s at 512 / 1k /
+//    2k / 4k / 8k / 16k:
+//      causal 184 / 258 / 321 / 365 / 479 / 481, 181 / 256 / 338 / 391 / 475 / 477 ->
+//             184 / 262 / 362 / 430 / 482 / 483, 184 / 264 / 371 / 428 / 469 / 480;
+//      full   335 / 405 / 485 / 512 / 502 / 502, 330 / 399 / 479 / 468 / 500 / 502 ->
+//             332 / 427 / 491 / 493 / 499 / 503, 332 / 427 / 490 / 518 / 510 / 506 (1k: the
+//             last 192-row block of each sequence has two warpgroups past seqlen_q, which now
+//             skip its blocks instead of computing them).
+//    So: where every query row sees every key from kLargeTileMinSeqlen64Full keys and rows on;
+//    with a band (causal, windows) where each row's keys start at key 0 (no left edge: the
+//    pass-over trims only the upper edge) and the query rows are at least
+//    kLargeTileMinSeqlen64Band (512 was a wash, 184 / 181 -> 184 / 184). Bench beside cuDNN
+//    (h200_2026-11-22s9f_bench_fwd64.txt against main's h200_2026-11-22s8z_bench_fwd.txt),
+//    fa3_jax / cuDNN at 1k / 2k / 4k: causal 0.854 / 0.902 / 0.931 -> 0.879 / 0.996 / 1.034,
+//    full 0.933 / 1.043 / 1.063 -> 0.992 / 1.059 / 1.082; 512 and 8k-16k within 1%.
 inline constexpr int kLargeTileMinSeqlenK128 = 8192;
 inline constexpr int kLargeTileMinSeqlen64Full = 1024;
-inline constexpr int kLargeTileMinSeqlen64Band = 8192;
+inline constexpr int kLargeTileMinSeqlen64Band = 1024;
 constexpr FwdTileSize fwd_tile_size_large(int head_dim, int head_dim_v, bool fp8 = false) {
   if (!fp8 && head_dim == 128 && head_dim_v == 128) return {128, 176, 2};
   if (!fp8 && head_dim == 64 && head_dim_v == 64) return {192, 128, 3, 32, 160};

@@ -753,7 +753,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
   clear(tdKrdK);
   clear(tdVrdV);
 
-  Tensor tScS = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));  // (key, query)
+  Tensor tScS_once = thr_s.partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));  // (key, query)
   Tensor tdSsdS = thr_s.partition_C(sdSt);  // (MMA, MMA_N, MMA_M, DS_STAGE)
 
   if (n_iter > 0) ss.barrier_kv.wait(0);
@@ -766,6 +766,18 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     const int h = hkv * p.group + it / num_m;
     const int m_block = m_lo + it % num_m;
     const int m0 = m_block * kBlockM;
+    // (key, query) coordinates of this thread's S^T values. At hdim 64 from a fresh read of the
+    // thread index every step: derived once before the loop, the compiler kept them live across
+    // it and spilled them (4 bytes, with softcap 16, reloaded every step; fresh: 0 and 8). At hdim
+    // 128 the fresh ones spilled 12 bytes (0 derived once), at 96/192/256 they changed nothing.
+    auto tScS = [&] {
+      if constexpr (kHeadDim <= 64) {
+        return mma_s.get_thread_slice(fresh_thread_idx() - cutlass::NumThreadsPerWarpGroup)
+            .partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kBlockM>>{}));
+      } else {
+        return tScS_once;
+      }
+    }();
 
     Tensor tSrS = partition_fragment_C(mma_s, Shape<Int<kBlockN>, Int<kBlockM>>{});
     Tensor tdPrdP = partition_fragment_C(mma_dp, Shape<Int<kBlockN>, Int<kBlockM>>{});

@@ -364,21 +364,24 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
     // The V transpose, then the attention kernel as its programmatic dependent: the attention
     // CTAs start (prologue, Q and K loads, first S) while the transpose's last CTAs still run,
     // and wait for vt before their first V load (FwdMainloop::load). Nothing may sit between the
-    // two launches in the stream (the tile counter's memset is above).
+    // two launches in the stream (the tile counter's memset is above). Without keys there is
+    // no transpose (and no tile loads anything): a plain launch.
     if (!sm90::launch_fp8_transpose_v(vp, b, stream)) return "sm90 FP8 V transpose launch failed";
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid);
-    cfg.blockDim = dim3(Traits::kNumThreads);
-    cfg.dynamicSmemBytes = kSmemBytes;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    if (cudaLaunchKernelEx(&cfg, kernel, kp) != cudaSuccess || cuda::launch_failed())
-      return "sm90 FP8 forward kernel launch failed";
-    return nullptr;
+    if (sk > 0) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(grid);
+      cfg.blockDim = dim3(Traits::kNumThreads);
+      cfg.dynamicSmemBytes = kSmemBytes;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      if (cudaLaunchKernelEx(&cfg, kernel, kp) != cudaSuccess || cuda::launch_failed())
+        return "sm90 FP8 forward kernel launch failed";
+      return nullptr;
+    }
   }
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(kp);
   if (cuda::launch_failed()) return "sm90 forward kernel launch failed";

@@ -176,11 +176,11 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   // 16. (sk_vt is at least 16: with seqlen_k 0 no tile loads, but the descriptor needs a shape.)
   int const sk16 = (sk + 15) / 16 * 16, sk_vt = std::max(sk16, 16);
   void const* v_ptr = p.v;
+  sm90::VtParams vp{};  // FP8: launched right before the attention kernel (below)
   if constexpr (kFp8) {
     if (!workspace) return "the sm90 FP8 forward needs its workspace";
     auto* vt = reinterpret_cast<uint8_t*>(static_cast<char*>(workspace) + kCounterBytes);
-    sm90::VtParams const vp{static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0, 0};
-    if (!sm90::launch_fp8_transpose_v(vp, b, stream)) return "sm90 FP8 V transpose launch failed";
+    vp = {static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0, 0};
     v_ptr = vt;
   }
   kp.shape_v = kFp8 ? ShapeQKV(kHeadDimV, sk_vt, hkv, b)
@@ -360,6 +360,29 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   static cuda::PerDevice<cudaError_t> smem_limit_set;
   if (cuda::set_smem_limit_once(smem_limit_set, kernel, kSmemBytes) != cudaSuccess)
     return "cannot raise the shared-memory limit of the sm90 forward kernel";
+  if constexpr (kFp8) {
+    // The V transpose, then the attention kernel as its programmatic dependent: the attention
+    // CTAs start (prologue, Q and K loads, first S) while the transpose's last CTAs still run,
+    // and wait for vt before their first V load (FwdMainloop::load). Nothing may sit between the
+    // two launches in the stream (the tile counter's memset is above). Without keys there is
+    // no transpose (and no tile loads anything): a plain launch.
+    if (!sm90::launch_fp8_transpose_v(vp, b, stream)) return "sm90 FP8 V transpose launch failed";
+    if (sk > 0) {
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(grid);
+      cfg.blockDim = dim3(Traits::kNumThreads);
+      cfg.dynamicSmemBytes = kSmemBytes;
+      cfg.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      if (cudaLaunchKernelEx(&cfg, kernel, kp) != cudaSuccess || cuda::launch_failed())
+        return "sm90 FP8 forward kernel launch failed";
+      return nullptr;
+    }
+  }
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(kp);
   if (cuda::launch_failed()) return "sm90 forward kernel launch failed";
   if constexpr (!kSplit) return nullptr;

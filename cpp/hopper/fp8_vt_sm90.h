@@ -19,6 +19,9 @@
 // of V (H200, 2026-11-22). Whole call (transpose and attention), hdim 128, 16k tokens, TFLOP/s:
 // 317 -> 504 at seqlen 1k, 752 -> 793 at 16k; hdim 256: 343 -> 565, 975 -> 1045
 // (benchmarks/measured/h200_2026-11-22_fp8_bench*.txt; one byte per load and thread then).
+// The attention kernel then runs as this kernel's programmatic dependent (launch_fwd_plan):
+// H200, hdim 128, 3 runs (h200_2026-11-22s9q_fp8_ab.txt), TFLOP/s at 1k / 2k / 4k: full 587 /
+// 704 / 791 -> 602 / 720 / 802, causal 390 / 542 / 689 -> 405 / 567 / 696; 8k-16k unchanged.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,6 +47,12 @@ struct VtParams {
 
 // Static: every .cu that includes this header gets its own copy (no duplicate symbols at link).
 static __global__ void __launch_bounds__(kVtThreads) fp8_transpose_v(VtParams const p) {
+  // The attention kernel that reads vt is launched as this grid's programmatic dependent
+  // (flash_fwd_sm90.cu, launch_fwd_plan): its CTAs may start once every CTA here has started, and
+  // wait for this grid's completion only before their first V load (FwdMainloop::load).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
   int64_t const idx = int64_t(blockIdx.x) * kVtThreads + threadIdx.x;
   if (idx >= p.num_threads) return;
   int const lane = int(idx % 32);

@@ -190,6 +190,8 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 //   h200_2026-11-22s8_base_bench_fwd.txt -> run 2 there) at 512 / 1k / 2k / 4k: full 0.897 / 0.923
 //   / 0.945 / 0.963 -> 0.916 / 0.938 / 0.969 / 0.990, causal 0.914 / 0.970 / 1.004 / 1.000 ->
 //   0.938 / 0.988 / 1.009 / 1.008.
+// FP8 hdim 128 (Q 2 x 16 KB; session 9, h200_2026-11-22s9q_fp8_ab.txt, 3 runs, with the V
+// transpose overlap) was no better: full 602 / 720 / 802 -> 585 / 709 / 799 at 1k / 2k / 4k.
 // hdim 64 (128 x 128, 3 stages; 192 x 128) was a wash: full 328 / 399, 324 / 395 -> 320 / 397,
 // 318 / 394 at 512 / 1k, causal 180 / 256 / 336, 177 / 253 / 335 -> 181 / 264 / 334, 180 / 254 /
 // 338 at 512 / 1k / 2k, 2k+ full within 2%: off.
@@ -241,6 +243,11 @@ struct FwdSchedule {
 //      wait 4%, the K-barrier wait 3.5%: each consumer warp runs its block's ~450 softmax
 //      instructions at low IPC, one warp per scheduler, so the other warpgroup's WGMMAs cover
 //      only part of it.
+//    Two S accumulators (session 9, benchmarks/measured/h200_2026-11-22s9q_fp8_ab.txt): block n -
+//    1's S WGMMA issued before block n's softmax, so no softmax waits for its S. At block_n 128
+//    ptxas serializes every WGMMA (C7512, S 2 x 64 + O 64 + P 16 registers); at block_n 96,
+//    full 369 / 499 / 591 / 662 / 704 / 731 against 442 / 596 / 716 / 802 / 811 / 833, causal
+//    -11 to -16%: not taken (575 instructions per 128 keys against 540, lower IPC).
 constexpr FwdSchedule fwd_schedule_fp8(int head_dim) {
   return {head_dim <= 64, false};
 }

@@ -1,6 +1,7 @@
 """Attention throughput: fa3_jax against cuDNN and XLA, on the FlashAttention-3 paper's shapes.
 
-Shapes: hidden size 2048 (heads = hidden / head_dim) and 16k tokens (batch = tokens / seqlen),
+Shapes: hidden size 2048 (heads = hidden / head_dim query heads; --group G: heads / G key/value
+heads, GQA) and 16k tokens (batch = tokens / seqlen),
 Q, K and V of one seqlen, bfloat16 inputs drawn from N(0, 1). Every implementation is timed in
 the same run on the default backend:
 

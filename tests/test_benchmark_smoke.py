@@ -115,6 +115,20 @@ def test_kernel_time_sums_kernels_and_falls_back(monkeypatch):
         timing.kernel_time_ms(boom, x, warmup=0, reps=1)
 
 
+def test_launched_kernels_with_cupti_and_when_it_fails(monkeypatch):
+    from fa3_jax import timing
+    x = jax.numpy.ones((4,))
+    monkeypatch.setattr(timing, "_cupti", _FakeCupti())
+    out, kernels = timing.launched_kernels(lambda a: a + 1, x)
+    assert list(out) == [2.0] * 4
+    assert [k for k, _ in kernels] == ["k0", "k1"] and [ms for _, ms in kernels] == pytest.approx([1.5, 1.5])
+    # A failing stop still returns the (single) call's result, without records.
+    monkeypatch.setattr(timing, "_cupti", _FakeCupti(fail_stop_at=1))
+    calls = []
+    out, kernels = timing.launched_kernels(lambda a: calls.append(1) or a * 3, x)
+    assert list(out) == [3.0] * 4 and kernels is None and len(calls) == 1
+
+
 def test_fp8_section_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "results.json"
     argv = ["--tokens", "256", "--seqlens", "128", "--hdims", "64", "--reps", "3",

@@ -48,13 +48,16 @@ class _CuptiUnusable(Exception):
     """CUPTI could not time this call; the caller falls back to the host clock."""
 
 
-def _cupti_call_ms(fn, args) -> float:
+def _cupti_run(fn, args):
+    """Runs ``fn(*args)`` once under CUPTI: ``(blocked result, kernel records, why)``, ``why`` a
+    reason string (records None) when CUPTI gave no records after the call. Raises _CuptiUnusable,
+    without calling fn, when collection cannot start; fn's own errors propagate."""
     try:
         _cupti.start()
     except RuntimeError as e:
         raise _CuptiUnusable(str(e)) from e
     try:
-        jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(fn(*args))
     except BaseException:
         # fn's own error (e.g. out of memory) is what the caller must see, not a CUPTI one.
         try:
@@ -65,31 +68,33 @@ def _cupti_call_ms(fn, args) -> float:
     try:
         kernels = _cupti.stop()
     except RuntimeError as e:
-        raise _CuptiUnusable(str(e)) from e
+        return out, None, str(e)
     if not kernels:
-        raise _CuptiUnusable("the call launched no GPU kernel (not running on a CUDA device?)")
+        return out, None, "the call launched no GPU kernel (not running on a CUDA device?)"
+    return out, kernels, None
+
+
+def _cupti_call_ms(fn, args) -> float:
+    _, kernels, why = _cupti_run(fn, args)
+    if why:
+        raise _CuptiUnusable(why)
     return sum(end - start for _, start, end in kernels) * 1e-6
 
 
 def launched_kernels(fn: Callable, *args):
     """``(fn(*args), [(kernel_name, ms), ...])`` in launch order, or ``(fn(*args), None)``
     without CUPTI. The call is blocked on; its errors propagate."""
-    if _cupti is None:
-        return jax.block_until_ready(fn(*args)), None
-    try:
-        _cupti.start()
-    except RuntimeError:
-        return jax.block_until_ready(fn(*args)), None
-    try:
-        out = jax.block_until_ready(fn(*args))
-    finally:
+    if _cupti is not None:
         try:
-            kernels = _cupti.stop()
-        except RuntimeError:
-            kernels = None
-    if not kernels:
-        return out, None
-    return out, [(name, (end - start) * 1e-6) for name, start, end in sorted(kernels, key=lambda k: k[1])]
+            out, kernels, why = _cupti_run(fn, args)
+        except _CuptiUnusable:
+            pass
+        else:
+            if why:
+                return out, None
+            return out, [(name, (end - start) * 1e-6)
+                         for name, start, end in sorted(kernels, key=lambda k: k[1])]
+    return jax.block_until_ready(fn(*args)), None
 
 
 def _wallclock_call_ms(fn, args) -> float:

@@ -9,9 +9,14 @@ and prints the loss curves side by side and the median step time of each:
            (NVIDIA GPUs only: skipped, saying so, on other backends)
 
 Runs on the CPU backend where there is no GPU; on a Hopper GPU it runs the sm_90a kernels in
-bfloat16. Step times are host wall-clock per step, the compiling first step left out. Where CUPTI
-is available (CUDA builds) the last step of each run is also split by kernel: the GPU time of the
-attention kernels (forward and backward, with their pre/post-processing) against everything else.
+bfloat16. The implementations train side by side, one step of each in turn (the order alternating
+every step), so that clock or thermal drift affects them alike. Step times are host wall-clock per
+step, the compiling first step left out. Where CUPTI is available (CUDA builds) the last
+`--sample-steps` steps of each are also split by kernel: the GPU time of the attention kernels
+(forward and backward, with their pre/post-processing) against everything else, median over the
+sampled steps. On GPUs XLA's GEMM autotuning results are shared between the implementations
+(a per-fusion autotune cache in a temporary directory), so that both models run the same GEMM
+algorithms and the comparison isolates attention.
 
     python benchmarks/train_transformer.py [--steps 30] [--seq 256] [--batch 8] ...
 """
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from functools import partial
 
@@ -99,7 +105,8 @@ def make_batches(key, steps, batch, seq, vocab):
     return out
 
 
-def train(attention, args, batches, params0):
+def make_step(attention, args, params0):
+    """(jitted step(params, mom, tokens) -> (params, mom, loss), params, mom) for one attention."""
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     model = Transformer(args.vocab, args.layers, args.heads, args.kv_heads, args.head_dim,
                         attention, dtype)
@@ -120,22 +127,49 @@ def train(attention, args, batches, params0):
         return params, mom, loss
 
     params = jax.tree.map(jnp.array, params0)
-    mom = jax.tree.map(jnp.zeros_like, params)
-    losses, times, kernels = [], [], None
+    return step, params, jax.tree.map(jnp.zeros_like, params)
+
+
+def train(names, args, batches, params0):
+    """Trains one model per attention implementation, step by step in turn (the order alternating
+    every step), so that clock or thermal drift during the run falls on every implementation
+    alike. Returns {name: (losses, step seconds without the compiling first step, [kernel lists
+    of the CUPTI-sampled steps] or None)}. A peer that fails (compiling or running) is dropped
+    with its reason in the second dict; fa3_jax failing raises."""
+    runs, failed = {}, {}
+    for name in names:
+        runs[name] = dict(state=make_step(name, args, params0), losses=[], times=[], kernels=[])
+    sampled = set(range(max(1, args.steps - args.sample_steps), args.steps))
     for i, tokens in enumerate(batches):
-        t0 = time.perf_counter()
-        if i == len(batches) - 1 and i > 0:
-            (params, mom, loss), kernels = timing.launched_kernels(step, params, mom, tokens)
-        else:
-            params, mom, loss = step(params, mom, tokens)
-        loss = float(loss)  # blocks until the step is done
-        times.append(time.perf_counter() - t0)
-        losses.append(loss)
-        if args.verbose:
-            print(f"  [{attention}] step {i:3d} loss {loss:.4f} ({times[-1] * 1e3:.1f} ms)", flush=True)
-    # The first step includes compilation; the last one ran under CUPTI (kept: its collection
+        order = [n for n in (names if i % 2 == 0 else names[::-1]) if n in runs]
+        for name in order:
+            run = runs[name]
+            step, params, mom = run["state"]
+            t0 = time.perf_counter()
+            try:
+                if i in sampled:
+                    (params, mom, loss), kernels = timing.launched_kernels(step, params, mom, tokens)
+                    if kernels is not None:
+                        run["kernels"].append(kernels)
+                else:
+                    params, mom, loss = step(params, mom, tokens)
+                loss = float(loss)  # blocks until the step is done
+            except Exception as e:  # noqa: BLE001 -- a peer that can't run this config
+                if name == "fa3_jax":
+                    raise
+                failed[name] = f"failed: {str(e).strip().splitlines()[0][:160]}"
+                print(f"{LABELS[name]}: skipped ({failed[name]})", flush=True)
+                del runs[name]
+                continue
+            run["state"] = (step, params, mom)
+            run["times"].append(time.perf_counter() - t0)
+            run["losses"].append(loss)
+            if args.verbose:
+                print(f"  [{name}] step {i:3d} loss {loss:.4f} ({run['times'][-1] * 1e3:.1f} ms)",
+                      flush=True)
+    # The first step includes compilation; the sampled ones ran under CUPTI (kept: its collection
     # adds no time on the device and the median is robust to its host overhead).
-    return losses, times[1:], kernels
+    return {n: (r["losses"], r["times"][1:], r["kernels"] or None) for n, r in runs.items()}, failed
 
 
 # Kernel names of the attention implementations: fa3_jax's own (namespace fa3) and cuDNN's
@@ -160,6 +194,18 @@ def kernel_split(kernels):
     return att, other, len(kernels), sorted(by_name.items(), key=lambda kv: -kv[1])
 
 
+def median_split(samples):
+    """kernel_split over several sampled steps: (attention, other, total ms: each the median over
+    the steps; kernel count of the first; [(name, median ms)] of the attention kernels)."""
+    splits = [kernel_split(k) for k in samples]
+    med = statistics.median
+    names = {name for s in splits for name, _ in s[3]}
+    by_name = {name: med([dict(s[3]).get(name, 0.0) for s in splits]) for name in names}
+    return (med([s[0] for s in splits]), med([s[1] for s in splits]),
+            med([s[0] + s[1] for s in splits]), splits[0][2],
+            sorted(by_name.items(), key=lambda kv: -kv[1]))
+
+
 def _impls(text):
     names = [x for x in text.split(",") if x]
     bad = [x for x in names if x not in ATTENTION]
@@ -176,6 +222,23 @@ def _skip_reason(name, backend, dtype):
     if name == "cudnn" and dtype == "float32":
         return "cuDNN attention takes float16/bfloat16 only (--dtype float32)"
     return None
+
+
+AUTOTUNE_CACHE_FLAG = "--xla_gpu_per_fusion_autotune_cache_dir"
+
+
+def _share_autotuning():
+    """Points XLA's per-fusion autotune cache at a fresh temporary directory (unless XLA_FLAGS
+    names one): the GEMM fusions that both models share are autotuned once, by the first
+    compilation, and the others reuse that choice. Autotuning twice picks different algorithms
+    from noisy timings often enough to move the non-attention time of a step by several percent.
+    Takes effect only before the GPU backend starts (as when this file runs as a script)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if AUTOTUNE_CACHE_FLAG in flags:
+        return None
+    cache_dir = tempfile.mkdtemp(prefix="fa3_jax_train_autotune_")
+    os.environ["XLA_FLAGS"] = f"{flags} {AUTOTUNE_CACHE_FLAG}={cache_dir}".strip()
+    return cache_dir
 
 
 def main(argv=None):
@@ -195,8 +258,12 @@ def main(argv=None):
                    help="comma list of " + ",".join(ATTENTION) + " (default: all; cudnn is "
                    "skipped off NVIDIA GPUs)")
     p.add_argument("--json", default=None, help="write losses and times here")
+    p.add_argument("--sample-steps", type=int, default=5,
+                   help="run the last N steps of each implementation under CUPTI and print the "
+                   "median kernel-time split (CUDA builds; default 5)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    cache_dir = _share_autotuning()
     backend = jax.default_backend()
     if args.dtype is None:
         args.dtype = "bfloat16" if backend == "gpu" else "float32"
@@ -214,20 +281,18 @@ def main(argv=None):
                              "xla", jnp.float32)
     params0 = init_model.init(jax.random.PRNGKey(1), batches[0][:, :-1])
 
-    results, skipped = {}, {}
+    skipped, todo = {}, []
     for name in args.impls:
         why = _skip_reason(name, backend, args.dtype)
         if why is None:
-            print(f"training with {LABELS[name]} attention ...", flush=True)
-            try:
-                results[name] = train(name, args, batches, params0)
-                continue
-            except Exception as e:  # noqa: BLE001 -- a peer that can't run this config
-                if name == "fa3_jax":
-                    raise
-                why = f"failed: {str(e).strip().splitlines()[0][:160]}"
-        skipped[name] = why
-        print(f"{LABELS[name]}: skipped ({why})", flush=True)
+            todo.append(name)
+        else:
+            skipped[name] = why
+            print(f"{LABELS[name]}: skipped ({why})", flush=True)
+    print(f"training with {', '.join(LABELS[n] for n in todo)} attention, one step of each in "
+          f"turn ...", flush=True)
+    results, failed = train(todo, args, batches, params0)
+    skipped.update(failed)
 
     names = list(results)
     peers = [n for n in names if n != "fa3_jax"]
@@ -248,30 +313,37 @@ def main(argv=None):
         print(f"largest loss difference over {args.steps} steps: "
               + ", ".join(f"{worst[n]:.2e} vs {LABELS[n]}" for n in peers)
               + f"; loss {lf[0]:.3f} -> {lf[-1]:.3f}")
-    split = {n: kernel_split(results[n][2]) for n in names if results[n][2]}
+    split = {n: median_split(results[n][2]) for n in names if results[n][2]}
     if split:
-        print("\nGPU kernel time of the last step (CUPTI), ms:")
+        counts = sorted({len(results[n][2]) for n in split})
+        print(f"\nGPU kernel time per step (CUPTI), ms: median over the last "
+              f"{'/'.join(map(str, counts))} steps of each")
         print(f"{'':>14} {'attention':>10} {'other':>10} {'total':>10} {'kernels':>8}")
-        for n, (att, other, count, _) in split.items():
-            print(f"{LABELS[n]:>14} {att:10.3f} {other:10.3f} {att + other:10.3f} {count:8d}")
+        for n, (att, other, total, count, _) in split.items():
+            print(f"{LABELS[n]:>14} {att:10.3f} {other:10.3f} {total:10.3f} {count:8d}")
         if "fa3_jax" in split:
             for n in peers:
                 if n in split and split["fa3_jax"][0] > 0:
                     print(f"attention kernels: fa3_jax {split['fa3_jax'][0]:.3f} ms, "
-                          f"{split[n][0] / split['fa3_jax'][0]:.2f}x faster than {LABELS[n]}")
+                          f"{split[n][0] / split['fa3_jax'][0]:.2f}x faster than {LABELS[n]}; "
+                          f"all kernels: {split[n][2] / split['fa3_jax'][2]:.2f}x")
         if args.verbose:
-            for n, (_, _, _, top) in split.items():
-                print(f"  {LABELS[n]} attention kernels:")
+            for n, (_, _, _, _, top) in split.items():
+                print(f"  {LABELS[n]} attention kernels (median ms a step):")
                 for name, t in top:
                     print(f"    {t:8.3f} ms  {name[:150]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(args=vars(args), backend=backend, labels=LABELS,
                            losses={n: results[n][0] for n in names}, step_ms=ms,
-                           kernel_ms={n: dict(attention=v[0], other=v[1], kernels=v[2],
-                                              attention_by_name=v[3])
+                           kernel_ms={n: dict(attention=v[0], other=v[1], total=v[2],
+                                              kernels=v[3], attention_by_name=v[4],
+                                              sampled_steps=[kernel_split(k)[:2]
+                                                             for k in results[n][2]])
                                       for n, v in split.items()},
                            skipped=skipped), f, indent=1)
+    if cache_dir is not None and backend == "gpu":
+        print(f"shared GEMM autotuning: {len(os.listdir(cache_dir))} fusion results in {cache_dir}")
     if not np.isfinite(lf).all():
         raise SystemExit("fa3_jax training produced a non-finite loss")
     return 0

@@ -58,3 +58,13 @@ def test_launched_kernels_without_cupti_returns_the_result():
     assert list(out) == [0.0, 2.0, 4.0, 6.0]
     if jax.default_backend() == "cpu":
         assert kernels is None
+
+
+def test_median_split_takes_the_median_of_each_part_over_sampled_steps():
+    tt = _module()
+    steps = [[("fa3::fwd", 1.0), ("gemm", 10.0)],
+             [("fa3::fwd", 3.0), ("gemm", 20.0), ("fa3::bwd", 2.0)],
+             [("fa3::fwd", 2.0), ("gemm", 12.0)]]
+    att, other, total, count, by_name = tt.median_split(steps)
+    assert (att, other, total, count) == (2.0, 12.0, 14.0, 2)
+    assert by_name == [("fa3::fwd", 2.0), ("fa3::bwd", 0.0)]  # absent from 2 of 3 steps

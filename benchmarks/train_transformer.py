@@ -9,10 +9,12 @@ and prints the loss curves side by side and the median step time of each:
            (NVIDIA GPUs only: skipped, saying so, on other backends)
 
 Runs on the CPU backend where there is no GPU; on a Hopper GPU it runs the sm_90a kernels in
-bfloat16. The implementations train side by side, one step of each in turn (the order alternating
-every step), so that clock or thermal drift affects them alike. Step times are host wall-clock per
-step, the compiling first step left out. Where CUPTI is available (CUDA builds) the last
-`--sample-steps` steps of each are also split by kernel: the GPU time of the attention kernels
+bfloat16. The implementations train side by side, a block of `--block` steps of each in turn (the
+order alternating every block), so that clock or thermal drift affects them alike. A block's steps
+are dispatched back to back and waited on once, as a training loop runs: the step time is a
+block's host wall-clock time over its steps (median over the blocks), the compiling first step left
+out. Where CUPTI is available (CUDA builds) the last `--sample-steps` steps of each run one at a
+time and are split by kernel: the GPU time of the attention kernels
 (forward and backward, with their pre/post-processing) against everything else, median over the
 sampled steps. On GPUs XLA's GEMM autotuning results are shared between the implementations
 (a per-fusion autotune cache in a temporary directory), so that both models run the same GEMM
@@ -130,30 +132,48 @@ def make_step(attention, args, params0):
     return step, params, jax.tree.map(jnp.zeros_like, params)
 
 
+def _segments(steps, block, sample_steps):
+    """The run's plan: [(kind, step indices)], kind "compile" (step 0), "timed" (blocks of up to
+    `block` steps dispatched back to back) or "sampled" (the last `sample_steps`, under CUPTI)."""
+    first_sampled = max(2, steps - sample_steps)  # at least one timed step
+    plan = [("compile", [0])] if steps else []
+    plan += [("timed", list(range(i, min(i + block, first_sampled))))
+             for i in range(1, first_sampled, block)]
+    plan += [("sampled", [i]) for i in range(first_sampled, steps)]
+    return plan
+
+
 def train(names, args, batches, params0):
-    """Trains one model per attention implementation, step by step in turn (the order alternating
-    every step), so that clock or thermal drift during the run falls on every implementation
-    alike. Returns {name: (losses, step seconds without the compiling first step, [kernel lists
-    of the CUPTI-sampled steps] or None)}. A peer that fails (compiling or running) is dropped
-    with its reason in the second dict; fa3_jax failing raises."""
+    """Trains one model per attention implementation, in turn block by block (the order
+    alternating every block), so that clock or thermal drift falls on every implementation alike.
+
+    Step 0 compiles. Then blocks of `--block` steps are dispatched back to back and waited on once
+    at the end, as a training loop runs (the host prepares the next step while the GPU runs this
+    one): a block's time over its steps is the step time. The last `--sample-steps` steps run one
+    at a time under CUPTI for the kernel split. Returns ({name: (losses, step seconds (one per
+    timed step, its block's mean), [kernel lists of the sampled steps] or None)}, {failed peer:
+    reason}); fa3_jax failing raises."""
     runs, failed = {}, {}
     for name in names:
         runs[name] = dict(state=make_step(name, args, params0), losses=[], times=[], kernels=[])
-    sampled = set(range(max(1, args.steps - args.sample_steps), args.steps))
-    for i, tokens in enumerate(batches):
-        order = [n for n in (names if i % 2 == 0 else names[::-1]) if n in runs]
+    for j, (kind, steps) in enumerate(_segments(len(batches), args.block, args.sample_steps)):
+        order = [n for n in (names if j % 2 == 0 else names[::-1]) if n in runs]
         for name in order:
             run = runs[name]
             step, params, mom = run["state"]
+            losses = []
             t0 = time.perf_counter()
             try:
-                if i in sampled:
-                    (params, mom, loss), kernels = timing.launched_kernels(step, params, mom, tokens)
-                    if kernels is not None:
-                        run["kernels"].append(kernels)
-                else:
-                    params, mom, loss = step(params, mom, tokens)
-                loss = float(loss)  # blocks until the step is done
+                for i in steps:
+                    if kind == "sampled":
+                        (params, mom, loss), kernels = timing.launched_kernels(step, params, mom,
+                                                                               batches[i])
+                        if kernels is not None:
+                            run["kernels"].append(kernels)
+                    else:
+                        params, mom, loss = step(params, mom, batches[i])
+                    losses.append(loss)
+                losses = [float(x) for x in losses]  # blocks until the block is done
             except Exception as e:  # noqa: BLE001 -- a peer that can't run this config
                 if name == "fa3_jax":
                     raise
@@ -161,15 +181,15 @@ def train(names, args, batches, params0):
                 print(f"{LABELS[name]}: skipped ({failed[name]})", flush=True)
                 del runs[name]
                 continue
+            dt = (time.perf_counter() - t0) / len(steps)
             run["state"] = (step, params, mom)
-            run["times"].append(time.perf_counter() - t0)
-            run["losses"].append(loss)
+            run["losses"] += losses
+            if kind == "timed":
+                run["times"] += [dt] * len(steps)
             if args.verbose:
-                print(f"  [{name}] step {i:3d} loss {loss:.4f} ({run['times'][-1] * 1e3:.1f} ms)",
-                      flush=True)
-    # The first step includes compilation; the sampled ones ran under CUPTI (kept: its collection
-    # adds no time on the device and the median is robust to its host overhead).
-    return {n: (r["losses"], r["times"][1:], r["kernels"] or None) for n, r in runs.items()}, failed
+                print(f"  [{name}] {kind} steps {steps[0]}-{steps[-1]}: loss {losses[-1]:.4f} "
+                      f"({dt * 1e3:.1f} ms a step)", flush=True)
+    return {n: (r["losses"], r["times"], r["kernels"] or None) for n, r in runs.items()}, failed
 
 
 # Kernel names of the attention implementations: fa3_jax's own (namespace fa3) and cuDNN's
@@ -258,11 +278,16 @@ def main(argv=None):
                    help="comma list of " + ",".join(ATTENTION) + " (default: all; cudnn is "
                    "skipped off NVIDIA GPUs)")
     p.add_argument("--json", default=None, help="write losses and times here")
+    p.add_argument("--block", type=int, default=5,
+                   help="steps dispatched back to back per timed block (default 5)")
     p.add_argument("--sample-steps", type=int, default=5,
                    help="run the last N steps of each implementation under CUPTI and print the "
                    "median kernel-time split (CUDA builds; default 5)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.block < 1 or args.sample_steps < 0 or args.steps < 2:
+        p.error(f"need --block >= 1, --sample-steps >= 0 and --steps >= 2; got --block "
+                f"{args.block}, --sample-steps {args.sample_steps}, --steps {args.steps}")
     cache_dir = _share_autotuning()
     backend = jax.default_backend()
     if args.dtype is None:
@@ -305,10 +330,10 @@ def main(argv=None):
         row += "".join(f" {abs(lf[i] - results[n][0][i]):12.2e}" for n in peers)
         print(f"{i:5d}{row}")
     ms = {n: statistics.median(results[n][1]) * 1e3 for n in names}
-    print("\nmedian step time: " + " | ".join(f"{LABELS[n]} {ms[n]:.1f} ms" for n in names))
+    print("\nmedian step time: " + " | ".join(f"{LABELS[n]} {ms[n]:.2f} ms" for n in names))
     if peers:
         print("fa3_jax speedup (its step time / fa3_jax's): "
-              + ", ".join(f"{ms[n] / ms['fa3_jax']:.2f}x over {LABELS[n]}" for n in peers))
+              + ", ".join(f"{ms[n] / ms['fa3_jax']:.3f}x over {LABELS[n]}" for n in peers))
         worst = {n: max(abs(a - b) for a, b in zip(lf, results[n][0])) for n in peers}
         print(f"largest loss difference over {args.steps} steps: "
               + ", ".join(f"{worst[n]:.2e} vs {LABELS[n]}" for n in peers)

@@ -68,3 +68,13 @@ def test_median_split_takes_the_median_of_each_part_over_sampled_steps():
     att, other, total, count, by_name = tt.median_split(steps)
     assert (att, other, total, count) == (2.0, 12.0, 14.0, 2)
     assert by_name == [("fa3::fwd", 2.0), ("fa3::bwd", 0.0)]  # absent from 2 of 3 steps
+
+
+def test_run_plan_compiles_times_blocks_then_samples():
+    tt = _module()
+    plan = tt._segments(12, 4, 3)
+    assert plan == [("compile", [0]), ("timed", [1, 2, 3, 4]), ("timed", [5, 6, 7, 8]),
+                    ("sampled", [9]), ("sampled", [10]), ("sampled", [11])]
+    assert tt._segments(3, 5, 5) == [("compile", [0]), ("timed", [1]), ("sampled", [2])]
+    steps = [i for _, idx in tt._segments(40, 5, 9) for i in idx]
+    assert steps == list(range(40))  # every batch once, in order

@@ -447,7 +447,16 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     Tensor rdS32 = recast<uint32_t>(rdS);
     Tensor rP = make_tensor_like<Element>(tSrS);
     Tensor rP32 = recast<uint32_t>(rP);
-    Tensor tdSsdS_cur = tdSsdS(_, _, _, ds_stage);
+    // This thread's dS^T addresses: at hdim 64 from a fresh read of the thread index, as tScS
+    // above (kept from before the loop, the base address spilled: 8 bytes, session 10).
+    Tensor tdSsdS_cur = [&] {
+      if constexpr (kHeadDim <= 64) {
+        return mma_s.get_thread_slice(fresh_thread_idx() - cutlass::NumThreadsPerWarpGroup)
+            .partition_C(sdSt)(_, _, _, ds_stage);
+      } else {
+        return tdSsdS(_, _, _, ds_stage);
+      }
+    }();
     Tensor tPsP = thr_s.partition_C(sPt);  // SS dV path only
     auto pack_pair = [&](int i, float ds0, float ds1) {
       rdS32(i / 2) = pack2<Element>(ds0, ds1);

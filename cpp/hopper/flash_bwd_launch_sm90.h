@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "flash.h"
 #include "flash_bwd_tile_size_sm90.h"
@@ -22,9 +23,24 @@ namespace fa3::sm90_bwd {
 // Python asks for does not know softcap, which picks the tiles).
 struct BwdWorkspaceLayout {
   int64_t seqlen_q_pad = 0, sem_per_head = 0;
+  int group_split = 1;  // bwd_group_split
   size_t dq_accum = 0, lse_log2 = 0, dpsum = 0, semaphores = 0, cu_seqlens = 0, segments = 0,
-         total = 0;  // byte offsets, size
+         dkv_partial = 0, total = 0;  // byte offsets, size
 };
+
+// GQA: the query heads of a group split over this many CTAs per (key block, kv head), each
+// covering group / split heads and writing float32 dK/dV partials ([split, batch, seqlen_k,
+// heads_kv, head_dim + head_dim_v]) that flash_bwd_dkv_reduce sums in a fixed order (so
+// deterministic mode stays bit-identical). 1: one CTA per group, dK/dV written directly.
+// EXPERIMENT (branch gqasplit, not measured yet): FA3_JAX_BWD_GROUP_SPLIT, a divisor of the group,
+// sets it for dense calls; the default stays 1 until a measured rule replaces it here.
+inline int bwd_group_split(const BwdParams& p) {
+  if (p.num_seqs > 0 || p.q_segment_ids || p.heads_kv <= 0) return 1;
+  const int64_t group = p.heads_q / p.heads_kv;
+  const char* env = std::getenv("FA3_JAX_BWD_GROUP_SPLIT");
+  const int s = env ? std::atoi(env) : 1;
+  return s > 1 && group % s == 0 ? s : 1;
+}
 
 inline size_t bwd_align256(size_t x) { return (x + 255) / 256 * 256; }
 
@@ -44,7 +60,12 @@ inline BwdWorkspaceLayout bwd_workspace_layout(const BwdParams& p) {
   const size_t seg_bytes = p.q_segment_ids
                                ? sm90::segment_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, 64, 64)
                                : 0;
-  w.total = bwd_align256(w.segments + seg_bytes);
+  w.group_split = bwd_group_split(p);
+  w.dkv_partial = bwd_align256(w.segments + seg_bytes);
+  const size_t partial_bytes = w.group_split > 1 ? size_t(w.group_split) * p.batch * p.seqlen_k * p.heads_kv *
+                                                       (p.head_dim + p.head_dim_v) * sizeof(float)
+                                                 : 0;
+  w.total = bwd_align256(w.dkv_partial + partial_bytes);
   return w;
 }
 

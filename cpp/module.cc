@@ -131,16 +131,19 @@ NB_MODULE(_fa3_jax_ext, m) {
   m.def(
       "sm90_bwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
-         bool deterministic, int64_t num_seqs, bool segments) {
+         bool deterministic, int64_t num_seqs, bool segments, int64_t diag_lo, int64_t diag_hi) {
         fa3::BwdParams p = shape_params(b, sq, sk, hq, hkv, d, dv, deterministic);
         p.num_seqs = num_seqs;
+        p.diag_lo = diag_lo;  // the band picks the GQA group split (bwd_group_split)
+        p.diag_hi = diag_hi;
         static const int32_t kGiven = 0;
         if (segments) p.q_segment_ids = p.kv_segment_ids = &kGiven;
         return fa3::sm90_bwd_workspace_bytes(p);
       },
       nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
       nb::arg("dv"), nb::arg("deterministic"), nb::arg("num_seqs") = 0,
-      nb::arg("segments") = false);
+      nb::arg("segments") = false, nb::arg("diag_lo") = -fa3::kUnbounded,
+      nb::arg("diag_hi") = fa3::kUnbounded);
   // Bytes of the uint8 workspace result of the CUDA fa3_fp8_quantize call (group maxima when
   // block_rows is 0).
   m.def(

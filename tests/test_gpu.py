@@ -92,3 +92,32 @@ def test_float32_on_gpu_is_a_clear_error():
     q, k, v = to_gpu(*make_qkv(1, 8, 8, 2, 2, 64))
     with pytest.raises(ValueError, match="float32 is supported on the CPU backend only"):
         jax.jit(fa3_jax.flash_attention)(q, k, v)
+
+
+@pytest.mark.parametrize("split", [None, 2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_gqa_group_split(monkeypatch, split, causal):
+    # The GQA group split (bwd_group_split, cpp/hopper/flash_bwd_launch_sm90.h): each (key block,
+    # kv head) as several CTAs writing float32 dK/dV partials that a reduce kernel sums in a fixed
+    # order. None: the rule (causal, group 8: 2 CTAs; full: 1); 2, 4: forced through
+    # FA3_JAX_BWD_GROUP_SPLIT. Gradients must match the reference, deterministic mode stay
+    # bit-identical.
+    from fa3_jax import _ffi
+    if split is None:
+        monkeypatch.delenv("FA3_JAX_BWD_GROUP_SPLIT", raising=False)
+    else:
+        monkeypatch.setenv("FA3_JAX_BWD_GROUP_SPLIT", str(split))
+    d = 128 if 128 in fa3_jax.cuda_head_dims() else fa3_jax.cuda_head_dims()[0]
+    q, k, v = to_gpu(*make_qkv(2, 300, 517, 16, 2, d, dtype=jnp.bfloat16))
+    if split is None:
+        # The rule's partials show in the workspace: causal asks for them, full does not.
+        shapes = (q.shape, k.shape, v.shape)
+        causal_ws = _ffi.workspace_bytes("bwd", *shapes, diag_lo=-(1 << 40), diag_hi=517 - 300)
+        full_ws = _ffi.workspace_bytes("bwd", *shapes)
+        assert causal_ws >= full_ws + 2 * 2 * 517 * 2 * 2 * d * 4, (causal_ws, full_ws)
+    check_backward(q, k, v, causal=causal)
+    f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fa3_jax.flash_attention(
+        q, k, v, causal=causal, deterministic=True).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+    first = [np.asarray(x) for x in f(q, k, v)]
+    for a, b in zip(first, f(q, k, v)):
+        np.testing.assert_array_equal(a, np.asarray(b))

@@ -112,7 +112,7 @@ __device__ __forceinline__ void store_staged_rows(Element* gmem, int64_t stride,
 // reading shared memory: one step of slack. No arrival follows the last step (no one waits on it).
 // q_row0: plane row of the sequence's first query block (0 when dense); diag_lo: its band.
 template <class Tr>
-__device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::SharedStorage& ss, int b, int hkv,
+__device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::SharedStorage& ss, int b, int h0,
                                          int n_block, int m_lo, int num_m, int n_iter, int q_row0,
                                          int diag_lo) {
   constexpr int kNumMmaWG = Tr::kNumMmaWG;
@@ -121,7 +121,7 @@ __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::Sh
   constexpr uint32_t kSlotBytes = Tr::kDqSlotFloats * sizeof(float);
   const bool lane0 = cute::elect_one_sync();
   for (int w = 0; w < kNumMmaWG; ++w) sm90::named_barrier_arrive(kBarThreads, sm90::bwd_dq_empty(w));
-  int h = hkv * p.group, m_block = m_lo;
+  int h = h0, m_block = m_lo;
   CUTLASS_PRAGMA_NO_UNROLL
   for (int it = 0; it < n_iter; ++it) {
     const int m0 = m_block * Tr::kBlockM;
@@ -212,8 +212,8 @@ __device__ __forceinline__ void store_dq(const BwdMainParams& p, typename Tr::Sh
 template <class Tr, class TensorDK, class TensorDV, class MmaDK, class MmaDV>
 __device__ __forceinline__ void store_dk_dv(const BwdMainParams& p, typename Tr::SharedStorage& ss,
                                             TensorDK const& tdKrdK, TensorDV const& tdVrdV, MmaDK const& mma_dk,
-                                            MmaDV const& mma_dv, int tid, int b, int hkv, int offset_k, int n0,
-                                            int valid_n, int wg, int n_iter) {
+                                            MmaDV const& mma_dv, int tid, int b, int hkv, int part, int offset_k,
+                                            int n0, int valid_n, int wg, int n_iter) {
   using Element = typename Tr::Element;
   constexpr int kBlockN = Tr::kBlockN, kHeadDim = Tr::kHeadDim, kHeadDimV = Tr::kHeadDimV;
   constexpr int kMmaThreads = Tr::kNumMmaThreads;
@@ -222,6 +222,28 @@ __device__ __forceinline__ void store_dk_dv(const BwdMainParams& p, typename Tr:
   const int64_t k_row = int64_t(b) * p.seqlen_k + offset_k + n0;
   Element* gdk = static_cast<Element*>(p.dk) + (k_row * p.heads_kv + hkv) * kHeadDim;
   Element* gdv = static_cast<Element*>(p.dv) + (k_row * p.heads_kv + hkv) * kHeadDimV;
+  if (!Tr::kSegments && p.group_split > 1) {
+    // GQA group split: this part's float32 partials (dK scaled), summed by flash_bwd_dkv_reduce.
+    constexpr int kCols = kHeadDim + kHeadDimV;
+    float* gp = p.dkv_partial + ((int64_t(part) * p.batch * p.seqlen_k + k_row) * p.heads_kv + hkv) * kCols;
+    const int64_t row_stride = int64_t(p.heads_kv) * kCols;
+    const int etid = fresh_thread_idx() - cutlass::NumThreadsPerWarpGroup;
+    Tensor cdK = mma_dk.get_thread_slice(etid).partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+    Tensor cdV = mma_dv.get_thread_slice(etid).partition_C(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDimV>>{}));
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdKrdK); i += 2) {
+      const int r = get<0>(cdK(i)), c = get<1>(cdK(i));
+      if (r < valid_n) {
+        *reinterpret_cast<float2*>(gp + r * row_stride + c) = make_float2(tdKrdK(i) * p.scale, tdKrdK(i + 1) * p.scale);
+      }
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < size(tdVrdV); i += 2) {
+      const int r = get<0>(cdV(i)), c = get<1>(cdV(i));
+      if (r < valid_n) *reinterpret_cast<float2*>(gp + r * row_stride + kHeadDim + c) = make_float2(tdVrdV(i), tdVrdV(i + 1));
+    }
+    return;
+  }
   if constexpr (Tr::kStagedEpilogue) {
     // Through shared memory (dK in the Q buffers, dV in the dO buffers, which no one reads any
     // more), then whole 16-byte row chunks to global memory: a warp's accumulator pairs cover 8

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 
 #include "flash.h"
 #include "flash_bwd_tile_size_sm90.h"
@@ -22,9 +23,43 @@ namespace fa3::sm90_bwd {
 // Python asks for does not know softcap, which picks the tiles).
 struct BwdWorkspaceLayout {
   int64_t seqlen_q_pad = 0, sem_per_head = 0;
+  int group_split = 1;  // bwd_group_split
   size_t dq_accum = 0, lse_log2 = 0, dpsum = 0, semaphores = 0, cu_seqlens = 0, segments = 0,
-         total = 0;  // byte offsets, size
+         dkv_partial = 0, total = 0;  // byte offsets, size
 };
+
+// GQA: the query heads of a group split over this many CTAs per (key block, kv head), each
+// covering group / split heads and writing float32 dK/dV partials ([split, batch, seqlen_k,
+// heads_kv, head_dim + head_dim_v]) that flash_bwd_dkv_reduce sums in a fixed order (so
+// deterministic mode stays bit-identical). 1: one CTA per group, dK/dV written directly.
+// Rule: causal bands (no lower edge, the upper edge cutting keys) on the dense layout with
+// group >= 8 and at most 64 (kv head, batch) pairs take 4 query heads per CTA. A CTA covers its
+// key block for every head it owns, so large groups make few, coarse CTAs, and with causal masks
+// the heavy first key blocks set the makespan even in key-block-major order; the partials cost
+// 2 x 4 bytes per dK/dV element more traffic. Measured (H200, hdim 128, 16 query heads, 16k
+// tokens; bwd / cuDNN at 1k 2k 4k 8k 16k, h200_2026-11-22s10g_bwd_group_split.txt):
+//   GQA 8 causal, 8 heads a CTA (split 1)  1.003 0.929 0.950 1.022 0.993
+//                 4 heads (split 2)        1.015 1.040 1.059 1.072 1.052   <- taken
+//                 2 heads (split 4)        0.780 0.984 1.049 1.075 1.091
+//   GQA 8 full,   split 1 / 2              1.189 1.122 1.088 1.110 1.076 / 1.102 1.075 1.059 1.060 1.069
+//   GQA 4 causal, split 1 / 2              1.109 1.092 1.089 1.085 1.046 / 0.782 0.983 1.049 1.069 1.047
+// so full masks and groups of 4 keep one CTA per group. FA3_JAX_BWD_GROUP_SPLIT (a divisor of
+// the group) overrides the rule for dense calls, for tests and experiments; it must be the same
+// when Python sizes the workspace and when the call runs (a mismatch is a clear workspace error).
+inline int bwd_group_split(const BwdParams& p) {
+  if (p.num_seqs > 0 || p.q_segment_ids || p.heads_kv <= 0) return 1;
+  const int64_t group = p.heads_q / p.heads_kv;
+  if (const char* env = std::getenv("FA3_JAX_BWD_GROUP_SPLIT")) {
+    const int s = std::atoi(env);
+    return s > 1 && group % s == 0 ? s : 1;
+  }
+  const bool causal = p.diag_lo <= -p.seqlen_q && p.diag_hi < p.seqlen_k;
+  constexpr int64_t kHeadsPerCta = 4;
+  if (causal && group >= 8 && group % kHeadsPerCta == 0 && p.heads_kv * p.batch <= 64) {
+    return int(group / kHeadsPerCta);
+  }
+  return 1;
+}
 
 inline size_t bwd_align256(size_t x) { return (x + 255) / 256 * 256; }
 
@@ -44,7 +79,12 @@ inline BwdWorkspaceLayout bwd_workspace_layout(const BwdParams& p) {
   const size_t seg_bytes = p.q_segment_ids
                                ? sm90::segment_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k, 64, 64)
                                : 0;
-  w.total = bwd_align256(w.segments + seg_bytes);
+  w.group_split = bwd_group_split(p);
+  w.dkv_partial = bwd_align256(w.segments + seg_bytes);
+  const size_t partial_bytes = w.group_split > 1 ? size_t(w.group_split) * p.batch * p.seqlen_k * p.heads_kv *
+                                                       (p.head_dim + p.head_dim_v) * sizeof(float)
+                                                 : 0;
+  w.total = bwd_align256(w.dkv_partial + partial_bytes);
   return w;
 }
 

@@ -134,6 +134,8 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   // Not varlen, whose grid numbers the blocks of several sequences.
   m.key_block_major = !is_varlen && m.group > 1 && int64_t(p.heads_kv) * p.batch <= 64 &&
                       m.diag_lo <= -m.seqlen_q && m.diag_hi < m.seqlen_k;
+  m.group_split = w.group_split;
+  m.dkv_partial = reinterpret_cast<float*>(ws + w.dkv_partial);
   m.varlen = varlen;
   m.varlen.block_seq = block_seq_k;
   m.varlen.block_stride = k_blocks;
@@ -159,7 +161,7 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
       return "cannot raise the shared-memory limit of the sm90 backward main kernel";
     static_assert(T::kBlockN == Tr::kBlockN, "varlen's key blocks are numbered in Tr::kBlockN rows");
     const int64_t n_blocks = is_varlen ? k_blocks : (span_k + T::kBlockN - 1) / T::kBlockN;
-    dim3 grid(unsigned(n_blocks), unsigned(p.heads_kv), unsigned(p.batch));
+    dim3 grid(unsigned(n_blocks), unsigned(p.heads_kv * w.group_split), unsigned(p.batch));
     kernel<<<grid, T::kNumThreads, T::kSmemBytes, stream>>>(make_bwd_kernel_args<T>(m, int(p.batch)));
     return cuda::launch_failed() ? "sm90 backward main kernel launch failed" : nullptr;
   };
@@ -184,6 +186,15 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   flash_bwd_postprocess_sm90<Element, kHeadDim, Tr::kDqAtomN, Tr::kDqColSplit>
       <<<post_grid, kPostThreads, 0, stream>>>(post);
   if (cuda::launch_failed()) return "sm90 backward postprocess kernel launch failed";
+  if (w.group_split > 1) {
+    BwdDkvReduceParams red{m.dkv_partial, p.dk, p.dv, int64_t(p.batch) * p.seqlen_k * p.heads_kv, w.group_split};
+    const int64_t pairs = red.rows * ((kHeadDim + kHeadDimV) / 2);
+    const unsigned blocks = unsigned(std::min<int64_t>((pairs + kPostThreads - 1) / kPostThreads, 132 * 16));
+    if (blocks > 0) {
+      flash_bwd_dkv_reduce<Element, kHeadDim, kHeadDimV><<<blocks, kPostThreads, 0, stream>>>(red);
+      if (cuda::launch_failed()) return "sm90 backward dK/dV reduce kernel launch failed";
+    }
+  }
   return nullptr;
 }
 

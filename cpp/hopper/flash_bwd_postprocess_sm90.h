@@ -91,4 +91,37 @@ __global__ void __launch_bounds__(kPostThreads) flash_bwd_postprocess_sm90(const
   }
 }
 
+// GQA group split (bwd_group_split > 1): dK / dV = the sum over the parts' float32 partials
+// [split, batch, seqlen_k, heads_kv, kHeadDim + kHeadDimV] (dK columns first), in part order, so
+// the result does not depend on scheduling. Grid-stride over pairs of adjacent columns.
+struct BwdDkvReduceParams {
+  const float* partial;
+  void* dk;  // [batch, seqlen_k, heads_kv, kHeadDim]
+  void* dv;  // [batch, seqlen_k, heads_kv, kHeadDimV]
+  int64_t rows;  // batch * seqlen_k * heads_kv
+  int split;
+};
+
+template <class Element, int kHeadDim, int kHeadDimV>
+__global__ void __launch_bounds__(kPostThreads) flash_bwd_dkv_reduce(const BwdDkvReduceParams p) {
+  constexpr int kPairs = (kHeadDim + kHeadDimV) / 2;
+  static_assert(kHeadDim % 2 == 0 && kHeadDimV % 2 == 0, "column pairs");
+  const int64_t total = p.rows * kPairs, part_stride = p.rows * kPairs;
+  const float2* src = reinterpret_cast<const float2*>(p.partial);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    float2 acc = src[i];
+    for (int s = 1; s < p.split; ++s) {
+      const float2 x = src[s * part_stride + i];
+      acc.x += x.x;
+      acc.y += x.y;
+    }
+    const int64_t row = i / kPairs;
+    const int c = int(i % kPairs) * 2;
+    Element* dst = c < kHeadDim ? static_cast<Element*>(p.dk) + row * kHeadDim + c
+                                : static_cast<Element*>(p.dv) + row * kHeadDimV + (c - kHeadDim);
+    dst[0] = Element(acc.x);
+    dst[1] = Element(acc.y);
+  }
+}
+
 }  // namespace fa3::sm90_bwd

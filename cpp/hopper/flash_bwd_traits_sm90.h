@@ -44,6 +44,11 @@ struct BwdMainParams {
   // Causal bands on the dense layout: CTAs take their (key block, kv head, batch) in key-block-major
   // order (flash_bwd_kernel_sm90's start; set by the launcher, see there).
   bool key_block_major;
+  // GQA group split (flash_bwd_launch_sm90.h, bwd_group_split): grid y numbers (kv head, part)
+  // slots, part p covering query heads p * group / group_split .. of the group; with
+  // group_split > 1 dK/dV go to dkv_partial as float32 (dK already scaled).
+  int group_split;
+  float* dkv_partial;
   // Varlen (cu_q non-null): grid x numbers the key blocks of all sequences of batch row z
   // (sm90::varlen_block; varlen.block_seq holds the key blocks); each CTA works inside its sequence,
   // with the band relative to the sequence's bottom-right diagonal and its query blocks at their

@@ -53,9 +53,10 @@ def _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi):
                 diag_lo=np.int64(diag_lo), diag_hi=np.int64(diag_hi))
 
 
-def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0, segments=False):
+def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0, segments=False,
+                    diag_lo=None, diag_hi=None):
     nbytes = _ffi.workspace_bytes(direction, q.shape, k.shape, v.shape, deterministic, num_seqs,
-                                  segments=segments)
+                                  segments=segments, diag_lo=diag_lo, diag_hi=diag_hi)
     return jax.ShapeDtypeStruct((nbytes,), jnp.uint8)
 
 
@@ -127,7 +128,8 @@ def _bwd_ffi(q, k, v, out, lse, dout, dlse, softmax_scale, softcap, diag_lo, dia
     out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype))
     if cuda:
-        out_types += (_workspace_type("bwd", q, k, v, deterministic),)
+        out_types += (_workspace_type("bwd", q, k, v, deterministic, diag_lo=diag_lo,
+                                      diag_hi=diag_hi),)
     call = jax.ffi.ffi_call("fa3_bwd", out_types)
     attrs = _mask_attrs(softmax_scale, softcap, diag_lo, diag_hi)
     return tuple(call(q, k, v, out, lse, dout, dlse, deterministic=bool(deterministic),

@@ -3,9 +3,9 @@
 // FwdEpilogue.
 //
 // 384 or 512 threads: warpgroup 0 produces (one thread issues every TMA, or with kProducerWarp
-// warp 0 runs the producer, lanes issuing a paged block's boxes; one thread of warp 1 runs the
-// tile scheduler, the rest only give their registers back), warpgroups 1 .. block_m / 64
-// consume 64 query rows each.
+// warp 0 runs the producer, lanes issuing a paged block's boxes, and with Params::v_warp warp 2
+// loads V; one thread of warp 1 runs the tile scheduler, the rest only give their registers
+// back), warpgroups 1 .. block_m / 64 consume 64 query rows each.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -29,6 +29,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
 
   int const warp_group = cutlass::canonical_warp_group_idx();
+  // Split-KV on a paged cache read in 16-row boxes: warp 2 loads V, warp 0 Q and K.
+  bool const v_warp = Traits::kSplit && p.v_warp;
 
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
@@ -42,7 +44,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     ss.o_free.init(Traits::kNumMmaWarpGroups);
     for (int i = 0; i < 2; ++i) {
       ss.tile_full[i].init(1);
-      ss.tile_empty[i].init(Traits::kNumMmaThreads + 1);  // consumers + the TMA thread
+      // consumers + the TMA thread (+ the V warp's leader)
+      ss.tile_empty[i].init(Traits::kNumMmaThreads + 1 + int(v_warp));
     }
     ss.tile_want.init(1);
   }
@@ -55,6 +58,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   pipe_params.transaction_bytes = Traits::kBytesK;
   PipelineK pipe_k(ss.pipe_k, pipe_params, Shape<_1, _1, _1>{});
   pipe_params.transaction_bytes = Traits::kBytesV;
+  pipe_params.is_leader = threadIdx.x == (v_warp ? 64 : 0);
   PipelineV pipe_v(ss.pipe_v, pipe_params, Shape<_1, _1, _1>{});
   __syncthreads();  // barrier initialisation visible to every warp
 
@@ -78,8 +82,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ss.tile_full[seq & 1].arrive();
         if (int(tile) >= sched.num_tiles) break;
       }
-    } else if (Traits::kProducerWarp ? threadIdx.x < 32 : threadIdx.x == 0) {
-      // The TMA thread (thread 0), or with kProducerWarp warp 0, thread 0 its leader.
+    } else if (Traits::kProducerWarp ? threadIdx.x < 32 || (v_warp && threadIdx.x / 32 == 2)
+                                     : threadIdx.x == 0) {
+      int const role = !v_warp            ? Mainloop::kLoadAll
+                       : threadIdx.x < 32 ? Mainloop::kLoadQK
+                                          : Mainloop::kLoadV;
+      // The TMA thread (thread 0), or with kProducerWarp warp 0, thread 0 its leader (and with
+      // v_warp warp 2, thread 64 its leader, for V).
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();
       int q_tile_count = 0;
       for (uint32_t seq = 0;; ++seq) {
@@ -91,7 +100,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ss.tile_full[seq & 1].wait((seq >> 1) & 1);
         int const tile = ss.tile_ids[seq & 1];
         if constexpr (Traits::kProducerWarp) __syncwarp();  // every lane has read the slot
-        if (threadIdx.x == 0) ss.tile_empty[seq & 1].arrive();
+        if (threadIdx.x % 32 == 0) ss.tile_empty[seq & 1].arrive();
         if (tile >= sched.num_tiles) break;
         TileCoord t = decode_tile(sched, tile);
         typename Traits::Mask mask;
@@ -102,7 +111,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         split_n_range(sched, t, n_min, n_max);
         if (n_max <= n_min) continue;
         Mainloop::load(p, ss, pipe_k, pipe_v, write, q_tile_count, t, offset_q, offset_k, n_min,
-                       n_max);
+                       n_max, role);
         ++q_tile_count;
       }
     }

@@ -1,9 +1,10 @@
 // fa3_jax Hopper forward mainloop: the producer's TMA loads and the consumers' WGMMAs with the
 // online softmax, for one (m_block, head, batch) tile.
 //
-// Producer (one thread of warp 0): Q once per tile on its own barrier, then K and V through two
-// rings of kStages slots, in exactly the order the consumers need them: K[n_max-1], then
-// (K[n-1], V[n]) pairs, then V[n_min].
+// Producer (one thread of warp 0; split-KV: warp 0): Q once per tile on its own barrier, then K
+// and V through two rings of kStages slots, in exactly the order the consumers need them:
+// K[n_max-1], then (K[n-1], V[n]) pairs, then V[n_min]. Split-KV on a paged cache read in
+// 16-row boxes (Params::v_warp): warp 0 loads Q and K, warp 2 V.
 // Consumers (two or three warpgroups, 64 query rows each): intra-warpgroup overlap as in FA3 — the
 // S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
 // together, and the softmax of the next block runs while P V is still on the tensor cores.
@@ -27,15 +28,22 @@ struct FwdMainloop {
   using PipelineK = typename Traits::PipelineK;
   using PipelineV = typename Traits::PipelineV;
   using PipelineState = typename Traits::PipelineState;
+  using ShapeQKV = typename Traits::ShapeQKV;
   static constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN;
 
-  // Called by the producer: thread 0, or warp 0 (Traits::kProducerWarp). q_tile_count: non-empty tiles this CTA loaded before.
+  // What a producer warp loads (role): Q, K and V; with Params::v_warp, warp 0 Q and K and
+  // warp 2 V.
+  static constexpr int kLoadAll = 0, kLoadQK = 1, kLoadV = 2;
+
+  // Called by the producer: thread 0, or warp 0 (Traits::kProducerWarp; with Params::v_warp
+  // also warp 2). q_tile_count: non-empty tiles this CTA loaded before.
   // offset_q / offset_k: first row of the tile's sequence in its batch row (0 when dense). Rows
   // past the sequence's end load the next sequence's rows or TMA's zero fill; the mask and the
   // epilogue's row bounds keep them out of every result.
   static CUTLASS_DEVICE void load(Params const& p, SharedStorage& ss, PipelineK& pipe_k,
                                   PipelineV& pipe_v, PipelineState& write, int q_tile_count,
-                                  TileCoord t, int offset_q, int offset_k, int n_min, int n_max) {
+                                  TileCoord t, int offset_q, int offset_k, int n_min, int n_max,
+                                  int role = kLoadAll) {
     int const q_buf = Traits::q_buffer(q_tile_count);
     Tensor sQ = make_tensor(make_smem_ptr(Traits::smem_q(ss, q_buf)),
                             typename Traits::SmemLayoutQ{});  // (M, D)
@@ -78,58 +86,79 @@ struct FwdMainloop {
     // pipeline state. Otherwise thread 0 alone runs it.
     bool const leader = !Traits::kProducerWarp || cutlass::canonical_lane_idx() == 0;
 
-    // Paged K/V (kSplit only): key block n is block n % page_blocks of the page the table names
-    // (page_blocks > 0), or kBlockN / kPageRows boxes, box r from the page of its first key.
-    // A page index outside the pool becomes num_pages, a box wholly outside the tensor, which
-    // the TMA unit fills with zeros (flash.h: such pages read as zeros); so do boxes past the
-    // row's last page (the last block of a capacity that is no multiple of kBlockN).
+    // Paged K/V (kSplit only; flash.h, "Paged"). Pages of whole key blocks: block n is block
+    // n % page_blocks of the page the table names. Smaller pages: the pool is seen as boxes of
+    // `box_rows` rows (kPageRowsLarge where page_size is a multiple of it, else kPageRows; the
+    // host's tma_*_page descriptors are the same view), box page * (page_size / box_rows) + i
+    // holding rows [i * box_rows, (i + 1) * box_rows) of page `page`; a key block is kBlockN /
+    // box_rows boxes, lane r of the producer warp naming box r. A page index outside the pool
+    // becomes num_pages, which names pages or boxes wholly outside the tensor: the TMA unit
+    // fills them with zeros (flash.h: such pages read as zeros); so do boxes past the row's last
+    // page (the last block of a capacity that is no multiple of kBlockN).
+    int const lane = cutlass::canonical_lane_idx();
+    bool const paged = Traits::kSplit && p.page_table != nullptr;
+    int const num_pages = get<3>(p.shape_k);
+    bool const large_boxes = p.page_size % Traits::kPageRowsLarge == 0;
+    int const box_rows = large_boxes ? Traits::kPageRowsLarge : Traits::kPageRows;
+    int const box_shift = large_boxes ? cute::log_2(unsigned(Traits::kPageRowsLarge))
+                                      : cute::log_2(unsigned(Traits::kPageRows));
+    int const boxes_per_page = paged && p.page_blocks == 0 ? p.page_size >> box_shift : 0;
     auto page_at = [&](int index) {
-      int const num_pages = get<3>(p.shape_k);
       if (index >= p.page_table_stride) return num_pages;
       int const page = __ldg(p.page_table + int64_t(t.batch) * p.page_table_stride + index);
       return page >= 0 && page < num_pages ? page : num_pages;
     };
-    // Key block n as kBlockN / rows boxes of `rows` rows (tma_page: its descriptor), lane r
-    // issuing box r (with its own page index load) after the leader's expect_tx.
-    auto load_boxes = [&](auto rows, auto const& tma_page, auto const& shape, auto const& sX,
-                          int slot, int n, uint64_t* bar) {
+    // Where key block n comes from, this lane's part: the page (whole-block pages), the box of
+    // lane r (smaller pages; lanes past the block's boxes: 0, unused), 0 (contiguous).
+    auto where = [&](int n) {
+      if constexpr (!Traits::kSplit) return 0;
+      if (!paged) return 0;
+      if (p.page_blocks > 0) return page_at(n / p.page_blocks);
+      if (lane * box_rows >= kBlockN) return 0;
+      int const key = n * kBlockN + lane * box_rows;
+      int const index = key / p.page_size;
+      return page_at(index) * boxes_per_page + ((key - index * p.page_size) >> box_shift);
+    };
+    // Key block n as kBlockN / rows boxes of `rows` rows (tma_page: its descriptor over the
+    // pool's boxes), lane r issuing box r (the index `box` it holds) after the leader's
+    // expect_tx.
+    auto load_boxes = [&](auto rows, auto const& tma_page, auto dim, auto const& sX, int slot,
+                          int box, uint64_t* bar) {
       constexpr int kRows = decltype(rows)::value;
       using Box = Shape<Int<kRows>, decltype(size<1>(sX))>;  // (kRows, D)
       constexpr int kBoxes = kBlockN / kRows;
       static_assert(kBoxes <= 32, "one box per lane of the producer warp");
-      __syncwarp();  // the leader's expect_tx first
-      int const r = cutlass::canonical_lane_idx();
-      if (r < kBoxes) {
-        int const key = n * kBlockN + r * kRows;
-        Tensor s_boxes = local_tile(sX(_, _, slot), Box{},
-                                    make_coord(_, _0{}));  // (kRows, D, kBoxes)
-        int const page = page_at(key / p.page_size);
-        Tensor g = local_tile(tma_page.get_tma_tensor(shape)(_, _, h_kv, page), Box{},
-                              make_coord(_, _0{}));  // (kRows, D, page_size / kRows)
+      Tensor s_boxes = local_tile(sX(_, _, slot), Box{}, make_coord(_, _0{}));  // (kRows, D, kBoxes)
+      constexpr int kDim = decltype(dim)::value;
+      Tensor pool = tma_page.get_tma_tensor(
+          ShapeQKV(kRows, kDim, get<2>(p.shape_k), num_pages * boxes_per_page));
+      auto issue = [&](int r, int b) {
+        Tensor g = local_tile(pool(_, _, h_kv, b), Box{}, make_coord(_, _0{}));  // (kRows, D, 1)
         auto [tg, ts] = tma_partition(tma_page, _0{}, Layout<_1>{}, group_modes<0, 2>(s_boxes),
                                       group_modes<0, 2>(g));
-        copy(tma_page.with(*bar, 0), tg(_, (key % p.page_size) / kRows), ts(_, r));
-      }
+        copy(tma_page.with(*bar, 0), tg(_, 0), ts(_, r));
+      };
+      __syncwarp();  // the leader's expect_tx first
+      if (lane < kBoxes) issue(lane, box);
     };
-    // One key block of K or V (tma, tile: its (N, D) block shape; sX: its whole ring; slot) on
-    // barrier bar: contiguous, one TMA load of the block; pages of whole blocks, one TMA load
-    // from the block's page; smaller pages, boxes (load_boxes) of kPageRowsLarge rows where
-    // page_size is a multiple of it, else of kPageRows.
+    // One key block of K or V (tma, tile: its (N, D) block shape; sX: its whole ring; slot;
+    // src: where(n)) on barrier bar: contiguous, one TMA load of the block; pages of whole
+    // blocks, one TMA load from the block's page; smaller pages, boxes (load_boxes).
     auto load_block = [&](auto const& tma, auto const& tma_page, auto const& tma_page_large,
-                          auto const& shape, auto const& tile, auto const& sX, auto const& tXgX,
-                          auto const& tXsX, int slot, int n, uint64_t* bar) {
+                          auto dim, auto const& shape, auto const& tile, auto const& sX,
+                          auto const& tXgX, auto const& tXsX, int slot, int n, int src,
+                          uint64_t* bar) {
       if constexpr (Traits::kSplit) {
-        if (p.page_table && p.page_blocks == 0) {
-          if (p.page_size % Traits::kPageRowsLarge == 0)
-            load_boxes(Int<Traits::kPageRowsLarge>{}, tma_page_large, shape, sX, slot, n, bar);
+        if (paged && p.page_blocks == 0) {
+          if (large_boxes)
+            load_boxes(Int<Traits::kPageRowsLarge>{}, tma_page_large, dim, sX, slot, src, bar);
           else
-            load_boxes(Int<Traits::kPageRows>{}, tma_page, shape, sX, slot, n, bar);
+            load_boxes(Int<Traits::kPageRows>{}, tma_page, dim, sX, slot, src, bar);
           return;
         }
-        if (p.page_table) {
+        if (paged) {
           if (leader) {
-            int const page = page_at(n / p.page_blocks);
-            Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, h_kv, page), tile,
+            Tensor g = local_tile(tma.get_tma_tensor(shape)(_, _, h_kv, src), tile,
                                   make_coord(_, _0{}));  // (N, D, page_blocks)
             auto tp = tma_partition(tma, _0{}, Layout<_1>{}, group_modes<0, 2>(sX),
                                     group_modes<0, 2>(g));
@@ -140,23 +169,45 @@ struct FwdMainloop {
       }
       if (leader) copy(tma.with(*bar, 0), tXgX(_, n), tXsX(_, slot));
     };
-    auto load_k = [&](int n) {
+    // src: where(n), looked up before the slot wait (below).
+    auto load_k = [&](int n, int src) {
       pipe_k.producer_acquire(write);
-      load_block(p.tma_k, p.tma_k_page, p.tma_k_page_large, p.shape_k,
-                 select<1, 2>(typename Traits::TileShapeQK{}), sK, tKgK, tKsK, write.index(), n,
-                 pipe_k.producer_get_barrier(write));
+      load_block(p.tma_k, p.tma_k_page, p.tma_k_page_large, Int<Traits::kHeadDim>{},
+                 p.shape_k, select<1, 2>(typename Traits::TileShapeQK{}), sK, tKgK, tKsK,
+                 write.index(), n, src, pipe_k.producer_get_barrier(write));
+    };
+    // V of block n into slot `st` of the V ring.
+    auto load_v = [&](PipelineState const& st, int n, int src) {
+      pipe_v.producer_acquire(st);
+      load_block(p.tma_v, p.tma_v_page, p.tma_v_page_large, Int<Traits::kHeadDimV>{},
+                 p.shape_v, typename Traits::TileShapeVLoad{}, sV, tVgV, tVsV, st.index(), n,
+                 src, pipe_v.producer_get_barrier(st));
     };
     // V of block n goes to the slot K of block n used, one step behind `write`; deriving that
     // state instead of keeping a second one saves registers (the producer has only 24).
-    auto load_v_prev = [&](int n) {
+    auto load_v_prev = [&](int n, int src) {
       bool const wrap = write.index() == 0;
       PipelineState const st(wrap ? Traits::kStages - 1 : write.index() - 1,
                              wrap ? write.phase() ^ 1 : write.phase(), 0);
-      pipe_v.producer_acquire(st);
-      load_block(p.tma_v, p.tma_v_page, p.tma_v_page_large, p.shape_v,
-                 typename Traits::TileShapeVLoad{}, sV, tVgV, tVsV, st.index(), n,
-                 pipe_v.producer_get_barrier(st));
+      load_v(st, n, src);
     };
+    // Block n - 1's source (where: a page-table load when paged) is looked up before block n's
+    // slot wait, so that the load's latency passes while the producer waits, not after it:
+    // the producer's time from a slot's release to its TMA issue adds to every block's
+    // round trip (tile_size.h, kFwdPageRows).
+
+    // role kLoadV (Params::v_warp, warp 2): V alone, in block order with this warp's own ring
+    // state (the same slot sequence as K's, which warp 0 loads with Q: kLoadQK).
+    if (role == kLoadV) {
+      int src_next = where(n_max - 1);
+      for (int n = n_max - 1; n >= n_min; --n) {
+        int const src = src_next;
+        if (n - 1 >= n_min) src_next = where(n - 1);
+        load_v(write, n, src);
+        ++write;
+      }
+      return;
+    }
 
     // The Q this buffer held (kQStages tiles ago) must be dead (its last S WGMMA retired)
     // before it is overwritten.
@@ -167,8 +218,22 @@ struct FwdMainloop {
       copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full[q_buf]), 0), tQgQ, tQsQ);
     }
 
-    // Both rings advance once per block; V runs one block behind K, matching the consumers.
-    load_k(n_max - 1);
+    if (role == kLoadQK) {
+      int src_next = where(n_max - 1);
+      for (int n = n_max - 1; n >= n_min; --n) {
+        int const src = src_next;
+        if (n - 1 >= n_min) src_next = where(n - 1);
+        load_k(n, src);
+        ++write;
+      }
+      return;
+    }
+
+    // Both rings advance once per block; V runs one block behind K, matching the consumers,
+    // and takes K's source of the same block.
+    int src_v = where(n_max - 1);
+    load_k(n_max - 1, src_v);
+    int src_next = n_max - 2 >= n_min ? where(n_max - 2) : 0;
     ++write;
     // FP8: vt comes from the transpose kernel this one may overlap (programmatic dependent
     // launch, flash_fwd_sm90.cu): its writes are complete and visible past this wait. Q and K
@@ -181,11 +246,14 @@ struct FwdMainloop {
       if (q_tile_count > 0) ss.o_free.wait((q_tile_count - 1) & 1);
     }
     for (int n = n_max - 2; n >= n_min; --n) {
-      load_k(n);
-      load_v_prev(n + 1);
+      int const src_k = src_next;
+      if (n - 1 >= n_min) src_next = where(n - 1);
+      load_k(n, src_k);
+      load_v_prev(n + 1, src_v);
+      src_v = src_k;
       ++write;
     }
-    load_v_prev(n_min);
+    load_v_prev(n_min, src_v);
   }
 
   // Consumer side for one tile. tOrO: output accumulator (cleared here); lse: per-row LSE out;

@@ -213,23 +213,34 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
       // Pages smaller than a block: boxes of kPageRowsLarge rows where the page size allows,
       // else of kPageRows (FwdMainloop::load makes the same choice).
       constexpr int kBoxLarge = Traits::kPageRowsLarge, kBoxSmall = Traits::kPageRows;
-      Tensor const k_pool = make_tensor(gmem(p.k), kp.shape_k, stride_k);
-      Tensor const v_pool = make_tensor(gmem(p.v), kp.shape_v, stride_v);
+      // The pool as boxes of `rows` rows: box i of page q is box q * (page_size / rows) + i,
+      // rows * hkv * d elements apart (FwdMainloop::load).
+      auto boxes = [&](void const* ptr, int rows, int d) {
+        int const count = int(p.num_pages * (p.page_size / rows));  // < 2^30 (sm90_supports_fwd)
+        return make_tensor(gmem(ptr), ShapeQKV(rows, d, hkv, count),
+                           StrideQKV(int64_t(hkv) * d, _1{}, int64_t(d), int64_t(rows) * hkv * d));
+      };
       if (p.page_size % kBoxLarge == 0) {
-        kp.tma_k_page_large = make_tma_copy(SM90_TMA_LOAD{}, k_pool,
+        kp.tma_k_page_large = make_tma_copy(SM90_TMA_LOAD{}, boxes(p.k, kBoxLarge, kHeadDim),
                                             typename Traits::SmemLayoutKPageLarge{},
                                             Shape<Int<kBoxLarge>, Int<kHeadDim>>{}, _1{});
-        kp.tma_v_page_large = make_tma_copy(SM90_TMA_LOAD{}, v_pool,
+        kp.tma_v_page_large = make_tma_copy(SM90_TMA_LOAD{}, boxes(p.v, kBoxLarge, kHeadDimV),
                                             typename Traits::SmemLayoutVPageLarge{},
                                             Shape<Int<kBoxLarge>, Int<kHeadDimV>>{}, _1{});
       } else {
-        kp.tma_k_page = make_tma_copy(SM90_TMA_LOAD{}, k_pool, typename Traits::SmemLayoutKPage{},
+        kp.tma_k_page = make_tma_copy(SM90_TMA_LOAD{}, boxes(p.k, kBoxSmall, kHeadDim),
+                                      typename Traits::SmemLayoutKPage{},
                                       Shape<Int<kBoxSmall>, Int<kHeadDim>>{}, _1{});
-        kp.tma_v_page = make_tma_copy(SM90_TMA_LOAD{}, v_pool, typename Traits::SmemLayoutVPage{},
+        kp.tma_v_page = make_tma_copy(SM90_TMA_LOAD{}, boxes(p.v, kBoxSmall, kHeadDimV),
+                                      typename Traits::SmemLayoutVPage{},
                                       Shape<Int<kBoxSmall>, Int<kHeadDimV>>{}, _1{});
       }
     }
   }
+  kp.v_warp = kSplit && paged && kp.page_blocks == 0 &&
+              sm90::fwd_paged_v_warp(p.page_size % Traits::kPageRowsLarge == 0
+                                         ? Traits::kPageRowsLarge
+                                         : Traits::kPageRows);
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
   // Packed dense rows all see every key (pack_gqa), which the unbounded band says. With
@@ -538,7 +549,8 @@ bool sm90_supports_fwd(const FwdParams& p) {
   if (p.page_table) {
     // Pages of whole key blocks, or of whole kFwdPageRows-row boxes (tile_size.h).
     if (!p.seqused_k || p.page_size < 1 || p.page_size % sm90::kFwdPageRows != 0 ||
-        p.num_pages >= (int64_t(1) << 30) || p.seqlen_k % p.page_size != 0)
+        p.num_pages >= (int64_t(1) << 30) || p.seqlen_k % p.page_size != 0 ||
+        p.num_pages * (p.page_size / sm90::kFwdPageRows) >= (int64_t(1) << 30))
       return false;
   }
   if (p.cu_seqlens_q) {

@@ -322,9 +322,13 @@ struct FwdTraits {
     // shape_k / shape_v are then (page_size, d, heads_kv, num_pages). page_blocks > 0: a page
     // holds page_blocks key blocks (one TMA load per block); 0: pages are smaller than a block
     // and a block is kBlockN / kPageRows boxes of kPageRows rows (tma_k_page, tma_v_page), or
-    // where page_size is a multiple of kPageRowsLarge, boxes of that many (tma_*_page_large).
+    // where page_size is a multiple of kPageRowsLarge, boxes of that many (tma_*_page_large);
+    // those descriptors see the pool as (box rows, d, heads_kv, num_pages * boxes per page).
     int32_t const* page_table;
     int page_table_stride, page_blocks, page_size;
+    // kSplit only: warp 2 loads V while warp 0 loads Q and K (FwdMainloop::load), so that
+    // each ring's boxes are issued by a warp of its own (tile_size.h, fwd_paged_v_warp).
+    bool v_warp;
     // FP8 descales (kFp8 only; flash.h, "FP8"). Per tensor (descale_nk == 0): q, k, v
     // [batch, heads_kv]. Per tile (descale_nk > 0; the scale blocks are this kernel's tiles):
     // q [batch, heads_q, descale_nq], k and v [batch, heads_kv, descale_nk].

@@ -298,8 +298,33 @@ inline constexpr int kMinBlocksPerSplit = 4;
 // warp): pages of 16 and 64 both at 0.98-1.03 TB/s against the boxes' 2.81-3.34 and 3.34-4.29 in
 // the same call (ncu, 8 x 16k: DRAM 21% busy, 530 us against 129 contiguous; the 40-register
 // producer spilled). One warp's copies keep far fewer bytes in flight than the TMA unit does.
+// The producer's time from a slot's release to its TMA issue adds to every block's round trip
+// (2 K/V stages), so paged calls are limited by it, not by the TMA unit or DRAM (session 10,
+// h200_2026-11-22s10d_decode.txt; ncu, 8 x 16k, pages of 16: 187 us, DRAM 60% busy, against 129
+// us and 87% contiguous). Two measured consequences, both taken (K/V TB/s, H200, rows 8 x 4k /
+// 8 x 16k / 1 x 128k / 64 x 8k at seqlen_q 1 / 8 x 16k at 16, one device call):
+//  - FwdMainloop::load looks the page (or box) of block n - 1 up before waiting for block n's
+//    slot, and V takes K's: pages of 16 2.72 / 3.04 / 3.08 / 3.22 / 2.89 -> 2.95 / 3.27 / 3.33
+//    / 3.50 / 3.10, of 64 3.38 / 3.98 / 3.97 / 4.20 / 3.69 -> 3.46 / 4.18 / 4.16 / 4.30 / 3.86,
+//    of 256 3.49 / 4.09 / 4.06 / 4.28 / 3.76 -> 3.52 / 4.23 / 4.22 / 4.36 / 3.88 (before: the
+//    same build looking up after the wait; session 9's kernel in the same call: 2.98 / 3.31 /
+//    3.31 / 3.55 / 3.15, 3.40 / 4.05 / 3.96 / 4.28 / 3.81, 3.51 / 4.19 / 4.11 / 4.38 / 3.88;
+//    the contiguous cache 3.52 / 4.25 / 4.13 / 4.40 / 3.98).
+//  - fwd_paged_v_warp (below).
+// Not taken: the leader issuing every box (the indices shuffled to it), pages of 16 2.47 / 2.76
+// / 2.80 / 2.91 / 2.56 against 2.89 / 3.23 / 3.29 / 3.49 / 3.07 for a box per lane.
 inline constexpr int kFwdPageRows = 16;
 inline constexpr int kFwdPageRowsLarge = 64;
+// Split-KV calls whose blocks arrive as boxes of box_rows rows: whether warp 2 of the producer
+// warpgroup loads V while warp 0 loads Q and K (Params::v_warp), rather than warp 0 all three.
+// A block is 8 boxes of 16 rows, 16 TMA instructions (two 64-column halves each) per tensor
+// that one warp issues one lane after the other; with a warp per ring each ring's boxes go out
+// as soon as its slot frees. Measured (as above, after the look-ahead): pages of 16 2.95 / 3.27
+// / 3.33 / 3.50 / 3.10 -> 3.24 / 3.84 / 3.85 / 4.11 / 3.58 (0.90-0.93x the contiguous cache);
+// pages of 64 (4 instructions a tensor) 3.46 / 4.18 / 4.16 / 4.30 / 3.86 -> 3.34 / 4.15 / 4.15
+// / 4.32 / 3.84 and of 256 (whole-block loads) 3.52 / 4.23 / 4.22 / 4.36 / 3.88 -> 3.47 / 4.21
+// / 4.20 / 4.36 / 3.87, so those keep one warp; the contiguous cache unchanged within 1%.
+constexpr bool fwd_paged_v_warp(int box_rows) { return box_rows == kFwdPageRows; }
 inline constexpr int kMaxSplits = 128;
 
 constexpr int fwd_num_splits(int num_tiles, int num_n_blocks, int num_sms) {

@@ -70,6 +70,25 @@ struct TileSchedulerParams {
 };
 inline constexpr int kClaimOnDemandMaxTilesPerCta = 16;
 
+// L2 sections (above): each section's (head, batch) pairs pull at most l2_bytes / divisor of K/V
+// through L2. 2 (half of L2) by default. Dense 16-bit hdim 128 calls without a band's upper edge
+// (not longest_first: full attention) take 8: there the Q reads and O writes streaming through
+// L2 beside half of L2 of K/V evicted K/V before its last m_block read it. Measured on H200
+// (test_fwd_sm90 --time, bf16, hdim 128, 16k tokens, hidden 2048, clocks not pinned, one device
+// call, two runs each, 2026-11-22, benchmarks/measured/h200_2026-11-22s10f_l2_sections.txt),
+// mean TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k, divisor 2 -> 4 -> 8 -> 16:
+//   full   472 / 559 / 618 / 607 / 617 / 632 -> 480 / 572 / 627 / 626 / 656 / 636 ->
+//          483 / 572 / 633 / 641 / 673 / 634 -> 483 / 575 / 632 / 623 / 654 / 636
+//          (8k / 16k: the 128 x 176 large tile);
+//   causal 266 / 378 / 480 / 556 / 604 / 635 -> 270 / 379 / 472 / 572 / 606 / 620 ->
+//          269 / 372 / 455 / 554 / 596 / 618 -> 265 / 369 / 457 / 539 / 594 / 632
+//          (longest-first order works within a section: smaller ones balance worse).
+//   ncu, full 1k: L2 hit rate 54% -> 73%, DRAM 1.80 -> 1.10 TB/s, 244.1 -> 237.9 us (2 -> 8).
+// Other head dims, FP8, varlen / segment / split-KV calls are not measured: 2.
+constexpr int fwd_l2_section_divisor(int head_dim, bool fp8, bool located, bool longest_first) {
+  return head_dim == 128 && !fp8 && !located && !longest_first ? 8 : 2;
+}
+
 struct TileCoord {
   int m_block, head, batch;
   int split;  // 0 when num_splits == 1

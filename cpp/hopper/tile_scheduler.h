@@ -84,6 +84,8 @@ inline constexpr int kClaimOnDemandMaxTilesPerCta = 16;
 //          269 / 372 / 455 / 554 / 596 / 618 -> 265 / 369 / 457 / 539 / 594 / 632
 //          (longest-first order works within a section: smaller ones balance worse).
 //   ncu, full 1k: L2 hit rate 54% -> 73%, DRAM 1.80 -> 1.10 TB/s, 244.1 -> 237.9 us (2 -> 8).
+//   Bench beside cuDNN (h200_2026-11-22s10f_bench_fwd128.txt), full fa3_jax / cuDNN 0.924 /
+//   0.946 / 0.965 / 0.983 / 1.010 / 1.029 (main) -> 0.939 / 0.959 / 0.992 / 1.005 / 1.027 / 1.038.
 // Other head dims, FP8, varlen / segment / split-KV calls are not measured: 2.
 constexpr int fwd_l2_section_divisor(int head_dim, bool fp8, bool located, bool longest_first) {
   return head_dim == 128 && !fp8 && !located && !longest_first ? 8 : 2;

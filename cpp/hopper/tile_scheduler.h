@@ -5,9 +5,10 @@
 // tiles far better than a fixed round-robin (max / mean CTA load at 16k tokens, causal, hdim 256:
 // 1.82 round-robin, 1.01 dynamic); without a workspace it falls back to c + k * grid. Tiles are
 // (m_block, head, batch). The (head, batch) pairs are cut into sections whose K/V fit in about
-// half of L2; inside a section m_block varies slowest, so the CTAs running at one time share K/V
-// in L2. With a band mask (causal) the query blocks with the most keys come first in each
-// section (longest-processing-time order), so the short ones fill the tail.
+// half of L2 (an eighth for hdim 128 full: fwd_l2_section_divisor); inside a section m_block
+// varies slowest, so the CTAs running at one time share K/V in L2. With a band mask (causal) the
+// query blocks with the most keys come first in each section (longest-processing-time order), so
+// the short ones fill the tail.
 // The sections are as equal as possible (sizes q and q + 1, the smaller ones first): a short last
 // section (e.g. 32 pairs cut 6+6+6+6+6+2) puts its long causal tiles at the very end of the grid,
 // where they run alone. ncu, H200, hdim 256 causal 4k, 16k tokens (32 pairs, sections of 6): SM

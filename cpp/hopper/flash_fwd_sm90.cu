@@ -315,7 +315,10 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   int const heads_per_kv = h / hkv;
   int64_t const kv_bytes = std::max<int64_t>(
       1, int64_t(span_k) * (kHeadDim + kHeadDimV) * sizeof(Element) / heads_per_kv);
-  int const l2_group = int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / 2 / kv_bytes, 1, num_hb));
+  int const l2_share = sm90::fwd_l2_section_divisor(kHeadDim, Traits::kFp8, Traits::kLocated,
+                                                    longest_first);
+  int const l2_group =
+      int(std::clamp<int64_t>(int64_t(dev.l2_bytes) / l2_share / kv_bytes, 1, num_hb));
   kp.sched = {num_m_blocks, h, num_hb, 0, 0, num_m_blocks * num_hb * plan.num_splits,
               longest_first, plan.num_splits, /*claim_on_demand=*/false};
   sm90::set_sections(kp.sched, l2_group);

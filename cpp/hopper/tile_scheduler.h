@@ -5,9 +5,10 @@
 // tiles far better than a fixed round-robin (max / mean CTA load at 16k tokens, causal, hdim 256:
 // 1.82 round-robin, 1.01 dynamic); without a workspace it falls back to c + k * grid. Tiles are
 // (m_block, head, batch). The (head, batch) pairs are cut into sections whose K/V fit in about
-// half of L2; inside a section m_block varies slowest, so the CTAs running at one time share K/V
-// in L2. With a band mask (causal) the query blocks with the most keys come first in each
-// section (longest-processing-time order), so the short ones fill the tail.
+// half of L2 (an eighth for hdim 128 full: fwd_l2_section_divisor); inside a section m_block
+// varies slowest, so the CTAs running at one time share K/V in L2. With a band mask (causal) the
+// query blocks with the most keys come first in each section (longest-processing-time order), so
+// the short ones fill the tail.
 // The sections are as equal as possible (sizes q and q + 1, the smaller ones first): a short last
 // section (e.g. 32 pairs cut 6+6+6+6+6+2) puts its long causal tiles at the very end of the grid,
 // where they run alone. ncu, H200, hdim 256 causal 4k, 16k tokens (32 pairs, sections of 6): SM
@@ -69,6 +70,27 @@ struct TileSchedulerParams {
   bool claim_on_demand;  // "Claiming" above
 };
 inline constexpr int kClaimOnDemandMaxTilesPerCta = 16;
+
+// L2 sections (above): each section's (head, batch) pairs pull at most l2_bytes / divisor of K/V
+// through L2. 2 (half of L2) by default. Dense 16-bit hdim 128 calls without a band's upper edge
+// (not longest_first: full attention) take 8: there the Q reads and O writes streaming through
+// L2 beside half of L2 of K/V evicted K/V before its last m_block read it. Measured on H200
+// (test_fwd_sm90 --time, bf16, hdim 128, 16k tokens, hidden 2048, clocks not pinned, one device
+// call, two runs each, 2026-11-22, benchmarks/measured/h200_2026-11-22s10f_l2_sections.txt),
+// mean TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k, divisor 2 -> 4 -> 8 -> 16:
+//   full   472 / 559 / 618 / 607 / 617 / 632 -> 480 / 572 / 627 / 626 / 656 / 636 ->
+//          483 / 572 / 633 / 641 / 673 / 634 -> 483 / 575 / 632 / 623 / 654 / 636
+//          (8k / 16k: the 128 x 176 large tile);
+//   causal 266 / 378 / 480 / 556 / 604 / 635 -> 270 / 379 / 472 / 572 / 606 / 620 ->
+//          269 / 372 / 455 / 554 / 596 / 618 -> 265 / 369 / 457 / 539 / 594 / 632
+//          (longest-first order works within a section: smaller ones balance worse).
+//   ncu, full 1k: L2 hit rate 54% -> 73%, DRAM 1.80 -> 1.10 TB/s, 244.1 -> 237.9 us (2 -> 8).
+//   Bench beside cuDNN (h200_2026-11-22s10f_bench_fwd128.txt), full fa3_jax / cuDNN 0.924 /
+//   0.946 / 0.965 / 0.983 / 1.010 / 1.029 (main) -> 0.939 / 0.959 / 0.992 / 1.005 / 1.027 / 1.038.
+// Other head dims, FP8, varlen / segment / split-KV calls are not measured: 2.
+constexpr int fwd_l2_section_divisor(int head_dim, bool fp8, bool located, bool longest_first) {
+  return head_dim == 128 && !fp8 && !located && !longest_first ? 8 : 2;
+}
 
 struct TileCoord {
   int m_block, head, batch;

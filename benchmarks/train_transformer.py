@@ -16,9 +16,10 @@ block's host wall-clock time over its steps (median over the blocks), the compil
 out. Where CUPTI is available (CUDA builds) the last `--sample-steps` steps of each run one at a
 time and are split by kernel: the GPU time of the attention kernels
 (forward and backward, with their pre/post-processing) against everything else, median over the
-sampled steps. On GPUs XLA's GEMM autotuning results are shared between the implementations
-(a per-fusion autotune cache in a temporary directory), so that both models run the same GEMM
-algorithms and the comparison isolates attention.
+sampled steps. On GPUs XLA's per-fusion autotune cache points at a temporary directory, so that
+fusions the models share are autotuned once and run the same way in both (on an H200 with
+jax 0.11.2 it held one result: most GEMMs pick their algorithm without it); the last line says
+how many results it held.
 
     python benchmarks/train_transformer.py [--steps 30] [--seq 256] [--batch 8] ...
 """
@@ -249,10 +250,9 @@ AUTOTUNE_CACHE_FLAG = "--xla_gpu_per_fusion_autotune_cache_dir"
 
 def _share_autotuning():
     """Points XLA's per-fusion autotune cache at a fresh temporary directory (unless XLA_FLAGS
-    names one): the GEMM fusions that both models share are autotuned once, by the first
-    compilation, and the others reuse that choice. Autotuning twice picks different algorithms
-    from noisy timings often enough to move the non-attention time of a step by several percent.
-    Takes effect only before the GPU backend starts (as when this file runs as a script)."""
+    names one): a fusion both models share is autotuned once, by the first compilation, and the
+    second reuses that choice instead of picking again from noisy timings. Takes effect only
+    before the GPU backend starts (as when this file runs as a script)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if AUTOTUNE_CACHE_FLAG in flags:
         return None
@@ -368,7 +368,7 @@ def main(argv=None):
                                       for n, v in split.items()},
                            skipped=skipped), f, indent=1)
     if cache_dir is not None and backend == "gpu":
-        print(f"shared GEMM autotuning: {len(os.listdir(cache_dir))} fusion results in {cache_dir}")
+        print(f"shared autotune cache: {len(os.listdir(cache_dir))} fusion results in {cache_dir}")
     if not np.isfinite(lf).all():
         raise SystemExit("fa3_jax training produced a non-finite loss")
     return 0

@@ -222,7 +222,7 @@ __device__ __forceinline__ void store_dk_dv(const BwdMainParams& p, typename Tr:
   const int64_t k_row = int64_t(b) * p.seqlen_k + offset_k + n0;
   Element* gdk = static_cast<Element*>(p.dk) + (k_row * p.heads_kv + hkv) * kHeadDim;
   Element* gdv = static_cast<Element*>(p.dv) + (k_row * p.heads_kv + hkv) * kHeadDimV;
-  if (!Tr::kSegments && p.group_split > 1) {
+  if (Tr::kGroupSplit && p.group_split > 1) {
     // GQA group split: this part's float32 partials (dK scaled), summed by flash_bwd_dkv_reduce.
     constexpr int kCols = kHeadDim + kHeadDimV;
     float* gp = p.dkv_partial + ((int64_t(part) * p.batch * p.seqlen_k + k_row) * p.heads_kv + hkv) * kCols;

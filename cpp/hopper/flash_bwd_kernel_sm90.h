@@ -106,9 +106,9 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     b = linear % pairs / int(gridDim.y);
   }
   // Grid y numbers (kv head, part) slots: the CTA's query heads h0 .. h0 + group / split - 1.
-  // Segment ids never split (bwd_group_split): a constant 1 keeps part out of that kernel's
-  // registers (it spilled 4 bytes at hdim 128).
-  const int split = Tr::kSegments ? 1 : p.group_split;
+  // Only Tr::kGroupSplit kernels split (bwd_group_split): a constant 1 keeps part out of the
+  // others' registers (the segment-id kernel spilled 4 bytes at hdim 128, hdim 64 ran 2-4% slower).
+  const int split = Tr::kGroupSplit ? p.group_split : 1;
   const int part = hkv % split;
   hkv /= split;
   const int h0 = hkv * p.group + part * (p.group / split);

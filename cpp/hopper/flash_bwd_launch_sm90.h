@@ -32,7 +32,8 @@ struct BwdWorkspaceLayout {
 // covering group / split heads and writing float32 dK/dV partials ([split, batch, seqlen_k,
 // heads_kv, head_dim + head_dim_v]) that flash_bwd_dkv_reduce sums in a fixed order (so
 // deterministic mode stays bit-identical). 1: one CTA per group, dK/dV written directly.
-// Rule: causal bands (no lower edge, the upper edge cutting keys) on the dense layout with
+// Rule (hdim 128, the only head dim compiled with it: BwdTraitsSm90::kGroupSplit): causal bands
+// (no lower edge, the upper edge cutting keys) on the dense layout with
 // group >= 8 and at most 64 (kv head, batch) pairs take 4 query heads per CTA. A CTA covers its
 // key block for every head it owns, so large groups make few, coarse CTAs, and with causal masks
 // the heavy first key blocks set the makespan even in key-block-major order; the partials cost
@@ -47,7 +48,10 @@ struct BwdWorkspaceLayout {
 // the group) overrides the rule for dense calls, for tests and experiments; it must be the same
 // when Python sizes the workspace and when the call runs (a mismatch is a clear workspace error).
 inline int bwd_group_split(const BwdParams& p) {
-  if (p.num_seqs > 0 || p.q_segment_ids || p.heads_kv <= 0) return 1;
+  // Only the kernels with BwdTraitsSm90::kGroupSplit (hdim 128, no segment ids) can split.
+  if (p.num_seqs > 0 || p.q_segment_ids || p.heads_kv <= 0 || p.head_dim != 128 || p.head_dim_v != 128) {
+    return 1;
+  }
   const int64_t group = p.heads_q / p.heads_kv;
   if (const char* env = std::getenv("FA3_JAX_BWD_GROUP_SPLIT")) {
     const int s = std::atoi(env);

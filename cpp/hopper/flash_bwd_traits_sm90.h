@@ -68,6 +68,10 @@ struct BwdTraitsSm90 {
   static constexpr int kHeadDimV = kHeadDimV_;
   static constexpr bool kHasSoftcap = kHasSoftcap_;
   static constexpr bool kSegments = kSegments_;
+  // The GQA group split (bwd_group_split) is compiled in at hdim 128 only, where it was measured:
+  // in the hdim 64 kernel its CTA bookkeeping cost 2-4% (standalone driver, H200, 512-16k, MHA;
+  // h200_2026-11-22s10b_bwd64_bisect.txt), and segment-id calls never split.
+  static constexpr bool kGroupSplit = kHeadDim_ == 128 && kHeadDimV_ == 128 && !kSegments_;
   static constexpr BwdTileSize kTile = bwd_tile_size_sm90(kHeadDim, kHeadDimV, kHasSoftcap);
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;

@@ -248,17 +248,20 @@ def _skip_reason(name, backend, dtype):
 AUTOTUNE_CACHE_FLAG = "--xla_gpu_per_fusion_autotune_cache_dir"
 
 
+_autotune_cache_dir = None  # set by _share_autotuning
+
+
 def _share_autotuning():
     """Points XLA's per-fusion autotune cache at a fresh temporary directory (unless XLA_FLAGS
     names one): a fusion both models share is autotuned once, by the first compilation, and the
-    second reuses that choice instead of picking again from noisy timings. Takes effect only
-    before the GPU backend starts (as when this file runs as a script)."""
+    second reuses that choice instead of picking again from noisy timings. Called only when this
+    file runs as a script, before the GPU backend starts (the flag takes effect only then; an
+    importer's process environment is left alone)."""
+    global _autotune_cache_dir
     flags = os.environ.get("XLA_FLAGS", "")
-    if AUTOTUNE_CACHE_FLAG in flags:
-        return None
-    cache_dir = tempfile.mkdtemp(prefix="fa3_jax_train_autotune_")
-    os.environ["XLA_FLAGS"] = f"{flags} {AUTOTUNE_CACHE_FLAG}={cache_dir}".strip()
-    return cache_dir
+    if AUTOTUNE_CACHE_FLAG not in flags:
+        _autotune_cache_dir = tempfile.mkdtemp(prefix="fa3_jax_train_autotune_")
+        os.environ["XLA_FLAGS"] = f"{flags} {AUTOTUNE_CACHE_FLAG}={_autotune_cache_dir}".strip()
 
 
 def main(argv=None):
@@ -288,7 +291,6 @@ def main(argv=None):
     if args.block < 1 or args.sample_steps < 0 or args.steps < 2:
         p.error(f"need --block >= 1, --sample-steps >= 0 and --steps >= 2; got --block "
                 f"{args.block}, --sample-steps {args.sample_steps}, --steps {args.steps}")
-    cache_dir = _share_autotuning()
     backend = jax.default_backend()
     if args.dtype is None:
         args.dtype = "bfloat16" if backend == "gpu" else "float32"
@@ -367,12 +369,14 @@ def main(argv=None):
                                                              for k in results[n][2]])
                                       for n, v in split.items()},
                            skipped=skipped), f, indent=1)
-    if cache_dir is not None and backend == "gpu":
-        print(f"shared autotune cache: {len(os.listdir(cache_dir))} fusion results in {cache_dir}")
+    if _autotune_cache_dir is not None and backend == "gpu":
+        print(f"shared autotune cache: {len(os.listdir(_autotune_cache_dir))} fusion results in "
+              f"{_autotune_cache_dir}")
     if not np.isfinite(lf).all():
         raise SystemExit("fa3_jax training produced a non-finite loss")
     return 0
 
 
 if __name__ == "__main__":
+    _share_autotuning()
     raise SystemExit(main())

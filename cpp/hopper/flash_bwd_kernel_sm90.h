@@ -105,13 +105,15 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     hkv = linear % pairs % int(gridDim.y);
     b = linear % pairs / int(gridDim.y);
   }
-  // Grid y numbers (kv head, part) slots: the CTA's query heads h0 .. h0 + group / split - 1.
+  // Grid y numbers (kv head, part) slots: the CTA's query heads first_head() .. + group / split - 1.
   // Only Tr::kGroupSplit kernels split (bwd_group_split): a constant 1 keeps part out of the
   // others' registers (the segment-id kernel spilled 4 bytes at hdim 128, hdim 64 ran 2-4% slower).
   const int split = Tr::kGroupSplit ? p.group_split : 1;
   const int part = hkv % split;
   hkv /= split;
-  const int h0 = hkv * p.group + part * (p.group / split);
+  // The first query head, computed in each warp role where it is used: held from here, it
+  // reordered the hdim 64 kernels' code and they ran 2-3% slower (see BwdMainParams::group_split).
+  auto first_head = [&] { return hkv * p.group + part * (p.group / split); };
   // The CTA's sequence: lengths, band, where its rows start (offset_*), and the plane row of its
   // first query block (q_row0). Dense: the whole batch row. Varlen: blockIdx.x is a numbered key
   // block of batch row blockIdx.z (sm90::varlen_block), n_block its index in its sequence.
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     }
   }
   const int num_m = max(m_hi - m_lo, 0);
-  // Step `it` covers query head h0 + it / num_m and query block m_lo + it % num_m.
+  // Step `it` covers query head first_head() + it / num_m and query block m_lo + it % num_m.
   const int n_iter = num_m * (p.group / split);
 
   Tensor sQ = make_tensor(make_smem_ptr(ss.q.data()), typename Tr::SmemLayoutQ{});        // (M, d, STAGE)
@@ -204,7 +206,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
       auto state = cutlass::make_producer_start_state<Pipeline>();
       // Query head and block of step it (it / num_m, it % num_m) as counters, not a division per
       // step in the 24-register producer.
-      int h = h0, m_block = m_lo;
+      int h = first_head(), m_block = m_lo;
       CUTLASS_PRAGMA_NO_UNROLL
       for (int it = 0; it < n_iter; ++it) {
         Tensor gQ = local_tile(domain_offset(make_coord(offset_q, _0{}), mQ(_, _, h, b)),
@@ -236,7 +238,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
         }
       }
     } else if constexpr (Tr::kDqBulk) {
-      if (warp == 1 && n_iter > 0) store_dq<Tr>(p, ss, b, h0, n_block, m_lo, num_m, n_iter, q_row0, diag_lo);
+      if (warp == 1 && n_iter > 0) store_dq<Tr>(p, ss, b, first_head(), n_block, m_lo, num_m, n_iter, q_row0, diag_lo);
     }
     return;
   }
@@ -290,7 +292,7 @@ __global__ void __launch_bounds__(Tr::kNumThreads, 1)
     const int stage = state.index();
     const int ds_stage = Tr::kStagesdS == 1 ? 0 : it % Tr::kStagesdS;
     pipeline_q.consumer_wait(state);
-    const int h = h0 + it / num_m;
+    const int h = first_head() + it / num_m;
     const int m_block = m_lo + it % num_m;
     const int m0 = m_block * kBlockM;
     // (key, query) coordinates of this thread's S^T values. At hdim 64 from a fresh read of the

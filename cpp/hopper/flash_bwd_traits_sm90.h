@@ -44,19 +44,23 @@ struct BwdMainParams {
   // Causal bands on the dense layout: CTAs take their (key block, kv head, batch) in key-block-major
   // order (flash_bwd_kernel_sm90's start; set by the launcher, see there).
   bool key_block_major;
-  // GQA group split (flash_bwd_launch_sm90.h, bwd_group_split): grid y numbers (kv head, part)
-  // slots, part p covering query heads p * group / group_split .. of the group; with
-  // group_split > 1 dK/dV go to dkv_partial as float32 (dK already scaled).
-  int group_split;
-  float* dkv_partial;
   // Varlen (cu_q non-null): grid x numbers the key blocks of all sequences of batch row z
   // (sm90::varlen_block; varlen.block_seq holds the key blocks); each CTA works inside its sequence,
   // with the band relative to the sequence's bottom-right diagonal and its query blocks at their
   // padded plane rows (varlen_q_block_row).
   sm90::VarlenParams varlen;
   // Segment ids (Tr::kSegments only; dense layout): per key block the hull and uniform range of
-  // query blocks (segments_sm90.h, by_keys). Last: the other fields keep their offsets.
+  // query blocks (segments_sm90.h, by_keys).
   sm90::SegmentParams seg;
+  // GQA group split (flash_bwd_launch_sm90.h, bwd_group_split): grid y numbers (kv head, part)
+  // slots, part p covering query heads p * group / group_split .. of the group; with
+  // group_split > 1 dK/dV go to dkv_partial as float32 (dK already scaled).
+  // Last, after seg, so that the other fields keep their constant-bank offsets: with these two
+  // before varlen and the first query head held from the kernel's start, the hdim 64 kernels'
+  // SASS changed (loads and moves reordered, same instruction mix) and they ran 2-3% slower
+  // (h200_2026-11-22s11_bwd64_bisect.txt). Now they compile to the same SASS as before the split.
+  int group_split;
+  float* dkv_partial;
 };
 
 // kSegments: the segment-id variant (a template flag, like the forward's FwdMode, so that the

@@ -30,16 +30,19 @@ def test_forward(dtype, d, dv, sq, sk, causal):
 
 
 # Shapes long enough for the large dense tile (cpp/hopper/tile_size.h, fwd_use_large_tile): at
-# head dim 64 a 192-row tile with three consumer warpgroups, from 1k rows (full and causal). With
-# causal, each warpgroup passes over the key blocks its rows do not see: rows past seqlen_q
-# (1100), rows of no key at all (bottom-right, 1500 x 1100) and a block past the diagonal.
+# head dim 64 a 192-row tile with three consumer warpgroups, from 512 rows and keys (full) or 1k
+# rows (causal). Each warpgroup passes over the key blocks its rows do not see: rows past seqlen_q
+# (1100; 600 and 513 full), rows of no key at all (bottom-right, 1500 x 1100) and a block past
+# the diagonal.
 @pytest.mark.parametrize("sq,sk,kw", [(8193, 8193, dict(causal=True)),
                                       (8200, 9001, dict(causal=True)),
                                       (1100, 1100, dict(causal=True)),
                                       (1500, 1100, dict(causal=True)),
                                       (1030, 2000, dict(causal=True, softcap=15.0)),
                                       (1100, 1030, dict(softcap=15.0)),
-                                      (2000, 1500, dict())])
+                                      (2000, 1500, dict()),
+                                      (600, 517, dict()),
+                                      (513, 1000, dict(softcap=15.0))])
 def test_forward_large_tile(sq, sk, kw):
     if 64 not in fa3_jax.cuda_head_dims():
         pytest.skip("head_dim 64 not in this build")

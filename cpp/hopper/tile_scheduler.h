@@ -5,10 +5,10 @@
 // tiles far better than a fixed round-robin (max / mean CTA load at 16k tokens, causal, hdim 256:
 // 1.82 round-robin, 1.01 dynamic); without a workspace it falls back to c + k * grid. Tiles are
 // (m_block, head, batch). The (head, batch) pairs are cut into sections whose K/V fit in about
-// half of L2 (an eighth for hdim 128 full: fwd_l2_section_divisor); inside a section m_block
-// varies slowest, so the CTAs running at one time share K/V in L2. With a band mask (causal) the
-// query blocks with the most keys come first in each section (longest-processing-time order), so
-// the short ones fill the tail.
+// half of L2 (an eighth for full attention at hdim 64, 128 and 256: fwd_l2_section_divisor);
+// inside a section m_block varies slowest, so the CTAs running at one time share K/V in L2. With
+// a band mask (causal) the query blocks with the most keys come first in each section
+// (longest-processing-time order), so the short ones fill the tail.
 // The sections are as equal as possible (sizes q and q + 1, the smaller ones first): a short last
 // section (e.g. 32 pairs cut 6+6+6+6+6+2) puts its long causal tiles at the very end of the grid,
 // where they run alone. ncu, H200, hdim 256 causal 4k, 16k tokens (32 pairs, sections of 6): SM
@@ -47,6 +47,18 @@
 // run 2), TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k: 258 / 357 / 437 / 514 / 552 / 563 -> 289 /
 // 413 / 523 / 598 / 643 / 617, 255 / 347 / 448 / 510 / 556 / 562 -> 295 / 426 / 538 / 609 / 629
 // / 608: hence 16 (hdim 64's 31 per CTA stays eager).
+// Session 11 (test_fwd_sm90 --time --mask causal, each mask in its own process, three interleaved
+// runs in one device call, 2026-11-22, h200_2026-11-22s11f_sched.txt), hdim 64 causal, eager ->
+// on demand, TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k (512: 128-row tiles, 31 per CTA; 1k on:
+// the 192-row tile, 21-23 per CTA):
+//   199.2 / 288.3 / 385.4 / 447.1 / 461.0 / 475.6 -> 191.7 / 283.4 / 385.0 / 460.6 / 515.2 / 487.8,
+//   198.2 / 286.1 / 384.3 / 441.8 / 495.0 / 473.5 -> 192.1 / 285.7 / 388.9 / 455.9 / 510.4 / 502.1,
+//   195.4 / 283.4 / 381.3 / 446.3 / 498.1 / 474.7 -> 194.6 / 287.0 / 389.0 / 454.1 / 496.3 / 494.0:
+// 2-4% from 2k at 21-23 per CTA, -2.5% at 512 with 31: hence 24.
+// (Measuring note: in one test_fwd_sm90 process the causal row right after the full row of the
+// same head dim ran up to 15% slower at hdim 256, 10% at hdim 64 at 512-1k, than in a process
+// of its own: nvidia-smi showed the software power cap active. A/B runs of this driver compare
+// only runs of the same order.)
 //
 // Split-KV (Flash-Decoding): with num_splits > 1 every (m_block, head, batch) tile becomes
 // num_splits tiles, adjacent in tile order, each covering one contiguous range of the key blocks
@@ -69,12 +81,13 @@ struct TileSchedulerParams {
   int num_splits;  // 1: each tile covers all its key blocks and writes out / lse itself
   bool claim_on_demand;  // "Claiming" above
 };
-inline constexpr int kClaimOnDemandMaxTilesPerCta = 16;
+inline constexpr int kClaimOnDemandMaxTilesPerCta = 24;
 
 // L2 sections (above): each section's (head, batch) pairs pull at most l2_bytes / divisor of K/V
-// through L2. 2 (half of L2) by default. Dense 16-bit hdim 128 calls without a band's upper edge
-// (not longest_first: full attention) take 8: there the Q reads and O writes streaming through
-// L2 beside half of L2 of K/V evicted K/V before its last m_block read it. Measured on H200
+// through L2. 2 (half of L2) by default. Dense 16-bit calls without a band's upper edge (not
+// longest_first: full attention) at hdim 64, 128 and 256 take 8: at hdim 128 the Q reads and O
+// writes streaming through L2 beside half of L2 of K/V evicted K/V before its last m_block read
+// it. Measured on H200
 // (test_fwd_sm90 --time, bf16, hdim 128, 16k tokens, hidden 2048, clocks not pinned, one device
 // call, two runs each, 2026-11-22, benchmarks/measured/h200_2026-11-22s10f_l2_sections.txt),
 // mean TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k, divisor 2 -> 4 -> 8 -> 16:
@@ -87,9 +100,25 @@ inline constexpr int kClaimOnDemandMaxTilesPerCta = 16;
 //   ncu, full 1k: L2 hit rate 54% -> 73%, DRAM 1.80 -> 1.10 TB/s, 244.1 -> 237.9 us (2 -> 8).
 //   Bench beside cuDNN (h200_2026-11-22s10f_bench_fwd128.txt), full fa3_jax / cuDNN 0.924 /
 //   0.946 / 0.965 / 0.983 / 1.010 / 1.029 (main) -> 0.939 / 0.959 / 0.992 / 1.005 / 1.027 / 1.038.
+// Session 11 (as in "Claiming" above: one mask per process, three interleaved runs,
+// h200_2026-11-22s11f_sched.txt), divisor 2 -> 8, full:
+//   hdim 256 447.8 / 587.1 / 666.0 / 695.3 / 688.3 / 676.8 -> 465.2 / 599.8 / 682.8 / 731.8 /
+//            682.3 / 679.3, 449.5 / 587.1 / 661.2 / 655.7 / 683.0 / 686.2 -> 455.0 / 590.4 /
+//            675.6 / 704.8 / 673.1 / 682.2, 449.2 / 586.7 / 667.0 / 699.7 / 694.4 / 677.6 ->
+//            463.7 / 600.4 / 681.8 / 682.4 / 707.9 / 685.2 (+2-3% at 512-2k);
+//            ncu, full 1k: L2 hit rate 57% -> 69%, DRAM reads 365 -> 231 MB, 230.3 -> 225.0 us;
+//   hdim 64 (192-row tile at 512, tile_size.h) 347.8 / 418.9 / 479.3 / 480.5 / 495.7 / 504.8 ->
+//            354.7 / 424.6 / 486.2 / 508.4 / 505.9 / 509.2, 346.0 / 419.7 / 487.0 / 476.3 /
+//            497.1 / 501.0 -> 345.3 / 420.4 / 487.9 / 518.4 / 514.6 / 504.3, 351.6 / 423.6 /
+//            489.9 / 487.6 / 498.8 / 498.3 -> 347.2 / 417.4 / 483.5 / 517.4 / 508.0 / 507.6
+//            (within noise to 2k, +1-3% at 8k-16k); ncu, full 1k: L2 hit rate 59% -> 67%, DRAM
+//            reads 264 -> 201 MB, 321.4 -> 320.8 us.
+//   Causal at both (two runs, both masks in one process, div 2 / 4 / 8 / 16): smaller sections
+//   lost 3-11% at 2k-16k, as at hdim 128.
 // Other head dims, FP8, varlen / segment / split-KV calls are not measured: 2.
 constexpr int fwd_l2_section_divisor(int head_dim, bool fp8, bool located, bool longest_first) {
-  return head_dim == 128 && !fp8 && !located && !longest_first ? 8 : 2;
+  bool const measured = head_dim == 64 || head_dim == 128 || head_dim == 256;
+  return measured && !fp8 && !located && !longest_first ? 8 : 2;
 }
 
 struct TileCoord {

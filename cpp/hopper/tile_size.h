@@ -124,8 +124,14 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    (h200_2026-11-22s9f_bench_fwd64.txt against main's h200_2026-11-22s8z_bench_fwd.txt),
 //    fa3_jax / cuDNN at 1k / 2k / 4k: causal 0.854 / 0.902 / 0.931 -> 0.879 / 0.996 / 1.034,
 //    full 0.933 / 1.043 / 1.063 -> 0.992 / 1.059 / 1.082; 512 and 8k-16k within 1%.
+//    Full from 512 (session 11): with the pass-over the 512-row calls gain too (the third block
+//    of 192 rows has 128 of them, its last warpgroup skips its key blocks). Measured on H200
+//    (test_fwd_sm90 --time --mask full, each mask in its own process, one device call, three
+//    interleaved runs, 2026-11-22, h200_2026-11-22s11f_sched.txt), full 512: 329.7 / 323.2 /
+//    330.1 (128 rows) -> 347.8 / 346.0 / 351.6 (192 rows), +6%. Causal 512 stays on 128 rows
+//    (192 rows, two runs in one process after full: 178 / 184 against 191 / 190).
 inline constexpr int kLargeTileMinSeqlenK128 = 8192;
-inline constexpr int kLargeTileMinSeqlen64Full = 1024;
+inline constexpr int kLargeTileMinSeqlen64Full = 512;
 inline constexpr int kLargeTileMinSeqlen64Band = 1024;
 constexpr FwdTileSize fwd_tile_size_large(int head_dim, int head_dim_v, bool fp8 = false) {
   if (!fp8 && head_dim == 128 && head_dim_v == 128) return {128, 176, 2};

@@ -43,6 +43,14 @@ struct FwdTileSize {
 //    512 tokens, 500 against 475). S takes 64 registers next to the 128-register O accumulator
 //    (P 16); ptxas reports 196 bytes of spill stores (184 at 96), the producer's and the
 //    consumers' setup. Smem: Q 32 KB + 2 * (32 + 32) KB + O 64 KB = 224 KB.
+// FP8 V transposed inside the attention kernel (flash_fwd_mainloop_sm90.h, transpose_v): the V
+// TMA loads row-major V tiles into a staging ring and two producer warps write the keys-contiguous
+// tile the e4m3 P @ V WGMMA reads (LDSM.T, byte permutes, STSM), instead of the fp8_vt_sm90.h
+// kernel writing vt through global memory before the attention kernel starts (18.5 us for the
+// 32 MB of V at hdim 128, 16k tokens: a third of a 1k-token call). Smem (hdim 128): + 2 x 16 KB.
+// Head dim 256 keeps the transpose kernel: its producer has 24 registers (and no smem to spare).
+constexpr bool fwd_fp8_transpose_v_in_kernel(int head_dim) { return head_dim == 128; }
+
 constexpr FwdTileSize fwd_tile_size_fp8(int head_dim) {
   if (head_dim <= 64) return {128, 128, 3};
   if (head_dim <= 128) return {128, 128, 2};

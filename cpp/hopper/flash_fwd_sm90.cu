@@ -110,7 +110,8 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
 
 // Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens,
 // (segment ids) the block stats and hulls (segments_sm90.h), (split-KV) lse_accum and o_accum,
-// 256-byte aligned, or (FP8) vt, V transposed (fp8_vt_sm90.h).
+// 256-byte aligned, or (FP8 but hdim 128, which transposes V in the kernel) vt, V transposed
+// (fp8_vt_sm90.h).
 constexpr size_t kCounterBytes = 256;
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
@@ -201,9 +202,9 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
                            int64_t(paged ? kv_rows : sk) * hkv * kHeadDim);
   StrideQKV const stride_v =
       kLoadVt ? StrideQKV(int64_t(sk_vt), _1{}, int64_t(kHeadDimV) * sk_vt,
-                       int64_t(hkv) * kHeadDimV * sk_vt)
-           : StrideQKV(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
-                       int64_t(paged ? kv_rows : sk) * hkv * kHeadDimV);
+                          int64_t(hkv) * kHeadDimV * sk_vt)
+              : StrideQKV(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
+                          int64_t(paged ? kv_rows : sk) * hkv * kHeadDimV);
   auto gmem = [](const void* ptr) { return make_gmem_ptr(static_cast<Element const*>(ptr)); };
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.q), kp.shape_q, stride_q),
                            typename Traits::SmemLayoutQ{},

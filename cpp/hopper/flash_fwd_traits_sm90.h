@@ -6,7 +6,9 @@
 // contiguous: the 16-bit kernel reads its row-major V tile as an MN-major operand, while the FP8
 // kernel loads vt [batch, heads_kv, head_dim_v, seqlen_k rounded up to 16], a transposed copy of
 // V it writes into its workspace first, with the keys of each aligned group of 16 permuted so
-// that the S accumulator's registers are the P operand (fp8_vt_sm90.h, convert_p_to_e4m3).
+// that the S accumulator's registers are the P operand (fp8_vt_sm90.h, convert_p_to_e4m3); at
+// head dim 128 (kVtInKernel) it loads V row-major and transposes it in shared memory into the
+// same layout (FwdMainloop::transpose_v).
 #pragma once
 
 // WGMMA N sizes that are not multiples of 32 (block_n 80 and 112) exist only with this switch;

@@ -3,7 +3,9 @@
 //
 // Producer (one thread of warp 0): Q once per tile on its own barrier, then K and V through two
 // rings of kStages slots, in exactly the order the consumers need them: K[n_max-1], then
-// (K[n-1], V[n]) pairs, then V[n_min].
+// (K[n-1], V[n]) pairs, then V[n_min]. FP8 at head dim 128 (Traits::kVtInKernel): V goes into a
+// staging ring instead, and producer warps 2-3 transpose each tile into the V ring the consumers
+// read (transpose_v).
 // Consumers (two or three warpgroups, 64 query rows each): intra-warpgroup overlap as in FA3 — the
 // S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
 // together, and the softmax of the next block runs while P V is still on the tensor cores.

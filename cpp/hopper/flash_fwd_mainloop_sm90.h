@@ -276,7 +276,7 @@ struct FwdMainloop {
   }
 
   // kVtInKernel: producer warps 2-3 (tidx 0..63) move each row-major V tile of the staging ring
-  // (ss.v, (N, Dv)) into the (Dv, N) ring the P @ V WGMMA reads (ss.vt, pipe_v), keys contiguous
+  // (ss.v, (N, Dv)) into the (Dv, N) ring the P @ V WGMMA reads (smem_vt, pipe_v), keys contiguous
   // and each aligned group of 16 in fp8_vt_sm90.h's order (vt_key_in_group: positions 4a .. 4a + 3
   // hold keys 2a, 2a + 1, 2a + 8, 2a + 9), as the vt kernel writes it.
   // One unit is 16 keys x 32 columns: one LDSM.T.x4 (the 8 x 8 16-bit matrices keys 0-7 / 8-15 x
@@ -305,7 +305,7 @@ struct FwdMainloop {
     // (chunk g ^ row % 8).
     uint32_t const ld_base = cute::cast_smem_ptr_to_uint(ss.v.data()) + 128 * ld_key +
                              16 * ((m / 2) ^ i);
-    uint32_t const st_base = cute::cast_smem_ptr_to_uint(ss.vt.data()) + 128 * st_col +
+    uint32_t const st_base = cute::cast_smem_ptr_to_uint(Traits::smem_vt(ss)) + 128 * st_col +
                              16 * (st_col % 8) + 4096 * kColBlocks * warp;
     uint32_t const sel0 = lane / 4 < 4 ? 0x6420u : 0x7531u, sel1 = sel0 ^ 0x1111u;
     PipelineState read;  // staging ring as consumer; the vt ring's empty barrier one phase off

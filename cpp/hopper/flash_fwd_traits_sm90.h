@@ -188,11 +188,13 @@ struct FwdTraits {
     // descriptors assume a pattern-aligned base. kQBuffers Q tiles, back to back (kQStages).
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ> * kQBuffers, 1024> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVLoad>, 1024> v;
-    // kVtInKernel: the transposed V ring the P @ V WGMMA reads (pipe_v's slots; v is then the
-    // staging ring of the row-major tiles, on v_load_full / v_load_empty).
-    alignas(1024) cute::array_aligned<Element, kVtInKernel ? cute::cosize_v<SmemLayoutVt> : 0,
-                                      1024> vt;
+    // The V ring; with kVtInKernel the staging ring of the row-major tiles (on v_load_full /
+    // v_load_empty), then the transposed ring the P @ V WGMMA reads (pipe_v's slots, smem_vt).
+    // One array rather than a second, empty one elsewhere: an empty 1024-aligned member still
+    // takes 1 KB and moved every 16-bit kernel's barriers.
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVLoad> +
+                                                   (kVtInKernel ? cute::cosize_v<SmemLayoutVt> : 0),
+                                      1024> v;
     alignas(1024) cute::array_aligned<ElementOut, kOElements, 1024> o;  // kTmaStoreO only
     cutlass::arch::ClusterTransactionBarrier q_full[kQBuffers];  // TMA of Q landed
     cutlass::arch::ClusterBarrier q_empty[kQBuffers];            // consumers done reading Q
@@ -246,14 +248,11 @@ struct FwdTraits {
   static CUTLASS_DEVICE Element* smem_q(SharedStorage& ss, int q_buf) {
     return ss.q.data() + q_buf * cute::cosize_v<SmemLayoutQ>;
   }
-  // The O tile's shared memory (kTmaStoreO): its own buffer, or the start of the V ring.
-  // The (Dv, N, PIPE) V ring the P @ V WGMMA reads.
+  // The (Dv, N, PIPE) V ring the P @ V WGMMA reads (kVtInKernel: after the staging ring).
   static CUTLASS_DEVICE Element* smem_vt(SharedStorage& ss) {
-    if constexpr (kVtInKernel)
-      return ss.vt.data();
-    else
-      return ss.v.data();
+    return ss.v.data() + (kVtInKernel ? cute::cosize_v<SmemLayoutVLoad> : 0);
   }
+  // The O tile's shared memory (kTmaStoreO): its own buffer, or the start of the V ring.
   static CUTLASS_DEVICE ElementOut* smem_o(SharedStorage& ss) {
     if constexpr (kOAliasesV)
       return reinterpret_cast<ElementOut*>(ss.v.data());

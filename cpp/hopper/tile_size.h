@@ -55,6 +55,11 @@ struct FwdTileSize {
 // 273 / 418 / 594 / 720 / 770 / 750 -> 292 / 430 / 574 / 702 / 794 / 821 (causal 2k-4k -2.5 to
 // -3.4%); ncu full 1k / 4k, whole call 229 / 710 -> 219 / 684 us. Bench beside cuDNN FP8
 // (same file): hdim 128 full 0.77-0.86 -> 0.82-0.85, causal 0.85-0.92 -> 0.87-0.95.
+// Merged into session-11 main and A/B'd against main's wheel in one call (bench_attention's fp8
+// cell, CUPTI sum, 2 runs each, h200_2026-11-22s11q_fp8_vt_merge_ab.txt): 1k-16k full +5.2 /
+// +1.0 / +3.6 / +8.2 / +12.9%, causal +12.1 / +2.9 / +1.5 / +5.3 / +13.1%; charging main's sum
+// with the whole 18 us transpose as if overlapped (the bound PDL allows): -5.1 to +12.2%, 8k-16k
+// still +2.6 to +12.2%. fp8 / cuDNN FP8, hdim 128 rows 1k-16k, geomean 0.813 -> 0.869.
 // Not taken: the unit addresses from CuTe tensor indexing (-25 to -30%: ~100 instructions per
 // unit on the schedulers the consumer warps share), 3 stages, each tile's first K and V before
 // its Q (both within spread). Head dims 64 (not measured) and 256 keep the transpose kernel:

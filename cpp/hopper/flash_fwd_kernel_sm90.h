@@ -4,8 +4,9 @@
 //
 // 384 or 512 threads: warpgroup 0 produces (one thread issues every TMA, or with kProducerWarp
 // warp 0 runs the producer, lanes issuing a paged block's boxes, and with Params::v_warp warp 2
-// loads V; one thread of warp 1 runs the tile scheduler, the rest only give their registers
-// back), warpgroups 1 .. block_m / 64 consume 64 query rows each.
+// loads V; one thread of warp 1 runs the tile scheduler; FP8 with kVtInKernel warps 2-3 transpose
+// V tiles; the rest only give their registers back), warpgroups 1 .. block_m / 64 consume 64
+// query rows each.
 #pragma once
 
 #include <cutlass/arch/reg_reconfig.h>
@@ -48,6 +49,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       ss.tile_empty[i].init(Traits::kNumMmaThreads + 1 + int(v_warp));
     }
     ss.tile_want.init(1);
+    if constexpr (Traits::kVtInKernel) {
+      for (int i = 0; i < Traits::kStages; ++i) {
+        ss.v_load_full[i].init(1);
+        ss.v_load_empty[i].init(1);
+        ss.v_load_done[i] = 0;
+      }
+    }
   }
 
   typename PipelineK::Params pipe_params;
@@ -101,7 +109,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         int const tile = ss.tile_ids[seq & 1];
         if constexpr (Traits::kProducerWarp) __syncwarp();  // every lane has read the slot
         if (threadIdx.x % 32 == 0) ss.tile_empty[seq & 1].arrive();
-        if (tile >= sched.num_tiles) break;
+        if (tile >= sched.num_tiles) {
+          if constexpr (Traits::kVtInKernel) Mainloop::finish_v(ss, write);
+          break;
+        }
         TileCoord t = decode_tile(sched, tile);
         typename Traits::Mask mask;
         int offset_q, offset_k;
@@ -114,6 +125,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                        n_max, role);
         ++q_tile_count;
       }
+    } else if (threadIdx.x >= 64) {
+      if constexpr (Traits::kVtInKernel) Mainloop::transpose_v(ss, threadIdx.x - 64);  // warps 2-3
     }
   } else {
     cutlass::arch::warpgroup_reg_alloc<Traits::kConsumerRegs>();

@@ -4,7 +4,9 @@
 // Producer (one thread of warp 0; split-KV: warp 0): Q once per tile on its own barrier, then K
 // and V through two rings of kStages slots, in exactly the order the consumers need them:
 // K[n_max-1], then (K[n-1], V[n]) pairs, then V[n_min]. Split-KV on a paged cache read in
-// 16-row boxes (Params::v_warp): warp 0 loads Q and K, warp 2 V.
+// 16-row boxes (Params::v_warp): warp 0 loads Q and K, warp 2 V. FP8 at head dim 128
+// (Traits::kVtInKernel): V goes into a staging ring instead, and producer warps 2-3 transpose
+// each tile into the V ring the consumers read (transpose_v).
 // Consumers (two or three warpgroups, 64 query rows each): intra-warpgroup overlap as in FA3 — the
 // S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
 // together, and the softmax of the next block runs while P V is still on the tensor cores.
@@ -56,15 +58,15 @@ struct FwdMainloop {
                               p.tma_q.get_tma_tensor(p.shape_q)(_, _, t.head, t.batch));  // (Sq, D)
     Tensor mK = domain_offset(make_coord(offset_k, _0{}),
                               p.tma_k.get_tma_tensor(p.shape_k)(_, _, h_kv, t.batch));  // (Sk, D)
-    // (Sk, Dv); FP8: vt (Dv, Sk), dense only (offset_k 0)
-    Tensor mV = domain_offset(make_coord(Traits::kFp8 ? 0 : offset_k, _0{}),
+    // (Sk, Dv); FP8 without kVtInKernel: vt (Dv, Sk), dense only (offset_k 0)
+    Tensor mV = domain_offset(make_coord(Traits::kLoadVt ? 0 : offset_k, _0{}),
                               p.tma_v.get_tma_tensor(p.shape_v)(_, _, h_kv, t.batch));
     Tensor gQ = local_tile(mQ, select<0, 2>(typename Traits::TileShapeQK{}),
                            make_coord(t.m_block, _0{}));  // (M, D)
     Tensor gK = local_tile(mK, select<1, 2>(typename Traits::TileShapeQK{}),
                            make_coord(_, _0{}));  // (N, D, n_blocks)
-    Tensor gV = [&] {  // (N, Dv, n_blocks); FP8: (Dv, N, n_blocks)
-      if constexpr (Traits::kFp8)
+    Tensor gV = [&] {  // (N, Dv, n_blocks); vt: (Dv, N, n_blocks)
+      if constexpr (Traits::kLoadVt)
         return local_tile(mV, typename Traits::TileShapeVLoad{}, make_coord(_0{}, _));
       else
         return local_tile(mV, typename Traits::TileShapeVLoad{}, make_coord(_, _0{}));
@@ -176,8 +178,16 @@ struct FwdMainloop {
                  p.shape_k, select<1, 2>(typename Traits::TileShapeQK{}), sK, tKgK, tKsK,
                  write.index(), n, src, pipe_k.producer_get_barrier(write));
     };
-    // V of block n into slot `st` of the V ring.
+    // V of block n into slot `st` of the V ring; with kVtInKernel (FP8, dense: thread 0 only)
+    // of the staging ring, which transpose_v reads.
     auto load_v = [&](PipelineState const& st, int n, int src) {
+      if constexpr (Traits::kVtInKernel) {
+        ss.v_load_empty[st.index()].wait(st.phase());
+        ss.v_load_full[st.index()].arrive_and_expect_tx(Traits::kBytesV);
+        copy(p.tma_v.with(reinterpret_cast<uint64_t&>(ss.v_load_full[st.index()]), 0),
+             tVgV(_, n), tVsV(_, st.index()));
+        return;
+      }
       pipe_v.producer_acquire(st);
       load_block(p.tma_v, p.tma_v_page, p.tma_v_page_large, Int<Traits::kHeadDimV>{},
                  p.shape_v, typename Traits::TileShapeVLoad{}, sV, tVgV, tVsV, st.index(), n,
@@ -240,7 +250,7 @@ struct FwdMainloop {
     // (and the first S) need not wait. A no-op without a programmatic launch, and on every tile
     // but the CTA's first (the transpose has finished by then); waiting only on the first tile
     // cost the hdim 256 producer (24 registers) 36 more bytes of spill stores (220 against 184).
-    if constexpr (Traits::kFp8) asm volatile("griddepcontrol.wait;" ::: "memory");
+    if constexpr (Traits::kLoadVt) asm volatile("griddepcontrol.wait;" ::: "memory");
     // kOAliasesV: the previous tile's O is in the V ring until its TMA stores have read it.
     if constexpr (Traits::kOAliasesV) {
       if (q_tile_count > 0) ss.o_free.wait((q_tile_count - 1) & 1);
@@ -256,6 +266,86 @@ struct FwdMainloop {
     load_v_prev(n_min, src_v);
   }
 
+  // kVtInKernel, the TMA thread once no tile is left: the staging slot after the last V tile is
+  // marked done and arrived on without a load, which ends transpose_v. `write`: the producer's
+  // state after its last tile, whose next V slot is write's (V runs one block behind K).
+  static CUTLASS_DEVICE void finish_v(SharedStorage& ss, PipelineState const& write) {
+    ss.v_load_empty[write.index()].wait(write.phase());
+    ss.v_load_done[write.index()] = 1;
+    ss.v_load_full[write.index()].arrive();
+  }
+
+  // kVtInKernel: producer warps 2-3 (tidx 0..63) move each row-major V tile of the staging ring
+  // (ss.v, (N, Dv)) into the (Dv, N) ring the P @ V WGMMA reads (smem_vt, pipe_v), keys contiguous
+  // and each aligned group of 16 in fp8_vt_sm90.h's order (vt_key_in_group: positions 4a .. 4a + 3
+  // hold keys 2a, 2a + 1, 2a + 8, 2a + 9), as the vt kernel writes it.
+  // One unit is 16 keys x 32 columns: one LDSM.T.x4 (the 8 x 8 16-bit matrices keys 0-7 / 8-15 x
+  // columns 0-15 / 16-31: lane t gets keys 2a, 2a + 1 (a = t % 4) of the column pair 2b, 2b + 1
+  // (b = t / 4) per matrix), two byte permutes per column pair (column 2b: keys 2a, 2a + 1, 2a + 8,
+  // 2a + 9, the 4 bytes at positions 4a of vt row 2b), one STSM.x4 (row b of a matrix: 4 bytes
+  // from each of lanes 4b .. 4b + 3). Lanes with b >= 4 swap their two column words so that the
+  // rows of one STSM matrix are columns 0, 2, 4, 6, 9, 11, 13, 15 (or the other eight): distinct
+  // 16-byte bank groups in vt's 128-byte swizzle. The LDSM rows (8 consecutive keys) are too.
+  static CUTLASS_DEVICE void transpose_v(SharedStorage& ss, int tidx) {
+    // Addresses straight from the 128-byte swizzle (Swizzle<3, 4, 3> on 8 x 128-byte atoms
+    // stacked by rows: byte (r, c) of a stage at 128 r + 16 ((c / 16) ^ (r % 8)) + c % 16), so that
+    // each LDSM / STSM costs at most one LOP3: the first version indexed the CuTe tensors per
+    // unit, ~100 instructions per unit on the schedulers the consumer warps share, and ran hdim
+    // 128 full 4k at 0.68x. The check (test_fwd_sm90 --check-fp8) fails if the layout differs.
+    static_assert(kBlockN == 128 && Traits::kHeadDimV == 128,
+                  "128-byte rows in both rings (the addressing below)");
+    constexpr int kGroups = kBlockN / 16, kStageBytes = kBlockN * Traits::kHeadDimV;
+    constexpr int kWarps = 2, kColBlocks = Traits::kHeadDimV / 32 / kWarps;  // per warp
+    int const lane = tidx % 32, warp = tidx / 32;
+    int const m = lane / 8, i = lane % 8;
+    int const ld_key = 8 * (m % 2) + i;                                   // this lane's LDSM row
+    int const st_col = 16 * (m / 2) + 2 * i + ((m % 2) ^ int(i >= 4));  // its STSM row (vt row)
+    // Column block cb (this warp's kColBlocks), key group g, stage s: LDSM at (ld_base ^ 32 cb) +
+    // s * stage + 2048 g (chunk (2 cb + m / 2) ^ i), STSM at (st_base + s * stage + 4096 cb) ^ 16 g
+    // (chunk g ^ row % 8).
+    uint32_t const ld_base = cute::cast_smem_ptr_to_uint(ss.v.data()) + 128 * ld_key +
+                             16 * ((m / 2) ^ i);
+    uint32_t const st_base = cute::cast_smem_ptr_to_uint(Traits::smem_vt(ss)) + 128 * st_col +
+                             16 * (st_col % 8) + 4096 * kColBlocks * warp;
+    uint32_t const sel0 = lane / 4 < 4 ? 0x6420u : 0x7531u, sel1 = sel0 ^ 0x1111u;
+    PipelineState read;  // staging ring as consumer; the vt ring's empty barrier one phase off
+    for (;;) {
+      int const slot = read.index();
+      ss.v_load_full[slot].wait(read.phase());
+      if (*reinterpret_cast<int volatile*>(&ss.v_load_done[slot])) break;
+      ss.pipe_v.empty_barrier_[slot].wait(read.phase() ^ 1);
+      CUTLASS_PRAGMA_UNROLL
+      for (int cb = 0; cb < kColBlocks; ++cb) {
+        uint32_t const ld = (ld_base ^ (32u * (kColBlocks * warp + cb))) + slot * kStageBytes;
+        uint32_t const st = st_base + slot * kStageBytes + 4096 * cb;
+        CUTLASS_PRAGMA_UNROLL
+        for (int g0 = 0; g0 < kGroups; g0 += 4) {
+          uint32_t r[4][4];
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < 4; ++j)
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(r[j][0]), "=r"(r[j][1]), "=r"(r[j][2]), "=r"(r[j][3])
+                         : "r"(ld + 2048 * (g0 + j)));
+          CUTLASS_PRAGMA_UNROLL
+          for (int j = 0; j < 4; ++j)
+            asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n"
+                         :: "r"(st ^ (16u * (g0 + j))), "r"(__byte_perm(r[j][0], r[j][1], sel0)),
+                            "r"(__byte_perm(r[j][0], r[j][1], sel1)),
+                            "r"(__byte_perm(r[j][2], r[j][3], sel0)),
+                            "r"(__byte_perm(r[j][2], r[j][3], sel1))
+                         : "memory");
+        }
+      }
+      cutlass::arch::fence_view_async_shared();  // the STSMs visible to the WGMMAs (async proxy)
+      named_barrier_sync(kWarps * 32, FwdNamedBarrier::TransposeV);
+      if (tidx == 0) {
+        ss.v_load_empty[slot].arrive();
+        ss.pipe_v.full_barrier_[slot].arrive();
+      }
+      ++read;
+    }
+  }
+
   // Consumer side for one tile. tOrO: output accumulator (cleared here); lse: per-row LSE out;
   // mask: the tile's band (Params::locate).
   template <class TensorO, class Mask>
@@ -267,7 +357,8 @@ struct FwdMainloop {
     Tensor sQ = make_tensor(make_smem_ptr(Traits::smem_q(ss, q_buf)),
                             typename Traits::SmemLayoutQ{});  // (M, D)
     Tensor sK = make_tensor(make_smem_ptr(ss.k.data()), typename Traits::SmemLayoutK{});   // (N, D, PIPE)
-    Tensor sVt = make_tensor(make_smem_ptr(ss.v.data()), typename Traits::SmemLayoutVt{}); // (Dv, N, PIPE)
+    Tensor sVt = make_tensor(make_smem_ptr(Traits::smem_vt(ss)),
+                             typename Traits::SmemLayoutVt{});  // (Dv, N, PIPE)
 
     typename Traits::TiledMmaQK mma_qk;
     typename Traits::TiledMmaPV mma_pv;

@@ -110,7 +110,8 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
 
 // Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens,
 // (segment ids) the block stats and hulls (segments_sm90.h), (split-KV) lse_accum and o_accum,
-// 256-byte aligned, or (FP8) vt, V transposed (fp8_vt_sm90.h).
+// 256-byte aligned, or (FP8 but hdim 128, which transposes V in the kernel) vt, V transposed
+// (fp8_vt_sm90.h).
 constexpr size_t kCounterBytes = 256;
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
@@ -125,8 +126,10 @@ size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
     return kCounterBytes + sm90::segment_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k,
                                                          ts.block_m, ts.block_n);
   }
-  if (p.dtype == DType::kFloat8E4M3)
-    return kCounterBytes + sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v);
+  if (p.dtype == DType::kFloat8E4M3)  // vt, unless the kernel transposes V itself
+    return kCounterBytes + (sm90::fwd_fp8_transpose_v_in_kernel(int(p.head_dim))
+                                ? 0
+                                : sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v));
   if (plan.num_splits <= 1 && !p.seqused_k) return kCounterBytes;  // seqused_k: always kSplit
   return kCounterBytes + partial_lse_bytes(p, plan) +
          size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
@@ -146,6 +149,8 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
                                  ts.producer_regs, ts.consumer_regs, Element, kMode>;
   using ElementOut = typename Traits::ElementOut;
   constexpr bool kSplit = Traits::kSplit, varlen = Traits::kVarlen;
+  // FP8 with the V transpose kernel (fp8_vt_sm90.h), not inside the attention kernel.
+  constexpr bool kLoadVt = Traits::kLoadVt;
   using ShapeQKV = typename Traits::ShapeQKV;
   using StrideQKV = typename Traits::StrideQKV;
 
@@ -179,11 +184,13 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   sm90::VtParams vp{};  // FP8: launched right before the attention kernel (below)
   if constexpr (kFp8) {
     if (!workspace) return "the sm90 FP8 forward needs its workspace";
+  }
+  if constexpr (kLoadVt) {
     auto* vt = reinterpret_cast<uint8_t*>(static_cast<char*>(workspace) + kCounterBytes);
     vp = {static_cast<uint8_t const*>(p.v), vt, sk, sk16, hkv, kHeadDimV, 0, 0};
     v_ptr = vt;
   }
-  kp.shape_v = kFp8 ? ShapeQKV(kHeadDimV, sk_vt, hkv, b)
+  kp.shape_v = kLoadVt ? ShapeQKV(kHeadDimV, sk_vt, hkv, b)
                     : ShapeQKV(kv_rows, kHeadDimV, hkv, kv_batch);
   // Q [b, seqlen_q, hq, d]; packed (seqlen_q 1): row r of head h_kv is query head h_kv * group + r.
   StrideQKV const stride_q =
@@ -194,10 +201,10 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   StrideQKV const stride_k(int64_t(hkv) * kHeadDim, _1{}, int64_t(kHeadDim),
                            int64_t(paged ? kv_rows : sk) * hkv * kHeadDim);
   StrideQKV const stride_v =
-      kFp8 ? StrideQKV(int64_t(sk_vt), _1{}, int64_t(kHeadDimV) * sk_vt,
-                       int64_t(hkv) * kHeadDimV * sk_vt)
-           : StrideQKV(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
-                       int64_t(paged ? kv_rows : sk) * hkv * kHeadDimV);
+      kLoadVt ? StrideQKV(int64_t(sk_vt), _1{}, int64_t(kHeadDimV) * sk_vt,
+                          int64_t(hkv) * kHeadDimV * sk_vt)
+              : StrideQKV(int64_t(hkv) * kHeadDimV, _1{}, int64_t(kHeadDimV),
+                          int64_t(paged ? kv_rows : sk) * hkv * kHeadDimV);
   auto gmem = [](const void* ptr) { return make_gmem_ptr(static_cast<Element const*>(ptr)); };
   kp.tma_q = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(p.q), kp.shape_q, stride_q),
                            typename Traits::SmemLayoutQ{},
@@ -374,7 +381,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   static cuda::PerDevice<cudaError_t> smem_limit_set;
   if (cuda::set_smem_limit_once(smem_limit_set, kernel, kSmemBytes) != cudaSuccess)
     return "cannot raise the shared-memory limit of the sm90 forward kernel";
-  if constexpr (kFp8) {
+  if constexpr (kLoadVt) {
     // The V transpose, then the attention kernel as its programmatic dependent: the attention
     // CTAs start (prologue, Q and K loads, first S) while the transpose's last CTAs still run,
     // and wait for vt before their first V load (FwdMainloop::load). Nothing may sit between the

@@ -6,7 +6,9 @@
 // contiguous: the 16-bit kernel reads its row-major V tile as an MN-major operand, while the FP8
 // kernel loads vt [batch, heads_kv, head_dim_v, seqlen_k rounded up to 16], a transposed copy of
 // V it writes into its workspace first, with the keys of each aligned group of 16 permuted so
-// that the S accumulator's registers are the P operand (fp8_vt_sm90.h, convert_p_to_e4m3).
+// that the S accumulator's registers are the P operand (fp8_vt_sm90.h, convert_p_to_e4m3); at
+// head dim 128 (kVtInKernel) it loads V row-major and transposes it in shared memory into the
+// same layout (FwdMainloop::transpose_v).
 #pragma once
 
 // WGMMA N sizes that are not multiples of 32 (block_n 80 and 112) exist only with this switch;
@@ -72,6 +74,10 @@ struct FwdTraits {
   // than one after the other by one thread: pages of 16, 8 x 16k, seqlen_q 4, 1.96 -> 3.25
   // TB/s on H200 (tile_size.h, kFwdPageRows); contiguous rows unchanged within 1%.
   static constexpr bool kProducerWarp = kSplit;
+  // FP8: V arrives row-major and producer warps 2-3 transpose it in shared memory
+  // (FwdMainloop::transpose_v) rather than the attention kernel reading vt, which the
+  // fp8_vt_sm90.h kernel writes first (tile_size.h, fwd_fp8_transpose_v_in_kernel).
+  static constexpr bool kVtInKernel = kFp8 && fwd_fp8_transpose_v_in_kernel(kHeadDim_);
 
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>,
                 "fp16, bf16 or e4m3 inputs");
@@ -140,10 +146,12 @@ struct FwdTraits {
       decltype(composition(SmemLayoutV{},
                            make_ordered_layout(Shape<Int<kHeadDimV>, Int<kBlockN>, Int<kStages>>{},
                                                Step<_2, _1, _3>{})))>;
-  // What the V TMA writes: (N, Dv, PIPE) from v rows (16-bit) or (Dv, N, PIPE) from vt rows
-  // (FP8), and the matching tile of the global tensor.
-  using SmemLayoutVLoad = cute::conditional_t<kFp8, SmemLayoutVt, SmemLayoutV>;
-  using TileShapeVLoad = cute::conditional_t<kFp8, Shape<Int<kHeadDimV>, Int<kBlockN>>,
+  // What the V TMA writes: (N, Dv, PIPE) from v rows (16-bit, and FP8 with kVtInKernel: the
+  // staging ring transpose_v reads) or (Dv, N, PIPE) from vt rows (FP8), and the matching tile of
+  // the global tensor.
+  static constexpr bool kLoadVt = kFp8 && !kVtInKernel;
+  using SmemLayoutVLoad = cute::conditional_t<kLoadVt, SmemLayoutVt, SmemLayoutV>;
+  using TileShapeVLoad = cute::conditional_t<kLoadVt, Shape<Int<kHeadDimV>, Int<kBlockN>>,
                                              Shape<Int<kBlockN>, Int<kHeadDimV>>>;
 
   using PipelineK = cutlass::PipelineTmaAsync<kStages>;
@@ -180,7 +188,13 @@ struct FwdTraits {
     // descriptors assume a pattern-aligned base. kQBuffers Q tiles, back to back (kQStages).
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutQ> * kQBuffers, 1024> q;
     alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutK>, 1024> k;
-    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVLoad>, 1024> v;
+    // The V ring; with kVtInKernel the staging ring of the row-major tiles (on v_load_full /
+    // v_load_empty), then the transposed ring the P @ V WGMMA reads (pipe_v's slots, smem_vt).
+    // One array rather than a second, empty one elsewhere: an empty 1024-aligned member still
+    // takes 1 KB and moved every 16-bit kernel's barriers.
+    alignas(1024) cute::array_aligned<Element, cute::cosize_v<SmemLayoutVLoad> +
+                                                   (kVtInKernel ? cute::cosize_v<SmemLayoutVt> : 0),
+                                      1024> v;
     alignas(1024) cute::array_aligned<ElementOut, kOElements, 1024> o;  // kTmaStoreO only
     cutlass::arch::ClusterTransactionBarrier q_full[kQBuffers];  // TMA of Q landed
     cutlass::arch::ClusterBarrier q_empty[kQBuffers];            // consumers done reading Q
@@ -193,6 +207,11 @@ struct FwdTraits {
     cutlass::arch::ClusterBarrier tile_want;  // the TMA thread asks for its next tile
     typename PipelineK::SharedStorage pipe_k;
     typename PipelineV::SharedStorage pipe_v;
+    // kVtInKernel: the staging ring's barriers (TMA landed / transposed out of), and per slot a
+    // flag the TMA thread sets, with a plain arrive on v_load_full, when no more tiles come.
+    cutlass::arch::ClusterTransactionBarrier v_load_full[kVtInKernel ? kStages : 1];
+    cutlass::arch::ClusterBarrier v_load_empty[kVtInKernel ? kStages : 1];
+    int v_load_done[kVtInKernel ? kStages : 1];
   };
   // Where Q, K, V and a separate O tile exceed shared memory (16-bit head dim 256: 224 KB without
   // O), O is written into the V ring instead, which holds no live data between the tile's last
@@ -228,6 +247,10 @@ struct FwdTraits {
   }
   static CUTLASS_DEVICE Element* smem_q(SharedStorage& ss, int q_buf) {
     return ss.q.data() + q_buf * cute::cosize_v<SmemLayoutQ>;
+  }
+  // The (Dv, N, PIPE) V ring the P @ V WGMMA reads (kVtInKernel: after the staging ring).
+  static CUTLASS_DEVICE Element* smem_vt(SharedStorage& ss) {
+    return ss.v.data() + (kVtInKernel ? cute::cosize_v<SmemLayoutVLoad> : 0);
   }
   // The O tile's shared memory (kTmaStoreO): its own buffer, or the start of the V ring.
   static CUTLASS_DEVICE ElementOut* smem_o(SharedStorage& ss) {

@@ -1,4 +1,6 @@
 // fa3_jax Hopper FP8 forward: V transposed into the layout the e4m3 P @ V WGMMA reads.
+// Head dims 64 and 256 only: at 128 the attention kernel transposes V itself, in shared memory
+// (tile_size.h, fwd_fp8_transpose_v_in_kernel; FwdMainloop::transpose_v writes this same layout).
 //
 // The e4m3 WGMMA takes both operands K-major, and for P @ V the K dimension is the keys, so the
 // forward's TMA reads vt [batch, heads_kv, head_dim_v, sk16] (sk16 = seqlen_k rounded up to 16,

@@ -25,8 +25,11 @@ enum class FwdNamedBarrier : uint32_t {
   // Every consumer warpgroup is past its last P V WGMMA of the tile, so O may overwrite the V
   // ring (kOAliasesV).
   EpilogueAll = 6,
+  // FP8 with the V transpose in the kernel: the two transposing producer warps (64 threads) have
+  // all written (and fenced) their part of a V tile.
+  TransposeV = 7,
 };
-static_assert(static_cast<uint32_t>(FwdNamedBarrier::EpilogueAll) < 8, "8 named barriers per kernel");
+static_assert(static_cast<uint32_t>(FwdNamedBarrier::TransposeV) < 8, "8 named barriers per kernel");
 
 // Barrier ids of consumer warpgroup wg (0, 1, 2).
 CUTLASS_DEVICE FwdNamedBarrier fwd_scheduler_barrier(int wg) {

@@ -43,6 +43,29 @@ struct FwdTileSize {
 //    512 tokens, 500 against 475). S takes 64 registers next to the 128-register O accumulator
 //    (P 16); ptxas reports 196 bytes of spill stores (184 at 96), the producer's and the
 //    consumers' setup. Smem: Q 32 KB + 2 * (32 + 32) KB + O 64 KB = 224 KB.
+// FP8 V transposed inside the attention kernel (flash_fwd_mainloop_sm90.h, transpose_v): the V
+// TMA loads row-major V tiles into a staging ring and producer warps 2-3 write the keys-contiguous
+// tile the e4m3 P @ V WGMMA reads (LDSM.T, byte permutes, STSM), instead of the fp8_vt_sm90.h
+// kernel writing vt through global memory before the attention kernel starts (ncu: 18.3 us for
+// the 32 MB of V at hdim 128, 16k tokens, against 211 us of attention kernel at full 1k). Smem
+// (hdim 128): + 2 x 16 KB, 144 KB in all. Measured on H200 (test_fwd_sm90 --time-fp8, per-tensor
+// descales, 16k tokens, hidden 2048, 9 main / 7 in-kernel runs over 4 device calls, 2026-11-22,
+// benchmarks/measured/h200_2026-11-22s10q_fp8_vt_in_kernel.txt), TFLOP/s at 512 / 1k / 2k / 4k /
+// 8k / 16k: full 445 / 603 / 728 / 770 / 767 / 770 -> 483 / 619 / 725 / 792 / 820 / 816, causal
+// 273 / 418 / 594 / 720 / 770 / 750 -> 292 / 430 / 574 / 702 / 794 / 821 (causal 2k-4k -2.5 to
+// -3.4%); ncu full 1k / 4k, whole call 229 / 710 -> 219 / 684 us. Bench beside cuDNN FP8
+// (same file): hdim 128 full 0.77-0.86 -> 0.82-0.85, causal 0.85-0.92 -> 0.87-0.95.
+// Merged into session-11 main and A/B'd against main's wheel in one call (bench_attention's fp8
+// cell, CUPTI sum, 2 runs each, h200_2026-11-22s11q_fp8_vt_merge_ab.txt): 1k-16k full +5.2 /
+// +1.0 / +3.6 / +8.2 / +12.9%, causal +12.1 / +2.9 / +1.5 / +5.3 / +13.1%; charging main's sum
+// with the whole 18 us transpose as if overlapped (the bound PDL allows): -5.1 to +12.2%, 8k-16k
+// still +2.6 to +12.2%. fp8 / cuDNN FP8, hdim 128 rows 1k-16k, geomean 0.813 -> 0.869.
+// Not taken: the unit addresses from CuTe tensor indexing (-25 to -30%: ~100 instructions per
+// unit on the schedulers the consumer warps share), 3 stages, each tile's first K and V before
+// its Q (both within spread). Head dims 64 (not measured) and 256 keep the transpose kernel:
+// 256's producer has 24 registers and its shared memory is full (224 KB).
+constexpr bool fwd_fp8_transpose_v_in_kernel(int head_dim) { return head_dim == 128; }
+
 constexpr FwdTileSize fwd_tile_size_fp8(int head_dim) {
   if (head_dim <= 64) return {128, 128, 3};
   if (head_dim <= 128) return {128, 128, 2};

@@ -31,6 +31,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   int const warp_group = cutlass::canonical_warp_group_idx();
   // Split-KV on a paged cache read in 16-row boxes: warp 2 loads V, warp 0 Q and K.
   bool const v_warp = Traits::kSplit && p.v_warp;
+  // ... and warp 3 the upper half of K's (hi_warp 1) or V's (2) boxes.
+  bool const hi_warp = Traits::kSplit && p.v_warp && p.hi_warp != 0;
 
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
@@ -45,7 +47,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     for (int i = 0; i < 2; ++i) {
       ss.tile_full[i].init(1);
       // consumers + the TMA thread (+ the V warp's leader)
-      ss.tile_empty[i].init(Traits::kNumMmaThreads + 1 + int(v_warp));
+      ss.tile_empty[i].init(Traits::kNumMmaThreads + 1 + int(v_warp) + int(hi_warp));
     }
     ss.tile_want.init(1);
   }
@@ -82,11 +84,14 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ss.tile_full[seq & 1].arrive();
         if (int(tile) >= sched.num_tiles) break;
       }
-    } else if (Traits::kProducerWarp ? threadIdx.x < 32 || (v_warp && threadIdx.x / 32 == 2)
+    } else if (Traits::kProducerWarp ? threadIdx.x < 32 || (v_warp && threadIdx.x / 32 == 2) ||
+                                           (hi_warp && threadIdx.x / 32 == 3)
                                      : threadIdx.x == 0) {
-      int const role = !v_warp            ? Mainloop::kLoadAll
-                       : threadIdx.x < 32 ? Mainloop::kLoadQK
-                                          : Mainloop::kLoadV;
+      int const role = !v_warp                ? Mainloop::kLoadAll
+                       : threadIdx.x < 32     ? Mainloop::kLoadQK
+                       : threadIdx.x / 32 == 2 ? Mainloop::kLoadV
+                       : p.hi_warp == 1        ? Mainloop::kLoadKHi
+                                               : Mainloop::kLoadVHi;
       // The TMA thread (thread 0), or with kProducerWarp warp 0, thread 0 its leader (and with
       // v_warp warp 2, thread 64 its leader, for V).
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();

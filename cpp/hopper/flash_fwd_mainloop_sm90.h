@@ -33,7 +33,9 @@ struct FwdMainloop {
 
   // What a producer warp loads (role): Q, K and V; with Params::v_warp, warp 0 Q and K and
   // warp 2 V.
-  static constexpr int kLoadAll = 0, kLoadQK = 1, kLoadV = 2;
+  // With Params::hi_warp, warp 3 issues the upper half of one tensor's boxes (kLoadKHi: K's,
+  // kLoadVHi: V's) and the warp of that tensor the lower half.
+  static constexpr int kLoadAll = 0, kLoadQK = 1, kLoadV = 2, kLoadKHi = 3, kLoadVHi = 4;
 
   // Called by the producer: thread 0, or warp 0 (Traits::kProducerWarp; with Params::v_warp
   // also warp 2). q_tile_count: non-empty tiles this CTA loaded before.
@@ -110,12 +112,19 @@ struct FwdMainloop {
     };
     // Where key block n comes from, this lane's part: the page (whole-block pages), the box of
     // lane r (smaller pages; lanes past the block's boxes: 0, unused), 0 (contiguous).
+    // This warp's boxes of a block: [box_lo, box_hi) (hi_warp splits one tensor's boxes
+    // between two warps at the half, rounded up; box indices past a block's end are unused).
+    int const half_boxes = (kBlockN / Traits::kPageRows + 1) / 2;
+    bool const split_k = Traits::kSplit && p.hi_warp == 1, split_v = Traits::kSplit && p.hi_warp == 2;
+    int const box_lo = role == kLoadKHi || role == kLoadVHi ? half_boxes : 0;
+    int const box_hi = (role == kLoadQK && split_k) || (role == kLoadV && split_v) ? half_boxes : 32;
     auto where = [&](int n) {
       if constexpr (!Traits::kSplit) return 0;
       if (!paged) return 0;
       if (p.page_blocks > 0) return page_at(n / p.page_blocks);
-      if (lane * box_rows >= kBlockN) return 0;
-      int const key = n * kBlockN + lane * box_rows;
+      int const r = lane + box_lo;
+      if (r * box_rows >= kBlockN || r >= box_hi) return 0;
+      int const key = n * kBlockN + r * box_rows;
       int const index = key / p.page_size;
       return page_at(index) * boxes_per_page + ((key - index * p.page_size) >> box_shift);
     };
@@ -138,8 +147,9 @@ struct FwdMainloop {
                                       group_modes<0, 2>(g));
         copy(tma_page.with(*bar, 0), tg(_, 0), ts(_, r));
       };
-      __syncwarp();  // the leader's expect_tx first
-      if (lane < kBoxes) issue(lane, box);
+      __syncwarp();  // the leader's expect_tx first (another warp's boxes may complete first:
+                     // the barrier's phase waits for the leader's arrive as well)
+      if (lane + box_lo < kBoxes && lane + box_lo < box_hi) issue(lane + box_lo, box);
     };
     // One key block of K or V (tma, tile: its (N, D) block shape; sX: its whole ring; slot;
     // src: where(n)) on barrier bar: contiguous, one TMA load of the block; pages of whole
@@ -198,12 +208,23 @@ struct FwdMainloop {
 
     // role kLoadV (Params::v_warp, warp 2): V alone, in block order with this warp's own ring
     // state (the same slot sequence as K's, which warp 0 loads with Q: kLoadQK).
-    if (role == kLoadV) {
+    if (role == kLoadV || role == kLoadVHi) {
       int src_next = where(n_max - 1);
       for (int n = n_max - 1; n >= n_min; --n) {
         int const src = src_next;
         if (n - 1 >= n_min) src_next = where(n - 1);
         load_v(write, n, src);
+        ++write;
+      }
+      return;
+    }
+    // role kLoadKHi (warp 3): the upper half of K's boxes, in block order with its own ring state.
+    if (role == kLoadKHi) {
+      int src_next = where(n_max - 1);
+      for (int n = n_max - 1; n >= n_min; --n) {
+        int const src = src_next;
+        if (n - 1 >= n_min) src_next = where(n - 1);
+        load_k(n, src);
         ++write;
       }
       return;

@@ -329,6 +329,8 @@ struct FwdTraits {
     // kSplit only: warp 2 loads V while warp 0 loads Q and K (FwdMainloop::load), so that
     // each ring's boxes are issued by a warp of its own (tile_size.h, fwd_paged_v_warp).
     bool v_warp;
+    // kSplit with v_warp: warp 3 issues the upper half of K's (1) or V's (2) boxes; 0: none.
+    int8_t hi_warp;
     // FP8 descales (kFp8 only; flash.h, "FP8"). Per tensor (descale_nk == 0): q, k, v
     // [batch, heads_kv]. Per tile (descale_nk > 0; the scale blocks are this kernel's tiles):
     // q [batch, heads_q, descale_nq], k and v [batch, heads_kv, descale_nk].

@@ -4,7 +4,8 @@
 // Producer (one thread of warp 0; split-KV: warp 0): Q once per tile on its own barrier, then K
 // and V through two rings of kStages slots, in exactly the order the consumers need them:
 // K[n_max-1], then (K[n-1], V[n]) pairs, then V[n_min]. Split-KV on a paged cache read in
-// 16-row boxes (Params::v_warp): warp 0 loads Q and K, warp 2 V.
+// 16-row boxes (Params::v_warp): warp 0 loads Q and K, warp 2 V; with Params::k_warp warp 0
+// issues the lower half of K's boxes and warp 3 the upper half.
 // Consumers (two or three warpgroups, 64 query rows each): intra-warpgroup overlap as in FA3 — the
 // S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
 // together, and the softmax of the next block runs while P V is still on the tensor cores.
@@ -33,9 +34,9 @@ struct FwdMainloop {
 
   // What a producer warp loads (role): Q, K and V; with Params::v_warp, warp 0 Q and K and
   // warp 2 V.
-  // With Params::hi_warp, warp 3 issues the upper half of one tensor's boxes (kLoadKHi: K's,
-  // kLoadVHi: V's) and the warp of that tensor the lower half.
-  static constexpr int kLoadAll = 0, kLoadQK = 1, kLoadV = 2, kLoadKHi = 3, kLoadVHi = 4;
+  // With Params::k_warp, warp 0 Q and the lower half of K's boxes, warp 3 the upper half
+  // (kLoadKHi).
+  static constexpr int kLoadAll = 0, kLoadQK = 1, kLoadV = 2, kLoadKHi = 3;
 
   // Called by the producer: thread 0, or warp 0 (Traits::kProducerWarp; with Params::v_warp
   // also warp 2). q_tile_count: non-empty tiles this CTA loaded before.
@@ -112,12 +113,12 @@ struct FwdMainloop {
     };
     // Where key block n comes from, this lane's part: the page (whole-block pages), the box of
     // lane r (smaller pages; lanes past the block's boxes: 0, unused), 0 (contiguous).
-    // This warp's boxes of a block: [box_lo, box_hi) (hi_warp splits one tensor's boxes
-    // between two warps at the half, rounded up; box indices past a block's end are unused).
+    // This warp's boxes of a block: [box_lo, box_hi) (k_warp splits K's boxes between warps 0
+    // and 3 at the half, rounded up; box indices past a block's end are unused).
     int const half_boxes = (kBlockN / Traits::kPageRows + 1) / 2;
-    bool const split_k = Traits::kSplit && p.hi_warp == 1, split_v = Traits::kSplit && p.hi_warp == 2;
-    int const box_lo = role == kLoadKHi || role == kLoadVHi ? half_boxes : 0;
-    int const box_hi = (role == kLoadQK && split_k) || (role == kLoadV && split_v) ? half_boxes : 32;
+    bool const k_warp = Traits::kPagedKWarp && p.k_warp;
+    int const box_lo = k_warp && role == kLoadKHi ? half_boxes : 0;
+    int const box_hi = k_warp && role == kLoadQK ? half_boxes : 32;
     auto where = [&](int n) {
       if constexpr (!Traits::kSplit) return 0;
       if (!paged) return 0;
@@ -148,7 +149,7 @@ struct FwdMainloop {
         copy(tma_page.with(*bar, 0), tg(_, 0), ts(_, r));
       };
       __syncwarp();  // the leader's expect_tx first (another warp's boxes may complete first:
-                     // the barrier's phase waits for the leader's arrive as well)
+                     // the barrier's phase also waits for the leader's arrive)
       if (lane + box_lo < kBoxes && lane + box_lo < box_hi) issue(lane + box_lo, box);
     };
     // One key block of K or V (tma, tile: its (N, D) block shape; sX: its whole ring; slot;
@@ -208,7 +209,7 @@ struct FwdMainloop {
 
     // role kLoadV (Params::v_warp, warp 2): V alone, in block order with this warp's own ring
     // state (the same slot sequence as K's, which warp 0 loads with Q: kLoadQK).
-    if (role == kLoadV || role == kLoadVHi) {
+    if (role == kLoadV) {
       int src_next = where(n_max - 1);
       for (int n = n_max - 1; n >= n_min; --n) {
         int const src = src_next;
@@ -218,8 +219,9 @@ struct FwdMainloop {
       }
       return;
     }
-    // role kLoadKHi (warp 3): the upper half of K's boxes, in block order with its own ring state.
-    if (role == kLoadKHi) {
+    // role kLoadKHi (Params::k_warp, warp 3): the upper half of K's boxes, in block order with
+    // this warp's own ring state.
+    if (Traits::kPagedKWarp && role == kLoadKHi) {
       int src_next = where(n_max - 1);
       for (int n = n_max - 1; n >= n_min; --n) {
         int const src = src_next;

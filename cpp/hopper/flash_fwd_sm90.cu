@@ -241,15 +241,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
               sm90::fwd_paged_v_warp(p.page_size % Traits::kPageRowsLarge == 0
                                          ? Traits::kPageRowsLarge
                                          : Traits::kPageRows);
-  // EXPERIMENT (decode11, removed before landing): FA3_JAX_PAGED_VARIANT=1 / 2: warp 3 issues the
-  // upper half of K's / V's boxes.
-  {
-    static int const variant = [] {
-      char const* env = std::getenv("FA3_JAX_PAGED_VARIANT");
-      return env ? std::atoi(env) : 0;
-    }();
-    kp.hi_warp = kp.v_warp && (variant == 1 || variant == 2) ? int8_t(variant) : int8_t(0);
-  }
+  kp.k_warp = kp.v_warp && Traits::kPagedKWarp;
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
   // Packed dense rows all see every key (pack_gqa), which the unbounded band says. With

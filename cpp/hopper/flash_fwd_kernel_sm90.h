@@ -88,10 +88,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     } else if (Traits::kProducerWarp ? threadIdx.x < 32 || (v_warp && threadIdx.x / 32 == 2) ||
                                            (k_warp && threadIdx.x / 32 == 3)
                                      : threadIdx.x == 0) {
-      int const role = !v_warp                 ? Mainloop::kLoadAll
-                       : threadIdx.x < 32      ? Mainloop::kLoadQK
-                       : threadIdx.x / 32 == 2 ? Mainloop::kLoadV
-                                               : Mainloop::kLoadKHi;
+      // (Without kPagedKWarp, main's two-way choice: the hdim 256 producer's spills depend on it.)
+      int const role = !v_warp                                         ? Mainloop::kLoadAll
+                       : threadIdx.x < 32                              ? Mainloop::kLoadQK
+                       : !Traits::kPagedKWarp || threadIdx.x / 32 == 2 ? Mainloop::kLoadV
+                                                                       : Mainloop::kLoadKHi;
       // The TMA thread (thread 0), or with kProducerWarp warp 0, thread 0 its leader (and with
       // v_warp warp 2, thread 64 its leader, for V; with k_warp warp 3, upper K boxes).
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();

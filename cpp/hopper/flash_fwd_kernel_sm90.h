@@ -4,8 +4,9 @@
 //
 // 384 or 512 threads: warpgroup 0 produces (one thread issues every TMA, or with kProducerWarp
 // warp 0 runs the producer, lanes issuing a paged block's boxes, and with Params::v_warp warp 2
-// loads V; one thread of warp 1 runs the tile scheduler; FP8 with kVtInKernel warps 2-3 transpose
-// V tiles; the rest only give their registers back), warpgroups 1 .. block_m / 64 consume 64
+// loads V, with Params::k_warp warp 3 half of K's boxes; one thread of warp 1 runs the tile
+// scheduler; FP8 with kVtInKernel warps 2-3 transpose V tiles; the rest only give their
+// registers back), warpgroups 1 .. block_m / 64 consume 64
 // query rows each.
 #pragma once
 
@@ -30,8 +31,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
 
   int const warp_group = cutlass::canonical_warp_group_idx();
-  // Split-KV on a paged cache read in 16-row boxes: warp 2 loads V, warp 0 Q and K.
+  // Split-KV on a paged cache read in 16-row boxes: warp 2 loads V, warp 0 Q and K (with
+  // k_warp, warp 0 Q and the lower half of K's boxes, warp 3 the upper half).
   bool const v_warp = Traits::kSplit && p.v_warp;
+  bool const k_warp = Traits::kPagedKWarp && p.v_warp && p.k_warp;
 
   if (threadIdx.x == 0) {
     cute::prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
@@ -45,8 +48,8 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
     ss.o_free.init(Traits::kNumMmaWarpGroups);
     for (int i = 0; i < 2; ++i) {
       ss.tile_full[i].init(1);
-      // consumers + the TMA thread (+ the V warp's leader)
-      ss.tile_empty[i].init(Traits::kNumMmaThreads + 1 + int(v_warp));
+      // consumers + the TMA thread (+ the V warp's leader, + the K warp's)
+      ss.tile_empty[i].init(Traits::kNumMmaThreads + 1 + int(v_warp) + int(k_warp));
     }
     ss.tile_want.init(1);
     if constexpr (Traits::kVtInKernel) {
@@ -90,13 +93,16 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
         ss.tile_full[seq & 1].arrive();
         if (int(tile) >= sched.num_tiles) break;
       }
-    } else if (Traits::kProducerWarp ? threadIdx.x < 32 || (v_warp && threadIdx.x / 32 == 2)
+    } else if (Traits::kProducerWarp ? threadIdx.x < 32 || (v_warp && threadIdx.x / 32 == 2) ||
+                                           (k_warp && threadIdx.x / 32 == 3)
                                      : threadIdx.x == 0) {
-      int const role = !v_warp            ? Mainloop::kLoadAll
-                       : threadIdx.x < 32 ? Mainloop::kLoadQK
-                                          : Mainloop::kLoadV;
+      // (Without kPagedKWarp, main's two-way choice: the hdim 256 producer's spills depend on it.)
+      int const role = !v_warp                                         ? Mainloop::kLoadAll
+                       : threadIdx.x < 32                              ? Mainloop::kLoadQK
+                       : !Traits::kPagedKWarp || threadIdx.x / 32 == 2 ? Mainloop::kLoadV
+                                                                       : Mainloop::kLoadKHi;
       // The TMA thread (thread 0), or with kProducerWarp warp 0, thread 0 its leader (and with
-      // v_warp warp 2, thread 64 its leader, for V).
+      // v_warp warp 2, thread 64 its leader, for V; with k_warp warp 3, upper K boxes).
       PipelineState write = cutlass::make_producer_start_state<PipelineK>();
       int q_tile_count = 0;
       for (uint32_t seq = 0;; ++seq) {

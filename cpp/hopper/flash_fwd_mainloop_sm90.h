@@ -4,7 +4,8 @@
 // Producer (one thread of warp 0; split-KV: warp 0): Q once per tile on its own barrier, then K
 // and V through two rings of kStages slots, in exactly the order the consumers need them:
 // K[n_max-1], then (K[n-1], V[n]) pairs, then V[n_min]. Split-KV on a paged cache read in
-// 16-row boxes (Params::v_warp): warp 0 loads Q and K, warp 2 V. FP8 at head dim 128
+// 16-row boxes (Params::v_warp): warp 0 loads Q and K, warp 2 V; with Params::k_warp warp 0
+// issues the lower half of K's boxes and warp 3 the upper half. FP8 at head dim 128
 // (Traits::kVtInKernel): V goes into a staging ring instead, and producer warps 2-3 transpose
 // each tile into the V ring the consumers read (transpose_v).
 // Consumers (two or three warpgroups, 64 query rows each): intra-warpgroup overlap as in FA3 — the
@@ -35,7 +36,9 @@ struct FwdMainloop {
 
   // What a producer warp loads (role): Q, K and V; with Params::v_warp, warp 0 Q and K and
   // warp 2 V.
-  static constexpr int kLoadAll = 0, kLoadQK = 1, kLoadV = 2;
+  // With Params::k_warp, warp 0 Q and the lower half of K's boxes, warp 3 the upper half
+  // (kLoadKHi).
+  static constexpr int kLoadAll = 0, kLoadQK = 1, kLoadV = 2, kLoadKHi = 3;
 
   // Called by the producer: thread 0, or warp 0 (Traits::kProducerWarp; with Params::v_warp
   // also warp 2). q_tile_count: non-empty tiles this CTA loaded before.
@@ -112,12 +115,19 @@ struct FwdMainloop {
     };
     // Where key block n comes from, this lane's part: the page (whole-block pages), the box of
     // lane r (smaller pages; lanes past the block's boxes: 0, unused), 0 (contiguous).
+    // This warp's boxes of a block: [box_lo, box_hi) (k_warp splits K's boxes between warps 0
+    // and 3 at the half, rounded up; box indices past a block's end are unused).
+    int const half_boxes = (kBlockN / Traits::kPageRows + 1) / 2;
+    bool const k_warp = Traits::kPagedKWarp && p.k_warp;
+    int const box_lo = k_warp && role == kLoadKHi ? half_boxes : 0;
+    int const box_hi = k_warp && role == kLoadQK ? half_boxes : 32;
     auto where = [&](int n) {
       if constexpr (!Traits::kSplit) return 0;
       if (!paged) return 0;
       if (p.page_blocks > 0) return page_at(n / p.page_blocks);
-      if (lane * box_rows >= kBlockN) return 0;
-      int const key = n * kBlockN + lane * box_rows;
+      int const r = lane + box_lo;
+      if (r * box_rows >= kBlockN || r >= box_hi) return 0;
+      int const key = n * kBlockN + r * box_rows;
       int const index = key / p.page_size;
       return page_at(index) * boxes_per_page + ((key - index * p.page_size) >> box_shift);
     };
@@ -140,8 +150,9 @@ struct FwdMainloop {
                                       group_modes<0, 2>(g));
         copy(tma_page.with(*bar, 0), tg(_, 0), ts(_, r));
       };
-      __syncwarp();  // the leader's expect_tx first
-      if (lane < kBoxes) issue(lane, box);
+      __syncwarp();  // the leader's expect_tx first (another warp's boxes may complete first:
+                     // the barrier's phase also waits for the leader's arrive)
+      if (lane + box_lo < kBoxes && lane + box_lo < box_hi) issue(lane + box_lo, box);
     };
     // One key block of K or V (tma, tile: its (N, D) block shape; sX: its whole ring; slot;
     // src: where(n)) on barrier bar: contiguous, one TMA load of the block; pages of whole
@@ -214,6 +225,18 @@ struct FwdMainloop {
         int const src = src_next;
         if (n - 1 >= n_min) src_next = where(n - 1);
         load_v(write, n, src);
+        ++write;
+      }
+      return;
+    }
+    // role kLoadKHi (Params::k_warp, warp 3): the upper half of K's boxes, in block order with
+    // this warp's own ring state.
+    if (Traits::kPagedKWarp && role == kLoadKHi) {
+      int src_next = where(n_max - 1);
+      for (int n = n_max - 1; n >= n_min; --n) {
+        int const src = src_next;
+        if (n - 1 >= n_min) src_next = where(n - 1);
+        load_k(n, src);
         ++write;
       }
       return;

@@ -248,6 +248,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
               sm90::fwd_paged_v_warp(p.page_size % Traits::kPageRowsLarge == 0
                                          ? Traits::kPageRowsLarge
                                          : Traits::kPageRows);
+  kp.k_warp = kp.v_warp && Traits::kPagedKWarp;
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.
   // Packed dense rows all see every key (pack_gqa), which the unbounded band says. With

@@ -277,6 +277,9 @@ struct FwdTraits {
   // (N, Dv) V layout also for FP8, which never pages, so that the types exist for every
   // instantiation.
   static constexpr int kPageRows = kFwdPageRows;
+  // Split-KV with 16-row boxes (Params::v_warp): warp 3 issues the upper half of K's boxes
+  // (Params::k_warp; tile_size.h, fwd_paged_k_warp). Compiled out where not taken.
+  static constexpr bool kPagedKWarp = kSplit && fwd_paged_k_warp(kProducerRegs);
   static constexpr int kPageRowsLarge =
       kBlockN % kFwdPageRowsLarge == 0 ? kFwdPageRowsLarge : kPageRows;
   static_assert(kBlockN % kPageRows == 0, "a key block is whole page boxes");
@@ -352,6 +355,8 @@ struct FwdTraits {
     // kSplit only: warp 2 loads V while warp 0 loads Q and K (FwdMainloop::load), so that
     // each ring's boxes are issued by a warp of its own (tile_size.h, fwd_paged_v_warp).
     bool v_warp;
+    // kPagedKWarp with v_warp: warp 3 issues the upper half of K's boxes, warp 0 the lower.
+    bool k_warp;
     // FP8 descales (kFp8 only; flash.h, "FP8"). Per tensor (descale_nk == 0): q, k, v
     // [batch, heads_kv]. Per tile (descale_nk > 0; the scale blocks are this kernel's tiles):
     // q [batch, heads_q, descale_nq], k and v [batch, heads_kv, descale_nk].

@@ -354,6 +354,20 @@ inline constexpr int kFwdPageRowsLarge = 64;
 // / 4.32 / 3.84 and of 256 (whole-block loads) 3.52 / 4.23 / 4.22 / 4.36 / 3.88 -> 3.47 / 4.21
 // / 4.20 / 4.36 / 3.87, so those keep one warp; the contiguous cache unchanged within 1%.
 constexpr bool fwd_paged_v_warp(int box_rows) { return box_rows == kFwdPageRows; }
+// With fwd_paged_v_warp: whether warp 3 of the producer warpgroup issues the upper half of K's
+// boxes (Params::k_warp) while warp 0 issues the lower half (and Q), so K's 16 TMA instructions
+// a block go out from two warps, 8 each. Measured on H200 (h200_2026-11-22s11d_decode.txt,
+// bench_decode.py, pages of 16, K/V TB/s, 8 x 4k / 8 x 16k / 1 x 128k / 64 x 8k at seqlen_q 1 /
+// 8 x 16k at 16, two rounds each in one call): one warp for K 3.23 / 3.90 / 3.90 / 4.18 / 3.63
+// and 3.25 / 3.90 / 3.91 / 4.18 / 3.65; K over warps 0 and 3 3.35 / 4.07 / 4.06 / 4.29 / 3.78
+// and 3.33 / 4.07 / 4.06 / 4.28 / 3.78 (0.94-0.98x the contiguous cache, 0.92-0.95x before);
+// ncu, 8 x 16k: 134 us and DRAM 84% busy (contiguous 128 us, 87%). Not taken: V over warps 2
+// and 3 instead (K on warp 0 alone), 3.26 / 3.93 / 3.91 / 4.20 / 3.66 and 3.26 / 3.92 / 3.92 /
+// 4.21 / 3.66 (K[n] is needed first, for S, so its issue delay likely matters more). Only with
+// a 40-register producer: at head dim 256 (24 registers) the extra role raised the split
+// kernel's spills from 76 / 108 to 216 / 336 bytes (stores / loads, ptxas), so it is compiled
+// out there (Traits::kPagedKWarp).
+constexpr bool fwd_paged_k_warp(int producer_regs) { return producer_regs >= 40; }
 inline constexpr int kMaxSplits = 128;
 
 constexpr int fwd_num_splits(int num_tiles, int num_n_blocks, int num_sms) {

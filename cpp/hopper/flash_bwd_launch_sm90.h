@@ -28,6 +28,15 @@ struct BwdWorkspaceLayout {
          dkv_partial = 0, total = 0;  // byte offsets, size
 };
 
+// The calls whose coarse backward CTAs schedule badly: a causal band (no lower edge, the upper edge
+// cutting keys) with at most 64 (kv head, batch) pairs on the dense layout (the caller excludes
+// varlen). Key blocks' work then falls with their index and the few pairs leave the heavy first
+// key blocks running alone at the end. Both remedies key on it: the key-block-major CTA order
+// (launch template, GQA) and the group split (bwd_group_split, large groups).
+inline bool bwd_causal_few_pairs(const BwdParams& p) {
+  return p.diag_lo <= -p.seqlen_q && p.diag_hi < p.seqlen_k && int64_t(p.heads_kv) * p.batch <= 64;
+}
+
 // GQA: the query heads of a group split over this many CTAs per (key block, kv head), each
 // covering group / split heads and writing float32 dK/dV partials ([split, batch, seqlen_k,
 // heads_kv, head_dim + head_dim_v]) that flash_bwd_dkv_reduce sums in a fixed order (so
@@ -57,9 +66,8 @@ inline int bwd_group_split(const BwdParams& p) {
     const int s = std::atoi(env);
     return s > 1 && group % s == 0 ? s : 1;
   }
-  const bool causal = p.diag_lo <= -p.seqlen_q && p.diag_hi < p.seqlen_k;
   constexpr int64_t kHeadsPerCta = 4;
-  if (causal && group >= 8 && group % kHeadsPerCta == 0 && p.heads_kv * p.batch <= 64) {
+  if (bwd_causal_few_pairs(p) && group >= 8 && group % kHeadsPerCta == 0) {
     return int(group / kHeadsPerCta);
   }
   return 1;

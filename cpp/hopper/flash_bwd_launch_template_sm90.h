@@ -132,8 +132,7 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   //   GQA 4 (pairs 64..4)     1.090 1.004 0.954 1.080 -> 1.096 1.096 1.101 1.094
   //   GQA 8 (pairs 32..2)     0.856 0.781 0.770 1.032 -> 0.997 0.914 0.966 1.012
   // Not varlen, whose grid numbers the blocks of several sequences.
-  m.key_block_major = !is_varlen && m.group > 1 && int64_t(p.heads_kv) * p.batch <= 64 &&
-                      m.diag_lo <= -m.seqlen_q && m.diag_hi < m.seqlen_k;
+  m.key_block_major = !is_varlen && m.group > 1 && bwd_causal_few_pairs(p);
   m.group_split = w.group_split;
   m.dkv_partial = reinterpret_cast<float*>(ws + w.dkv_partial);
   m.varlen = varlen;

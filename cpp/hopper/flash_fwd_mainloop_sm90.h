@@ -219,26 +219,25 @@ struct FwdMainloop {
 
     // role kLoadV (Params::v_warp, warp 2): V alone, in block order with this warp's own ring
     // state (the same slot sequence as K's, which warp 0 loads with Q: kLoadQK).
-    if (role == kLoadV) {
+    // The single-tensor roles: each block n_max - 1 .. n_min in turn, its source looked up one
+    // block ahead, one ring slot each.
+    auto each_block = [&](auto&& load_block) {
       int src_next = where(n_max - 1);
       for (int n = n_max - 1; n >= n_min; --n) {
         int const src = src_next;
         if (n - 1 >= n_min) src_next = where(n - 1);
-        load_v(write, n, src);
+        load_block(n, src);
         ++write;
       }
+    };
+    if (role == kLoadV) {
+      each_block([&](int n, int src) { load_v(write, n, src); });
       return;
     }
     // role kLoadKHi (Params::k_warp, warp 3): the upper half of K's boxes, in block order with
     // this warp's own ring state.
     if (Traits::kPagedKWarp && role == kLoadKHi) {
-      int src_next = where(n_max - 1);
-      for (int n = n_max - 1; n >= n_min; --n) {
-        int const src = src_next;
-        if (n - 1 >= n_min) src_next = where(n - 1);
-        load_k(n, src);
-        ++write;
-      }
+      each_block(load_k);
       return;
     }
 
@@ -252,13 +251,7 @@ struct FwdMainloop {
     }
 
     if (role == kLoadQK) {
-      int src_next = where(n_max - 1);
-      for (int n = n_max - 1; n >= n_min; --n) {
-        int const src = src_next;
-        if (n - 1 >= n_min) src_next = where(n - 1);
-        load_k(n, src);
-        ++write;
-      }
+      each_block(load_k);
       return;
     }
 

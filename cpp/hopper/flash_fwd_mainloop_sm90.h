@@ -217,25 +217,24 @@ struct FwdMainloop {
     // the producer's time from a slot's release to its TMA issue adds to every block's
     // round trip (tile_size.h, kFwdPageRows).
 
-    // role kLoadV (Params::v_warp, warp 2): V alone, in block order with this warp's own ring
-    // state (the same slot sequence as K's, which warp 0 loads with Q: kLoadQK).
     // The single-tensor roles: each block n_max - 1 .. n_min in turn, its source looked up one
-    // block ahead, one ring slot each.
-    auto each_block = [&](auto&& load_block) {
+    // block ahead, one ring slot each (this warp's own ring state).
+    auto each_block = [&](auto&& load_one) {
       int src_next = where(n_max - 1);
       for (int n = n_max - 1; n >= n_min; --n) {
         int const src = src_next;
         if (n - 1 >= n_min) src_next = where(n - 1);
-        load_block(n, src);
+        load_one(n, src);
         ++write;
       }
     };
+    // role kLoadV (Params::v_warp, warp 2): V alone, in block order (the same slot sequence as
+    // K's, which warp 0 loads with Q: kLoadQK).
     if (role == kLoadV) {
       each_block([&](int n, int src) { load_v(write, n, src); });
       return;
     }
-    // role kLoadKHi (Params::k_warp, warp 3): the upper half of K's boxes, in block order with
-    // this warp's own ring state.
+    // role kLoadKHi (Params::k_warp, warp 3): the upper half of K's boxes, in block order.
     if (Traits::kPagedKWarp && role == kLoadKHi) {
       each_block(load_k);
       return;

@@ -215,11 +215,13 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.tma_v = make_tma_copy(SM90_TMA_LOAD{}, make_tensor(gmem(v_ptr), kp.shape_v, stride_v),
                            take<0, 2>(typename Traits::SmemLayoutVLoad{}),
                            typename Traits::TileShapeVLoad{}, _1{});
+  // Pages smaller than a block are read as boxes of kPageRowsLarge rows where the page size
+  // allows, else of kPageRows (FwdMainloop::load makes the same choice).
+  constexpr int kBoxLarge = Traits::kPageRowsLarge, kBoxSmall = Traits::kPageRows;
+  bool const large_boxes = p.page_size % kBoxLarge == 0;
+  int const box_rows = large_boxes ? kBoxLarge : kBoxSmall;
   if constexpr (kSplit) {
     if (paged && kp.page_blocks == 0) {
-      // Pages smaller than a block: boxes of kPageRowsLarge rows where the page size allows,
-      // else of kPageRows (FwdMainloop::load makes the same choice).
-      constexpr int kBoxLarge = Traits::kPageRowsLarge, kBoxSmall = Traits::kPageRows;
       // The pool as boxes of `rows` rows: box i of page q is box q * (page_size / rows) + i,
       // rows * hkv * d elements apart (FwdMainloop::load).
       auto boxes = [&](void const* ptr, int rows, int d) {
@@ -227,7 +229,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
         return make_tensor(gmem(ptr), ShapeQKV(rows, d, hkv, count),
                            StrideQKV(int64_t(hkv) * d, _1{}, int64_t(d), int64_t(rows) * hkv * d));
       };
-      if (p.page_size % kBoxLarge == 0) {
+      if (large_boxes) {
         kp.tma_k_page_large = make_tma_copy(SM90_TMA_LOAD{}, boxes(p.k, kBoxLarge, kHeadDim),
                                             typename Traits::SmemLayoutKPageLarge{},
                                             Shape<Int<kBoxLarge>, Int<kHeadDim>>{}, _1{});
@@ -244,10 +246,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
       }
     }
   }
-  kp.v_warp = kSplit && paged && kp.page_blocks == 0 &&
-              sm90::fwd_paged_v_warp(p.page_size % Traits::kPageRowsLarge == 0
-                                         ? Traits::kPageRowsLarge
-                                         : Traits::kPageRows);
+  kp.v_warp = kSplit && paged && kp.page_blocks == 0 && sm90::fwd_paged_v_warp(box_rows);
   kp.k_warp = kp.v_warp && Traits::kPagedKWarp;
 
   // Clamping the band to [-seqlen_q, seqlen_k] keeps its meaning and all index math in int.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build (here) and test (on the device machine) the sm90 forward kernel.
-#   scripts/dev_fwd.sh build [HDIM]   compile flash_fwd_sm90.cu (+ test driver) into devbin/fwd/
+#   scripts/dev_fwd.sh build [HDIM]   compile the forward TUs (+ test driver) into devbin/fwd/
 #   scripts/dev_fwd.sh device         on the GPU machine: SASS check, correctness, sanitizer, timing
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,14 +11,21 @@ OUT_DIR=devbin/fwd
 case "${1:-build}" in
   build)
     mkdir -p "$OUT_DIR"
-    defs=(); tag=all
-    if [[ -n "${2:-}" ]]; then defs=(-DFA3_JAX_ONLY_HDIM="$2"); tag="$2"; fi
-    nvcc "${FLAGS[@]}" "${defs[@]}" -Xptxas -v -c cpp/hopper/flash_fwd_sm90.cu \
-      -o "$OUT_DIR/fwd_$tag.o" 2> "$OUT_DIR/ptxas_$tag.txt"
+    defs=(); tag=all; hdims=(64 96 128 192 256)
+    if [[ -n "${2:-}" ]]; then defs=(-DFA3_JAX_ONLY_HDIM="$2"); tag="$2"; hdims=("$2"); fi
+    # The entry points, then one translation unit per head dim (flash_fwd_hdim<D>_sm90.cu).
+    objs=("$OUT_DIR/fwd_api_$tag.o")
+    nvcc "${FLAGS[@]}" "${defs[@]}" -c cpp/hopper/flash_fwd_api_sm90.cu -o "${objs[0]}"
+    : > "$OUT_DIR/ptxas_$tag.txt"
+    for d in "${hdims[@]}"; do
+      nvcc "${FLAGS[@]}" "${defs[@]}" -Xptxas -v -c "cpp/hopper/flash_fwd_hdim${d}_sm90.cu" \
+        -o "$OUT_DIR/fwd_${d}_$tag.o" 2>> "$OUT_DIR/ptxas_$tag.txt"
+      objs+=("$OUT_DIR/fwd_${d}_$tag.o")
+    done
     grep -E "Compiling entry|registers|spill" "$OUT_DIR/ptxas_$tag.txt" | sed 's/_ZN3fa34sm9021flash_fwd_kernel_sm90INS0_9FwdTraits//' || true
     if grep -q C7508 "$OUT_DIR/ptxas_$tag.txt"; then echo "WARNING: setmaxnreg ignored (C7508)"; fi
     nvcc "${FLAGS[@]}" -c cpp/hopper/test_fwd_sm90.cu -o "$OUT_DIR/test_fwd_sm90.o"
-    nvcc -gencode=arch=compute_90a,code=sm_90a "$OUT_DIR/test_fwd_sm90.o" "$OUT_DIR/fwd_$tag.o" \
+    nvcc -gencode=arch=compute_90a,code=sm_90a "$OUT_DIR/test_fwd_sm90.o" "${objs[@]}" \
       -o "$OUT_DIR/test_fwd_$tag"
     ;;
   device)

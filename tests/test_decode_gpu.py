@@ -1,6 +1,6 @@
 """Decode-shaped calls on the Hopper forward: split-KV (Flash-Decoding) and GQA packing.
 
-The kernel picks both per call (cpp/hopper/flash_fwd_sm90.cu: plan_fwd; tile_size.h:
+The kernel picks both per call (cpp/hopper/flash_fwd_launch_sm90.h: plan_fwd; tile_size.h:
 fwd_num_splits): few query rows over many keys split the keys across CTAs and merge the partial
 results by their LSE; seqlen_q 1 with GQA packs a KV group's query heads into one tile. Every
 case here is checked against a float32 reference (out, lse, -inf rows), and

@@ -261,10 +261,11 @@ struct FwdMainloop {
     int src_next = n_max - 2 >= n_min ? where(n_max - 2) : 0;
     ++write;
     // FP8: vt comes from the transpose kernel this one may overlap (programmatic dependent
-    // launch, flash_fwd_sm90.cu): its writes are complete and visible past this wait. Q and K
-    // (and the first S) need not wait. A no-op without a programmatic launch, and on every tile
-    // but the CTA's first (the transpose has finished by then); waiting only on the first tile
-    // cost the hdim 256 producer (24 registers) 36 more bytes of spill stores (220 against 184).
+    // launch, flash_fwd_launch_template_sm90.h): its writes are complete and visible past this
+    // wait. Q and K (and the first S) need not wait. A no-op without a programmatic launch, and
+    // on every tile but the CTA's first (the transpose has finished by then); waiting only on
+    // the first tile cost the hdim 256 producer (24 registers) 36 more bytes of spill stores
+    // (220 against 184).
     if constexpr (Traits::kLoadVt) asm volatile("griddepcontrol.wait;" ::: "memory");
     // kOAliasesV: the previous tile's O is in the V ring until its TMA stores have read it.
     if constexpr (Traits::kOAliasesV) {

@@ -46,7 +46,7 @@ using namespace cute;
 //  - kSegments: segment ids (segments_sm90.h): tiles locate their segment hull and uniform ids
 //    and mask with SegmentBandMask; 16-bit only, never split or GQA-packed, so the dense and
 //    split kernels neither carry the ids nor test for them.
-// A varlen or segments call never splits (flash_fwd_sm90.cu: plan_fwd). A KV-cache call (flash.h,
+// A varlen or segments call never splits (flash_fwd_launch_sm90.h: plan_fwd). A KV-cache call (flash.h,
 // seqused_k) always runs kSplit, with one split where the plan says so: its tiles locate their
 // batch row's key length (Params::locate), which only the split kernel carries, and its partial
 // store plus combine cost little next to the cache it reads.

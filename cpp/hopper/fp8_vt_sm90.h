@@ -50,7 +50,7 @@ struct VtParams {
 // Static: every .cu that includes this header gets its own copy (no duplicate symbols at link).
 static __global__ void __launch_bounds__(kVtThreads) fp8_transpose_v(VtParams const p) {
   // The attention kernel that reads vt is launched as this grid's programmatic dependent
-  // (flash_fwd_sm90.cu, launch_fwd_plan): its CTAs may start once every CTA here has started, and
+  // (flash_fwd_launch_template_sm90.h, launch_fwd_plan): its CTAs may start once every CTA here has started, and
   // wait for this grid's completion only before their first V load (FwdMainloop::load).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

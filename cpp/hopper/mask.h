@@ -7,7 +7,7 @@
 // diag_lo / diag_hi arrive clamped to [-seqlen_q, seqlen_k] so that all arithmetic fits in int.
 // SegmentBandMask adds segment ids (flash.h) to the same three answers.
 // kGrouped (the split-KV kernel): the tile's rows may be (query position, query head of a GQA
-// group) pairs, rows_per_pos heads per position (GQA packing, flash_fwd_sm90.cu: pack_gqa):
+// group) pairs, rows_per_pos heads per position (GQA packing, flash_fwd_launch_sm90.h: pack_gqa):
 // row r is query position r / rows_per_pos, and the band is on positions. seqlen_q stays the
 // row count (the epilogue's bound). The division runs once per row of a masked block only.
 #pragma once

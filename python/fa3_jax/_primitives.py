@@ -62,7 +62,7 @@ def _workspace_type(direction, q, k, v, deterministic=False, num_seqs=0, segment
 
 # GQA row packing for short queries on the Hopper forward: the query heads of one KV group
 # become rows of one tile, so K/V stream once per group. seqlen_q 1 packs inside the kernel
-# without a copy (cpp/hopper/flash_fwd_sm90.cu: pack_gqa). For 1 < seqlen_q the rows (position s,
+# without a copy (cpp/hopper/flash_fwd_launch_sm90.h: pack_gqa). For 1 < seqlen_q the rows (position s,
 # head j of the group) are not one stride apart, so q and out are transposed here, around the
 # call, worth it only while the group's seqlen_q * group rows fit in one 128-row tile (block_m,
 # cpp/hopper/tile_size.h): the transposes then move a few KB next to the K/V megabytes. The

@@ -1,13 +1,13 @@
-// fa3_jax Hopper forward: the flash.h entry points (sm90_supports_fwd, sm90_fwd_workspace_bytes,
-// run_fwd_sm90) and the one list of compiled instantiations.
-//
-// Split-KV (Flash-Decoding) and GQA packing are chosen here per call (plan_fwd, pack_gqa; the
-// split count's rule is fwd_num_splits in tile_size.h).
+// fa3_jax Hopper forward: the launch of one call (launch_fwd_plan: TMA descriptors, band, tile
+// scheduler, the V transpose and split-KV combine passes) for one (dtype, head dim) pair.
+// Included only by the per-head-dim instantiation files flash_fwd_hdim*_sm90.cu, each of which
+// instantiates run_fwd_sm90_hdim (FA3_FWD_INSTANTIATE*) for its head dims, so the kernels of one
+// head dim compile in their own translation unit; the entry points are in flash_fwd_api_sm90.cu.
 //
 // Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128), each
 // dense, split-KV, varlen and segment ids; FP8 (e4m3, dense only) at head dims 64, 128 and 256.
-// head_dims.h selects the head dims to build (all dtypes); the supports query then reports
-// exactly what was built.
+#pragma once
+
 #ifndef CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED
 #define CUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED  // WGMMA N = 80, 112 (see flash_fwd_traits_sm90.h)
 #endif
@@ -15,128 +15,20 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdlib>
 
 #include "../cuda_device.h"
 #include "../flash.h"
 #include "flash_fwd_combine_sm90.h"
 #include "flash_fwd_kernel_sm90.h"
+#include "flash_fwd_launch_sm90.h"
 #include "fp8_vt_sm90.h"
 #include "head_dims.h"
 #include "segments_sm90.h"
 #include "tile_size.h"
 
-#define FA3_JAX_FWD_HDIM(N) FA3_JAX_BUILD_HDIM(N)
-
-namespace fa3 {
-namespace {
+namespace fa3::sm90_fwd {
 
 using namespace cute;
-
-// GQA packing (FA3's PackGQA), decided on the host from the shapes and the band: with
-// seqlen_q == 1 the query heads of one KV group become the rows of one tile (row r = query head
-// h_kv * group + r), so a CTA reads each K/V block once for the whole group instead of once per
-// query head. It needs no copy: Q, out and lse are the same bytes seen with other strides. It
-// is taken only where every packed row sees the same keys, i.e. the one query row sees all of
-// them (diag_lo <= 0 and diag_hi >= seqlen_k - 1: no window cuts the keys; bottom-right causal
-// with seqlen_q 1 is such a case), since the kernel's band would otherwise mask the packed rows
-// as if they were different query positions.
-// With seqused_k (a KV cache) the split kernel's mask knows which query position each packed
-// row is (mask.h, kGrouped: rows_per_pos = group), so every band packs, windows included.
-// Cache calls with seqlen_q > 1 arrive packed by the caller instead (FwdParams::packed_group,
-// python/fa3_jax/_primitives.py): the same rows, (position, head) pairs, with the same mask.
-// Varlen and segment-id calls are never packed (nor split) yet.
-// FP8 calls are never packed (nor split): the per-block descales are per query head (flash.h).
-bool packable_gqa_shape(FwdParams const& p) {
-  return p.seqlen_q == 1 && p.heads_q > p.heads_kv && p.num_seqs == 0 && !p.q_segment_ids &&
-         p.dtype != DType::kFloat8E4M3;
-}
-bool pack_gqa(FwdParams const& p) {
-  if (!packable_gqa_shape(p)) return false;
-  if (p.seqused_k) return true;
-  return p.diag_lo <= 0 && p.diag_hi >= p.seqlen_k - 1;
-}
-
-// The grid as the kernel sees it: query rows and heads per tile coordinates, and the split.
-struct FwdPlan {
-  bool packed;
-  bool large;  // the dense call runs the large tile (tile_size.h, fwd_use_large_tile)
-  int seqlen_q, heads;  // of the tiles (packed: the group's heads as rows, heads_kv heads)
-  int num_m_blocks, num_tiles_unsplit, num_splits;
-};
-
-// Test hook: FA3_JAX_FWD_NUM_SPLITS=n forces n splits (1..kMaxSplits) on every call, including
-// more splits than key blocks (empty splits). Read once per process, so the workspace size
-// Python asked for and the launch always agree.
-int forced_num_splits() {
-  static int const forced = [] {
-    char const* env = std::getenv("FA3_JAX_FWD_NUM_SPLITS");
-    return env ? std::clamp(std::atoi(env), 0, sm90::kMaxSplits) : 0;
-  }();
-  return forced;
-}
-
-FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
-  bool const fp8 = p.dtype == DType::kFloat8E4M3;
-  sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v), fp8);
-  FwdPlan plan;
-  plan.packed = packed;
-  plan.seqlen_q = int(packed ? p.heads_q / p.heads_kv : p.seqlen_q);
-  plan.heads = int(packed ? p.heads_kv : p.heads_q);
-  plan.num_m_blocks = (plan.seqlen_q + ts.block_m - 1) / ts.block_m;
-  plan.num_tiles_unsplit = plan.num_m_blocks * plan.heads * int(p.batch);
-  int const num_n_blocks = int((p.seqlen_k + ts.block_n - 1) / ts.block_n);
-  // The caller's count (FwdParams::num_splits, the KV cache's num_splits), else the test hook,
-  // else the heuristic; at most kMaxSplits. A KV-cache call sizes the split by seqlen_k, the
-  // cache's capacity (its lengths live on the device).
-  int const forced = p.num_splits > 0
-                         ? int(std::min<int64_t>(p.num_splits, sm90::kMaxSplits))
-                         : forced_num_splits();
-  plan.num_splits =
-      p.num_seqs > 0 || p.q_segment_ids || fp8 ? 1
-      : forced > 0          ? forced
-                            : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
-  // The large tile (its own block_m at hdim 64) runs only unsplit, so the split rule above
-  // counts default tiles; launch_fwd_plan counts the large tile's own. Dense calls only (not
-  // varlen, segment ids, KV cache, split or packed).
-  bool const full_band = p.diag_lo <= -(p.seqlen_q - 1) && p.diag_hi >= p.seqlen_k - 1;
-  bool const from_key0 = p.diag_lo <= -(p.seqlen_q - 1);
-  plan.large = !packed && plan.num_splits == 1 && p.num_seqs == 0 && !p.q_segment_ids &&
-               !p.seqused_k &&
-               sm90::fwd_use_large_tile(int(p.head_dim), int(p.head_dim_v), fp8, full_band,
-                                        from_key0, p.seqlen_q, p.seqlen_k);
-  return plan;
-}
-
-// Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens,
-// (segment ids) the block stats and hulls (segments_sm90.h), (split-KV) lse_accum and o_accum,
-// 256-byte aligned, or (FP8 but hdim 128, which transposes V in the kernel) vt, V transposed
-// (fp8_vt_sm90.h).
-constexpr size_t kCounterBytes = 256;
-size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
-  return align256(size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * sizeof(float));
-}
-size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
-  if (p.num_seqs > 0)
-    return kCounterBytes +
-           sm90::varlen_workspace_bytes(p.batch, p.num_seqs, p.seqlen_q, p.seqlen_k);
-  if (p.q_segment_ids) {
-    sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v));
-    return kCounterBytes + sm90::segment_workspace_bytes(p.batch, p.seqlen_q, p.seqlen_k,
-                                                         ts.block_m, ts.block_n);
-  }
-  if (p.dtype == DType::kFloat8E4M3)  // vt, unless the kernel transposes V itself
-    return kCounterBytes + (sm90::fwd_fp8_transpose_v_in_kernel(int(p.head_dim))
-                                ? 0
-                                : sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v));
-  if (plan.num_splits <= 1 && !p.seqused_k) return kCounterBytes;  // seqused_k: always kSplit
-  return kCounterBytes + partial_lse_bytes(p, plan) +
-         size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
-             sizeof(float);
-}
-
-int num_sms_here() { return std::max(cuda::device_facts(cuda::current_device()).num_sms, 0); }
 
 template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode, bool kLarge = false>
 const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
@@ -460,144 +352,24 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
   }
 }
 
-template <class Element>
-const char* dispatch_hdim(const FwdParams& p, void* workspace, cudaStream_t stream) {
-#if FA3_JAX_FWD_HDIM(64)
-  if (p.head_dim == 64 && p.head_dim_v == 64)
-    return launch_fwd<Element, 64, 64>(p, workspace, stream);
-#endif
-#if FA3_JAX_FWD_HDIM(96)
-  if (p.head_dim == 96 && p.head_dim_v == 96)
-    return launch_fwd<Element, 96, 96>(p, workspace, stream);
-#endif
-#if FA3_JAX_FWD_HDIM(128)
-  if (p.head_dim == 128 && p.head_dim_v == 128)
-    return launch_fwd<Element, 128, 128>(p, workspace, stream);
-#endif
-#if FA3_JAX_FWD_HDIM(192)
-  if (p.head_dim == 192 && p.head_dim_v == 192)
-    return launch_fwd<Element, 192, 192>(p, workspace, stream);
-  if (p.head_dim == 192 && p.head_dim_v == 128)
-    return launch_fwd<Element, 192, 128>(p, workspace, stream);
-#endif
-#if FA3_JAX_FWD_HDIM(256)
-  if (p.head_dim == 256 && p.head_dim_v == 256)
-    return launch_fwd<Element, 256, 256>(p, workspace, stream);
-#endif
-  return "head dim not compiled into the sm90 forward kernel";
+template <DType kDType> struct FwdElement;
+template <> struct FwdElement<DType::kFloat16> { using type = cutlass::half_t; };
+template <> struct FwdElement<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
+template <> struct FwdElement<DType::kFloat8E4M3> { using type = cutlass::float_e4m3_t; };
+
+template <DType kDType, int kHeadDim, int kHeadDimV>
+const char* run_fwd_sm90_hdim(const FwdParams& p, void* workspace, cudaStream_t_ stream) {
+  return launch_fwd<typename FwdElement<kDType>::type, kHeadDim, kHeadDimV>(p, workspace, stream);
 }
 
-// FP8 head dims: the power-of-two ones, which fp8_attention's Hadamard transform also needs.
-const char* dispatch_hdim_fp8(const FwdParams& p, void* workspace, cudaStream_t stream) {
-  using E4M3 = cutlass::float_e4m3_t;
-#if FA3_JAX_FWD_HDIM(64)
-  if (p.head_dim == 64 && p.head_dim_v == 64) return launch_fwd<E4M3, 64, 64>(p, workspace, stream);
-#endif
-#if FA3_JAX_FWD_HDIM(128)
-  if (p.head_dim == 128 && p.head_dim_v == 128)
-    return launch_fwd<E4M3, 128, 128>(p, workspace, stream);
-#endif
-#if FA3_JAX_FWD_HDIM(256)
-  if (p.head_dim == 256 && p.head_dim_v == 256)
-    return launch_fwd<E4M3, 256, 256>(p, workspace, stream);
-#endif
-  return "head dim not compiled into the sm90 FP8 forward kernel";
-}
+}  // namespace fa3::sm90_fwd
 
-// #if, not expressions: with FA3_JAX_SELECTED_HDIMS an unselected FA3_JAX_FWD_HDIM(N) is an
-// undefined identifier (it reads as 0 only in the preprocessor).
-bool hdim_compiled(int64_t d, int64_t dv) {
-#if FA3_JAX_FWD_HDIM(64)
-  if (d == 64 && dv == 64) return true;
-#endif
-#if FA3_JAX_FWD_HDIM(96)
-  if (d == 96 && dv == 96) return true;
-#endif
-#if FA3_JAX_FWD_HDIM(128)
-  if (d == 128 && dv == 128) return true;
-#endif
-#if FA3_JAX_FWD_HDIM(192)
-  if (d == 192 && (dv == 192 || dv == 128)) return true;
-#endif
-#if FA3_JAX_FWD_HDIM(256)
-  if (d == 256 && dv == 256) return true;
-#endif
-  return false;
-}
-
-}  // namespace
-
-bool sm90_supports_fwd(const FwdParams& p) {
-  if (p.dtype == DType::kFloat8E4M3) {
-    // Dense only, head dims 64 / 128 / 256, per-block descales only on this kernel's tiles.
-    if (p.head_dim != p.head_dim_v || (p.head_dim != 64 && p.head_dim != 128 && p.head_dim != 256))
-      return false;
-    if (p.cu_seqlens_q || p.q_segment_ids || !p.descale_q || !p.descale_k || !p.descale_v)
-      return false;
-    if (p.descale_block_q > 0 || p.descale_block_k > 0) {
-      sm90::FwdTileSize const ts = sm90::fwd_tile_size(int(p.head_dim), int(p.head_dim_v), true);
-      if (p.descale_block_q != ts.block_m || p.descale_block_k != ts.block_n) return false;
-    }
-  } else if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) {
-    return false;
-  }
-  if (!hdim_compiled(p.head_dim, p.head_dim_v)) return false;
-  if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) return false;
-  // Tile coordinates and TMA box coordinates are 32-bit.
-  int64_t const kMax = int64_t(1) << 30;
-  // Segment ids: 16-bit only (FP8 returned above); the prepare grids' y is the batch.
-  if (p.q_segment_ids && (p.cu_seqlens_q || p.batch > 65535)) return false;
-  // seqused_k: the dense 16-bit layout only (flash.h). Paged: with seqused_k, pages of a
-  // multiple of 16 rows, page and pool counts within the TMA's 32-bit coordinates.
-  if (p.seqused_k && (p.cu_seqlens_q || p.q_segment_ids || p.dtype == DType::kFloat8E4M3))
-    return false;
-  // Rows packed by the caller: whole groups of one KV head's query heads, KV cache calls only.
-  if (p.packed_group != 1 &&
-      (!p.seqused_k || p.packed_group < 1 || p.heads_q != p.heads_kv ||
-       p.seqlen_q % p.packed_group != 0))
-    return false;
-  if (p.page_table) {
-    // Pages of whole key blocks, or of whole kFwdPageRows-row boxes (tile_size.h).
-    if (!p.seqused_k || p.page_size < 1 || p.page_size % sm90::kFwdPageRows != 0 ||
-        p.num_pages >= (int64_t(1) << 30) || p.seqlen_k % p.page_size != 0 ||
-        p.num_pages * (p.page_size / sm90::kFwdPageRows) >= (int64_t(1) << 30))
-      return false;
-  }
-  if (p.cu_seqlens_q) {
-    // Tiles (numbered query block, head, batch row) are numbered in int (the bound for the
-    // smallest block_m); the prepare grid's y is the batch.
-    if (p.num_seqs < 1 || p.num_seqs >= kMax || p.batch > 65535 ||
-        int64_t(sm90::varlen_block_bound(p.seqlen_q, p.num_seqs,
-                                         std::min(p.max_seqlen_q, p.seqlen_q), 64)) *
-                p.heads_q * p.batch >= kMax)
-      return false;
-  }
-  return p.seqlen_q < kMax && p.seqlen_k < kMax && p.batch * p.heads_q < kMax;
-}
-
-// The dynamic tile scheduler's counter (reset by run_fwd_sm90 on the stream) and either the
-// clamped cu_seqlens (varlen: num_seqs > 0), the segment stats and hulls (q_segment_ids non-null;
-// only whether it is null matters here) or, where the shapes call for split-KV, the partial
-// results. The band is not among the shapes Python passes (cpp/module.cc), so the size covers
-// both the packed and the unpacked GQA plan.
-size_t sm90_fwd_workspace_bytes(const FwdParams& p) {
-  if (p.batch <= 0 || p.seqlen_q <= 0 || p.heads_q <= 0 || p.heads_kv <= 0) return kCounterBytes;
-  int const num_sms = num_sms_here();
-  size_t bytes = workspace_bytes(p, plan_fwd(p, false, num_sms));
-  if (packable_gqa_shape(p)) bytes = std::max(bytes, workspace_bytes(p, plan_fwd(p, true, num_sms)));
-  return bytes;
-}
-
-const char* run_fwd_sm90(const FwdParams& p, void* workspace, cudaStream_t_ stream) {
-  if (!sm90_supports_fwd(p)) return "unsupported dtype or head dim for the sm90 forward";
-  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  // Without a workspace the kernel falls back to the static round-robin schedule (dense,
-  // unsplit only: split-KV reports an error).
-  if (p.cu_seqlens_q && !workspace) return "the sm90 varlen forward needs its workspace";
-  if (p.q_segment_ids && !workspace) return "the sm90 segment-id forward needs its workspace";
-  if (p.dtype == DType::kFloat8E4M3) return dispatch_hdim_fp8(p, workspace, s);
-  if (p.dtype == DType::kFloat16) return dispatch_hdim<cutlass::half_t>(p, workspace, s);
-  return dispatch_hdim<cutlass::bfloat16_t>(p, workspace, s);
-}
-
-}  // namespace fa3
+// The 16-bit instantiations of one head dim pair, and the FP8 one (head dims 64, 128, 256).
+#define FA3_FWD_INSTANTIATE(D, DV)                                                         \
+  template const char* fa3::sm90_fwd::run_fwd_sm90_hdim<fa3::DType::kFloat16, D, DV>(     \
+      const fa3::FwdParams&, void*, fa3::cudaStream_t_);                                  \
+  template const char* fa3::sm90_fwd::run_fwd_sm90_hdim<fa3::DType::kBFloat16, D, DV>(    \
+      const fa3::FwdParams&, void*, fa3::cudaStream_t_);
+#define FA3_FWD_INSTANTIATE_FP8(D)                                                          \
+  template const char* fa3::sm90_fwd::run_fwd_sm90_hdim<fa3::DType::kFloat8E4M3, D, D>(    \
+      const fa3::FwdParams&, void*, fa3::cudaStream_t_);

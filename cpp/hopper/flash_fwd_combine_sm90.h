@@ -1,5 +1,7 @@
-// fa3_jax Hopper forward, split-KV (Flash-Decoding) second pass: merges the float32 partial
-// results of the num_splits key ranges of every query row into out (input dtype) and lse.
+// fa3_jax Hopper forward, split-KV (Flash-Decoding) merge: the float32 partial results of the
+// num_splits key ranges of a query row become out (input dtype) and lse. It runs inside the split
+// kernel, in the CTA that finishes a tile's last split (FwdEpilogue::merge_splits), not as a
+// second kernel.
 //
 // Split s of a row holds O_s (normalised over its keys) and lse_s; with
 // lse = log(sum_s exp(lse_s)), out = sum_s exp(lse_s - lse) * O_s. A split with no visible key
@@ -10,14 +12,12 @@
 // loads its 4-column chunks of each split's O_s, all in one round trip (the O_s loads do not wait
 // for the LSEs; an empty split's unwritten O_s is loaded too and dropped by a select, never
 // multiplied), then the round merges online: running max m, running sum l of exp(lse_s - m) and
-// the accumulator, rescaled when m grows. The pass reads num_splits * head_dim_v * 4 bytes per
-// row, small next to the K/V the first pass reads whenever splitting pays; what it costs is its
-// latency. Measured on H200 (benchmarks/measured/h200_2026-11-22s9d_decode.txt; 32/8 heads x 128,
-// seqlen_q 1, 256 rows): the former form (the LSEs read twice, each O_s load after its LSE) took
-// 3.9-4.3 us (ncu) at 8 x 4k and 8 x 16k (2 splits), 8.1-8.3 us at 1 x 128k (16 splits), next to
-// the split kernel's 40 / 129 / 130 us; this form 3.3-3.7 us at 8 x 4k and 8 x 16k. bench_decode
-// K/V TB/s, before -> after, same call: 8 x 4k flash_attention 3.52 -> 3.57, cache 3.47 -> 3.55;
-// 1 x 128k 4.18 -> 4.24, 4.17 -> 4.23; the unsplit and 2-split rows from 16k up within 1%.
+// the accumulator, rescaled when m grows. The loads go to L2 (ld.global.cg): the partials were
+// written by other SMs, and this SM's L1 may hold stale lines of them (lse_accum rows of
+// neighbouring tiles share lines).
+// History: as a second kernel (one warp per row, 128-thread blocks) this merge took 3.3-3.7 us
+// (ncu, H200) at 8 x 4k and 8 x 16k (2 splits), next to the split kernel's 40 / 129 us
+// (h200_2026-11-22s9d_decode.txt; 32/8 heads x 128, seqlen_q 1, 256 rows).
 #pragma once
 
 #include <cutlass/numeric_conversion.h>
@@ -27,46 +27,31 @@
 
 namespace fa3::sm90 {
 
-struct FwdCombineParams {
-  int num_splits;
-  int num_rows;  // batch * heads * seqlen_q, in the forward kernel's tile coordinates
-  int seqlen_q, heads, head_dim_v;
-  float const* lse_accum;  // [num_splits, num_rows]
-  float const* o_accum;    // [num_splits, num_rows, head_dim_v]
-  void* out;
-  int64_t out_row_stride, out_head_stride, out_batch_stride;  // in elements
-  float* lse;
-  int64_t lse_row_stride, lse_head_stride, lse_batch_stride;
-};
-
-inline constexpr int kCombineWarps = 4;  // rows per 128-thread block
 inline constexpr int kCombineRound = 8;  // splits whose O_s loads are in flight together
-inline constexpr int kCombineChunks = 2;  // 4-column chunks per lane: head_dim_v <= 256
 
-template <class Element>
-__global__ void __launch_bounds__(kCombineWarps * 32)
-    flash_fwd_combine_sm90(FwdCombineParams const p) {
-  int const lane = threadIdx.x % 32;
-  int const row = blockIdx.x * kCombineWarps + threadIdx.x / 32;
-  if (row >= p.num_rows) return;
-
+// One row, by one warp (lane = its lane). lse_accum / o_accum point at split 0's LSE / O_s of the
+// row; split s's lie s * split_stride floats (O_s: s * split_stride * kHeadDimV) further.
+template <class Element, int kHeadDimV>
+CUTLASS_DEVICE void merge_split_row(int num_splits, int64_t split_stride, float const* lse_accum,
+                                    float const* o_accum, Element* out, float* lse_out, int lane) {
+  static_assert(kHeadDimV % 4 == 0, "4 columns a lane a chunk");
+  constexpr int kChunks = (kHeadDimV + 127) / 128;  // 4-column chunks per lane
   float m = -INFINITY, l = 0.f;  // running max of the LSEs, sum of exp(lse_s - m)
-  float4 acc[kCombineChunks];
+  float4 acc[kChunks];
   CUTLASS_PRAGMA_UNROLL
-  for (int k = 0; k < kCombineChunks; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int s0 = 0; s0 < p.num_splits; s0 += kCombineRound) {
-    int const n = min(kCombineRound, p.num_splits - s0);
-    float const lse_s =
-        lane < n ? p.lse_accum[int64_t(s0 + lane) * p.num_rows + row] : -INFINITY;
-    float4 o[kCombineChunks][kCombineRound];
+  for (int k = 0; k < kChunks; ++k) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = 0; s0 < num_splits; s0 += kCombineRound) {
+    int const n = min(kCombineRound, num_splits - s0);
+    float const lse_s = lane < n ? __ldcg(lse_accum + int64_t(s0 + lane) * split_stride) : -INFINITY;
+    float4 o[kChunks][kCombineRound];
     CUTLASS_PRAGMA_UNROLL
-    for (int k = 0; k < kCombineChunks; ++k) {
+    for (int k = 0; k < kChunks; ++k) {
       int const c = (lane + 32 * k) * 4;
       CUTLASS_PRAGMA_UNROLL
       for (int j = 0; j < kCombineRound; ++j) {
-        if (j < n && c < p.head_dim_v)
-          o[k][j] = *reinterpret_cast<float4 const*>(
-              p.o_accum + (int64_t(s0 + j) * p.num_rows + row) * p.head_dim_v + c);
+        if (j < n && c < kHeadDimV)
+          o[k][j] = __ldcg(reinterpret_cast<float4 const*>(
+              o_accum + int64_t(s0 + j) * split_stride * kHeadDimV + c));
       }
     }
     float round_max = lse_s;
@@ -86,7 +71,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
       float const wj = __shfl_sync(0xffffffffu, w, j);
       bool const use = j < n && wj > 0.f;  // an empty split's O_s is garbage: select, not 0 * O_s
       CUTLASS_PRAGMA_UNROLL
-      for (int k = 0; k < kCombineChunks; ++k) {
+      for (int k = 0; k < kChunks; ++k) {
         float4& a = acc[k];
         float const sj = j == 0 ? scale : 1.f;  // the rescale rides on the first split's FMA
         a.x = use ? fmaf(wj, o[k][j].x, a.x * sj) : a.x * sj;
@@ -96,21 +81,13 @@ __global__ void __launch_bounds__(kCombineWarps * 32)
       }
     }
   }
-  float const lse = m == -INFINITY ? -INFINITY : m + logf(l);
   float const inv = l > 0.f ? 1.f / l : 0.f;
-
-  int const i = row % p.seqlen_q;
-  int const hb = row / p.seqlen_q;
-  int const b = hb / p.heads, h = hb - b * p.heads;
-  if (lane == 0)
-    p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + i * p.lse_row_stride] = lse;
-  Element* out = static_cast<Element*>(p.out) + b * p.out_batch_stride +
-                 h * p.out_head_stride + i * p.out_row_stride;
+  if (lane == 0) *lse_out = m == -INFINITY ? -INFINITY : m + logf(l);
   cutlass::NumericArrayConverter<Element, float, 4> to_element;
   CUTLASS_PRAGMA_UNROLL
-  for (int k = 0; k < kCombineChunks; ++k) {
+  for (int k = 0; k < kChunks; ++k) {
     int const c = (lane + 32 * k) * 4;
-    if (c < p.head_dim_v) {
+    if (c < kHeadDimV) {
       cutlass::Array<float, 4> const v = {acc[k].x * inv, acc[k].y * inv, acc[k].z * inv,
                                           acc[k].w * inv};
       *reinterpret_cast<cutlass::Array<Element, 4>*>(out + c) = to_element(v);

@@ -167,38 +167,38 @@ struct FwdEpilogue {
   // Split-KV, after store or store_empty of a split of scheduler tile `tile`, by every consumer
   // thread: counts the split in (split_arrivals, one counter per tile of all its splits, zeroed
   // before the launch) and, in the CTA whose split arrives last, merges the tile's rows from
-  // every split's partials (flash_fwd_combine_sm90.h), one consumer warp per row. The CTA that
-  // arrives last waits for nothing, so the dynamic scheduler cannot deadlock on it; the others
-  // move on to their next tile. Ordering: each thread's partial stores, its fence, the barrier,
-  // then one thread's count (the fence / barrier / atomic pattern of the CUDA programming guide's
-  // threadfence example); the last one's fence after the count orders the merge's L2 loads
-  // after every other split's stores.
+  // every split's partials (flash_fwd_combine_sm90.h) with all its consumer threads. The CTA
+  // that arrives last waits for nothing, so the dynamic scheduler cannot deadlock on it; the
+  // others move on to their next tile. Ordering (CUTLASS's GenericBarrier pattern): the
+  // consumers' partial stores, a barrier, then one thread's acquire-release count, whose release
+  // covers the stores the barrier ordered before it and whose acquire (in the last CTA) orders
+  // the merge's L2 loads after every other split's stores; the second barrier passes both the
+  // order and the verdict to the other threads.
   static CUTLASS_DEVICE void merge_splits(Params const& p, int tile, int mma_tidx) {
     static_assert(Traits::kSplit && !Traits::kFp8, "SplitMerge shares TransposeV's barrier id");
     TileSchedulerParams const& sched = p.sched;
     if (sched.num_splits <= 1) return;
-    __threadfence();
     named_barrier_sync(Traits::kNumMmaThreads, FwdNamedBarrier::SplitMerge);
     bool last = false;
     if (mma_tidx == 0) {
-      last = atomicAdd(p.split_arrivals + tile / sched.num_splits, 1) == sched.num_splits - 1;
-      __threadfence();
+      int const old = fetch_add_acq_rel(p.split_arrivals + tile / sched.num_splits, 1);
+      last = old == sched.num_splits - 1;
     }
     if (!named_barrier_sync_or(Traits::kNumMmaThreads, FwdNamedBarrier::SplitMerge, last)) return;
     TileCoord const t = decode_tile(sched, tile);
     int const seqlen_q = p.mask.seqlen_q;
-    int64_t const hb_row0 = (int64_t(t.batch) * sched.heads + t.head) * seqlen_q;
-    int64_t const split_stride = int64_t(sched.num_hb) * seqlen_q;  // rows of one split
-    Element* out = p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride;
-    float* lse = p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride;
-    int const row_end = min(seqlen_q, (t.m_block + 1) * kBlockM);
-    for (int i = t.m_block * kBlockM + mma_tidx / 32; i < row_end;
-         i += Traits::kNumMmaThreads / 32) {
-      merge_split_row<Element, kHeadDimV>(sched.num_splits, split_stride, p.lse_accum + hb_row0 + i,
-                                          p.o_accum + (hb_row0 + i) * kHeadDimV,
-                                          out + i * p.out_row_stride, lse + i * p.lse_row_stride,
-                                          mma_tidx % 32);
-    }
+    int const row0 = t.m_block * kBlockM;
+    int64_t const hb_row0 = (int64_t(t.batch) * sched.heads + t.head) * seqlen_q + row0;
+    // One item a thread at a time: two (loads of both in flight) spilled 560 bytes at hdim 128.
+    merge_split_rows<Element, kHeadDimV, Traits::kNumMmaThreads, 1>(
+        sched.num_splits, int64_t(sched.num_hb) * seqlen_q, p.lse_accum + hb_row0,
+        p.o_accum + hb_row0 * kHeadDimV, min(seqlen_q - row0, kBlockM),
+        p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride +
+            row0 * p.out_row_stride,
+        p.out_row_stride,
+        p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride +
+            row0 * p.lse_row_stride,
+        p.lse_row_stride, mma_tidx);
   }
 };
 

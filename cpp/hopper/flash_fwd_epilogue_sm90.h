@@ -2,13 +2,11 @@
 // of one tile, written straight from the accumulator registers with row bounds checks, and the
 // fill of tiles whose rows see no key at all (out 0, lse -inf). Rows are bounded by the tile's
 // sequence (mask.seqlen_q rows from offset_q; dense: the batch row); varlen_prepare fills the rows
-// outside every sequence. With split-KV (the kSplit instantiation with sched.num_splits > 1;
-// dense layout only) the tile's float32 O and its LSE go to the workspace instead, and the CTA
-// that stores a tile's last split merges them into out and lse (merge_splits); with one split
-// the kSplit kernel stores out and lse directly.
+// outside every sequence. With split-KV (sched.num_splits > 1; dense calls only) the tile's
+// float32 O and its LSE go to the workspace instead, for the combine kernel (the kSplit
+// instantiation).
 #pragma once
 
-#include "flash_fwd_combine_sm90.h"
 #include "flash_fwd_traits_sm90.h"
 #include "named_barrier.h"
 #include "utils.h"
@@ -47,7 +45,7 @@ struct FwdEpilogue {
       }
       return;
     }
-    if (Traits::kSplit && p.sched.num_splits > 1) {
+    if constexpr (Traits::kSplit) {
       int64_t const row0 = partial_row0(p, t);
       CUTLASS_PRAGMA_UNROLL
       for (int mi = 0; mi < size<0>(o); ++mi) {
@@ -133,13 +131,13 @@ struct FwdEpilogue {
     }
   }
 
-  // A tile (or split) with no visible key. A split only marks its LSE -inf: the merge never
-  // reads the O of such a split, so it is not written.
+  // A tile (or split) with no visible key. A split only marks its LSE -inf: the combine kernel
+  // never reads the O of such a split, so it is not written.
   template <class Mask>
   static CUTLASS_DEVICE void store_empty(Params const& p, TileCoord t, Mask const& mask,
                                          int offset_q, int mma_tidx) {
     int const seqlen_q = mask.seqlen_q;
-    if (Traits::kSplit && p.sched.num_splits > 1) {
+    if constexpr (Traits::kSplit) {
       int64_t const row0 = partial_row0(p, t);
       for (int r = mma_tidx; r < kBlockM; r += Traits::kNumMmaThreads) {
         int const i = t.m_block * kBlockM + r;
@@ -162,43 +160,6 @@ struct FwdEpilogue {
       int const i = t.m_block * kBlockM + r;
       if (i < seqlen_q) lse_head[i * p.lse_row_stride] = -INFINITY;
     }
-  }
-
-  // Split-KV, after store or store_empty of a split of scheduler tile `tile`, by every consumer
-  // thread: counts the split in (split_arrivals, one counter per tile of all its splits, zeroed
-  // before the launch) and, in the CTA whose split arrives last, merges the tile's rows from
-  // every split's partials (flash_fwd_combine_sm90.h) with all its consumer threads. The CTA
-  // that arrives last waits for nothing, so the dynamic scheduler cannot deadlock on it; the
-  // others move on to their next tile. Ordering (CUTLASS's GenericBarrier pattern): the
-  // consumers' partial stores, a barrier, then one thread's acquire-release count, whose release
-  // covers the stores the barrier ordered before it and whose acquire (in the last CTA) orders
-  // the merge's L2 loads after every other split's stores; the second barrier passes both the
-  // order and the verdict to the other threads.
-  static CUTLASS_DEVICE void merge_splits(Params const& p, int tile, int mma_tidx) {
-    static_assert(Traits::kSplit && !Traits::kFp8, "SplitMerge shares TransposeV's barrier id");
-    TileSchedulerParams const& sched = p.sched;
-    if (sched.num_splits <= 1) return;
-    named_barrier_sync(Traits::kNumMmaThreads, FwdNamedBarrier::SplitMerge);
-    bool last = false;
-    if (mma_tidx == 0) {
-      int const old = fetch_add_acq_rel(p.split_arrivals + tile / sched.num_splits, 1);
-      last = old == sched.num_splits - 1;
-    }
-    if (!named_barrier_sync_or(Traits::kNumMmaThreads, FwdNamedBarrier::SplitMerge, last)) return;
-    TileCoord const t = decode_tile(sched, tile);
-    int const seqlen_q = p.mask.seqlen_q;
-    int const row0 = t.m_block * kBlockM;
-    int64_t const hb_row0 = (int64_t(t.batch) * sched.heads + t.head) * seqlen_q + row0;
-    // One item a thread at a time: two (loads of both in flight) spilled 560 bytes at hdim 128.
-    merge_split_rows<Element, kHeadDimV, Traits::kNumMmaThreads, 1>(
-        sched.num_splits, int64_t(sched.num_hb) * seqlen_q, p.lse_accum + hb_row0,
-        p.o_accum + hb_row0 * kHeadDimV, min(seqlen_q - row0, kBlockM),
-        p.out + t.batch * p.out_batch_stride + t.head * p.out_head_stride +
-            row0 * p.out_row_stride,
-        p.out_row_stride,
-        p.lse + t.batch * p.lse_batch_stride + t.head * p.lse_head_stride +
-            row0 * p.lse_row_stride,
-        p.lse_row_stride, mma_tidx);
   }
 };
 

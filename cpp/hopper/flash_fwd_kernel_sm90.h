@@ -163,20 +163,18 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       split_n_range(sched, t, n_min, n_max);
       if (n_max <= n_min) {
         Epilogue::store_empty(p, t, mask, offset_q, mma_tidx);
-      } else {
-        cute::array<float, 2> lse;
-        Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, mask, n_min, n_max, mma_tidx,
-                      tOrO, lse);
-        // Decoded and located again rather than kept: at head dim 256 the consumers' 240
-        // registers hold the O accumulator, and tile coordinates live across the mainloop
-        // spilled there.
-        t = decode_tile(sched, tile);
-        p.locate(t, seq_mask, offset_q, offset_k);
-        Epilogue::store(p, ss, tOrO, lse, t, mask, offset_q, mma_tidx);
-        ++q_tile_count;
+        continue;
       }
-      // Split-KV: the CTA that stored the tile's last split merges the splits (no second kernel).
-      if constexpr (Traits::kSplit) Epilogue::merge_splits(p, tile, mma_tidx);
+      cute::array<float, 2> lse;
+      Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, mask, n_min, n_max, mma_tidx,
+                    tOrO, lse);
+      // Decoded and located again rather than kept: at head dim 256 the consumers' 240
+      // registers hold the O accumulator, and tile coordinates live across the mainloop spilled
+      // there.
+      t = decode_tile(sched, tile);
+      p.locate(t, seq_mask, offset_q, offset_k);
+      Epilogue::store(p, ss, tOrO, lse, t, mask, offset_q, mma_tidx);
+      ++q_tile_count;
     }
     // The last TMA store of O must have read shared memory before the CTA exits.
     if constexpr (Traits::kTmaStoreO) {

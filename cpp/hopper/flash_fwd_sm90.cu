@@ -19,6 +19,7 @@
 
 #include "../cuda_device.h"
 #include "../flash.h"
+#include "flash_fwd_combine_sm90.h"
 #include "flash_fwd_kernel_sm90.h"
 #include "fp8_vt_sm90.h"
 #include "head_dims.h"
@@ -107,16 +108,12 @@ FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
   return plan;
 }
 
-// Workspace: the tile counter (in 256 bytes; split-KV: followed by one arrival counter per tile
-// of all its splits, FwdEpilogue::merge_splits, in split_counter_bytes), then either (varlen)
-// the clamped cu_seqlens, (segment ids) the block stats and hulls (segments_sm90.h), (split-KV)
-// lse_accum and o_accum, 256-byte aligned, or (FP8 but hdim 128, which transposes V in the
-// kernel) vt, V transposed (fp8_vt_sm90.h). The counters are zeroed by one memset per call.
+// Workspace: the tile counter (in 256 bytes), then either (varlen) the clamped cu_seqlens,
+// (segment ids) the block stats and hulls (segments_sm90.h), (split-KV) lse_accum and o_accum,
+// 256-byte aligned, or (FP8 but hdim 128, which transposes V in the kernel) vt, V transposed
+// (fp8_vt_sm90.h).
 constexpr size_t kCounterBytes = 256;
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
-size_t split_counter_bytes(FwdPlan const& plan) {
-  return align256(sizeof(int) * (1 + size_t(plan.num_tiles_unsplit)));
-}
 size_t partial_lse_bytes(FwdParams const& p, FwdPlan const& plan) {
   return align256(size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * sizeof(float));
 }
@@ -133,8 +130,8 @@ size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
     return kCounterBytes + (sm90::fwd_fp8_transpose_v_in_kernel(int(p.head_dim))
                                 ? 0
                                 : sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v));
-  if (plan.num_splits <= 1) return kCounterBytes;  // (kSplit with one split stores out directly)
-  return split_counter_bytes(plan) + partial_lse_bytes(p, plan) +
+  if (plan.num_splits <= 1 && !p.seqused_k) return kCounterBytes;  // seqused_k: always kSplit
+  return kCounterBytes + partial_lse_bytes(p, plan) +
          size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
              sizeof(float);
 }
@@ -336,17 +333,12 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
   kp.sched.claim_on_demand = !kSplit && longest_first &&
                              kp.sched.num_tiles <= sm90::kClaimOnDemandMaxTilesPerCta * grid;
-  // With at most one tile per CTA there is nothing to balance: no tile counter (and without
-  // split-KV's arrival counters no memset: short calls then cost one launch).
+  // With at most one tile per CTA there is nothing to balance: no counter and no memset (short
+  // calls then cost one launch).
   int* tile_counter = static_cast<int*>(workspace);
   kp.tile_counter = kp.sched.num_tiles > grid ? tile_counter : nullptr;
-  bool const arrivals = kSplit && plan.num_splits > 1;
-  if (arrivals && !workspace) return "the sm90 split-KV forward needs its workspace";
-  kp.split_arrivals = arrivals ? tile_counter + 1 : nullptr;
-  size_t const counter_bytes = sizeof(int) * (1 + (arrivals ? plan.num_tiles_unsplit : 0));
-  if ((kp.tile_counter || arrivals) &&
-      cudaMemsetAsync(tile_counter, 0, counter_bytes, stream) != cudaSuccess)
-    return "cannot reset the sm90 forward tile counters";
+  if (kp.tile_counter && cudaMemsetAsync(kp.tile_counter, 0, sizeof(int), stream) != cudaSuccess)
+    return "cannot reset the sm90 forward tile counter";
 
   constexpr float kLog2e = 1.4426950408889634f;
   kp.has_softcap = p.softcap > 0.f;
@@ -377,10 +369,11 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   kp.lse_head_stride = plan.packed ? int64_t(group) : int64_t(p.seqlen_q);
   kp.lse_accum = nullptr;
   kp.o_accum = nullptr;
-  if (arrivals) {
-    char* ws = static_cast<char*>(workspace) + split_counter_bytes(plan);
-    kp.lse_accum = reinterpret_cast<float*>(ws);
-    kp.o_accum = reinterpret_cast<float*>(ws + partial_lse_bytes(p, plan));
+  if (kSplit) {
+    if (!workspace) return "the sm90 split-KV forward needs its workspace";
+    char* ws = static_cast<char*>(workspace);
+    kp.lse_accum = reinterpret_cast<float*>(ws + kCounterBytes);
+    kp.o_accum = reinterpret_cast<float*>(ws + kCounterBytes + partial_lse_bytes(p, plan));
   }
 
   auto kernel = sm90::flash_fwd_kernel_sm90<Traits>;
@@ -413,6 +406,29 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   }
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(kp);
   if (cuda::launch_failed()) return "sm90 forward kernel launch failed";
+  if constexpr (!kSplit) return nullptr;
+
+  sm90::FwdCombineParams cp;
+  cp.num_splits = plan.num_splits;
+  cp.num_rows = num_hb * sq;
+  cp.seqlen_q = sq;
+  cp.heads = h;
+  cp.head_dim_v = kHeadDimV;
+  cp.lse_accum = kp.lse_accum;
+  cp.o_accum = kp.o_accum;
+  cp.out = p.out;
+  cp.out_row_stride = kp.out_row_stride;
+  cp.out_head_stride = kp.out_head_stride;
+  cp.out_batch_stride = kp.out_batch_stride;
+  cp.lse = p.lse;
+  cp.lse_row_stride = kp.lse_row_stride;
+  cp.lse_head_stride = kp.lse_head_stride;
+  cp.lse_batch_stride = kp.lse_batch_stride;
+  static_assert(kHeadDimV <= 32 * 4 * sm90::kCombineChunks, "combine: 4 columns a lane a chunk");
+  int const combine_blocks = (cp.num_rows + sm90::kCombineWarps - 1) / sm90::kCombineWarps;
+  sm90::flash_fwd_combine_sm90<ElementOut>
+      <<<combine_blocks, sm90::kCombineWarps * 32, 0, stream>>>(cp);
+  if (cuda::launch_failed()) return "sm90 forward split-KV combine kernel launch failed";
   return nullptr;
 }
 

@@ -35,9 +35,9 @@ using namespace cute;
 
 // The kernel's three instantiations per head dim and dtype. Compile-time, not runtime branches,
 // because each costs the dense path when it is only a branch away:
-//  - kSplit: split-KV (tiles write float32 partials, which the CTA of each tile's last split
-//    merges); the partial-store path next to the regular one pushed the head-dim-256 consumers
-//    (128-register O accumulator) of the dense kernel into spills inside the mainloop.
+//  - kSplit: split-KV (tiles write float32 partials for the combine kernel); the partial-store
+//    path next to the regular one pushed the head-dim-256 consumers (128-register O
+//    accumulator) into spills inside the mainloop.
 //  - kVarlen: tiles look their sequence up in cu_seqlens (Params::locate) and carry its band in
 //    registers; the dense kernel reads its band from the parameters instead (the kernel's
 //    `mask`). The register copy cost the dense kernel 1.5-4% from 512 to 8k tokens (H200, hdim
@@ -48,8 +48,8 @@ using namespace cute;
 //    split kernels neither carry the ids nor test for them.
 // A varlen or segments call never splits (flash_fwd_sm90.cu: plan_fwd). A KV-cache call (flash.h,
 // seqused_k) always runs kSplit, with one split where the plan says so: its tiles locate their
-// batch row's key length (Params::locate), which only the split kernel carries; with one split
-// it stores out and lse directly (FwdEpilogue::store).
+// batch row's key length (Params::locate), which only the split kernel carries, and its partial
+// store plus combine cost little next to the cache it reads.
 enum class FwdMode { kDense, kSplit, kVarlen, kSegments };
 
 template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_,
@@ -334,14 +334,11 @@ struct FwdTraits {
     int64_t out_row_stride, out_head_stride, out_batch_stride;  // in elements
     float* lse;
     int64_t lse_row_stride, lse_head_stride, lse_batch_stride;
-    // With kSplit and sched.num_splits > 1 tiles write float32 partial results here instead
-    // (workspace): lse_accum [num_splits, batch, heads, seqlen_q], o_accum [..., kHeadDimV],
-    // rows in tile coordinates; the CTA whose split of a tile arrives last in split_arrivals
-    // (int32, one per tile of all its splits, zeroed before the launch) merges them into out and
-    // lse (FwdEpilogue::merge_splits).
+    // With kSplit tiles write float32 partial results here instead (workspace):
+    // lse_accum [num_splits, batch, heads, seqlen_q], o_accum [..., kHeadDimV], rows in tile
+    // coordinates; flash_fwd_combine_sm90.h merges them into out and lse.
     float* lse_accum;
     float* o_accum;
-    int* split_arrivals;
     // kVarlen; with kSplit and seqused_k, only its diag_lo / diag_hi (the band relative to each
     // batch row's bottom-right diagonal, pre-clamped as for varlen).
     VarlenParams varlen;

@@ -28,10 +28,6 @@ enum class FwdNamedBarrier : uint32_t {
   // FP8 with the V transpose in the kernel: the two transposing producer warps (64 threads) have
   // all written (and fenced) their part of a V tile.
   TransposeV = 7,
-  // Split-KV (kSplit, never FP8, so TransposeV's id is free): every consumer thread has stored
-  // (and fenced) its part of the tile's partial result; then whether this CTA merges the tile
-  // (FwdEpilogue::merge_splits).
-  SplitMerge = 7,
 };
 static_assert(static_cast<uint32_t>(FwdNamedBarrier::TransposeV) < 8, "8 named barriers per kernel");
 
@@ -74,24 +70,6 @@ CUTLASS_DEVICE void named_barrier_sync(uint32_t num_threads, FwdNamedBarrier id)
 }
 CUTLASS_DEVICE void named_barrier_arrive(uint32_t num_threads, FwdNamedBarrier id) {
   cutlass::arch::NamedBarrier::arrive(num_threads, static_cast<uint32_t>(id));
-}
-// A sync that also returns whether any of the num_threads threads passed `pred` true
-// (bar.red.or: one barrier instead of a shared-memory flag between two).
-CUTLASS_DEVICE bool named_barrier_sync_or(uint32_t num_threads, FwdNamedBarrier id, bool pred) {
-  uint32_t const raw = static_cast<uint32_t>(id) +
-                       static_cast<uint32_t>(cutlass::arch::ReservedNamedBarriers::FirstUserBarrier);
-  uint32_t any;
-  asm volatile(
-      "{\n"
-      "  .reg .pred p_in, p_out;\n"
-      "  setp.ne.u32 p_in, %1, 0;\n"
-      "  bar.red.or.pred p_out, %2, %3, p_in;\n"
-      "  selp.u32 %0, 1, 0, p_out;\n"
-      "}\n"
-      : "=r"(any)
-      : "r"(uint32_t(pred)), "r"(raw), "r"(num_threads)
-      : "memory");
-  return any != 0;
 }
 CUTLASS_DEVICE void named_barrier_sync(uint32_t num_threads, BwdNamedBarrier id) {
   cutlass::arch::NamedBarrier::sync(num_threads, static_cast<uint32_t>(id));

@@ -62,9 +62,8 @@
 //
 // Split-KV (Flash-Decoding): with num_splits > 1 every (m_block, head, batch) tile becomes
 // num_splits tiles, adjacent in tile order, each covering one contiguous range of the key blocks
-// (split_n_range); the CTA that finishes a tile's last split merges their partial results
-// (FwdEpilogue::merge_splits, flash_fwd_combine_sm90.h). num_splits comes from fwd_num_splits
-// (tile_size.h).
+// (split_n_range); their partial results meet in the combine kernel (flash_fwd_combine_sm90.h).
+// num_splits comes from fwd_num_splits (tile_size.h).
 #pragma once
 
 #include <cutlass/cutlass.h>

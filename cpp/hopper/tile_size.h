@@ -290,7 +290,7 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 // key blocks per tile and the SM count; deterministic, so the workspace size Python asks for
 // (sm90_fwd_workspace_bytes) matches the launch.
 //  - A grid that fills at least 80% of one wave of CTAs (one CTA per SM) is not split: splitting
-//    adds the merge and its float32 traffic and gains at most the 20% idle tail. Long
+//    adds the combine pass and its float32 traffic and gains at most the 20% idle tail. Long
 //    sequences therefore run exactly the unsplit path.
 //  - Otherwise the splits raise the CTA count towards whole waves. Wave efficiency of s splits
 //    is tiles * s / (waves * SMs) (tiles of one shape take about equal time); the smallest s

@@ -132,16 +132,4 @@ CUTLASS_DEVICE float fast_tanh(float x) {
   return y;
 }
 
-// atomicAdd with acquire-release semantics at GPU scope: the caller's earlier writes (and those
-// of threads ordered before it by a barrier) are visible to whoever reads the new count, and
-// writes released by earlier adders are visible to the caller's later reads.
-CUTLASS_DEVICE int fetch_add_acq_rel(int* ptr, int value) {
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;"
-               : "=r"(old)
-               : "l"(ptr), "r"(value)
-               : "memory");
-  return old;
-}
-
 }  // namespace fa3::sm90

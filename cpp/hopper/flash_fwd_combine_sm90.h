@@ -18,6 +18,17 @@
 // the split kernel's 40 / 129 / 130 us; this form 3.3-3.7 us at 8 x 4k and 8 x 16k. bench_decode
 // K/V TB/s, before -> after, same call: 8 x 4k flash_attention 3.52 -> 3.57, cache 3.47 -> 3.55;
 // 1 x 128k 4.18 -> 4.24, 4.17 -> 4.23; the unsplit and 2-split rows from 16k up within 1%.
+// Measured and not taken (session 12, h200_2026-11-23s12d_decode.txt, dec12 branch history): the
+// merge inside the split kernel, by the CTA whose split of a tile arrives last in a per-tile
+// counter (zeroed by the tile counter's memset), with no second kernel. The CUPTI sum of
+// bench_decode (fa3_jax ms, this kernel's time included) rose on every split row, 8 x 4k / 8 x
+// 16k / 1 x 128k / 8 x 16k at seqlen_q 4 / 16: 0.0378 / 0.1259 / 0.1268 / 0.1305 / 0.1347 ->
+// 0.0396 / 0.1273 / 0.1283 / 0.1319 / 0.1398 (best variant: the count an atom.acq_rel after a
+// consumer barrier, the merge as (row, 4-column chunk) items over the 256 consumer threads; a
+// warp per row and per-thread fences: +2.5 us, and +7.9 us with 64-row tiles). The tail after
+// the slowest split (drain its stores, count, load the partials from L2, store out) costs what
+// this kernel does, and any code after the epilogue in the split kernel's tile loop pushed its
+// 232-register consumers into 92-116 bytes of spills in the mainloop (0 before).
 #pragma once
 
 #include <cutlass/numeric_conversion.h>

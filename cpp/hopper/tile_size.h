@@ -186,7 +186,10 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
 //    tile (2026-11-22, h200_2026-11-22s7f_fwd64.txt, two runs), TFLOP/s at 2k / 4k / 8k / 16k:
 //    full 473 / 477 / 502 / 499 and 478 / 486 / 491 / 499 -> 474 / 475 / 495 / 499 and 476 /
 //    475 / 494 / 498, causal 8k / 16k 461 / 473 and 466 / 465 -> 478 / 468 and 482 / 470: a wash
-//    (ptxas: 64 spill bytes against 20), so off there too.
+//    (ptxas: 64 spill bytes against 20), so off there too. Again after session 12's tile
+//    boundary changes (both tiles; h200_2026-11-23s12f_tile_boundary.txt, call 8, three
+//    interleaved runs), TFLOP/s at 512 / 1k / 2k: causal 229.5 / 306.5 / 408.0 -> 223.6 / 311.4
+//    / 411.5 (512: the 128-row tile), full 380.9 / 444.7 / 503.1 -> 386.3 / 446.8 / 502.5: off.
 //  - FP8 (bfloat16 out), fp8_epilogue_ab, TFLOP/s at 1k / 4k / 16k: hdim 128 full 506 / 717 /
 //    800 -> 541 / 734 / 805, causal 328 / 595 / 714 -> 358 / 617 / 721; hdim 256 full 566 / 899
 //    / 1053 -> 663 / 1017 / 1167, causal 368 / 674 / 871 -> 439 / 791 / 974: on at both, though
@@ -249,7 +252,11 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 //                   325.0 / 452.3 / 559.5
 //   hdim 128 full   485.7 / 578.1 / 639.4 -> 496.8 / 582.5 / 638.5, 492.6 / 583.9 / 640.0 ->
 //                   507.1 / 590.9 / 640.9
-// (4k-16k within run-to-run spread). Not taken (second call): asking the scheduler for the next
+// (4k-16k within run-to-run spread). hdim 256 (no Q buffer change; third call, two runs): causal
+// 300.2 / 437.8 / 565.1 -> 304.9 / 449.5 / 575.0, full 471.2 / 604.3 / 682.9 -> 480.4 / 616.9 /
+// 691.4 (4k full 727 -> 698, 8k-16k +1-6%: this row's usual spread), FP8 (--time-fp8) causal
+// 327.9 / 529.0 / 774.4 -> 343.5 / 555.0 / 792.6, full 533.6 / 760.5 / 946.3 -> 554.3 / 781.5
+// / 968.8. Not taken (second call): asking the scheduler for the next
 // tile two key blocks before the producer's last load of the current one (on-demand claims),
 // 226.8 / 307.3 / 405.8 causal, or at each tile's start, 226.2 / 303.1 / 401.1, against 230.1 /
 // 307.5 / 407.8; full within 1%.

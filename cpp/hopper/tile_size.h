@@ -256,7 +256,12 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 // 300.2 / 437.8 / 565.1 -> 304.9 / 449.5 / 575.0, full 471.2 / 604.3 / 682.9 -> 480.4 / 616.9 /
 // 691.4 (4k full 727 -> 698, 8k-16k +1-6%: this row's usual spread), FP8 (--time-fp8) causal
 // 327.9 / 529.0 / 774.4 -> 343.5 / 555.0 / 792.6, full 533.6 / 760.5 / 946.3 -> 554.3 / 781.5
-// / 968.8. Not taken (second call): asking the scheduler for the next
+// / 968.8. Bench beside cuDNN (with mask.h's one-compare causal blocks too; main's wheel in the
+// same call, h200_2026-11-23s12f_bench_fwd.txt), fa3_jax / cuDNN at 512 / 1k / 2k: hdim 64 causal
+// 0.783 / 0.873 / 1.012 -> 0.916 / 0.938 / 1.056, full 0.937 / 0.981 / 1.061 -> 0.985 / 1.025 /
+// 1.087; hdim 128 causal 0.941 / 1.017 / 1.075 -> 0.990 / 1.054 / 1.087, full 0.943 / 0.966 /
+// 0.987 -> 0.955 / 0.972 / 0.982; hdim 256 causal 0.892 / 0.988 / 1.058 -> 0.937 / 1.018 / 1.090,
+// full 0.919 / 0.977 / 1.000 -> 0.937 / 1.007 / 1.019. Not taken (second call): asking the scheduler for the next
 // tile two key blocks before the producer's last load of the current one (on-demand claims),
 // 226.8 / 307.3 / 405.8 causal, or at each tile's start, 226.2 / 303.1 / 401.1, against 230.1 /
 // 307.5 / 407.8; full within 1%.

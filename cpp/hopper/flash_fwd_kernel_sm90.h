@@ -74,6 +74,13 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   __syncthreads();  // barrier initialisation visible to every warp
 
   TileSchedulerParams const& sched = p.sched;
+  // Ring entry seq's coordinates (ss.tile_coords), read from shared memory each time they are
+  // needed: volatile, so that the epilogue's read is a load and not a register held across the
+  // mainloop.
+  auto tile_coord = [&](uint32_t seq) {
+    int const volatile* c = reinterpret_cast<int const volatile*>(&ss.tile_coords[seq & 3]);
+    return TileCoord{c[0], c[1], c[2], c[3]};
+  };
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
     if (threadIdx.x == 32) {
@@ -83,13 +90,19 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       // sched.claim_on_demand a tile is claimed only when the TMA thread asks for it (tile_want:
       // it has issued every load of the tile before), not as soon as a ring slot is free, which
       // claims two tiles ahead of the consumers (tile_scheduler.h, "Claiming").
+      // It also decodes each tile's coordinates (three integer divisions): done by the consumers
+      // and the TMA thread at every tile start, and again by the consumers for the epilogue, the
+      // divisions' dependent chains sat between each tile's last P V and the next tile's first S
+      // (tile_size.h, "Tile boundaries").
       for (uint32_t seq = 0, tile = blockIdx.x;; ++seq) {  // ring slot seq % 2, phase (seq / 2) % 2
         if (seq > 0) {
           if (sched.claim_on_demand) ss.tile_want.wait((seq - 1) & 1);
           tile = next_tile(p.tile_counter, int(tile));
         }
+        TileCoord const t = decode_tile(sched, int(tile));  // unused past num_tiles
         ss.tile_empty[seq & 1].wait(((seq >> 1) & 1) ^ 1);
         ss.tile_ids[seq & 1] = int(tile);
+        ss.tile_coords[seq & 3] = t;
         ss.tile_full[seq & 1].arrive();
         if (int(tile) >= sched.num_tiles) break;
       }
@@ -119,7 +132,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           if constexpr (Traits::kVtInKernel) Mainloop::finish_v(ss, write);
           break;
         }
-        TileCoord t = decode_tile(sched, tile);
+        TileCoord t = tile_coord(seq);
         typename Traits::Mask mask;
         int offset_q, offset_k;
         if (!p.locate(t, mask, offset_q, offset_k)) continue;
@@ -151,7 +164,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       int const tile = ss.tile_ids[seq & 1];
       ss.tile_empty[seq & 1].arrive();
       if (tile >= sched.num_tiles) break;
-      TileCoord t = decode_tile(sched, tile);
+      TileCoord t = tile_coord(seq);
       typename Traits::Mask seq_mask;
       int offset_q, offset_k;
       if (!p.locate(t, seq_mask, offset_q, offset_k)) continue;
@@ -168,10 +181,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       cute::array<float, 2> lse;
       Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, mask, n_min, n_max, mma_tidx,
                     tOrO, lse);
-      // Decoded and located again rather than kept: at head dim 256 the consumers' 240
-      // registers hold the O accumulator, and tile coordinates live across the mainloop spilled
-      // there.
-      t = decode_tile(sched, tile);
+      // Read and located again rather than kept: at head dim 256 the consumers' 240 registers
+      // hold the O accumulator, and tile coordinates live across the mainloop spilled there.
+      t = tile_coord(seq);
       p.locate(t, seq_mask, offset_q, offset_k);
       Epilogue::store(p, ss, tOrO, lse, t, mask, offset_q, mma_tidx);
       ++q_tile_count;

@@ -242,12 +242,22 @@ struct FwdMainloop {
 
     // The Q this buffer held (kQStages tiles ago) must be dead (its last S WGMMA retired)
     // before it is overwritten.
-    if (q_tile_count >= Traits::kQStages)
-      ss.q_empty[q_buf].wait(Traits::q_phase(q_tile_count) ^ 1);
-    if (leader) {
-      ss.q_full[q_buf].arrive_and_expect_tx(Traits::kBytesQ);
-      copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full[q_buf]), 0), tQgQ, tQsQ);
-    }
+    auto load_q = [&] {
+      if (q_tile_count >= Traits::kQStages)
+        ss.q_empty[q_buf].wait(Traits::q_phase(q_tile_count) ^ 1);
+      if (leader) {
+        ss.q_full[q_buf].arrive_and_expect_tx(Traits::kBytesQ);
+        copy(p.tma_q.with(reinterpret_cast<uint64_t&>(ss.q_full[q_buf]), 0), tQgQ, tQsQ);
+      }
+    };
+    // 16-bit dense, varlen and segment tiles: the tile's first K goes out before the wait for
+    // its Q buffer (FA3's order). Its ring slot is free long before the previous tile's last S
+    // WGMMA retires, which that wait is for, so K is in shared memory when Q lands rather than
+    // a load latency after it (tile_size.h, "Tile boundaries"). FP8 keeps Q first (its K-first
+    // variant was within spread: tile_size.h, fwd_fp8_transpose_v_in_kernel) and split-KV (one
+    // tile per CTA in decode) its own order.
+    constexpr bool kKBeforeQ = !Traits::kSplit && !Traits::kFp8;
+    if (!kKBeforeQ || role == kLoadQK) load_q();
 
     if (role == kLoadQK) {
       each_block(load_k);
@@ -258,6 +268,7 @@ struct FwdMainloop {
     // and takes K's source of the same block.
     int src_v = where(n_max - 1);
     load_k(n_max - 1, src_v);
+    if constexpr (kKBeforeQ) load_q();
     int src_next = n_max - 2 >= n_min ? where(n_max - 2) : 0;
     ++write;
     // FP8: vt comes from the transpose kernel this one may overlap (programmatic dependent

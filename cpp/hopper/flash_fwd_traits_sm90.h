@@ -201,8 +201,12 @@ struct FwdTraits {
     // kOAliasesV: the TMA stores of the tile's O have read it out of the V ring (one arrive per
     // consumer warpgroup); the producer waits for it before the next tile's first V load.
     cutlass::arch::ClusterBarrier o_free;
-    // Tile ids handed from the producer (which runs the scheduler) to the consumers.
+    // Tile ids handed from the scheduler thread to the TMA thread and the consumers (a 2-deep
+    // ring), and each tile's coordinates, decoded by the scheduler thread (4 deep: entry seq is
+    // written only once every reader has taken entry seq - 2, so after the consumers' epilogue
+    // of tile seq - 3 has read entry seq - 3 again; entry seq - 4 is long dead).
     int tile_ids[2];
+    TileCoord tile_coords[4];
     cutlass::arch::ClusterBarrier tile_full[2], tile_empty[2];
     cutlass::arch::ClusterBarrier tile_want;  // the TMA thread asks for its next tile
     typename PipelineK::SharedStorage pipe_k;

@@ -186,7 +186,10 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
 //    tile (2026-11-22, h200_2026-11-22s7f_fwd64.txt, two runs), TFLOP/s at 2k / 4k / 8k / 16k:
 //    full 473 / 477 / 502 / 499 and 478 / 486 / 491 / 499 -> 474 / 475 / 495 / 499 and 476 /
 //    475 / 494 / 498, causal 8k / 16k 461 / 473 and 466 / 465 -> 478 / 468 and 482 / 470: a wash
-//    (ptxas: 64 spill bytes against 20), so off there too.
+//    (ptxas: 64 spill bytes against 20), so off there too. Again after session 12's tile
+//    boundary changes (both tiles; h200_2026-11-23s12f_tile_boundary.txt, call 8, three
+//    interleaved runs), TFLOP/s at 512 / 1k / 2k: causal 229.5 / 306.5 / 408.0 -> 223.6 / 311.4
+//    / 411.5 (512: the 128-row tile), full 380.9 / 444.7 / 503.1 -> 386.3 / 446.8 / 502.5: off.
 //  - FP8 (bfloat16 out), fp8_epilogue_ab, TFLOP/s at 1k / 4k / 16k: hdim 128 full 506 / 717 /
 //    800 -> 541 / 734 / 805, causal 328 / 595 / 714 -> 358 / 617 / 721; hdim 256 full 566 / 899
 //    / 1053 -> 663 / 1017 / 1167, causal 368 / 674 / 871 -> 439 / 791 / 974: on at both, though
@@ -207,10 +210,11 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 // reach tile j after little more than the last block's softmax, P V and the epilogue, less than
 // Q's load latency. With two, Q is loaded while tile j - 1 still runs. 16-bit only, where it fits
 // beside the O tile: hdim 128's 128 x 128 tile (Q 2 x 32 KB + 2 * (32 + 32) KB + O 32 KB = 224
-// KB; not its 128 x 176 tile, nor hdim 192 / 256). Measured on H200 (test_fwd_sm90 --time, bf16,
-// 16k tokens, hidden 2048, clocks not pinned, two runs each, 2026-11-22,
-// benchmarks/measured/h200_2026-11-22s8f_fwdshort.txt; both with the last P V's finalize
-// overlap, flash_fwd_mainloop_sm90.h), one -> two Q buffers, TFLOP/s at 512 / 1k / 2k / 4k:
+// KB; not its 128 x 176 tile, nor hdim 192 / 256) and hdim 64's tiles (since session 12, below).
+// Measured on H200 (test_fwd_sm90 --time, bf16, 16k tokens, hidden 2048, clocks not pinned, two
+// runs each, 2026-11-22, benchmarks/measured/h200_2026-11-22s8f_fwdshort.txt; both with the last
+// P V's finalize overlap, flash_fwd_mainloop_sm90.h), one -> two Q buffers, TFLOP/s at 512 / 1k /
+// 2k / 4k:
 //   hdim 128 full   461 / 555 / 614 / 648, 458 / 551 / 611 / 597 -> 464 / 561 / 615 / 594,
 //                   477 / 567 / 623 / 657 (8k / 16k: the 128 x 176 tile, unchanged);
 //   hdim 128 causal 254 / 354 / 433 / 510, 252 / 346 / 424 / 477 -> 266 / 357 / 439 / 518,
@@ -221,11 +225,48 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 //   0.938 / 0.988 / 1.009 / 1.008.
 // FP8 hdim 128 (Q 2 x 16 KB; session 9, h200_2026-11-22s9q_fp8_ab.txt, 3 runs, with the V
 // transpose overlap) was no better: full 602 / 720 / 802 -> 585 / 709 / 799 at 1k / 2k / 4k.
-// hdim 64 (128 x 128, 3 stages; 192 x 128) was a wash: full 328 / 399, 324 / 395 -> 320 / 397,
-// 318 / 394 at 512 / 1k, causal 180 / 256 / 336, 177 / 253 / 335 -> 181 / 264 / 334, 180 / 254 /
-// 338 at 512 / 1k / 2k, 2k+ full within 2%: off.
+// hdim 64 (128 x 128, 3 stages; 192 x 128) was a wash in session 8: full 328 / 399, 324 / 395 ->
+// 320 / 397, 318 / 394 at 512 / 1k, causal 180 / 256 / 336, 177 / 253 / 335 -> 181 / 264 / 334,
+// 180 / 254 / 338 at 512 / 1k / 2k, 2k+ full within 2%. Since the tile boundary lost its
+// divisions and K goes before Q (below, "Tile boundaries"), Q is what the consumers wait for
+// at each tile start, and two buffers pay (Q 2 x 16 KB + 3 * 32 KB at 128 rows, 2 x 24 + 3 * 32
+// KB at 192; ptxas: 16 bytes of spill stores on the 192-row tile, 8 before): numbers below.
+//
+// Tile boundaries (session 12, ncu of test_fwd_sm90 at hdim 64 causal 1k, 2026-11-23,
+// benchmarks/measured/h200_2026-11-23s12f_tile_boundary.txt): SMs 96% active but issue slots
+// 45% busy, and the consumer warps spent 42% of their stall samples in per-tile code against 47%
+// in the key-block loop: decode_tile's three integer divisions (I2F / MUFU.RCP / F2I chains) at
+// the tile start and again before the epilogue (7.7% of the samples), the wait for Q (2.9%) and
+// then for K (1.9%), which the producer issued only after Q, once the previous tile's last S
+// WGMMA had retired. Now the scheduler thread decodes each tile into shared memory
+// (flash_fwd_kernel_sm90.h, tile_coords), the producer loads a tile's first K before it waits
+// for the Q buffer (flash_fwd_mainloop_sm90.h, kKBeforeQ), and hdim 64 has two Q buffers.
+// Measured on H200 (test_fwd_sm90 --time, bf16, 16k tokens, hidden 2048, one mask per process,
+// three interleaved runs in each of two device calls, means; same file), main -> divisions
+// and K order -> + two Q buffers at hdim 64, TFLOP/s at 512 / 1k / 2k:
+//   hdim 64 causal  199.4 / 289.6 / 393.0 -> 215.0 / 298.3 / 400.5 -> 227.0 / 304.0 / 404.4
+//                   200.9 / 291.4 / 395.0 ->                        -> 230.1 / 307.5 / 407.8
+//   hdim 64 full    350.8 / 418.6 / 484.4 -> 362.0 / 434.9 / 495.0 -> 376.2 / 439.8 / 497.9
+//                   358.7 / 427.9 / 492.4 ->                        -> 381.4 / 445.3 / 502.3
+//   hdim 128 causal 310.7 / 437.5 / 552.7 -> 317.5 / 444.5 / 554.6, 312.7 / 441.6 / 553.8 ->
+//                   325.0 / 452.3 / 559.5
+//   hdim 128 full   485.7 / 578.1 / 639.4 -> 496.8 / 582.5 / 638.5, 492.6 / 583.9 / 640.0 ->
+//                   507.1 / 590.9 / 640.9
+// (4k-16k within run-to-run spread). hdim 256 (no Q buffer change; third call, two runs): causal
+// 300.2 / 437.8 / 565.1 -> 304.9 / 449.5 / 575.0, full 471.2 / 604.3 / 682.9 -> 480.4 / 616.9 /
+// 691.4 (4k full 727 -> 698, 8k-16k +1-6%: this row's usual spread), FP8 (--time-fp8) causal
+// 327.9 / 529.0 / 774.4 -> 343.5 / 555.0 / 792.6, full 533.6 / 760.5 / 946.3 -> 554.3 / 781.5
+// / 968.8. Bench beside cuDNN (with mask.h's one-compare causal blocks too; main's wheel in the
+// same call, h200_2026-11-23s12f_bench_fwd.txt), fa3_jax / cuDNN at 512 / 1k / 2k: hdim 64 causal
+// 0.783 / 0.873 / 1.012 -> 0.916 / 0.938 / 1.056, full 0.937 / 0.981 / 1.061 -> 0.985 / 1.025 /
+// 1.087; hdim 128 causal 0.941 / 1.017 / 1.075 -> 0.990 / 1.054 / 1.087, full 0.943 / 0.966 /
+// 0.987 -> 0.955 / 0.972 / 0.982; hdim 256 causal 0.892 / 0.988 / 1.058 -> 0.937 / 1.018 / 1.090,
+// full 0.919 / 0.977 / 1.000 -> 0.937 / 1.007 / 1.019. Not taken (second call): asking the scheduler for the next
+// tile two key blocks before the producer's last load of the current one (on-demand claims),
+// 226.8 / 307.3 / 405.8 causal, or at each tile's start, 226.2 / 303.1 / 401.1, against 230.1 /
+// 307.5 / 407.8; full within 1%.
 constexpr bool fwd_double_buffer_q(int head_dim, int head_dim_v, bool fp8) {
-  return !fp8 && head_dim == 128 && head_dim_v == 128;
+  return !fp8 && (head_dim == 128 || head_dim == 64) && head_dim_v == head_dim;
 }
 
 // Consumer schedule of the 16-bit mainloop (flash_fwd_mainloop_sm90.h):

@@ -15,7 +15,7 @@ case "${1:-build}" in
     if [[ -n "${2:-}" ]]; then defs=(-DFA3_JAX_ONLY_HDIM="$2"); tag="$2"; hdims=("$2"); fi
     # The entry points, then one translation unit per head dim (flash_fwd_hdim<D>_sm90.cu).
     objs=("$OUT_DIR/fwd_api_$tag.o")
-    nvcc "${FLAGS[@]}" "${defs[@]}" -c cpp/hopper/flash_fwd_api_sm90.cu -o "${objs[0]}"
+    nvcc "${FLAGS[@]}" "${defs[@]}" -c cpp/hopper/flash_fwd_sm90.cu -o "${objs[0]}"
     : > "$OUT_DIR/ptxas_$tag.txt"
     for d in "${hdims[@]}"; do
       nvcc "${FLAGS[@]}" "${defs[@]}" -Xptxas -v -c "cpp/hopper/flash_fwd_hdim${d}_sm90.cu" \

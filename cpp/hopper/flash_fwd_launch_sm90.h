@@ -1,4 +1,4 @@
-// fa3_jax Hopper forward: host-side pieces shared by the entry points (flash_fwd_api_sm90.cu)
+// fa3_jax Hopper forward: host-side pieces shared by the entry points (flash_fwd_sm90.cu)
 // and the per-head-dim instantiation files (flash_fwd_hdim*_sm90.cu): the GQA packing rule, the
 // call's plan (packing, large tile, split count) and the workspace layout. No CuTe here.
 //

@@ -2,7 +2,7 @@
 // scheduler, the V transpose and split-KV combine passes) for one (dtype, head dim) pair.
 // Included only by the per-head-dim instantiation files flash_fwd_hdim*_sm90.cu, each of which
 // instantiates run_fwd_sm90_hdim (FA3_FWD_INSTANTIATE*) for its head dims, so the kernels of one
-// head dim compile in their own translation unit; the entry points are in flash_fwd_api_sm90.cu.
+// head dim compile in their own translation unit; the entry points are in flash_fwd_sm90.cu.
 //
 // Instantiations: {fp16, bf16} x head dims {64, 96, 128, 192, 256} plus (192, dv 128), each
 // dense, split-KV, varlen and segment ids; FP8 (e4m3, dense only) at head dims 64, 128 and 256.

@@ -39,7 +39,7 @@ def fwd_page_rows() -> int:
     return int(_ext.fwd_page_rows)
 
 
-FP8_HEAD_DIMS = (64, 128, 256)  # of the Hopper FP8 forward (cpp/hopper/flash_fwd_api_sm90.cu)
+FP8_HEAD_DIMS = (64, 128, 256)  # of the Hopper FP8 forward (cpp/hopper/flash_fwd_sm90.cu)
 
 
 def cuda_unsupported_fp8(head_dim: int, head_dim_v: int, block_q: int, block_k: int) -> str | None:

@@ -77,9 +77,16 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
   // Ring entry seq's coordinates (ss.tile_coords), read from shared memory each time they are
   // needed: volatile, so that the epilogue's read is a load and not a register held across the
   // mainloop.
-  auto tile_coord = [&](uint32_t seq) {
-    int const volatile* c = reinterpret_cast<int const volatile*>(&ss.tile_coords[seq & 3]);
-    return TileCoord{c[0], c[1], c[2], c[3]};
+  // FP8 decodes the tile id itself, as before the ring existed: with the ring its hdim 128
+  // kernel lost 3.6-6.2% at 4k-16k (bench_attention --fp8, 2 runs each in one call, 2026-11-23,
+  // benchmarks/measured/h200_2026-11-23s12_fp8_ab.txt), where tile starts are rare.
+  auto tile_coord = [&](uint32_t seq, int tile) {
+    if constexpr (Traits::kFp8) {
+      return decode_tile(sched, tile);
+    } else {
+      int const volatile* c = reinterpret_cast<int const volatile*>(&ss.tile_coords[seq & 3]);
+      return TileCoord{c[0], c[1], c[2], c[3]};
+    }
   };
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<Traits::kProducerRegs>();
@@ -132,7 +139,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           if constexpr (Traits::kVtInKernel) Mainloop::finish_v(ss, write);
           break;
         }
-        TileCoord t = tile_coord(seq);
+        TileCoord t = tile_coord(seq, tile);
         typename Traits::Mask mask;
         int offset_q, offset_k;
         if (!p.locate(t, mask, offset_q, offset_k)) continue;
@@ -164,7 +171,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       int const tile = ss.tile_ids[seq & 1];
       ss.tile_empty[seq & 1].arrive();
       if (tile >= sched.num_tiles) break;
-      TileCoord t = tile_coord(seq);
+      TileCoord t = tile_coord(seq, tile);
       typename Traits::Mask seq_mask;
       int offset_q, offset_k;
       if (!p.locate(t, seq_mask, offset_q, offset_k)) continue;
@@ -183,7 +190,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
                     tOrO, lse);
       // Read and located again rather than kept: at head dim 256 the consumers' 240 registers
       // hold the O accumulator, and tile coordinates live across the mainloop spilled there.
-      t = tile_coord(seq);
+      t = tile_coord(seq, tile);
       p.locate(t, seq_mask, offset_q, offset_k);
       Epilogue::store(p, ss, tOrO, lse, t, mask, offset_q, mma_tidx);
       ++q_tile_count;

@@ -46,8 +46,8 @@ using namespace cute;
 //  - kSegments: segment ids (segments_sm90.h): tiles locate their segment hull and uniform ids
 //    and mask with SegmentBandMask; 16-bit only, never split or GQA-packed, so the dense and
 //    split kernels neither carry the ids nor test for them.
-// A varlen or segments call never splits (flash_fwd_launch_sm90.h: plan_fwd). A KV-cache call (flash.h,
-// seqused_k) always runs kSplit, with one split where the plan says so: its tiles locate their
+// A varlen or segments call never splits (flash_fwd_launch_sm90.h: plan_fwd). A KV-cache call
+// (flash.h, seqused_k) always runs kSplit, with one split where the plan says so: its tiles locate their
 // batch row's key length (Params::locate), which only the split kernel carries, and its partial
 // store plus combine cost little next to the cache it reads.
 enum class FwdMode { kDense, kSplit, kVarlen, kSegments };
@@ -160,7 +160,7 @@ struct FwdTraits {
 
   // Split-KV tiles may hold GQA-packed rows of several query positions (mask.h, kGrouped).
   using Mask = cute::conditional_t<kSegments, SegmentBandMask<kBlockM, kBlockN>,
-                                   BandMask<kBlockM, kBlockN, kSplit>>;
+                                   BandMask<kBlockM, kBlockN, kSplit, kSplit || kFp8>>;
 
   // O leaves through shared memory and one TMA store per consumer warpgroup (its 64 rows), which
   // runs while the warpgroup starts its next tile, where tile_size.h says so

@@ -19,7 +19,9 @@
 
 namespace fa3::sm90 {
 
-template <int kBlockM, int kBlockN, bool kGrouped = false>
+// kBothEdges: every masked block compares each element against both edges (the split kernel
+// and FP8; apply).
+template <int kBlockM, int kBlockN, bool kGrouped = false, bool kBothEdges = kGrouped>
 struct BandMask {
   int seqlen_q, seqlen_k;
   int diag_lo, diag_hi;
@@ -71,9 +73,10 @@ struct BandMask {
     // 16k tokens, three interleaved runs, 2026-11-23,
     // benchmarks/measured/h200_2026-11-23s12f_tile_boundary.txt, call 8), causal TFLOP/s at
     // 512 / 1k / 2k: 229.5 / 306.5 / 408.0 -> 236.3 / 312.1 / 413.6; full unchanged. The split
-    // kernel (kGrouped) keeps the one form (not measured there; ptxas: +16 spill bytes at hdim
-    // 256 with both).
-    if (kGrouped || n_block * kBlockN - pos(m_block * kBlockM + kBlockM - 1) < diag_lo)
+    // kernel keeps the one form (not measured there; ptxas: +16 spill bytes at hdim 256 with
+    // both), and so does FP8 (its hdim 128 kernel lost speed at 4k-16k with this and the tile
+    // ring together: flash_fwd_kernel_sm90.h, tile_coord).
+    if (kBothEdges || n_block * kBlockN - pos(m_block * kBlockM + kBlockM - 1) < diag_lo)
       apply_edges<true>(acc_s, coord, m_block, n_block);
     else
       apply_edges<false>(acc_s, coord, m_block, n_block);

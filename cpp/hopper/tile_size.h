@@ -93,13 +93,16 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
   // register budget and smem = Q 64 KB + 2 * (40 + 40) KB = 224 KB. Consumers need all 240
   // registers (232 spills), which leaves the producer 24: ptxas reports 60 bytes of spill
   // stores (56 before varlen's per-tile sequence offsets), in the producer thread and in the
-  // consumers' setup before the mainloop, off the tensor-core path.
+  // consumers' setup before the mainloop, off the tensor-core path. Dense calls of at most
+  // kShortTileMaxSeqlenK256 keys run 128 x 64 instead (fwd_tile_size_large, below).
   return {128, 80, 2, 24, 240};
 }
 
 // The large tile: a second dense 16-bit instantiation, chosen per call (fwd_use_large_tile) for
 // long dense calls (not varlen, segment ids, split-KV, KV caches or GQA-packed decode, which keep
 // the default tile; the split rule counts default tiles). block_n 0: none for this head dim.
+// At hdim 256 the second tile is the narrower one, for short dense calls (below; the name is
+// the hdim 64 / 128 case's).
 //  - hdim 128: 128 x 176 (FA3's non-causal choice, wider), smem Q 32 KB + 2 * (44 + 44) KB =
 //    208 KB, so O goes through the V ring (kOAliasesV). Measured on H200 (bf16, 16k tokens,
 //    hidden 2048, --time, one run each, clocks not pinned), 128 x 128 -> 128 x 176 TFLOP/s at
@@ -152,13 +155,33 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    (test_fwd_sm90 --time --mask full, each mask in its own process, one device call, three
 //    interleaved runs, 2026-11-22, h200_2026-11-22s11f_sched.txt), full 512: 329.7 / 323.2 /
 //    330.1 (128 rows) -> 347.8 / 346.0 / 351.6 (192 rows), +6%. Causal 512 stays on 128 rows
-//    (192 rows, two runs in one process after full: 178 / 184 against 191 / 190).
+//    (192 rows, two runs in one process after full: 178 / 184 against 191 / 190). Again after
+//    session 12's tile boundary changes (h200_2026-11-23s12g_hdim256_short.txt, three
+//    interleaved runs, causal only): 512 on 192 rows 221.2 against 235.0 on 128 rows.
+//  - hdim 256: 128 x 64 where seqlen_k <= kShortTileMaxSeqlenK256 (any band). 512 keys are 6.4
+//    blocks of 80, so the default tile computes 7 (560 keys, 8.6% wasted; causal 512: 1440 key
+//    columns over the 4 row blocks against 1280 at 64, 11%), and 8 blocks of 64 hold them
+//    exactly; smem Q 64 KB + 2 * (32 + 32) KB = 192 KB, O still through the V ring (64 KB);
+//    ptxas: 32 bytes of spill stores against 56. Longer calls keep 80: each block's fixed cost
+//    (barriers, row reductions, the O rescale of 128 registers) over fewer keys loses more than
+//    the last block wastes. Measured on H200 (test_fwd_sm90 --time, bf16, 16k tokens, hidden
+//    2048, one mask per process, three interleaved runs in one device call, 2026-11-23,
+//    benchmarks/measured/h200_2026-11-23s12g_hdim256_short.txt), block_n 80 -> 64 on every call,
+//    TFLOP/s at 512 / 1k / 2k / 4k / 8k / 16k (means):
+//      causal 311.5 / 454.2 / 582.2 / 682.8 / 727.6 / 720.7 -> 323.5 / 457.5 / 577.3 / 667.8 /
+//             683.6 / 677.6;
+//      full   482.9 / 619.5 / 697.1 / 733.3 / 713.0 / 703.3 -> 497.3 / 606.7 / 682.2 / 688.0 /
+//             666.4 / 675.4.
+//    Bench beside cuDNN with this rule (same file, call 2; main's wheel in the same call),
+//    fa3_jax / cuDNN at 512: full 0.932 -> 0.956, causal 0.937 -> 0.971; 1k unchanged.
 inline constexpr int kLargeTileMinSeqlenK128 = 8192;
 inline constexpr int kLargeTileMinSeqlen64Full = 512;
 inline constexpr int kLargeTileMinSeqlen64Band = 1024;
+inline constexpr int kShortTileMaxSeqlenK256 = 512;
 constexpr FwdTileSize fwd_tile_size_large(int head_dim, int head_dim_v, bool fp8 = false) {
   if (!fp8 && head_dim == 128 && head_dim_v == 128) return {128, 176, 2};
   if (!fp8 && head_dim == 64 && head_dim_v == 64) return {192, 128, 3, 32, 160};
+  if (!fp8 && head_dim == 256 && head_dim_v == 256) return {128, 64, 2, 24, 240};
   return {128, 0, 0};
 }
 // full_band: every query row sees keys [0, seqlen_k) (no causal or window edge); from_key0: each
@@ -170,6 +193,7 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
     return full_band ? seqlen_q >= kLargeTileMinSeqlen64Full &&
                            seqlen_k >= kLargeTileMinSeqlen64Full
                      : from_key0 && seqlen_q >= kLargeTileMinSeqlen64Band;
+  if (head_dim == 256) return seqlen_k <= kShortTileMaxSeqlenK256;
   return full_band && seqlen_k >= kLargeTileMinSeqlenK128;
 }
 

@@ -106,10 +106,11 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
           if (sched.claim_on_demand) ss.tile_want.wait((seq - 1) & 1);
           tile = next_tile(p.tile_counter, int(tile));
         }
-        TileCoord const t = decode_tile(sched, int(tile));  // unused past num_tiles
+        // (FP8 decodes in its readers instead: tile_coord.) Unused past num_tiles.
+        TileCoord const t = Traits::kFp8 ? TileCoord{} : decode_tile(sched, int(tile));
         ss.tile_empty[seq & 1].wait(((seq >> 1) & 1) ^ 1);
         ss.tile_ids[seq & 1] = int(tile);
-        ss.tile_coords[seq & 3] = t;
+        if constexpr (!Traits::kFp8) ss.tile_coords[seq & 3] = t;
         ss.tile_full[seq & 1].arrive();
         if (int(tile) >= sched.num_tiles) break;
       }

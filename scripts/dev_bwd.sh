@@ -7,7 +7,7 @@
 # Device call (from the repo root, via the run tool): carry=["devbin"], command "scripts/dev_bwd.sh device".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CUTLASS_INC=${CUTLASS_INC:-$(python3 -c "import importlib.util,os;s=importlib.util.find_spec('cutlass_library');print(os.path.join(s.submodule_search_locations[0],'source','include'))" 2>/dev/null || { ls -d .venv/lib/python3.*/site-packages/cutlass_library/source/include 2>/dev/null || true; } | head -1)}
+CUTLASS_INC=$(bash scripts/cutlass_include.sh)
 NVCC_FLAGS=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr --expt-extended-lambda
             -I"$CUTLASS_INC" -Icpp -Icpp/hopper -DFA3_JAX_WITH_CUDA -Xptxas -v)
 cmd=${1:-build}

@@ -4,7 +4,7 @@
 #   scripts/dev_fwd.sh device         on the GPU machine: SASS check, correctness, sanitizer, timing
 set -euo pipefail
 cd "$(dirname "$0")/.."
-INC=${CUTLASS_INC:-/work/venv/lib/python3.11/site-packages/cutlass_library/source/include}
+INC=$(bash scripts/cutlass_include.sh)
 FLAGS=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr
        --expt-extended-lambda -DNDEBUG -DFA3_JAX_WITH_CUDA -DCUTE_SM90_EXTENDED_MMA_SHAPES_ENABLED -I"$INC")
 OUT_DIR=devbin/fwd

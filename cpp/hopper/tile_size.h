@@ -285,10 +285,16 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 // 0.783 / 0.873 / 1.012 -> 0.916 / 0.938 / 1.056, full 0.937 / 0.981 / 1.061 -> 0.985 / 1.025 /
 // 1.087; hdim 128 causal 0.941 / 1.017 / 1.075 -> 0.990 / 1.054 / 1.087, full 0.943 / 0.966 /
 // 0.987 -> 0.955 / 0.972 / 0.982; hdim 256 causal 0.892 / 0.988 / 1.058 -> 0.937 / 1.018 / 1.090,
-// full 0.919 / 0.977 / 1.000 -> 0.937 / 1.007 / 1.019. Not taken (second call): asking the scheduler for the next
-// tile two key blocks before the producer's last load of the current one (on-demand claims),
-// 226.8 / 307.3 / 405.8 causal, or at each tile's start, 226.2 / 303.1 / 401.1, against 230.1 /
-// 307.5 / 407.8; full within 1%.
+// full 0.919 / 0.977 / 1.000 -> 0.937 / 1.007 / 1.019. Not taken (second call): asking the
+// scheduler for the next tile two key blocks before the producer's last load of the current one
+// (on-demand claims), 226.8 / 307.3 / 405.8 causal, or at each tile's start, 226.2 / 303.1 /
+// 401.1, against 230.1 / 307.5 / 407.8; full within 1%.
+// What it costs (bench_attention, fa3_jax only, main before these changes and after in one call,
+// two rounds each, h200_2026-11-23s12_fp8_ab.txt): the 16-bit hdim 128 kernel at 2k / 4k / 8k /
+// 16k, full 647.9 / 681.3 / 708.7 / 720.5 -> 644.0 / 670.4 / 708.1 / 717.1, causal 551.9 / 629.7
+// / 676.0 / 700.1 -> 558.1 / 629.3 / 668.3 / 689.2 (not bisected between the three changes and
+// the one-compare mask); the FP8 hdim 128 kernel full 4k / 16k 805 / 863 -> 773 / 810, so the
+// FP8 kernels keep the former decode and two-edge mask (flash_fwd_kernel_sm90.h, tile_coord).
 constexpr bool fwd_double_buffer_q(int head_dim, int head_dim_v, bool fp8) {
   return !fp8 && (head_dim == 128 || head_dim == 64) && head_dim_v == head_dim;
 }

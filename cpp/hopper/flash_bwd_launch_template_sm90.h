@@ -14,10 +14,6 @@
 
 namespace fa3::sm90_bwd {
 
-template <DType kDType> struct BwdElement;
-template <> struct BwdElement<DType::kFloat16> { using type = cutlass::half_t; };
-template <> struct BwdElement<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
-
 inline int bwd_clamp_diag(int64_t d, int64_t seqlen_q, int64_t seqlen_k) {
   return int(std::min<int64_t>(std::max<int64_t>(d, -(seqlen_q + 1)), seqlen_k + 1));
 }
@@ -27,7 +23,7 @@ const char* run_bwd_sm90_hdim(const BwdParams& p, void* workspace, cudaStream_t_
   // flash.h forward-declares CUstream_st inside namespace fa3, a different type from the
   // runtime's ::CUstream_st; both name the same driver stream object.
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
-  using Element = typename BwdElement<kDType>::type;
+  using Element = typename sm90::ElementOf<kDType>::type;
   using Tr = BwdTraitsSm90<kHeadDim, kHeadDimV, Element, kSoftcap>;
   const BwdWorkspaceLayout w = bwd_workspace_layout(p);
   char* ws = static_cast<char*>(workspace);

@@ -352,14 +352,10 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
   }
 }
 
-template <DType kDType> struct FwdElement;
-template <> struct FwdElement<DType::kFloat16> { using type = cutlass::half_t; };
-template <> struct FwdElement<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
-template <> struct FwdElement<DType::kFloat8E4M3> { using type = cutlass::float_e4m3_t; };
-
 template <DType kDType, int kHeadDim, int kHeadDimV>
 const char* run_fwd_sm90_hdim(const FwdParams& p, void* workspace, cudaStream_t_ stream) {
-  return launch_fwd<typename FwdElement<kDType>::type, kHeadDim, kHeadDimV>(p, workspace, stream);
+  using Element = typename sm90::ElementOf<kDType>::type;
+  return launch_fwd<Element, kHeadDim, kHeadDimV>(p, workspace, stream);
 }
 
 }  // namespace fa3::sm90_fwd

@@ -6,9 +6,17 @@
 #include <cutlass/float8.h>
 #include <cutlass/numeric_conversion.h>
 
+#include "../flash.h"
+
 namespace fa3::sm90 {
 
 using namespace cute;
+
+// The CUTLASS element type of a flash.h dtype (the launchers' dispatch on FwdParams / BwdParams).
+template <DType kDType> struct ElementOf;
+template <> struct ElementOf<DType::kFloat16> { using type = cutlass::half_t; };
+template <> struct ElementOf<DType::kBFloat16> { using type = cutlass::bfloat16_t; };
+template <> struct ElementOf<DType::kFloat8E4M3> { using type = cutlass::float_e4m3_t; };
 
 // Issues one warpgroup GEMM tCrC (+)= tCrA * tCrB over all k blocks, then waits until at most
 // kWait WGMMA batches of this warpgroup are still in flight (kWait < 0: do not wait, the caller

@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, 1)
       for (int i = 0; i < Traits::kStages; ++i) {
         ss.v_load_full[i].init(1);
         ss.v_load_empty[i].init(1);
-        ss.v_load_done[i] = 0;
+        ss.v_done[i].init(1);
       }
     }
   }

@@ -294,11 +294,16 @@ struct FwdMainloop {
   }
 
   // kVtInKernel, the TMA thread once no tile is left: the staging slot after the last V tile is
-  // marked done and arrived on without a load, which ends transpose_v. `write`: the producer's
-  // state after its last tile, whose next V slot is write's (V runs one block behind K).
+  // marked done (its v_done barrier's first phase completes) and arrived on without a load,
+  // which ends transpose_v. `write`: the producer's state after its last tile, whose next V slot
+  // is write's (V runs one block behind K). Per slot: the transposers may still be slots behind
+  // when the producer finishes, and must stop at this slot only. The mark is a barrier phase
+  // rather than a flag in shared memory: the flag's read and its write were ordered only by a
+  // named barrier and one thread's mbarrier arrive, which compute-sanitizer's racecheck reported
+  // as a hazard (session 12, small_case_fp8.py).
   static CUTLASS_DEVICE void finish_v(SharedStorage& ss, PipelineState const& write) {
     ss.v_load_empty[write.index()].wait(write.phase());
-    ss.v_load_done[write.index()] = 1;
+    ss.v_done[write.index()].arrive();
     ss.v_load_full[write.index()].arrive();
   }
 
@@ -339,7 +344,7 @@ struct FwdMainloop {
     for (;;) {
       int const slot = read.index();
       ss.v_load_full[slot].wait(read.phase());
-      if (*reinterpret_cast<int volatile*>(&ss.v_load_done[slot])) break;
+      if (ss.v_done[slot].test_wait(0)) break;  // finish_v's mark, set before v_load_full's arrive
       ss.pipe_v.empty_barrier_[slot].wait(read.phase() ^ 1);
       CUTLASS_PRAGMA_UNROLL
       for (int cb = 0; cb < kColBlocks; ++cb) {

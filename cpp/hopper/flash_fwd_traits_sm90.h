@@ -212,10 +212,11 @@ struct FwdTraits {
     typename PipelineK::SharedStorage pipe_k;
     typename PipelineV::SharedStorage pipe_v;
     // kVtInKernel: the staging ring's barriers (TMA landed / transposed out of), and per slot a
-    // flag the TMA thread sets, with a plain arrive on v_load_full, when no more tiles come.
+    // barrier whose first phase the TMA thread completes, before a plain arrive on v_load_full,
+    // in the slot after the last V tile once no more tiles come (FwdMainloop::finish_v).
     cutlass::arch::ClusterTransactionBarrier v_load_full[kVtInKernel ? kStages : 1];
     cutlass::arch::ClusterBarrier v_load_empty[kVtInKernel ? kStages : 1];
-    int v_load_done[kVtInKernel ? kStages : 1];
+    cutlass::arch::ClusterBarrier v_done[kVtInKernel ? kStages : 1];
   };
   // Where Q, K, V and a separate O tile exceed shared memory (16-bit head dim 256: 224 KB without
   // O), O is written into the V ring instead, which holds no live data between the tile's last

@@ -117,7 +117,7 @@ inline size_t workspace_bytes(FwdParams const& p, FwdPlan const& plan) {
     return kCounterBytes + (sm90::fwd_fp8_transpose_v_in_kernel(int(p.head_dim))
                                 ? 0
                                 : sm90::vt_bytes(p.batch, p.seqlen_k, p.heads_kv, p.head_dim_v));
-  if (plan.num_splits <= 1 && !p.seqused_k) return kCounterBytes;  // seqused_k: always kSplit
+  if (plan.num_splits <= 1) return kCounterBytes;  // one split: out / lse written directly
   return kCounterBytes + partial_lse_bytes(p, plan) +
          size_t(plan.num_splits) * p.batch * plan.heads * plan.seqlen_q * p.head_dim_v *
              sizeof(float);

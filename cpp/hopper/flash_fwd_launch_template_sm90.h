@@ -298,7 +298,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
   }
   kernel<<<grid, Traits::kNumThreads, kSmemBytes, reinterpret_cast<cudaStream_t>(stream)>>>(kp);
   if (cuda::launch_failed()) return "sm90 forward kernel launch failed";
-  if constexpr (!kSplit) return nullptr;
+  if (!kSplit || plan.num_splits == 1) return nullptr;  // one split wrote out / lse itself
 
   sm90::FwdCombineParams cp;
   cp.num_splits = plan.num_splits;

@@ -47,9 +47,9 @@ using namespace cute;
 //    and mask with SegmentBandMask; 16-bit only, never split or GQA-packed, so the dense and
 //    split kernels neither carry the ids nor test for them.
 // A varlen or segments call never splits (flash_fwd_launch_sm90.h: plan_fwd). A KV-cache call
-// (flash.h, seqused_k) always runs kSplit, with one split where the plan says so: its tiles locate their
-// batch row's key length (Params::locate), which only the split kernel carries, and its partial
-// store plus combine cost little next to the cache it reads.
+// (flash.h, seqused_k) always runs kSplit, with one split where the plan says so: its tiles locate
+// their batch row's key length (Params::locate), which only the split kernel carries; with one
+// split they write out / lse directly and no combine kernel runs (flash_fwd_epilogue_sm90.h).
 enum class FwdMode { kDense, kSplit, kVarlen, kSegments };
 
 template <int kHeadDim_, int kHeadDimV_, int kBlockM_, int kBlockN_, int kStages_,

@@ -377,6 +377,13 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 //  - The split kernel keeps the dense tile's 2 K/V stages: 3 stages at hdim 128 (224 KB) read
 //    slower on every contiguous row (H200, 2026-11-22, K/V TB/s, cache column: 8 x 4k 3.42 ->
 //    3.31, 8 x 16k 4.21 -> 4.03, 1 x 128k 4.11 -> 3.96; h200_2026-11-22s7k_kvcache_decode.txt).
+//    Session 13 (h200_2026-11-23s13d_decode_ab.txt, fa3_jax column, rounds in one call): 3
+//    stages again 8 x 4k / 8 x 16k / 1 x 128k 3.61 / 4.27 / 4.26 -> 3.48 / 4.09 / 4.08; 128 x 64
+//    with 2 stages 3.54 / 3.96 / 3.92, with 4 stages 3.59 / 4.01 / 3.97 (so neither more nor
+//    fewer bytes in flight than 2 x 64 KB a CTA pays); the warpgroup whose rows are all past
+//    seqlen_q (decode's 4 GQA-packed rows) passing over its blocks without WGMMAs, 8 x 4k +1%,
+//    8 x 64k -1%, not taken. At 8 x 4k the split kernel takes 35.5 us against cuDNN's 31.8
+//    (+1.9 / 2.2 us of combine / reduction kernel), at 8 x 16k 125.2 against 121.7.
 inline constexpr int kMinBlocksPerSplit = 4;
 
 // Paged KV caches (flash.h, "Paged"): pages of a multiple of block_n rows arrive as one TMA load

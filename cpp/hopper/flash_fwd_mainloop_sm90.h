@@ -466,7 +466,9 @@ struct FwdMainloop {
       dk_blk = dk_next;
       dv_blk = dv_next;
     };
-    auto score_mod = [&](int n) {
+    // in_loop: a block of the key-block loop (not the first, peeled block); with
+    // kLoopMaskBothEdges it compares both band edges (tile_size.h, fwd_loop_mask_both_edges).
+    auto score_mod = [&](int n, auto in_loop) {
       if (per_block && p.has_softcap) {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) tSrS(i) *= dk_blk;
@@ -475,7 +477,12 @@ struct FwdMainloop {
         CUTLASS_PRAGMA_UNROLL
         for (int i = 0; i < size(tSrS); ++i) tSrS(i) = fast_tanh(tSrS(i) * softcap_pre);
       }
-      if (mask.needs_mask(t.m_block, n)) mask.apply(tSrS, coord, t.m_block, n);
+      if (mask.needs_mask(t.m_block, n)) {
+        if constexpr (Traits::kLoopMaskBothEdges && decltype(in_loop)::value)
+          mask.template apply_edges<true>(tSrS, coord, t.m_block, n);
+        else
+          mask.apply(tSrS, coord, t.m_block, n);
+      }
     };
 
     // FP8: rescales skipped where no row max grew, 4 reduction chains per row (softmax.h, step).
@@ -530,7 +537,7 @@ struct FwdMainloop {
     scheduler_arrive();
     warpgroup_wait<0>();
     pipe_k.consumer_release(read);
-    score_mod(n);
+    score_mod(n, cute::false_type{});
     softmax.template step<true, Traits::kFp8, kChains>(tSrS, block_scale());
     convert_p();
     float v_descale = dv_blk;  // units of O (FP8 per block)
@@ -552,7 +559,7 @@ struct FwdMainloop {
       warpgroup_wait<1>();  // S done; P V may still run
       pipe_k.consumer_release(read);
       ++read;
-      score_mod(n);
+      score_mod(n, cute::true_type{});
       cute::array<float, 2> o_scale =
           softmax.template step<false, Traits::kFp8, kChains>(tSrS, block_scale());
       if (per_block) {  // O from units of block n + 1's v descale to block n's

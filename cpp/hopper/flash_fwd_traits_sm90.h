@@ -78,6 +78,11 @@ struct FwdTraits {
   // (FwdMainloop::transpose_v) rather than the attention kernel reading vt, which the
   // fp8_vt_sm90.h kernel writes first (tile_size.h, fwd_fp8_transpose_v_in_kernel).
   static constexpr bool kVtInKernel = kFp8 && fwd_fp8_transpose_v_in_kernel(kHeadDim_);
+  // Masked blocks inside the key-block loop compare both band edges (BandMask::apply_edges<true>);
+  // only the first block chooses (tile_size.h, fwd_loop_mask_both_edges). FP8 and split-KV
+  // always compare both (Mask, below).
+  static constexpr bool kLoopMaskBothEdges =
+      kMode_ == FwdMode::kDense && !kFp8 && fwd_loop_mask_both_edges(kHeadDim_, kHeadDimV_);
 
   static_assert(sizeof(Element) == 2 || cute::is_same_v<Element, cutlass::float_e4m3_t>,
                 "fp16, bf16 or e4m3 inputs");

@@ -295,6 +295,27 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 // / 676.0 / 700.1 -> 558.1 / 629.3 / 668.3 / 689.2 (not bisected between the three changes and
 // the one-compare mask); the FP8 hdim 128 kernel full 4k / 16k 805 / 863 -> 773 / 810, so the
 // FP8 kernels keep the former decode and two-edge mask (flash_fwd_kernel_sm90.h, tile_coord).
+// Which masked key blocks compare each element once (mask.h, BandMask::apply: the band's lower
+// edge cannot cross the block) and which compare both edges, in the 16-bit dense kernel, which
+// serves full and causal calls alike. At hdim 128 the one-compare choice inside the key-block
+// loop cost even full calls, which never run it (the loop's SASS, bf16 128 x 128: 833
+// instructions before session 12, 981 with the choice, 838 without), so there only the first
+// key block (before the loop: causal's diagonal) takes it and blocks inside the loop compare
+// both edges. Measured on H200 (bench_attention.py --impls fa3_jax, hdim 128, 16k tokens, one
+// mask per process, 2 interleaved rounds in one call, 2026-11-23, helper b13,
+// benchmarks/measured/h200_2026-11-23s13b_tile_bisect.txt, call 3), TFLOP/s at 512 / 1k / 2k / 4k
+// / 8k / 16k, main before session 12 -> main -> this:
+//   full   490 / 581 / 642 / 675 / 702 / 713 -> 501 / 585 / 640 / 667 / 702 / 711
+//          -> 503 / 587 / 647 / 675 / 703 / 713
+//   causal 317 / 439 / 550 / 626 / 670 / 696 -> 332 / 450 / 555 / 624 / 663 / 686
+//          -> 331 / 452 / 558 / 630 / 672 / 696
+// (the two-edge form everywhere: full 504 / 586 / 644 / 672 / 702 / 712, causal 329 / 447 / 554
+// / 626 / 668 / 692). The tile ring and K before Q (above) were neutral from 4k in the same
+// bisect (calls 1-2). Other head dims keep the one-compare choice everywhere (hdim 64 causal
+// gained with it: above); varlen keeps it too (not measured).
+constexpr bool fwd_loop_mask_both_edges(int head_dim, int head_dim_v) {
+  return head_dim == 128 && head_dim_v == 128;
+}
 constexpr bool fwd_double_buffer_q(int head_dim, int head_dim_v, bool fp8) {
   return !fp8 && (head_dim == 128 || head_dim == 64) && head_dim_v == head_dim;
 }

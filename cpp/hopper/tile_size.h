@@ -311,8 +311,10 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 //          -> 331 / 452 / 558 / 630 / 672 / 696
 // (the two-edge form everywhere: full 504 / 586 / 644 / 672 / 702 / 712, causal 329 / 447 / 554
 // / 626 / 668 / 692). The tile ring and K before Q (above) were neutral from 4k in the same
-// bisect (calls 1-2). Other head dims keep the one-compare choice everywhere (hdim 64 causal
-// gained with it: above); varlen keeps it too (not measured).
+// bisect (calls 1-2). Other head dims keep the one-compare choice everywhere: the rule at every
+// head dim (same day, 3 rounds, h200_2026-11-23s13m_loop_mask_all_hdims.txt) left hdim 64 within
+// spread and cost hdim 256 causal 1k / 2k / 4k 461.5 / 589.4 / 692.3 -> 456.3 / 584.8 / 689.3.
+// Varlen keeps it too (not measured).
 constexpr bool fwd_loop_mask_both_edges(int head_dim, int head_dim_v) {
   return head_dim == 128 && head_dim_v == 128;
 }

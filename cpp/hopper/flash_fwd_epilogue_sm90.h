@@ -8,7 +8,8 @@
 // writes out / lse itself, as the dense kernel does, and no combine kernel runs: measured on
 // H200 (bench_decode, 64 x 8k, 3 rounds, benchmarks/measured/h200_2026-11-23s13d_decode_ab.txt),
 // the contiguous cache 4.40 -> 4.43 TB/s, pages of 16 4.29 -> 4.32 (the combine took 2.9 us of
-// 485); ptxas: the split kernels' spills unchanged (0 bytes at hdim 128).
+// 485). ptxas, split kernels: hdim 128 0 spill bytes as before, hdim 256 64 -> 48, hdim 192
+// 0 -> 4 (benchmarks/measured/ptxas_2026-11-23s13_spills.txt).
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"

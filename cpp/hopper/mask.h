@@ -75,7 +75,9 @@ struct BandMask {
     // 512 / 1k / 2k: 229.5 / 306.5 / 408.0 -> 236.3 / 312.1 / 413.6; full unchanged. The split
     // kernel keeps the one form (not measured there; ptxas: +16 spill bytes at hdim 256 with
     // both), and so does FP8 (its hdim 128 kernel lost speed at 4k-16k with this and the tile
-    // ring together: flash_fwd_kernel_sm90.h, tile_coord).
+    // ring together: flash_fwd_kernel_sm90.h, tile_coord). The 16-bit hdim 128 dense kernel
+    // makes this choice on its first key block only and calls apply_edges<true> inside its
+    // key-block loop (tile_size.h, fwd_loop_mask_both_edges).
     if (kBothEdges || n_block * kBlockN - pos(m_block * kBlockM + kBlockM - 1) < diag_lo)
       apply_edges<true>(acc_s, coord, m_block, n_block);
     else

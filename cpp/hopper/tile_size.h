@@ -292,9 +292,14 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 // What it costs (bench_attention, fa3_jax only, main before these changes and after in one call,
 // two rounds each, h200_2026-11-23s12_fp8_ab.txt): the 16-bit hdim 128 kernel at 2k / 4k / 8k /
 // 16k, full 647.9 / 681.3 / 708.7 / 720.5 -> 644.0 / 670.4 / 708.1 / 717.1, causal 551.9 / 629.7
-// / 676.0 / 700.1 -> 558.1 / 629.3 / 668.3 / 689.2 (not bisected between the three changes and
-// the one-compare mask); the FP8 hdim 128 kernel full 4k / 16k 805 / 863 -> 773 / 810, so the
-// FP8 kernels keep the former decode and two-edge mask (flash_fwd_kernel_sm90.h, tile_coord).
+// / 676.0 / 700.1 -> 558.1 / 629.3 / 668.3 / 689.2 (bisected in session 13: the one-compare
+// mask, below at fwd_loop_mask_both_edges); the FP8 hdim 128 kernel full 4k / 16k 805 / 863 ->
+// 773 / 810, so the FP8 kernels keep the former decode and two-edge mask
+// (flash_fwd_kernel_sm90.h, tile_coord).
+constexpr bool fwd_double_buffer_q(int head_dim, int head_dim_v, bool fp8) {
+  return !fp8 && (head_dim == 128 || head_dim == 64) && head_dim_v == head_dim;
+}
+
 // Which masked key blocks compare each element once (mask.h, BandMask::apply: the band's lower
 // edge cannot cross the block) and which compare both edges, in the 16-bit dense kernel, which
 // serves full and causal calls alike. At hdim 128 the one-compare choice inside the key-block
@@ -317,9 +322,6 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 // Varlen keeps it too (not measured).
 constexpr bool fwd_loop_mask_both_edges(int head_dim, int head_dim_v) {
   return head_dim == 128 && head_dim_v == 128;
-}
-constexpr bool fwd_double_buffer_q(int head_dim, int head_dim_v, bool fp8) {
-  return !fp8 && (head_dim == 128 || head_dim == 64) && head_dim_v == head_dim;
 }
 
 // Consumer schedule of the 16-bit mainloop (flash_fwd_mainloop_sm90.h):

@@ -408,7 +408,11 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 //    fewer bytes in flight than 2 x 64 KB a CTA pays); the warpgroup whose rows are all past
 //    seqlen_q (decode's 4 GQA-packed rows) passing over its blocks without WGMMAs, 8 x 4k +1%,
 //    8 x 64k -1%, not taken. At 8 x 4k the split kernel takes 35.5 us against cuDNN's 31.8
-//    (+1.9 / 2.2 us of combine / reduction kernel), at 8 x 16k 125.2 against 121.7.
+//    (+1.9 / 2.2 us of combine / reduction kernel), at 8 x 16k 125.2 against 121.7. ncu at 8 x 4k
+//    (h200_2026-11-23s13_ncu_decode_8x4k.txt): cuDNN's decode kernel runs 16 x 128 tiles in 256
+//    CTAs of 128 threads (4 splits), two per SM (86 KB of shared memory, 183 registers), DRAM
+//    3.77 TB/s; ours 128 CTAs of 384 threads, one per SM (166 KB), 3.49 TB/s. The shape to try:
+//    a split tile of 64 rows with one consumer warpgroup, small enough for two CTAs per SM.
 inline constexpr int kMinBlocksPerSplit = 4;
 
 // Paged KV caches (flash.h, "Paged"): pages of a multiple of block_n rows arrive as one TMA load

@@ -411,8 +411,12 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 //    (+1.9 / 2.2 us of combine / reduction kernel), at 8 x 16k 125.2 against 121.7. ncu at 8 x 4k
 //    (h200_2026-11-23s13_ncu_decode_8x4k.txt): cuDNN's decode kernel runs 16 x 128 tiles in 256
 //    CTAs of 128 threads (4 splits), two per SM (86 KB of shared memory, 183 registers), DRAM
-//    3.77 TB/s; ours 128 CTAs of 384 threads, one per SM (166 KB), 3.49 TB/s. The shape to try:
-//    a split tile of 64 rows with one consumer warpgroup, small enough for two CTAs per SM.
+//    3.77 TB/s; ours 128 CTAs of 384 threads, one per SM (166 KB), 3.49 TB/s. Tried (branch d64,
+//    h200_2026-11-23s13e_decode_64row_split.txt): a 64 x 64 split tile with one consumer
+//    warpgroup and two CTAs per SM (setmaxnreg 40 / 216, 80 KB), splits sized for 2 x 132
+//    slots: 8 x 4k 3.60 -> 3.70 TB/s (0.997 of cuDNN), pages of 16 +2-5% on every row, but
+//    1 x 128k 4.25 -> 4.18 and seqlen_q 4 / 16 -1%. Not taken as it stands; a rule choosing
+//    it for short splits only (a second split instantiation) is the next step.
 inline constexpr int kMinBlocksPerSplit = 4;
 
 // Paged KV caches (flash.h, "Paged"): pages of a multiple of block_n rows arrive as one TMA load

@@ -415,8 +415,11 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 //    h200_2026-11-23s13e_decode_64row_split.txt): a 64 x 64 split tile with one consumer
 //    warpgroup and two CTAs per SM (setmaxnreg 40 / 216, 80 KB), splits sized for 2 x 132
 //    slots: 8 x 4k 3.60 -> 3.70 TB/s (0.997 of cuDNN), pages of 16 +2-5% on every row, but
-//    1 x 128k 4.25 -> 4.18 and seqlen_q 4 / 16 -1%. Not taken as it stands; a rule choosing
-//    it for short splits only (a second split instantiation) is the next step.
+//    1 x 128k 4.25 -> 4.18 and seqlen_q 4 / 16 -1%. Not taken as it stands. As a rule (short
+//    splits, 16-row page boxes; branch d64b, h200_2026-11-23s13f_decode_tile_rule.txt): 8 x 4k
+//    3.69 (0.998 of cuDNN), suite and sanitizers clean, but the long paged-16 rows failed: the
+//    lowering's workspace query (sm90_fwd_workspace_bytes) does not see the page size, so it
+//    sized the default tile's splits. Next: that query taking the page size, and a test there.
 inline constexpr int kMinBlocksPerSplit = 4;
 
 // Paged KV caches (flash.h, "Paged"): pages of a multiple of block_n rows arrive as one TMA load

@@ -114,12 +114,20 @@ NB_MODULE(_fa3_jax_ext, m) {
   m.def(
       "sm90_fwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,
-         int64_t num_seqs, bool fp8, bool segments, bool seqused, int64_t num_splits) {
+         int64_t num_seqs, bool fp8, bool segments, bool seqused, int64_t num_splits,
+         int64_t page_size) {
         fa3::BwdParams p = shape_params(b, sq, sk, hq, hkv, d, dv, false);
         p.num_seqs = num_seqs;
         static const int32_t kUsed = 0;
         if (seqused) p.seqused_k = &kUsed;
         p.num_splits = num_splits;
+        // A paged KV cache read in place (page_size > 0): its page size picks the tile
+        // (tile_size.h, fwd_use_decode_tile), hence the split count and the partials' size.
+        static const int32_t kPageTable = 0;
+        if (page_size > 0) {
+          p.page_table = &kPageTable;
+          p.page_size = page_size;
+        }
         if (fp8) p.dtype = fa3::DType::kFloat8E4M3;  // never split: the counter only
         static const int32_t kGiven = 0;
         if (segments) p.q_segment_ids = p.kv_segment_ids = &kGiven;
@@ -127,7 +135,8 @@ NB_MODULE(_fa3_jax_ext, m) {
       },
       nb::arg("b"), nb::arg("sq"), nb::arg("sk"), nb::arg("hq"), nb::arg("hkv"), nb::arg("d"),
       nb::arg("dv"), nb::arg("num_seqs") = 0, nb::arg("fp8") = false,
-      nb::arg("segments") = false, nb::arg("seqused") = false, nb::arg("num_splits") = 0);
+      nb::arg("segments") = false, nb::arg("seqused") = false, nb::arg("num_splits") = 0,
+      nb::arg("page_size") = 0);
   m.def(
       "sm90_bwd_workspace_bytes",
       [](int64_t b, int64_t sq, int64_t sk, int64_t hq, int64_t hkv, int64_t d, int64_t dv,

@@ -18,7 +18,7 @@
 namespace fa3::sm90 {
 
 template <class Traits>
-__global__ void __launch_bounds__(Traits::kNumThreads, 1)
+__global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     flash_fwd_kernel_sm90(CUTE_GRID_CONSTANT typename Traits::Params const p) {
   using Mainloop = FwdMainloop<Traits>;
   using Epilogue = FwdEpilogue<Traits>;

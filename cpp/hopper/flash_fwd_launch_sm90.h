@@ -48,6 +48,7 @@ inline bool pack_gqa(FwdParams const& p) {
 struct FwdPlan {
   bool packed;
   bool large;  // the dense call runs the large tile (tile_size.h, fwd_use_large_tile)
+  bool decode;  // the split call runs the decode tile (tile_size.h, fwd_use_decode_tile)
   int seqlen_q, heads;  // of the tiles (packed: the group's heads as rows, heads_kv heads)
   int num_m_blocks, num_tiles_unsplit, num_splits;
 };
@@ -83,6 +84,23 @@ inline FwdPlan plan_fwd(FwdParams const& p, bool packed, int num_sms) {
       p.num_seqs > 0 || p.q_segment_ids || fp8 ? 1
       : forced > 0          ? forced
                             : sm90::fwd_num_splits(plan.num_tiles_unsplit, num_n_blocks, num_sms);
+  // The decode tile (16-bit split calls; tile_size.h, fwd_use_decode_tile): its own rows per tile
+  // and key blocks, and the split count for its CTAs per SM unless the caller fixed it.
+  bool const split = plan.num_splits > 1 || p.seqused_k;
+  int64_t const keys_per_split =
+      int64_t((num_n_blocks + plan.num_splits - 1) / plan.num_splits) * ts.block_n;
+  bool const small_boxes = p.page_table && p.page_size % sm90::kFwdPageRowsLarge != 0;
+  plan.decode = split && !fp8 && p.num_seqs == 0 && !p.q_segment_ids &&
+                sm90::fwd_use_decode_tile(int(p.head_dim), int(p.head_dim_v), keys_per_split,
+                                          small_boxes);
+  if (plan.decode && forced == 0) {
+    sm90::FwdTileSize const td = sm90::fwd_tile_size_decode(int(p.head_dim), int(p.head_dim_v));
+    int const tiles = (plan.seqlen_q + td.block_m - 1) / td.block_m * plan.heads * int(p.batch);
+    int const blocks = int((p.seqlen_k + td.block_n - 1) / td.block_n);
+    plan.num_splits =
+        sm90::fwd_num_splits(tiles, blocks, num_sms * sm90::fwd_ctas_per_sm(td.block_m));
+    plan.decode = plan.num_splits > 1 || p.seqused_k;  // else the dense kernel, unsplit
+  }
   // The large tile (its own block_m at hdim 64) runs only unsplit, so the split rule above
   // counts default tiles; launch_fwd_plan counts the large tile's own. Dense calls only (not
   // varlen, segment ids, KV cache, split or packed).

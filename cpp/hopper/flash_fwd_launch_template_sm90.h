@@ -34,9 +34,13 @@ template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode, bool 
 const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
                             cudaStream_t stream) {
   constexpr bool kFp8 = sizeof(Element) == 1;
-  constexpr sm90::FwdTileSize ts = kLarge ? sm90::fwd_tile_size_large(kHeadDim, kHeadDimV, kFp8)
-                                          : sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8);
-  static_assert(!kLarge || (kMode == sm90::FwdMode::kDense && ts.block_n > 0));
+  // kLarge: the dense call's large tile, or the split call's decode tile (tile_size.h).
+  constexpr sm90::FwdTileSize ts =
+      !kLarge                          ? sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8)
+      : kMode == sm90::FwdMode::kSplit ? sm90::fwd_tile_size_decode(kHeadDim, kHeadDimV)
+                                       : sm90::fwd_tile_size_large(kHeadDim, kHeadDimV, kFp8);
+  static_assert(!kLarge || ((kMode == sm90::FwdMode::kDense || kMode == sm90::FwdMode::kSplit) &&
+                            ts.block_n > 0));
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
                                  ts.producer_regs, ts.consumer_regs, Element, kMode>;
   using ElementOut = typename Traits::ElementOut;
@@ -222,7 +226,7 @@ const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* works
               longest_first, plan.num_splits, /*claim_on_demand=*/false};
   sm90::set_sections(kp.sched, l2_group);
   kp.qheads_per_kvhead = heads_per_kv;
-  int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1));
+  int const grid = std::min(kp.sched.num_tiles, std::max(dev.num_sms, 1) * Traits::kCtasPerSm);
   kp.sched.claim_on_demand = !kSplit && longest_first &&
                              kp.sched.num_tiles <= sm90::kClaimOnDemandMaxTilesPerCta * grid;
   // With at most one tile per CTA there is nothing to balance: no counter and no memset (short
@@ -342,6 +346,11 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
     if constexpr (sm90::fwd_tile_size_large(kHeadDim, kHeadDimV).block_n > 0) {
       if (plan.large)
         return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense, true>(
+            p, plan, workspace, stream);
+    }
+    if constexpr (sm90::fwd_tile_size_decode(kHeadDim, kHeadDimV).block_n > 0) {
+      if (plan.decode)
+        return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit, true>(
             p, plan, workspace, stream);
     }
     return plan.num_splits > 1 || p.seqused_k

@@ -90,13 +90,14 @@ struct FwdTraits {
                 "FP8 is dense only: no split-KV partials, varlen offsets or segment ids (issue 11 scope)");
   static_assert(!kFp8 || kBlockN % 32 == 0,
                 "FP8: block_n is the K of the e4m3 P @ V WGMMA, 32 per instruction");
-  static_assert(kBlockM == 128 || (kBlockM == 192 && !kFp8),
-                "two or three consumer warpgroups of 64 query rows each (FP8: two)");
+  static_assert(kBlockM == 128 || (kBlockM == 192 && !kFp8) || (kBlockM == 64 && kSplit),
+                "two or three consumer warpgroups of 64 query rows each (FP8: two); one: the "
+                "split kernel's decode tile");
   static_assert(kBlockN % 16 == 0, "block_n is the K dimension of the P @ V WGMMA");
   static_assert(kHeadDim % 32 == 0 && kHeadDimV % 32 == 0, "head dims in 32-element steps");
 
   // Consumer schedule (tile_size.h, fwd_schedule).
-  static constexpr bool kPingpong = fwd_schedule(kHeadDim, kFp8).pingpong;
+  static constexpr bool kPingpong = fwd_schedule(kHeadDim, kFp8).pingpong && kBlockM > 64;
   static constexpr bool kRescaleOFirst = fwd_schedule(kHeadDim, kFp8).rescale_o_first;
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumMmaWarpGroups * 128;
@@ -105,7 +106,10 @@ struct FwdTraits {
   // setmaxnreg.inc only takes what setmaxnreg.dec gave back: the split must use exactly the
   // registers allocated at launch (65536 / threads rounded down to 8 per thread: 168 at 384
   // threads, 128 at 512).
-  static constexpr int kLaunchRegs = 65536 / kNumThreads / 8 * 8;
+  // CTAs per SM (tile_size.h, fwd_ctas_per_sm: two for the 64-row decode tile), which share the
+  // SM's 65536 registers.
+  static constexpr int kCtasPerSm = fwd_ctas_per_sm(kBlockM);
+  static constexpr int kLaunchRegs = 65536 / (kNumThreads * kCtasPerSm) / 8 * 8;
   static_assert(128 * kProducerRegs + kNumMmaThreads * kConsumerRegs == kLaunchRegs * kNumThreads,
                 "producer / consumer register split must add up to the launch allocation");
 

@@ -1,9 +1,11 @@
 // fa3_jax Hopper: every forward tile-size choice, with its reason, in one constexpr function.
 //
 // Constraints shared by all choices: 64 query rows per consumer warpgroup (block_m = 128: two
-// consumer warpgroups; 192: three), shared memory Q + stages * (K + V) <= 227 KB,
+// consumer warpgroups; 192: three; 64: one, the split kernel's decode tile), shared memory Q + stages * (K + V) <= 227 KB,
 // block_n a multiple of 16 (it is the K dimension of the P @ V WGMMA).
 #pragma once
+
+#include <cstdint>
 
 namespace fa3::sm90 {
 
@@ -415,12 +417,31 @@ constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
 //    h200_2026-11-23s13e_decode_64row_split.txt): a 64 x 64 split tile with one consumer
 //    warpgroup and two CTAs per SM (setmaxnreg 40 / 216, 80 KB), splits sized for 2 x 132
 //    slots: 8 x 4k 3.60 -> 3.70 TB/s (0.997 of cuDNN), pages of 16 +2-5% on every row, but
-//    1 x 128k 4.25 -> 4.18 and seqlen_q 4 / 16 -1%. Not taken as it stands. As a rule (short
-//    splits, 16-row page boxes; branch d64b, h200_2026-11-23s13f_decode_tile_rule.txt): 8 x 4k
-//    3.69 (0.998 of cuDNN), suite and sanitizers clean, but the long paged-16 rows failed: the
-//    lowering's workspace query (sm90_fwd_workspace_bytes) does not see the page size, so it
-//    sized the default tile's splits. Next: that query taking the page size, and a test there.
+//    1 x 128k 4.25 -> 4.18 and seqlen_q 4 / 16 -1%. So it is the decode tile below, taken only
+//    where it won: short splits and pages of 16-row boxes.
 inline constexpr int kMinBlocksPerSplit = 4;
+
+// The decode tile: a second split-KV instantiation (hdim 128), 64 x 64 with one consumer
+// warpgroup (setmaxnreg 40 / 216 over 256 threads) and 80 KB of shared memory, so that two CTAs
+// share an SM, as cuDNN's decode kernel does (above). block_n 0: none for this head dim. Taken
+// (fwd_use_decode_tile) by split-KV calls whose splits of the default tile would hold at most
+// kDecodeTileMaxKeysPerSplit keys each, or whose paged cache arrives in 16-row boxes; its split
+// count then fills fwd_ctas_per_sm(64) CTAs per SM. Measured on H200 (bench_decode, 2 rounds,
+// h200_2026-11-23s13e_decode_64row_split.txt), K/V TB/s, default tile -> decode tile: 8 x 4k
+// 3.60 -> 3.70 (cache 3.57 -> 3.69), pages of 16 at 8 x 4k / 8 x 16k / 8 x 64k / 1 x 128k / 64 x
+// 8k / seqlen_q 4 / 16: 3.36 / 4.06 / 4.36 / 4.07 / 4.32 / 3.92 / 3.76 -> 3.53 / 4.17 / 4.37 /
+// 4.10 / 4.36 / 4.02 / 3.85; the longer contiguous splits lost (1 x 128k 4.25 -> 4.18, seqlen_q
+// 4 / 16 4.14 / 3.96 -> 4.10 / 3.91) and keep the default tile. With this rule, every head dim
+// (session 14, h200_2026-11-23s14a_decode_tile.txt; the lowering's workspace query takes the
+// page size, module.cc): bench_decode fa3_jax / cuDNN 8 x 4k 3.71 / 3.70 (1.002; 0.972 before),
+// pages of 16 at the rows above 3.51 / 4.16 / 4.37 / 4.10 / 4.36 / 4.02 / 3.85, 8 x 4k paged 16
+// at 0.954 of the contiguous cache (0.936 before); the other 199 kernels' SASS is unchanged.
+constexpr FwdTileSize fwd_tile_size_decode(int head_dim, int head_dim_v) {
+  if (head_dim == 128 && head_dim_v == 128) return {64, 64, 2, 40, 216};
+  return {64, 0, 0};
+}
+constexpr int fwd_ctas_per_sm(int block_m) { return block_m == 64 ? 2 : 1; }
+inline constexpr int kDecodeTileMaxKeysPerSplit = 2048;
 
 // Paged KV caches (flash.h, "Paged"): pages of a multiple of block_n rows arrive as one TMA load
 // per key block; smaller pages as boxes of kFwdPageRows rows, one per page piece, so page_size
@@ -468,6 +489,13 @@ inline constexpr int kFwdPageRowsLarge = 64;
 // / 4.32 / 3.84 and of 256 (whole-block loads) 3.52 / 4.23 / 4.22 / 4.36 / 3.88 -> 3.47 / 4.21
 // / 4.20 / 4.36 / 3.87, so those keep one warp; the contiguous cache unchanged within 1%.
 constexpr bool fwd_paged_v_warp(int box_rows) { return box_rows == kFwdPageRows; }
+// Whether a split-KV call runs the decode tile (above): keys_per_split, those of one split of the
+// default tile; small_boxes, a paged cache read in kFwdPageRows-row boxes.
+constexpr bool fwd_use_decode_tile(int head_dim, int head_dim_v, int64_t keys_per_split,
+                                   bool small_boxes) {
+  return fwd_tile_size_decode(head_dim, head_dim_v).block_n > 0 &&
+         (small_boxes || keys_per_split <= kDecodeTileMaxKeysPerSplit);
+}
 // With fwd_paged_v_warp: whether warp 3 of the producer warpgroup issues the upper half of K's
 // boxes (Params::k_warp) while warp 0 issues the lower half (and Q), so K's 16 TMA instructions
 // a block go out from two warps, 8 each. Measured on H200 (h200_2026-11-22s11d_decode.txt,

@@ -115,7 +115,7 @@ def platforms() -> frozenset[str]:
 
 def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=False,
                     num_seqs=0, fp8=False, segments=False, seqused=False, num_splits=0,
-                    diag_lo=None, diag_hi=None) -> int:
+                    diag_lo=None, diag_hi=None, page_size=0) -> int:
     """Bytes of the uint8 workspace result the CUDA ``fa3_{direction}`` custom call takes.
 
     XLA allocates it like any other result, so it shows in ``compiled.memory_analysis()``; the
@@ -124,7 +124,7 @@ def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=Fal
     fp8: the FP8 forward (``fa3_fwd_fp8``; v_shape the usual [batch, seqlen_k, heads_kv, dv]).
     segments: a segment-id call (``fa3_*_segments``).
     seqused, num_splits: a KV-cache forward (``fa3_fwd_kvcache``) and its split count (0:
-    heuristic).
+    heuristic); page_size: its pool's page size when the kernel reads the pages (0: contiguous).
     diag_lo, diag_hi: the backward's band (None: unbounded); it picks the GQA group split, whose
     float32 dK/dV partials live in the workspace."""
     b, sq, hq, d = q_shape
@@ -132,7 +132,7 @@ def workspace_bytes(direction: str, q_shape, k_shape, v_shape, deterministic=Fal
     if direction == "fwd":
         return int(_ext.sm90_fwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, int(num_seqs),
                                                  bool(fp8), bool(segments), bool(seqused),
-                                                 int(num_splits)))
+                                                 int(num_splits), int(page_size)))
     band = {k: int(x) for k, x in (("diag_lo", diag_lo), ("diag_hi", diag_hi)) if x is not None}
     return int(_ext.sm90_bwd_workspace_bytes(b, sq, sk, hq, hkv, d, dv, bool(deterministic),
                                              int(num_seqs), bool(segments), **band))

@@ -680,7 +680,8 @@ def _kvcache_fwd_local(q, k, v, seqused_k, page_table, softmax_scale, softcap, d
         capacity = k.shape[1] * (page_table.shape[1] if page_table is not None else 1)
         view = lambda x: (b, capacity) + tuple(x.shape[2:])  # noqa: E731
         nbytes = _ffi.workspace_bytes("fwd", q.shape, view(k), view(v), seqused=True,
-                                      num_splits=num_splits)
+                                      num_splits=num_splits,
+                                      page_size=k.shape[1] if page_table is not None else 0)
         out_types += (jax.ShapeDtypeStruct((nbytes,), jnp.uint8),)
     target = "fa3_fwd_kvcache" if page_table is None else "fa3_fwd_kvcache_paged"
     call = jax.ffi.ffi_call(target, out_types)

@@ -160,6 +160,11 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    (192 rows, two runs in one process after full: 178 / 184 against 191 / 190). Again after
 //    session 12's tile boundary changes (h200_2026-11-23s12g_hdim256_short.txt, three
 //    interleaved runs, causal only): 512 on 192 rows 221.2 against 235.0 on 128 rows.
+//    Not taken either (session 14, h200_2026-11-23s14b_hdim64_two_ctas.txt, 3 rounds): every
+//    hdim 64 dense call on a 64 x 128 tile with one consumer warpgroup and two CTAs per SM (the
+//    decode tile's form, 2 stages, 84 KB), TFLOP/s at 512 / 1k / 2k / 4k: causal 238.9 / 313.4 /
+//    415.1 / 475.7 -> 236.4 / 315.5 / 388.3 / 442.2, full 381.1 / 447.0 / 503.6 / 527.9 ->
+//    357.9 / 419.0 / 460.9 / 486.4 (with 3 stages, 117 KB, only one CTA fits an SM: -30 to -40%).
 //  - hdim 256: 128 x 64 where seqlen_k <= kShortTileMaxSeqlenK256 (any band). 512 keys are 6.4
 //    blocks of 80, so the default tile computes 7 (560 keys, 8.6% wasted; causal 512: 1440 key
 //    columns over the 4 row blocks against 1280 at 64, 11%), and 8 blocks of 64 hold them

@@ -221,6 +221,12 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
 //    boundary changes (both tiles; h200_2026-11-23s12f_tile_boundary.txt, call 8, three
 //    interleaved runs), TFLOP/s at 512 / 1k / 2k: causal 229.5 / 306.5 / 408.0 -> 223.6 / 311.4
 //    / 411.5 (512: the 128-row tile), full 380.9 / 444.7 / 503.1 -> 386.3 / 446.8 / 502.5: off.
+//    Nor per-warp staging rows (session 14, h200_2026-11-23s14d_hdim64_staged_epilogue.txt, 3
+//    rounds; ncu had 2.7% of causal 512's stall samples on the register epilogue's LSE address
+//    waiting for the 4-byte O stores, h200_2026-11-23s14c_ncu_short_rows.txt): each warp's pairs
+//    into 16 swizzled rows of shared memory, out as 16-byte stores of whole row chunks, with no
+//    barrier beyond the warp: causal 512 (128-row tile) 236.8 -> 237.0 TFLOP/s, the 192-row tile
+//    -1 to -12% up to 4k (ptxas 136 spill bytes against 20).
 //  - FP8 (bfloat16 out), fp8_epilogue_ab, TFLOP/s at 1k / 4k / 16k: hdim 128 full 506 / 717 /
 //    800 -> 541 / 734 / 805, causal 328 / 595 / 714 -> 358 / 617 / 721; hdim 256 full 566 / 899
 //    / 1053 -> 663 / 1017 / 1167, causal 368 / 674 / 871 -> 439 / 791 / 974: on at both, though

@@ -40,6 +40,10 @@ struct FwdTileSize {
 //    degree-3 polynomial) did not pay either: 610 / 798 / 810 at 128, 553 / 785 / 837 at 192,
 //    548 / 779 / 827 at 224; nor did 3 stages (run 4: 573 / 770 / 814 against 588 / 767 / 819).
 //    Smem (hdim 128): Q 16 KB + 2 * (16 + 16) KB + O 32 KB.
+//    Three consumer warpgroups (192 x 128, setmaxnreg 32 / 160; session 14,
+//    h200_2026-11-23s14e_fp8_three_warpgroups.txt): a third softmax stream per scheduler, but
+//    160 registers spill the P fragment around the loop's P @ V WGMMAs (ptxas 168 bytes): full
+//    1k / 2k / 4k / 16k 631 / 737 / 801 / 863 -> 604 / 697 / 738 / 774, causal -6 to -8%.
 //  - hdim 256: 128 x 128 (FA3's FP8 choice), run 4: full 690 / 1027 / 1104 against 710 / 1014 /
 //    1049 with block_n 96, causal 434 / 785 / 985 against 433 / 747 / 927 (96 is ahead only at
 //    512 tokens, 500 against 475). S takes 64 registers next to the 128-register O accumulator

@@ -167,6 +167,23 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     Tensor tOrO = partition_fragment_C(mma_pv, select<0, 1>(typename Traits::TileShapePV{}));
     PipelineState read;
     int q_tile_count = 0;
+    // The tile whose O waits in tOrO for its epilogue (Traits::kDeferEpilogue), by its ring
+    // entry: tile_coords[seq & 3] stays valid while the next tile runs (the scheduler writes
+    // entry seq + 3 only after every reader has taken entry seq + 1).
+    bool pending = false;
+    uint32_t pending_seq = 0;
+    int pending_tile = 0;
+    cute::array<float, 2> pending_lse;
+    auto store_pending = [&] {
+      if (!pending) return;
+      pending = false;
+      TileCoord tp = tile_coord(pending_seq, pending_tile);
+      typename Traits::Mask pm;
+      int oq, ok;
+      p.locate(tp, pm, oq, ok);
+      Epilogue::store(p, ss, tOrO, pending_lse, tp, Traits::kLocated ? pm : p.mask, oq,
+                      mma_tidx);
+    };
     for (uint32_t seq = 0;; ++seq) {
       ss.tile_full[seq & 1].wait((seq >> 1) & 1);
       int const tile = ss.tile_ids[seq & 1];
@@ -175,7 +192,10 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
       TileCoord t = tile_coord(seq, tile);
       typename Traits::Mask seq_mask;
       int offset_q, offset_k;
-      if (!p.locate(t, seq_mask, offset_q, offset_k)) continue;
+      if (!p.locate(t, seq_mask, offset_q, offset_k)) {
+        if constexpr (Traits::kDeferEpilogue) store_pending();  // its ring entry stays valid
+        continue;
+      }
       // Dense: the band straight from the kernel parameters, as before varlen existed; a register
       // copy of it held across the mainloop cost the dense kernel 2-4% (H200, hdim 64, 1k-2k).
       typename Traits::Mask const& mask = Traits::kLocated ? seq_mask : p.mask;
@@ -183,12 +203,23 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
       mask.n_block_range(t.m_block, n_min, n_max);
       split_n_range(sched, t, n_min, n_max);
       if (n_max <= n_min) {
+        if constexpr (Traits::kDeferEpilogue) store_pending();  // its ring entry stays valid
         Epilogue::store_empty(p, t, mask, offset_q, mma_tidx);
         continue;
       }
       cute::array<float, 2> lse;
-      Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, mask, n_min, n_max, mma_tidx,
-                    tOrO, lse);
+      if constexpr (Traits::kDeferEpilogue) {
+        Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, mask, n_min, n_max,
+                      mma_tidx, tOrO, lse, store_pending);
+        ++q_tile_count;
+        pending = true;
+        pending_seq = seq;
+        pending_tile = int(tile);
+        pending_lse = lse;
+        continue;
+      }
+      Mainloop::mma(p, ss, pipe_k, pipe_v, read, q_tile_count, t, mask, n_min, n_max,
+                    mma_tidx, tOrO, lse, [] {});
       // Read and located again rather than kept: at head dim 256 the consumers' 240 registers
       // hold the O accumulator, and tile coordinates live across the mainloop spilled there.
       t = tile_coord(seq, tile);
@@ -196,6 +227,7 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
       Epilogue::store(p, ss, tOrO, lse, t, mask, offset_q, mma_tidx);
       ++q_tile_count;
     }
+    if constexpr (Traits::kDeferEpilogue) store_pending();
     // The last TMA store of O must have read shared memory before the CTA exits.
     if constexpr (Traits::kTmaStoreO) {
       if (mma_tidx % 128 == 0) tma_store_wait<0>();

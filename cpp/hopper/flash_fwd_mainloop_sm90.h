@@ -380,11 +380,14 @@ struct FwdMainloop {
 
   // Consumer side for one tile. tOrO: output accumulator (cleared here); lse: per-row LSE out;
   // mask: the tile's band (Params::locate).
-  template <class TensorO, class Mask>
+  // Traits::kDeferEpilogue: prev_epilogue() stores the previous tile's O (still in tOrO) once
+  // this tile's first S WGMMA is issued, so the store runs under it; then O is cleared.
+  template <class TensorO, class Mask, class PrevEpilogue>
   static CUTLASS_DEVICE void mma(Params const& p, SharedStorage& ss, PipelineK& pipe_k,
                                  PipelineV& pipe_v, PipelineState& read, int q_tile_count,
                                  TileCoord t, Mask const& mask, int n_min, int n_max, int mma_tidx,
-                                 TensorO& tOrO, cute::array<float, 2>& lse) {
+                                 TensorO& tOrO, cute::array<float, 2>& lse,
+                                 PrevEpilogue&& prev_epilogue) {
     int const q_buf = Traits::q_buffer(q_tile_count);
     Tensor sQ = make_tensor(make_smem_ptr(Traits::smem_q(ss, q_buf)),
                             typename Traits::SmemLayoutQ{});  // (M, D)
@@ -489,7 +492,11 @@ struct FwdMainloop {
     constexpr int kChains = Traits::kFp8 ? 4 : 1;
     OnlineSoftmax<2> softmax(Traits::kFp8 && !p.has_softcap ? p.scale_log2 * qk_descale
                                                             : p.scale_log2);
-    clear(tOrO);
+    auto take_o = [&] {  // O free for this tile
+      if constexpr (Traits::kDeferEpilogue) prev_epilogue();
+      clear(tOrO);
+    };
+    if constexpr (!Traits::kDeferEpilogue) take_o();
     ss.q_full[q_buf].wait(Traits::q_phase(q_tile_count));
 
     int n = n_max - 1;
@@ -522,6 +529,7 @@ struct FwdMainloop {
       }
       if (n < n_min) {  // no key for these rows
         ss.q_empty[q_buf].arrive();
+        if constexpr (Traits::kDeferEpilogue) take_o();
         lse[0] = lse[1] = -INFINITY;
         return;
       }
@@ -535,6 +543,7 @@ struct FwdMainloop {
     pipe_k.consumer_wait(read);
     wgmma_gemm<true, -1>(mma_qk, tSrQ, tSrK(_, _, _, read.index()), tSrS);
     scheduler_arrive();
+    if constexpr (Traits::kDeferEpilogue) take_o();  // under the S WGMMA
     warpgroup_wait<0>();
     pipe_k.consumer_release(read);
     score_mod(n, cute::false_type{});

@@ -245,6 +245,25 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
 constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
   return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256);
 }
+// Each dense 16-bit tile's epilogue deferred: the consumer warpgroup issues the next tile's first
+// S WGMMA, then stores the previous tile's O (still in its accumulator) under it, then clears O
+// (flash_fwd_kernel_sm90.h, store_pending; FwdMainloop::mma, prev_epilogue). Not where O lives
+// in the V ring (Traits::kOAliasesV: hdim 128's 128 x 176 tile, hdim 256). ncu of hdim 128 full
+// 1k (h200_2026-11-23s14c_ncu_short_rows.txt): per-tile consumer code held 15.5% of the stall
+// samples, among them the wait for each tile's first S WGMMA and the tile hand-off. Measured on
+// H200 (bench_attention.py --impls fa3_jax, 16k tokens, hidden 2048, one mask per process, 3
+// interleaved rounds in one call, 2026-11-23, h200_2026-11-23s14f_defer_epilogue.txt), means,
+// TFLOP/s at 512 / 1k / 2k / 4k / 16k:
+//   hdim 128 full   511.2 / 593.9 / 652.6 / 681.9 / 717.5 -> 515.7 / 599.2 / 655.2 / 681.5 / 717.5
+//                   (16k: the 128 x 176 tile, unchanged)
+//   hdim 128 causal 339.5 / 458.4 / 564.7 / 637.7 / 699.0 -> 343.4 / 461.3 / 566.1 / 636.3 / 696.4
+//   hdim 64 causal  241.4 / 316.6 / 417.1 / 479.2 / 549.0 -> 233.2 / 315.1 / 415.5 / 476.6 / 548.7
+//   hdim 64 full    383.8 / 449.7 / 507.8 / 530.9 / 564.4 -> 373.0 / 443.5 / 504.4 / 528.9 / 563.8
+// so hdim 128 only: its TMA-store epilogue is cheap to issue under a 128-column S WGMMA, while
+// hdim 64's register stores outlast its short S WGMMA and delay the first softmax.
+constexpr bool fwd_defer_epilogue(int head_dim, int head_dim_v) {
+  return head_dim == 128 && head_dim_v == 128;
+}
 
 // Two Q buffers (flash_fwd_traits_sm90.h, kQStages): with one, the producer can load tile j's Q
 // only once both consumer warpgroups' last S WGMMA of tile j - 1 has retired, and the consumers

@@ -240,9 +240,9 @@ struct FwdTraits {
           cute::cosize_v<SmemLayoutVLoad> * sizeof(Element);
   static constexpr bool kTmaStoreO = kWantTmaStoreO && (kOSeparateFits || kOAliasesV);
   // Each tile's epilogue runs under the next tile's first S WGMMA (tile_size.h,
-  // fwd_defer_epilogue): dense 16-bit tiles whose O does not live in the V ring.
-  static constexpr bool kDeferEpilogue = kMode_ == FwdMode::kDense && !kFp8 && !kOAliasesV &&
-                                         fwd_defer_epilogue(kHeadDim_, kHeadDimV_);
+  // fwd_defer_epilogue): dense tiles whose O does not live in the V ring.
+  static constexpr bool kDeferEpilogue = kMode_ == FwdMode::kDense && !kOAliasesV &&
+                                         fwd_defer_epilogue(kHeadDim_, kHeadDimV_, kFp8);
   static constexpr int kOElements = kTmaStoreO && !kOAliasesV ? cute::cosize_v<SmemLayoutO> : 0;
   // Q tiles in shared memory (tile_size.h, fwd_double_buffer_q): with two, tile j's Q loads into
   // buffer j % 2 while tile j - 1 still reads the other, so the producer issues it as soon as it

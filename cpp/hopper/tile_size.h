@@ -245,7 +245,7 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
 constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
   return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256);
 }
-// Each dense 16-bit tile's epilogue deferred: the consumer warpgroup issues the next tile's first
+// Each dense tile's epilogue deferred: the consumer warpgroup issues the next tile's first
 // S WGMMA, then stores the previous tile's O (still in its accumulator) under it, then clears O
 // (flash_fwd_kernel_sm90.h, store_pending; FwdMainloop::mma, prev_epilogue). Not where O lives
 // in the V ring (Traits::kOAliasesV: hdim 128's 128 x 176 tile, hdim 256). ncu of hdim 128 full
@@ -261,7 +261,16 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 //   hdim 64 full    383.8 / 449.7 / 507.8 / 530.9 / 564.4 -> 373.0 / 443.5 / 504.4 / 528.9 / 563.8
 // so hdim 128 only: its TMA-store epilogue is cheap to issue under a 128-column S WGMMA, while
 // hdim 64's register stores outlast its short S WGMMA and delay the first softmax.
-constexpr bool fwd_defer_epilogue(int head_dim, int head_dim_v) {
+// FP8 (bench_attention.py --fp8, "fp8" column: per-tensor descales, 2 interleaved rounds,
+// same file, call 7), TFLOP/s at 1k / 2k / 4k / 16k, means:
+//   hdim 256 full   750.5 / 949.8 / 1087.5 / 1234.8 -> 804.1 / 1001.1 / 1144.8 / 1299.1
+//   hdim 256 causal 521.0 / 753.9 / 963.2 / 1236.5 -> 550.5 / 779.9 / 984.6 / 1259.3
+//   hdim 128 full   631.1 / 737.6 / 798.9 / 861.0 -> 618.6 / 696.5 / 749.6 / 795.7
+//   hdim 128 causal 467.2 / 610.8 / 727.8 / 860.2 -> 462.5 / 594.9 / 690.1 / 799.9
+// so FP8 hdim 256 (its 64 KB O tile's store, waiting for the previous one to have left shared
+// memory, now runs under the S WGMMA; ptxas 216 spill bytes against 184) and not FP8 hdim 128.
+constexpr bool fwd_defer_epilogue(int head_dim, int head_dim_v, bool fp8) {
+  if (fp8) return head_dim == 256;
   return head_dim == 128 && head_dim_v == 128;
 }
 

@@ -269,6 +269,10 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 //   hdim 128 causal 467.2 / 610.8 / 727.8 / 860.2 -> 462.5 / 594.9 / 690.1 / 799.9
 // so FP8 hdim 256 (its 64 KB O tile's store, waiting for the previous one to have left shared
 // memory, now runs under the S WGMMA; ptxas 216 spill bytes against 184) and not FP8 hdim 128.
+// Where O lives in the V ring (same file, call 9, 3 rounds): 16-bit hdim 256 at 512 / 1k / 2k /
+// 4k / 8k / 16k full 505.8 / 626.9 / 706.8 / 751.2 / 778.8 / 791.0 -> 484.5 / 612.4 / 695.8 /
+// 744.5 / 775.8 / 790.1, causal -0.3 to -6.6% (the ring is free for the next tile's first V load
+// only after the deferred store), hdim 128's 128 x 176 tile at 8k 706.1 -> 703.4: not taken.
 constexpr bool fwd_defer_epilogue(int head_dim, int head_dim_v, bool fp8) {
   if (fp8) return head_dim == 256;
   return head_dim == 128 && head_dim_v == 128;

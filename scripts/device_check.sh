@@ -60,9 +60,14 @@ fi
 
 if has sanitizer; then
   log "compute-sanitizer"
+  # In parts by head dim (scripts/small_case.py: whole-script runs made compute-sanitizer itself
+  # segfault on an H200 in session 14).
+  dims=$("$PY" -c "import fa3_jax; print(' '.join(map(str, fa3_jax.cuda_head_dims())))")
   for tool in memcheck racecheck; do
-    XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool $tool --error-exitcode 3 "$PY" scripts/small_case.py >"$OUT/sanitizer_$tool.txt" 2>&1
-    echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.txt" | tail -1)"
+    for d in $dims; do
+      XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool $tool --error-exitcode 3 "$PY" scripts/small_case.py "$d" >"$OUT/sanitizer_${tool}_hdim$d.txt" 2>&1
+      echo "$tool hdim $d rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_${tool}_hdim$d.txt" | tail -1)"
+    done
   done
   # The FP8 kernels (the hdim 128 one transposes V in shared memory) and the paged KV-cache
   # decode path (16-row boxes, out-of-range page index).

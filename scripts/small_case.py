@@ -1,9 +1,24 @@
-"""One small forward + backward through the Hopper kernels, for compute-sanitizer."""
+"""One small forward + backward through the Hopper kernels, for compute-sanitizer.
+
+`python scripts/small_case.py [HEAD_DIMS]`: HEAD_DIMS (e.g. 64,96) restricts the run to those
+compiled head dims (default: all). On an H200 in session 14, compute-sanitizer itself segfaulted
+(rc 139) at varying points of whole-script runs with every head dim, while runs in parts passed;
+scripts/device_check.sh runs it in parts.
+"""
+
+import sys
 
 import jax
 import jax.numpy as jnp
 
 import fa3_jax
+
+if len(sys.argv) > 1:
+    _wanted = tuple(int(x) for x in sys.argv[1].split(","))
+    _missing = set(_wanted) - set(fa3_jax.cuda_head_dims())
+    if _missing:
+        sys.exit(f"head dims {sorted(_missing)} are not compiled: {fa3_jax.cuda_head_dims()}")
+    fa3_jax.cuda_head_dims = lambda: _wanted  # noqa: E731 (the cases below ask it)
 
 key = jax.random.PRNGKey(0)
 for d in fa3_jax.cuda_head_dims():

@@ -1,9 +1,9 @@
 """One small forward + backward through the Hopper kernels, for compute-sanitizer.
 
 `python scripts/small_case.py [HEAD_DIMS]`: HEAD_DIMS (e.g. 64,96) restricts the run to those
-compiled head dims (default: all). On an H200 in session 14, compute-sanitizer itself segfaulted
-(rc 139) at varying points of whole-script runs with every head dim, while runs in parts passed;
-scripts/device_check.sh runs it in parts.
+compiled head dims (default: all). On an H200 in session 14 compute-sanitizer itself segfaulted
+(rc 139) at varying points, in three of three whole-script racecheck runs and in one of five
+per-head-dim ones; scripts/device_check.sh runs it per head dim, so that a crash costs one part.
 """
 
 import sys

@@ -168,8 +168,9 @@ __global__ void __launch_bounds__(Traits::kNumThreads, Traits::kCtasPerSm)
     PipelineState read;
     int q_tile_count = 0;
     // The tile whose O waits in tOrO for its epilogue (Traits::kDeferEpilogue), by its ring
-    // entry: tile_coords[seq & 3] stays valid while the next tile runs (the scheduler writes
-    // entry seq + 3 only after every reader has taken entry seq + 1).
+    // entry and tile id (FP8 decodes from the id): tile_coords[seq & 3] stays valid while the
+    // next tile runs, as entry seq + 4 is written only after every reader has taken entry
+    // seq + 2, and every path stores the pending tile before it takes another entry.
     bool pending = false;
     uint32_t pending_seq = 0;
     int pending_tile = 0;

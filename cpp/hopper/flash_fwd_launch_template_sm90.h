@@ -30,17 +30,21 @@ namespace fa3::sm90_fwd {
 
 using namespace cute;
 
-template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode, bool kLarge = false>
+// Which of a head dim's tiles a launch runs (tile_size.h): the default one, the dense call's
+// large tile (plan.large) or the split call's decode tile (plan.decode).
+enum class FwdTile { kDefault, kLarge, kDecode };
+
+template <class Element, int kHeadDim, int kHeadDimV, sm90::FwdMode kMode,
+          FwdTile kTile = FwdTile::kDefault>
 const char* launch_fwd_plan(const FwdParams& p, FwdPlan const& plan, void* workspace,
                             cudaStream_t stream) {
   constexpr bool kFp8 = sizeof(Element) == 1;
-  // kLarge: the dense call's large tile, or the split call's decode tile (tile_size.h).
   constexpr sm90::FwdTileSize ts =
-      !kLarge                          ? sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8)
-      : kMode == sm90::FwdMode::kSplit ? sm90::fwd_tile_size_decode(kHeadDim, kHeadDimV)
-                                       : sm90::fwd_tile_size_large(kHeadDim, kHeadDimV, kFp8);
-  static_assert(!kLarge || ((kMode == sm90::FwdMode::kDense || kMode == sm90::FwdMode::kSplit) &&
-                            ts.block_n > 0));
+      kTile == FwdTile::kLarge    ? sm90::fwd_tile_size_large(kHeadDim, kHeadDimV, kFp8)
+      : kTile == FwdTile::kDecode ? sm90::fwd_tile_size_decode(kHeadDim, kHeadDimV)
+                                  : sm90::fwd_tile_size(kHeadDim, kHeadDimV, kFp8);
+  static_assert(kTile != FwdTile::kLarge || (kMode == sm90::FwdMode::kDense && ts.block_n > 0));
+  static_assert(kTile != FwdTile::kDecode || (kMode == sm90::FwdMode::kSplit && ts.block_n > 0));
   using Traits = sm90::FwdTraits<kHeadDim, kHeadDimV, ts.block_m, ts.block_n, ts.stages,
                                  ts.producer_regs, ts.consumer_regs, Element, kMode>;
   using ElementOut = typename Traits::ElementOut;
@@ -345,12 +349,12 @@ const char* launch_fwd(const FwdParams& p, void* workspace, cudaStream_t stream)
                                                                                stream);
     if constexpr (sm90::fwd_tile_size_large(kHeadDim, kHeadDimV).block_n > 0) {
       if (plan.large)
-        return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense, true>(
+        return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kDense, FwdTile::kLarge>(
             p, plan, workspace, stream);
     }
     if constexpr (sm90::fwd_tile_size_decode(kHeadDim, kHeadDimV).block_n > 0) {
       if (plan.decode)
-        return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit, true>(
+        return launch_fwd_plan<Element, kHeadDim, kHeadDimV, FwdMode::kSplit, FwdTile::kDecode>(
             p, plan, workspace, stream);
     }
     return plan.num_splits > 1 || p.seqused_k

@@ -44,6 +44,13 @@ struct FwdTileSize {
 //    h200_2026-11-23s14e_fp8_three_warpgroups.txt): a third softmax stream per scheduler, but
 //    160 registers spill the P fragment around the loop's P @ V WGMMAs (ptxas 168 bytes): full
 //    1k / 2k / 4k / 16k 631 / 737 / 801 / 863 -> 604 / 697 / 738 / 774, causal -6 to -8%.
+//    Row sums from the P @ V WGMMA (session 15, h200_2026-11-23s15a_fp8_row_sum_in_pv.txt, 2
+//    rounds): 8 rows of e4m3 ones below V^T in the vt ring, P @ V as 64x136x32 WGMMAs whose
+//    extra columns accumulate each row's sum, and no FADDs in the softmax step (SASS: 154 ->
+//    26). Slower, full 1k / 2k / 4k / 16k 629 / 737 / 805 / 869 -> 621 / 698 / 746 / 791, causal
+//    0 to -8%, and less accurate: normalizing by the sum of the e4m3-rounded probabilities drops
+//    those below e4m3's smallest subnormal from the denominator too (accuracy table, default
+//    1.24e-2 against <= 9.1e-3; windowed rows' LSE off by up to 0.015).
 //  - hdim 256: 128 x 128 (FA3's FP8 choice), run 4: full 690 / 1027 / 1104 against 710 / 1014 /
 //    1049 with block_n 96, causal 434 / 785 / 985 against 433 / 747 / 927 (96 is ahead only at
 //    512 tokens, 500 against 475). S takes 64 registers next to the 128-register O accumulator

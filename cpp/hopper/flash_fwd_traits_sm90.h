@@ -231,7 +231,7 @@ struct FwdTraits {
   // O), O is written into the V ring instead, which holds no live data between the tile's last
   // P V WGMMA (both warpgroups') and the next tile's first V load (FA3 does the same).
   static constexpr bool kWantTmaStoreO =
-      fwd_store_o_with_tma(kHeadDim, kHeadDimV) && !kSplit && !kVarlen;
+      fwd_store_o_with_tma(kHeadDim, kHeadDimV, kBlockM) && !kSplit && !kVarlen;
   static constexpr bool kOSeparateFits =
       sizeof(SharedStorageT<cute::cosize_v<SmemLayoutO>>) <= 227 * 1024;
   static constexpr bool kOAliasesV =
@@ -242,7 +242,7 @@ struct FwdTraits {
   // Each tile's epilogue runs under the next tile's first S WGMMA (tile_size.h,
   // fwd_defer_epilogue): dense tiles whose O does not live in the V ring.
   static constexpr bool kDeferEpilogue = kMode_ == FwdMode::kDense && !kOAliasesV &&
-                                         fwd_defer_epilogue(kHeadDim_, kHeadDimV_, kFp8);
+                                         fwd_defer_epilogue(kHeadDim_, kHeadDimV_, kFp8, kBlockM);
   static constexpr int kOElements = kTmaStoreO && !kOAliasesV ? cute::cosize_v<SmemLayoutO> : 0;
   // Q tiles in shared memory (tile_size.h, fwd_double_buffer_q): with two, tile j's Q loads into
   // buffer j % 2 while tile j - 1 still reads the other, so the producer issues it as soon as it

@@ -238,6 +238,7 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
 //    into 16 swizzled rows of shared memory, out as 16-byte stores of whole row chunks, with no
 //    barrier beyond the warp: causal 512 (128-row tile) 236.8 -> 237.0 TFLOP/s, the 192-row tile
 //    -1 to -12% up to 4k (ptxas 136 spill bytes against 20).
+//    These are without fwd_defer_epilogue; with it the 192-row tile gains (last bullet).
 //  - FP8 (bfloat16 out), fp8_epilogue_ab, TFLOP/s at 1k / 4k / 16k: hdim 128 full 506 / 717 /
 //    800 -> 541 / 734 / 805, causal 328 / 595 / 714 -> 358 / 617 / 721; hdim 256 full 566 / 899
 //    / 1053 -> 663 / 1017 / 1167, causal 368 / 674 / 871 -> 439 / 791 / 974: on at both, though
@@ -249,8 +250,11 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
 //    219 / 318 / 433 / 500 -> 233 / 330 / 438 / 505: on. ptxas then reports 120 bytes of spill
 //    stores (48 before).
 //  - hdim 192 (dv 128 too, where only the V ring would have room) not measured: off.
-constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
-  return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256);
+//  - hdim 64's 192-row tile, with its epilogue deferred (fwd_defer_epilogue, below): on since
+//    session 15 (numbers there). Its 128-row tile keeps the register epilogue.
+constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v, int block_m) {
+  return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256) ||
+         (head_dim == 64 && head_dim_v == 64 && block_m == 192);
 }
 // Each dense tile's epilogue deferred: the consumer warpgroup issues the next tile's first
 // S WGMMA, then stores the previous tile's O (still in its accumulator) under it, then clears O
@@ -280,9 +284,19 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v) {
 // 4k / 8k / 16k full 505.8 / 626.9 / 706.8 / 751.2 / 778.8 / 791.0 -> 484.5 / 612.4 / 695.8 /
 // 744.5 / 775.8 / 790.1, causal -0.3 to -6.6% (the ring is free for the next tile's first V load
 // only after the deferred store), hdim 128's 128 x 176 tile at 8k 706.1 -> 703.4: not taken.
-constexpr bool fwd_defer_epilogue(int head_dim, int head_dim_v, bool fp8) {
+// hdim 64 with O through shared memory and a TMA store as well (fwd_store_o_with_tma; session
+// 15, h200_2026-11-23s15b_hdim64_tma_defer.txt, 3 interleaved rounds, bench_attention.py
+// --impls fa3_jax, means), TFLOP/s at 512 / 1k / 2k / 4k / 16k:
+//   full   382.5 / 448.2 / 505.5 / 528.7 / 561.1 -> 389.3 / 453.6 / 509.8 / 531.5 / 562.7
+//   causal 239.6 / 315.2 / 416.4 / 476.5 / 545.6 -> 233.8 / 324.8 / 424.0 / 481.9 / 548.1
+// Every row but causal 512 runs the 192-row tile (fwd_use_large_tile) and gains (+0.3 to +3.0%;
+// ptxas 44 spill bytes against 20, in the same per-tile setup); causal 512, on the 128-row
+// tile, loses 2.4%. So the 192-row tile only: its three warpgroups' STSM of 64 x 64 each and
+// one TMA store apiece run under a 192-row tile's S WGMMAs.
+constexpr bool fwd_defer_epilogue(int head_dim, int head_dim_v, bool fp8, int block_m) {
   if (fp8) return head_dim == 256;
-  return head_dim == 128 && head_dim_v == 128;
+  return (head_dim == 128 && head_dim_v == 128) ||
+         (head_dim == 64 && head_dim_v == 64 && block_m == 192);
 }
 
 // Two Q buffers (flash_fwd_traits_sm90.h, kQStages): with one, the producer can load tile j's Q

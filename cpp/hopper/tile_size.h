@@ -410,7 +410,23 @@ constexpr bool fwd_loop_mask_both_edges(int head_dim, int head_dim_v) {
 //     500 / 556 / 561;
 //   the same with O through shared memory (fwd_store_o_with_tma): full 436 / 582 / 672 / 720 /
 //     692 / 693, causal 233 / 330 / 438 / 505 / 550 / 561.
-// Head dim 192 is not measured: it keeps pingpong.
+// Head dims 64 and 128 (session 15, h200_2026-11-23s15c_schedule_hdim64_128.txt; bench_attention.py
+// --impls fa3_jax, bf16, 16k tokens, hidden 2048, one mask per process, 2 interleaved rounds,
+// means), pingpong -> no pingpong, rescale after P V -> no pingpong, rescale first, TFLOP/s at
+// 512 / 1k / 2k / 4k / 16k:
+//   hdim 128 full   507.6 / 590.4 / 647.0 / 675.9 / 713.5 -> 514.7 / 599.1 / 655.5 / 682.9 /
+//                   727.8 -> 512.5 / 601.5 / 661.0 / 689.2 / 730.8 (16k: the 128 x 176 tile)
+//   hdim 128 causal 336.8 / 453.9 / 557.7 / 630.3 / 692.0 -> 333.6 / 450.9 / 563.8 / 642.3 /
+//                   704.6 -> 333.6 / 450.6 / 565.4 / 644.8 / 711.6
+//   hdim 64 full    386.0 / 451.1 / 506.9 / 530.2 / 560.9 (512, 1k: one round) -> 375.2 / 435.0
+//                   / 486.2 / 508.2 / 549.4 -> 382.9 / 452.8 / 515.0 / 541.5 / 576.8
+//   hdim 64 causal  236.1 / 320.1 / 418.8 / 478.8 / 547.5 -> 231.9 / 324.2 / 413.6 / 462.7 /
+//                   518.7 -> 223.5 / 331.2 / 429.8 / 490.8 / 561.9
+// Every hdim 64 row but causal 512 runs the 192-row tile (three warpgroups): rescale-first
+// without turns is within 1% at full 512 / 1k and +1.6 to +3.5% elsewhere; causal 512, on the
+// 128-row tile, loses 5.3% and keeps pingpong. hdim 128 (every tile): +1.0 to +2.4% on full
+// rows and on causal from 2k, -1% at causal 512 / 1k.
+// Head dims 96 and 192 are not measured: they keep pingpong.
 struct FwdSchedule {
   bool pingpong;
   bool rescale_o_first;
@@ -446,8 +462,9 @@ struct FwdSchedule {
 constexpr FwdSchedule fwd_schedule_fp8(int head_dim) {
   return {head_dim <= 64, false};
 }
-constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8) {
+constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8, int block_m) {
   if (fp8) return fwd_schedule_fp8(head_dim);
+  if (head_dim == 128 || (head_dim == 64 && block_m == 192)) return {false, true};
   if (head_dim <= 192) return {true, false};
   return {false, true};
 }

@@ -170,7 +170,11 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    330.1 (128 rows) -> 347.8 / 346.0 / 351.6 (192 rows), +6%. Causal 512 stays on 128 rows
 //    (192 rows, two runs in one process after full: 178 / 184 against 191 / 190). Again after
 //    session 12's tile boundary changes (h200_2026-11-23s12g_hdim256_short.txt, three
-//    interleaved runs, causal only): 512 on 192 rows 221.2 against 235.0 on 128 rows.
+//    interleaved runs, causal only): 512 on 192 rows 221.2 against 235.0 on 128 rows. Since
+//    session 15 the 192-row tile stores O by TMA under the next tile's first S WGMMA and runs
+//    without pingpong (fwd_defer_epilogue, fwd_schedule), and causal 512 moved to it (bench,
+//    3 interleaved rounds, h200_2026-11-23s15d_hdim64_causal512.txt): 239.8 / 238.2 / 239.2 on
+//    128 rows -> 245.4 / 244.9 / 246.1 on 192 rows, +2.7%.
 //    Not taken either (session 14, h200_2026-11-23s14b_hdim64_two_ctas.txt, 3 rounds): every
 //    hdim 64 dense call on a 64 x 128 tile with one consumer warpgroup and two CTAs per SM (the
 //    decode tile's form, 2 stages, 84 KB), TFLOP/s at 512 / 1k / 2k / 4k: causal 238.9 / 313.4 /
@@ -194,7 +198,7 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    fa3_jax / cuDNN at 512: full 0.932 -> 0.956, causal 0.937 -> 0.971; 1k unchanged.
 inline constexpr int kLargeTileMinSeqlenK128 = 8192;
 inline constexpr int kLargeTileMinSeqlen64Full = 512;
-inline constexpr int kLargeTileMinSeqlen64Band = 1024;
+inline constexpr int kLargeTileMinSeqlen64Band = 512;
 inline constexpr int kShortTileMaxSeqlenK256 = 512;
 constexpr FwdTileSize fwd_tile_size_large(int head_dim, int head_dim_v, bool fp8 = false) {
   if (!fp8 && head_dim == 128 && head_dim_v == 128) return {128, 176, 2};

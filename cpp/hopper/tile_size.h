@@ -159,8 +159,8 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    So: where every query row sees every key from kLargeTileMinSeqlen64Full keys and rows on;
 //    with a band (causal, windows) where each row's keys start at key 0 (no left edge: the
 //    pass-over trims only the upper edge) and the query rows are at least
-//    kLargeTileMinSeqlen64Band (1024 then; 512 was a wash, 184 / 181 -> 184 / 184). Bench beside cuDNN
-//    (h200_2026-11-22s9f_bench_fwd64.txt against main's h200_2026-11-22s8z_bench_fwd.txt),
+//    kLargeTileMinSeqlen64Band (1024 then; 512 was a wash, 184 / 181 -> 184 / 184). Bench beside
+//    cuDNN (h200_2026-11-22s9f_bench_fwd64.txt against main's h200_2026-11-22s8z_bench_fwd.txt),
 //    fa3_jax / cuDNN at 1k / 2k / 4k: causal 0.854 / 0.902 / 0.931 -> 0.879 / 0.996 / 1.034,
 //    full 0.933 / 1.043 / 1.063 -> 0.992 / 1.059 / 1.082; 512 and 8k-16k within 1%.
 //    Full from 512 (session 11): with the pass-over the 512-row calls gain too (the third block

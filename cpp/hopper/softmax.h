@@ -34,8 +34,9 @@ struct OnlineSoftmax {
   // error on peaked rows (tests/test_gpu_fp8.py, windows), so it is not done.
   // kChainsMax: max and sum as that many independent chains per row (FP8: 4; one serial chain of
   // 32 dependent FMNMX / FADD per row was the consumers' longest latency chain, ncu "Stall
-  // Wait"; 16-bit kernels keep 1). The skipped rescale in the 16-bit kernels, alone and with 4
-  // chains, cost 1-6% at hdim 64 / 128 (session 15, h200_2026-11-23s15e_softmax_skip_chains.txt).
+  // Wait"; 16-bit kernels keep 1). In the 16-bit kernels 4 chains cost 0.2-3.7% at hdim 64 / 128,
+  // the skipped rescale 1-6%, both together 1-6% (session 15,
+  // h200_2026-11-23s15f_softmax_chains.txt, h200_2026-11-23s15e_softmax_skip_chains.txt).
   bool rescaled = true;
 
   template <bool kIsFirst, bool kSkipRescale = false, int kChainsMax = 1, class TensorS>

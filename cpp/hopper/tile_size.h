@@ -180,6 +180,8 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //    decode tile's form, 2 stages, 84 KB), TFLOP/s at 512 / 1k / 2k / 4k: causal 238.9 / 313.4 /
 //    415.1 / 475.7 -> 236.4 / 315.5 / 388.3 / 442.2, full 381.1 / 447.0 / 503.6 / 527.9 ->
 //    357.9 / 419.0 / 460.9 / 486.4 (with 3 stages, 117 KB, only one CTA fits an SM: -30 to -40%).
+//    Nor 4 K/V stages on the 192-row tile (session 15, 200 KB; 3 rounds,
+//    h200_2026-11-23s15g_hdim64_four_stages.txt): full within 0.6%, causal 512 -1.4%, 1k +0.8%.
 //  - hdim 256: 128 x 64 where seqlen_k <= kShortTileMaxSeqlenK256 (any band). 512 keys are 6.4
 //    blocks of 80, so the default tile computes 7 (560 keys, 8.6% wasted; causal 512: 1440 key
 //    columns over the 4 row blocks against 1280 at 64, 11%), and 8 blocks of 64 hold them

@@ -97,8 +97,9 @@ struct FwdTraits {
   static_assert(kHeadDim % 32 == 0 && kHeadDimV % 32 == 0, "head dims in 32-element steps");
 
   // Consumer schedule (tile_size.h, fwd_schedule).
-  static constexpr bool kPingpong = fwd_schedule(kHeadDim, kFp8, kBlockM).pingpong && kBlockM > 64;
-  static constexpr bool kRescaleOFirst = fwd_schedule(kHeadDim, kFp8, kBlockM).rescale_o_first;
+  static constexpr FwdSchedule kSchedule = fwd_schedule(kHeadDim, kHeadDimV, kFp8, kBlockM);
+  static constexpr bool kPingpong = kSchedule.pingpong && kBlockM > 64;
+  static constexpr bool kRescaleOFirst = kSchedule.rescale_o_first;
   static constexpr int kNumMmaWarpGroups = kBlockM / 64;
   static constexpr int kNumMmaThreads = kNumMmaWarpGroups * 128;
   static constexpr int kNumThreads = kNumMmaThreads + 128;  // + one producer warpgroup

@@ -432,7 +432,12 @@ constexpr bool fwd_loop_mask_both_edges(int head_dim, int head_dim_v) {
 // without turns is within 1% at full 512 / 1k and +1.6 to +3.5% elsewhere; causal 512, on the
 // 128-row tile, loses 5.3% and keeps pingpong. hdim 128 (every tile): +1.0 to +2.4% on full
 // rows and on causal from 2k, -1% at causal 512 / 1k.
-// Head dims 96 and 192 are not measured: they keep pingpong.
+// Head dims 192 / 128 (MLA's shape; same session, h200_2026-11-23s15h_schedule_hdim192.txt:
+// flash_attention, 16 heads, 16k tokens, CUPTI, the script in that file, 2 interleaved rounds,
+// means), pingpong -> no pingpong, rescale first, TFLOP/s at 512 / 1k / 2k / 4k / 16k:
+//   full   505.5 / 607.9 / 673.8 / 710.2 / 743.4 -> 501.5 / 614.1 / 688.2 / 730.3 / 771.2
+//   causal 337.2 / 477.2 / 597.9 / 676.0 / 746.0 -> 333.4 / 474.9 / 604.3 / 692.1 / 768.8
+// as at hdim 128: taken. Head dims 96 and 192 / 192 are not measured: they keep pingpong.
 struct FwdSchedule {
   bool pingpong;
   bool rescale_o_first;
@@ -468,9 +473,11 @@ struct FwdSchedule {
 constexpr FwdSchedule fwd_schedule_fp8(int head_dim) {
   return {head_dim <= 64, false};
 }
-constexpr FwdSchedule fwd_schedule(int head_dim, bool fp8, int block_m) {
+constexpr FwdSchedule fwd_schedule(int head_dim, int head_dim_v, bool fp8, int block_m) {
   if (fp8) return fwd_schedule_fp8(head_dim);
-  if (head_dim == 128 || (head_dim == 64 && block_m == 192)) return {false, true};
+  if (head_dim == 128 || (head_dim == 64 && block_m == 192) ||
+      (head_dim == 192 && head_dim_v == 128))
+    return {false, true};
   if (head_dim <= 192) return {true, false};
   return {false, true};
 }

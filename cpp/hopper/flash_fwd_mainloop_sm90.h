@@ -12,8 +12,8 @@
 // S = Q K[n]^T WGMMA of the next block and O += P V[n+1] of the current one are issued
 // together, and the softmax of the next block runs while P V is still on the tensor cores.
 // Pingpong: the warpgroups take turns issuing WGMMAs (named barriers), so one's softmax
-// runs under the other's matrix work. Pingpong and where O is rescaled are per head dim
-// (tile_size.h, fwd_schedule).
+// runs under the other's matrix work. Pingpong and where O is rescaled are per head dim and
+// tile height (tile_size.h, fwd_schedule).
 #pragma once
 
 #include "flash_fwd_traits_sm90.h"

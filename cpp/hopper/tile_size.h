@@ -437,7 +437,13 @@ constexpr bool fwd_loop_mask_both_edges(int head_dim, int head_dim_v) {
 // means), pingpong -> no pingpong, rescale first, TFLOP/s at 512 / 1k / 2k / 4k / 16k:
 //   full   505.5 / 607.9 / 673.8 / 710.2 / 743.4 -> 501.5 / 614.1 / 688.2 / 730.3 / 771.2
 //   causal 337.2 / 477.2 / 597.9 / 676.0 / 746.0 -> 333.4 / 474.9 / 604.3 / 692.1 / 768.8
-// as at hdim 128: taken. Head dims 96 and 192 / 192 are not measured: they keep pingpong.
+// as at hdim 128: taken. Head dims 96 / 96 and 192 / 192 (same session,
+// h200_2026-11-23s15i_schedule_hdim96_192.txt, the same script, 2 rounds, means):
+//   96 full     392.2 / 470.0 / 529.3 / 566.5 / 597.8 -> 393.9 / 477.2 / 540.3 / 579.4 / 611.3
+//   96 causal   258.5 / 361.9 / 454.8 / 527.4 / 599.4 -> 254.9 / 360.0 / 458.5 / 535.0 / 612.0
+//   192 full    447.5 / 557.3 / 652.0 / 713.9 / 766.4 -> 438.1 / 551.2 / 650.1 / 715.0 / 765.1
+//   192 causal  282.6 / 423.6 / 570.3 / 666.3 / 763.1 -> 275.2 / 419.9 / 566.8 / 667.2 / 762.8
+// so hdim 96 as hdim 128; 192 / 192 (block_n 112, a 96-register O) keeps pingpong.
 struct FwdSchedule {
   bool pingpong;
   bool rescale_o_first;
@@ -475,7 +481,7 @@ constexpr FwdSchedule fwd_schedule_fp8(int head_dim) {
 }
 constexpr FwdSchedule fwd_schedule(int head_dim, int head_dim_v, bool fp8, int block_m) {
   if (fp8) return fwd_schedule_fp8(head_dim);
-  if (head_dim == 128 || (head_dim == 64 && block_m == 192) ||
+  if (head_dim == 128 || head_dim == 96 || (head_dim == 64 && block_m == 192) ||
       (head_dim == 192 && head_dim_v == 128))
     return {false, true};
   if (head_dim <= 192) return {true, false};

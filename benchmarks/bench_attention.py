@@ -1,8 +1,9 @@
 """Attention throughput: fa3_jax against cuDNN and XLA, on the FlashAttention-3 paper's shapes.
 
-Shapes: hidden size 2048 (heads = hidden / head_dim query heads; --group G: heads / G key/value
-heads, GQA) and 16k tokens (batch = tokens / seqlen),
-Q, K and V of one seqlen, bfloat16 inputs drawn from N(0, 1). Every implementation is timed in
+Shapes: hidden size 2048 (heads = hidden / head_dim query heads, or --heads N at every head dim;
+--group G: heads / G key/value heads, GQA) and 16k tokens (batch = tokens / seqlen), Q, K and V
+of one seqlen, bfloat16 inputs drawn from N(0, 1). A head dim D/DV (e.g. 192/128, MLA's shape)
+gives V and the output DV columns; its heads follow D. Every implementation is timed in
 the same run on the default backend:
 
   fa3_jax  fa3_jax.flash_attention
@@ -36,6 +37,7 @@ FLOPs whatever else runs, CUPTI sum of every kernel of the jitted call):
         --impls fa3_jax,xla --reps 2                           # a CPU smoke run
     python benchmarks/bench_attention.py --pass fwd --fp8 --impls fa3_jax,cudnn \\
         --hdims 128,256 --seqlens 1024,4096,16384                # bf16 and FP8 forward
+    python benchmarks/bench_attention.py --pass fwd --heads 16 --hdims 96,192,192/128
 
 Cells: a number is TFLOP/s; 'n/a' fa3_jax raised (e.g. no kernel for that shape); 'oom' out of
 memory; 'err' another error (first line on stderr); 'skip' left out by --skip-xla-above; '-' not
@@ -212,12 +214,17 @@ def run(args):
     """Times every configuration; returns the JSON-ready list of rows."""
     rows = []
     key = jax.random.PRNGKey(args.seed)
-    for hdim in args.hdims:
-        if args.hidden % hdim:
-            raise SystemExit(f"--hidden {args.hidden} is not a multiple of head dim {hdim}")
-        heads = args.hidden // hdim
+    for hdim, hdim_v in args.hdims:
+        name = hdim_name(hdim, hdim_v)
+        if args.heads:
+            heads = args.heads
+        elif args.hidden % hdim:
+            raise SystemExit(f"--hidden {args.hidden} is not a multiple of head dim {hdim}; "
+                             f"--heads N sets the head count at every head dim")
+        else:
+            heads = args.hidden // hdim
         if heads % args.group:
-            raise SystemExit(f"--group {args.group} does not divide the {heads} heads of head dim {hdim}")
+            raise SystemExit(f"--group {args.group} does not divide the {heads} heads of head dim {name}")
         for seqlen in args.seqlens:
             if args.tokens % seqlen:
                 raise SystemExit(f"--tokens {args.tokens} is not a multiple of seqlen {seqlen}")
@@ -225,12 +232,15 @@ def run(args):
             key, kq, kk, kv, kd = jax.random.split(key, 5)
             shape = (batch, seqlen, heads, hdim)
             kv_shape = (batch, seqlen, heads // args.group, hdim)  # GQA: --group query heads share one
-            q, do = (jax.random.normal(x, shape, jnp.bfloat16) for x in (kq, kd))
-            k, v = (jax.random.normal(x, kv_shape, jnp.bfloat16) for x in (kk, kv))
+            q = jax.random.normal(kq, shape, jnp.bfloat16)
+            do = jax.random.normal(kd, shape[:3] + (hdim_v,), jnp.bfloat16)
+            k = jax.random.normal(kk, kv_shape, jnp.bfloat16)
+            v = jax.random.normal(kv, kv_shape[:3] + (hdim_v,), jnp.bfloat16)
             for mask in args.masks:
                 causal = mask == "causal"
                 window = args.window if mask == "local" else (-1, -1)
-                fwd_flops = flops(batch, heads, seqlen, seqlen, hdim, causal=causal, window=window)
+                fwd_flops = flops(batch, heads, seqlen, seqlen, hdim, causal=causal, window=window,
+                                  head_dim_v=hdim_v)
                 row_flops = {"fwd": fwd_flops, "bwd": BWD_FLOPS_FACTOR * fwd_flops}
                 results = {p: {} for p in args.passes}
                 for impl in args.impls:
@@ -240,11 +250,11 @@ def run(args):
                         continue
                     cells = measure(impl, q, k, v, do, mask=mask, window=window,
                                     row_flops=row_flops, passes=args.passes, warmup=args.warmup,
-                                    reps=args.reps, where=f"hdim={hdim} {mask} seqlen={seqlen}")
+                                    reps=args.reps, where=f"hdim={name} {mask} seqlen={seqlen}")
                     for p in args.passes:
                         results[p][impl] = cells[p]
                 for p in args.passes:
-                    row = {"pass": p, "hdim": hdim, "mask": mask, "seqlen": seqlen,
+                    row = {"pass": p, "hdim": hdim, "hdim_v": hdim_v, "mask": mask, "seqlen": seqlen,
                            "batch": batch, "heads": heads, "flops": row_flops[p],
                            "results": results[p]}
                     rows.append(row)
@@ -253,8 +263,9 @@ def run(args):
                 if args.fp8:
                     cells = measure_fp8(args.impls, q, k, v, mask=mask, window=window,
                                         n_flops=fwd_flops, warmup=args.warmup, reps=args.reps,
-                                        where=f"hdim={hdim} {mask} seqlen={seqlen}")
-                    row = {"pass": "fp8", "hdim": hdim, "mask": mask, "seqlen": seqlen,
+                                        where=f"hdim={name} {mask} seqlen={seqlen}")
+                    row = {"pass": "fp8", "hdim": hdim, "hdim_v": hdim_v, "mask": mask,
+                           "seqlen": seqlen,
                            "batch": batch, "heads": heads, "flops": fwd_flops, "results": cells}
                     rows.append(row)
                     if args.verbose:
@@ -274,7 +285,16 @@ def _ratio(row, impl="fa3_jax", base="cudnn"):
     return a / b if a is not None and b is not None else None
 
 
-HEADER = (f"{'hdim':>4} {'mask':>6} {'seqlen':>6} {LABELS['fa3_jax']:>8} {LABELS['cudnn']:>8} "
+def hdim_name(hdim, hdim_v):
+    """A head dim as the tables print it: D, or D/DV where V has other columns."""
+    return str(hdim) if hdim_v == hdim else f"{hdim}/{hdim_v}"
+
+
+def _row_hdim(row):
+    return hdim_name(row["hdim"], row.get("hdim_v", row["hdim"]))
+
+
+HEADER = (f"{'hdim':>7} {'mask':>6} {'seqlen':>6} {LABELS['fa3_jax']:>8} {LABELS['cudnn']:>8} "
           f"{LABELS['xla']:>8} {'fa3/cuDNN':>9}")
 
 
@@ -290,11 +310,11 @@ def format_row(row):
         cells.append("-" if r is None else r["status"] if r["status"] != "ok"
                      else _fmt_tflops(r["tflops"]))
     ratio = _ratio(row)
-    return (f"{row['hdim']:>4} {row['mask']:>6} {row['seqlen']:>6} {cells[0]:>8} {cells[1]:>8} "
+    return (f"{_row_hdim(row):>7} {row['mask']:>6} {row['seqlen']:>6} {cells[0]:>8} {cells[1]:>8} "
             f"{cells[2]:>8} {'-' if ratio is None else f'{ratio:.3f}':>9}")
 
 
-FP8_HEADER = (f"{'hdim':>4} {'mask':>6} {'seqlen':>6} {'fp8':>7} {'fp8+q':>7} {'fp8+qx':>7} "
+FP8_HEADER = (f"{'hdim':>7} {'mask':>6} {'seqlen':>6} {'fp8':>7} {'fp8+q':>7} {'fp8+qx':>7} "
               f"{'cuDNN8':>7} {'quant_ms':>8} {'qxla_ms':>8} {'fp8/cuDNN8':>10} "
               f"{'fp8+q/cuDNN8':>12}")
 
@@ -315,7 +335,7 @@ def format_fp8_row(row):
         x = _ratio(row, name, "cudnn8")
         return f"{'-':>{width}}" if x is None else f"{x:{width}.2f}"
 
-    return (f"{row['hdim']:>4} {row['mask']:>6} {row['seqlen']:>6} {cell('fp8', 7)} "
+    return (f"{_row_hdim(row):>7} {row['mask']:>6} {row['seqlen']:>6} {cell('fp8', 7)} "
             f"{cell('fp8+q', 7)} {cell('fp8+qx', 7)} {cell('cudnn8', 7)} {cell('quant', 8)} "
             f"{cell('qxla', 8)} {ratio('fp8', 10)} {ratio('fp8+q', 12)}")
 
@@ -373,9 +393,9 @@ def plot(rows, passes, hdims, seqlens, path, title):
     styles = {"full": "-", "causal": "--", "local": ":"}
     fig, axes = plt.subplots(len(passes), len(hdims), squeeze=False, sharex=True,
                              figsize=(4.5 * len(hdims), 3.6 * len(passes)))
-    for (pi, p), (hi, hdim) in itertools.product(enumerate(passes), enumerate(hdims)):
+    for (pi, p), (hi, (hdim, hdim_v)) in itertools.product(enumerate(passes), enumerate(hdims)):
         ax = axes[pi][hi]
-        sel = [r for r in rows if r["pass"] == p and r["hdim"] == hdim]
+        sel = [r for r in rows if r["pass"] == p and (r["hdim"], r["hdim_v"]) == (hdim, hdim_v)]
         for impl in IMPLS:
             for mask in MASKS:
                 pts = [(r["seqlen"], _tflops(r, impl)) for r in sel if r["mask"] == mask]
@@ -386,7 +406,7 @@ def plot(rows, passes, hdims, seqlens, path, title):
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqlens, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in seqlens])
         ax.minorticks_off()
-        ax.set_title(f"{p}, head dim {hdim}")
+        ax.set_title(f"{p}, head dim {hdim_name(hdim, hdim_v)}")
         ax.set_xlabel("seqlen")
         ax.set_ylabel("TFLOP/s")
         ax.grid(alpha=0.3)
@@ -400,6 +420,24 @@ def plot(rows, passes, hdims, seqlens, path, title):
 
 def _int_list(text):
     return [int(x) for x in text.split(",") if x]
+
+
+def _hdim_list(text):
+    """Head dims D or D/DV (V's columns), comma separated: [(D, DV), ...]."""
+    out = []
+    for item in (x for x in text.split(",") if x):
+        d, sep, dv = item.partition("/")
+        try:
+            pair = (int(d), int(dv) if sep else int(d))
+        except ValueError:
+            pair = (0, 0)
+        if min(pair) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected head dims as D or D/DV, comma separated (e.g. 64,128,192/128), got {text!r}")
+        out.append(pair)
+    if not out:
+        raise argparse.ArgumentTypeError("no head dim given")
+    return out
 
 
 def _choices(allowed):
@@ -422,7 +460,8 @@ def _window(text):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--pass", dest="pass_", choices=["fwd", "bwd", "both"], default="both")
-    p.add_argument("--hdims", type=_int_list, default=[64, 128, 256])
+    p.add_argument("--hdims", type=_hdim_list, default=[(64, 64), (128, 128), (256, 256)],
+                   help="head dims, D or D/DV (V and the output DV wide, e.g. 192/128)")
     p.add_argument("--seqlens", type=_int_list, default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--masks", type=_choices(MASKS), default=["full", "causal"],
                    help="full, causal and/or local (a sliding window, see --window)")
@@ -431,6 +470,8 @@ def main(argv=None):
     p.add_argument("--impls", type=_choices(IMPLS), default=list(IMPLS))
     p.add_argument("--tokens", type=int, default=16384, help="batch = tokens / seqlen")
     p.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head_dim")
+    p.add_argument("--heads", type=int, default=0,
+                   help="query heads at every head dim instead of hidden / head_dim (0: off)")
     p.add_argument("--group", type=int, default=1,
                    help="query heads per key/value head (GQA; 1: MHA); FLOPs count the query heads")
     p.add_argument("--reps", type=int, default=10, help="timed calls per cell (median)")
@@ -446,12 +487,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.group < 1:
         raise SystemExit(f"--group must be >= 1, got {args.group}")
+    if args.heads < 0:
+        raise SystemExit(f"--heads must be >= 1 (0: heads = hidden / head_dim), got {args.heads}")
     args.passes = list(PASSES) if args.pass_ == "both" else [args.pass_]
 
     device = jnp.zeros(()).devices().pop()  # honours jax.default_device, unlike default_backend
+    shape_desc = f"heads={args.heads}" if args.heads else f"hidden={args.hidden}"
     print(f"device={device.platform}:{device.device_kind} jax={jax.__version__} "
           f"fa3_jax CUDA kernels={fa3_jax.cuda_built()} {list(fa3_jax.cuda_head_dims())} | "
-          f"tokens={args.tokens} hidden={args.hidden} group={args.group} bf16 reps={args.reps}", flush=True)
+          f"tokens={args.tokens} {shape_desc} group={args.group} bf16 reps={args.reps}", flush=True)
     rows = run(args)
     methods = sorted({r["timing"] for row in rows for r in row["results"].values()
                       if r["status"] == "ok"})
@@ -459,12 +503,13 @@ def main(argv=None):
     print_tables(rows, args.passes, timing)
 
     gqa = f", GQA group {args.group}" if args.group > 1 else ""
-    title = f"{device.device_kind}, bf16, {args.tokens} tokens, hidden {args.hidden}{gqa} ({timing})"
+    title = f"{device.device_kind}, bf16, {args.tokens} tokens, {shape_desc.replace('=', ' ')}{gqa} ({timing})"
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=device.device_kind, platform=device.platform,
                            jax=jax.__version__, timing=timing, tokens=args.tokens,
-                           hidden=args.hidden, group=args.group, reps=args.reps, warmup=args.warmup,
+                           hidden=None if args.heads else args.hidden, heads=args.heads or None,
+                           group=args.group, reps=args.reps, warmup=args.warmup,
                            window=list(args.window), rows=rows,
                            summary={p: summarize(rows, p)
                                     for p in args.passes + (["fp8"] if args.fp8 else [])}),

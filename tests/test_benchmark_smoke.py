@@ -153,3 +153,29 @@ def test_fp8_section_runs_on_cpu(tmp_path, capsys):
         for name in ("quant", "qxla"):
             assert r["results"][name]["status"] == "ok" and r["results"][name]["ms"] > 0
     assert "fp8" in data["summary"]
+
+
+def test_head_dim_pairs_and_fixed_heads_on_cpu(tmp_path, capsys):
+    """--hdims D/DV (V narrower or wider than Q/K, MLA's shape) and --heads N (the same head count
+    at every head dim, so head dims that do not divide the hidden size run)."""
+    assert bench._hdim_list("64,192/128") == [(64, 64), (192, 128)]
+    for bad in ("64,x", "192/", "0", "/128", ""):
+        with pytest.raises(Exception, match="head dim"):
+            bench._hdim_list(bad)
+    out = tmp_path / "results.json"
+    argv = ["--tokens", "128", "--seqlens", "64", "--hdims", "48/32,24", "--heads", "3",
+            "--reps", "3", "--warmup", "1", "--impls", "fa3_jax", "--pass", "fwd",
+            "--masks", "full", "--out", str(out)]
+    with jax.default_device(jax.devices("cpu")[0]):
+        assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "heads=3" in printed and " 48/32   full     64" in printed
+
+    data = json.loads(out.read_text())
+    assert data["heads"] == 3 and data["hidden"] is None
+    rows = {(r["hdim"], r["hdim_v"]): r for r in data["rows"]}
+    assert set(rows) == {(48, 32), (24, 24)}
+    for (d, dv), r in rows.items():
+        assert (r["heads"], r["batch"]) == (3, 2)
+        assert r["flops"] == 2 * 3 * 64 * 64 * 2 * (d + dv)
+        assert r["results"]["fa3_jax"]["status"] == "ok", r["results"]

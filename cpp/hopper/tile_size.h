@@ -1,8 +1,9 @@
 // fa3_jax Hopper: every forward tile-size choice, with its reason, in one constexpr function.
 //
 // Constraints shared by all choices: 64 query rows per consumer warpgroup (block_m = 128: two
-// consumer warpgroups; 192: three; 64: one, the split kernel's decode tile), shared memory Q + stages * (K + V) <= 227 KB,
-// block_n a multiple of 16 (it is the K dimension of the P @ V WGMMA).
+// consumer warpgroups; 192: three; 64: one, the split kernel's decode tile), shared memory
+// Q + stages * (K + V) <= 227 KB, block_n a multiple of 16 (it is the K dimension of the P @ V
+// WGMMA).
 #pragma once
 
 #include <cstdint>
@@ -221,6 +222,12 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
   return full_band && seqlen_k >= kLargeTileMinSeqlenK128;
 }
 
+// hdim 64's 192-row tile (fwd_tile_size_large): its epilogue (fwd_store_o_with_tma,
+// fwd_defer_epilogue) and schedule (fwd_schedule) differ from the 128-row tile's.
+constexpr bool fwd_is_large_tile_64(int head_dim, int head_dim_v, int block_m) {
+  return head_dim == 64 && head_dim_v == 64 && block_m == 192;
+}
+
 // The forward epilogue: O through shared memory and one TMA store per consumer warpgroup, which
 // overlaps the next tile's mainloop (flash_fwd_epilogue_sm90.h, store_tma), or straight from the
 // registers with 4-byte stores. Dense tiles only (varlen tiles end at their sequence, split-KV
@@ -260,7 +267,7 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
 //    session 15 (numbers there). Its 128-row tile keeps the register epilogue.
 constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v, int block_m) {
   return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256) ||
-         (head_dim == 64 && head_dim_v == 64 && block_m == 192);
+         fwd_is_large_tile_64(head_dim, head_dim_v, block_m);
 }
 // Each dense tile's epilogue deferred: the consumer warpgroup issues the next tile's first
 // S WGMMA, then stores the previous tile's O (still in its accumulator) under it, then clears O
@@ -302,7 +309,7 @@ constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v, int block_m) {
 constexpr bool fwd_defer_epilogue(int head_dim, int head_dim_v, bool fp8, int block_m) {
   if (fp8) return head_dim == 256;
   return (head_dim == 128 && head_dim_v == 128) ||
-         (head_dim == 64 && head_dim_v == 64 && block_m == 192);
+         fwd_is_large_tile_64(head_dim, head_dim_v, block_m);
 }
 
 // Two Q buffers (flash_fwd_traits_sm90.h, kQStages): with one, the producer can load tile j's Q
@@ -481,7 +488,7 @@ constexpr FwdSchedule fwd_schedule_fp8(int head_dim) {
 }
 constexpr FwdSchedule fwd_schedule(int head_dim, int head_dim_v, bool fp8, int block_m) {
   if (fp8) return fwd_schedule_fp8(head_dim);
-  if (head_dim == 128 || head_dim == 96 || (head_dim == 64 && block_m == 192) ||
+  if (head_dim == 128 || head_dim == 96 || fwd_is_large_tile_64(head_dim, head_dim_v, block_m) ||
       (head_dim == 192 && head_dim_v == 128))
     return {false, true};
   if (head_dim <= 192) return {true, false};

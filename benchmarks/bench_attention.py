@@ -291,7 +291,7 @@ def hdim_name(hdim, hdim_v):
 
 
 def _row_hdim(row):
-    return hdim_name(row["hdim"], row.get("hdim_v", row["hdim"]))
+    return hdim_name(row["hdim"], row["hdim_v"])
 
 
 HEADER = (f"{'hdim':>7} {'mask':>6} {'seqlen':>6} {LABELS['fa3_jax']:>8} {LABELS['cudnn']:>8} "

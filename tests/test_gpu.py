@@ -50,6 +50,23 @@ def test_forward_large_tile(sq, sk, kw):
     check_forward(q, k, v, **kw)
 
 
+# Head dim 192 / 192 runs a 128 x 64 tile with a TMA-stored O where seqlen_k <= 1024
+# (tile_size.h, kShortTileMaxSeqlenK192) and its 128 x 112 tile above that (1025). Batch 4 x 8
+# heads x 8 row blocks is more tiles than SMs, so CTAs reuse the O buffer across tiles; GQA,
+# windows, softcap and rows past seqlen_q or with no key (bottom-right, 1000 x 600) included.
+@pytest.mark.parametrize("sq,sk,kw", [(1024, 1024, dict()),
+                                      (1024, 1024, dict(causal=True)),
+                                      (1025, 1025, dict(causal=True)),
+                                      (1000, 600, dict(causal=True, softcap=15.0)),
+                                      (517, 1000, dict(window_size=(100, 37))),
+                                      (999, 64, dict())])
+def test_forward_short_tile_192(sq, sk, kw):
+    if 192 not in fa3_jax.cuda_head_dims():
+        pytest.skip("head_dim 192 not in this build")
+    q, k, v = to_gpu(*make_qkv(4, sq, sk, 8, 2, 192, dtype=jnp.bfloat16))
+    check_forward(q, k, v, **kw)
+
+
 @pytest.mark.parametrize("kw", [dict(window_size=(64, 0)), dict(window_size=(100, 37)),
                                 dict(softcap=15.0), dict(softcap=15.0, causal=True)])
 @pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 2), (8, 1)])

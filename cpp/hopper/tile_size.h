@@ -115,8 +115,8 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 // The large tile: a second dense 16-bit instantiation, chosen per call (fwd_use_large_tile) for
 // long dense calls (not varlen, segment ids, split-KV, KV caches or GQA-packed decode, which keep
 // the default tile; the split rule counts default tiles). block_n 0: none for this head dim.
-// At hdim 256 the second tile is the narrower one, for short dense calls (below; the name is
-// the hdim 64 / 128 case's).
+// At hdim 256 and 192 / 192 the second tile is the narrower one, for short dense calls (below;
+// the name is the hdim 64 / 128 case's).
 //  - hdim 128: 128 x 176 (FA3's non-causal choice, wider), smem Q 32 KB + 2 * (44 + 44) KB =
 //    208 KB, so O goes through the V ring (kOAliasesV). Measured on H200 (bf16, 16k tokens,
 //    hidden 2048, --time, one run each, clocks not pinned), 128 x 128 -> 128 x 176 TFLOP/s at
@@ -199,14 +199,32 @@ constexpr FwdTileSize fwd_tile_size(int head_dim, int head_dim_v, bool fp8 = fal
 //             666.4 / 675.4.
 //    Bench beside cuDNN with this rule (same file, call 2; main's wheel in the same call),
 //    fa3_jax / cuDNN at 512: full 0.932 -> 0.956, causal 0.937 -> 0.971; 1k unchanged.
+//  - hdim 192 / 192: 128 x 64 where seqlen_k <= kShortTileMaxSeqlenK192 (any band), with O
+//    through shared memory and a TMA store (fwd_store_o_with_tma; the default 128 x 112 tile has
+//    no room for O: 216 KB). 512 keys are 4.6 blocks of 112 (1k: 9.1), so the default tile
+//    computes 9% more keys than the call has; smem Q 48 KB + 2 * (24 + 24) KB + O 48 KB = 192
+//    KB; ptxas 0 spill bytes. Measured on H200 (bench_attention.py --impls fa3_jax --heads 16
+//    --hdims 192, bf16, 16k tokens, one mask per process, 2 interleaved rounds in one call,
+//    2026-11-23, h200_2026-11-23s17_hdim192_short_tile.txt), 128 x 112 -> 128 x 64 with the
+//    register epilogue -> 128 x 64 with the TMA store, every call on the tile, TFLOP/s (means) at
+//    512 / 1k / 2k / 4k / 16k:
+//      full   446.8 / 564.9 / 656.1 / 714.6 / 764.9 -> 443.2 / 544.6 / 605.4 / 643.5 / 674.0
+//             -> 500.5 / 577.9 / 621.9 / 648.8 / 669.3
+//      causal 284.3 / 425.0 / 574.0 / 669.8 / 762.7 -> 296.0 / 426.8 / 536.1 / 608.8 / 680.3
+//             -> 352.9 / 471.2 / 567.2 / 624.5 / 678.1
+//    so up to 1k keys: +12% / +2.3% full, +24% / +11% causal; from 2k the 112-key blocks win.
+//    cuDNN in the same session (h200_2026-11-23s17_bench_hdim96_192.txt): 525.7 / 615.8 full,
+//    352.4 / 472.5 causal at 512 / 1k. Not for 192 / 128 (its 128 x 128 tile wastes no keys).
 inline constexpr int kLargeTileMinSeqlenK128 = 8192;
 inline constexpr int kLargeTileMinSeqlen64Full = 512;
 inline constexpr int kLargeTileMinSeqlen64Band = 512;
 inline constexpr int kShortTileMaxSeqlenK256 = 512;
+inline constexpr int kShortTileMaxSeqlenK192 = 1024;
 constexpr FwdTileSize fwd_tile_size_large(int head_dim, int head_dim_v, bool fp8 = false) {
   if (!fp8 && head_dim == 128 && head_dim_v == 128) return {128, 176, 2};
   if (!fp8 && head_dim == 64 && head_dim_v == 64) return {192, 128, 3, 32, 160};
   if (!fp8 && head_dim == 256 && head_dim_v == 256) return {128, 64, 2, 24, 240};
+  if (!fp8 && head_dim == 192 && head_dim_v == 192) return {128, 64, 2};
   return {128, 0, 0};
 }
 // full_band: every query row sees keys [0, seqlen_k) (no causal or window edge); from_key0: each
@@ -219,6 +237,7 @@ constexpr bool fwd_use_large_tile(int head_dim, int head_dim_v, bool fp8, bool f
                            seqlen_k >= kLargeTileMinSeqlen64Full
                      : from_key0 && seqlen_q >= kLargeTileMinSeqlen64Band;
   if (head_dim == 256) return seqlen_k <= kShortTileMaxSeqlenK256;
+  if (head_dim == 192) return seqlen_k <= kShortTileMaxSeqlenK192;
   return full_band && seqlen_k >= kLargeTileMinSeqlenK128;
 }
 
@@ -262,11 +281,14 @@ constexpr bool fwd_is_large_tile_64(int head_dim, int head_dim_v, int block_m) {
 //    TFLOP/s at 512 / 1k / 2k / 4k: full 391 / 546 / 638 / 702 -> 436 / 582 / 672 / 720, causal
 //    219 / 318 / 433 / 500 -> 233 / 330 / 438 / 505: on. ptxas then reports 120 bytes of spill
 //    stores (48 before).
-//  - hdim 192 (dv 128 too, where only the V ring would have room) not measured: off.
+//  - hdim 192 / 192: its short 128 x 64 tile (fwd_tile_size_large, numbers there): on; the
+//    default 128 x 112 tile has room for neither a separate O (216 KB) nor O in a V slot
+//    (flash_fwd_traits_sm90.h drops the TMA store there). 192 / 128 not measured: off.
 //  - hdim 64's 192-row tile, with its epilogue deferred (fwd_defer_epilogue, below): on since
 //    session 15 (numbers there). Its 128-row tile keeps the register epilogue.
 constexpr bool fwd_store_o_with_tma(int head_dim, int head_dim_v, int block_m) {
   return (head_dim == 128 && head_dim_v == 128) || (head_dim == 256 && head_dim_v == 256) ||
+         (head_dim == 192 && head_dim_v == 192) ||  // its 128 x 64 tile only: the only one with room
          fwd_is_large_tile_64(head_dim, head_dim_v, block_m);
 }
 // Each dense tile's epilogue deferred: the consumer warpgroup issues the next tile's first
@@ -332,6 +354,10 @@ constexpr bool fwd_defer_epilogue(int head_dim, int head_dim_v, bool fp8, int bl
 //   0.938 / 0.988 / 1.009 / 1.008.
 // FP8 hdim 128 (Q 2 x 16 KB; session 9, h200_2026-11-22s9q_fp8_ab.txt, 3 runs, with the V
 // transpose overlap) was no better: full 602 / 720 / 802 -> 585 / 709 / 799 at 1k / 2k / 4k.
+// Nor with each tile's first K loaded before its Q as well (session 17,
+// h200_2026-11-23s17_fp8_two_q_ab.txt, FP8 kernel alone, 2 rounds, means at 1k / 2k / 4k / 16k):
+// full 629.6 / 736.9 / 800.0 / 868.6 -> 626.6 / 724.8 / 803.0 / 872.3, causal 469.4 / 610.8 /
+// 728.9 / 861.8 -> 470.6 / 607.6 / 723.1 / 870.6.
 // hdim 64 (128 x 128, 3 stages; 192 x 128) was a wash in session 8: full 328 / 399, 324 / 395 ->
 // 320 / 397, 318 / 394 at 512 / 1k, causal 180 / 256 / 336, 177 / 253 / 335 -> 181 / 264 / 334,
 // 180 / 254 / 338 at 512 / 1k / 2k, 2k+ full within 2%. Since the tile boundary lost its
